@@ -1,0 +1,36 @@
+# The README's two commands are `make study` and `make test`.
+# Everything happens inside a virtual environment in .venv.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# A CPU build of torch; override for a GPU box, e.g. `make TORCH_SPEC="torch" study`.
+TORCH_SPEC ?= torch==2.13.0
+PROFILE ?= quick
+DATA ?= data/phantom-$(PROFILE)
+
+.PHONY: setup study test test-all clean-venv
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	$(BIN)/python -m ipykernel install --prefix $(VENV) --name python3 > /dev/null
+	touch $@
+
+setup: $(VENV)/.installed
+
+## Main job: build the phantom cohort for PROFILE and check it.
+study: setup
+	$(BIN)/mmdm data phantom --profile $(PROFILE) --out $(DATA)
+	$(BIN)/mmdm data check $(DATA)
+
+## Default test suite (fast tests; < 15 min on 2 cores).
+test: setup
+	$(BIN)/python -m pytest
+
+## Everything, slow tests included.
+test-all: setup
+	$(BIN)/python -m pytest -m ""
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,5 @@
+import sys
+
+from mmdm.cli import main
+
+sys.exit(main())
