@@ -1,0 +1,229 @@
+"""Benchmark of MMDM's networks: M Restormer-UNet branches + the cross-modal fusion module.
+
+One training-like step is timed: every branch predicts ``eps^m`` from
+``cat(x_t^m, x^m)``, ``x0_hat^m = x^m - eps^m`` (Sec. 2.1), the fusion module
+gives ``x0_hat`` (eq. 4), the loss is the sum of the four MSEs to the target,
+then ``backward()`` (no optimizer step). The networks are built directly from
+:mod:`mmdm.nets` (not through the method class).
+
+Reported per configuration: forward GFLOP per 5-slice window, in total and
+per part (branches, fusion mixers, fusion UNet), counted with
+``torch.utils.flop_counter.FlopCounterMode`` (convolutions, matmuls and
+attention only; elementwise ops are not counted); time per step, windows/s,
+achieved GFLOP/s with the step's work estimated as 3 x forward (the counter's
+own backward count is not used: in torch 2.13 it ignores ``groups`` in
+``convolution_backward`` and so overcounts the depthwise convolutions of
+MDTA/GDFN by a factor of the channel count), parameter counts and peak memory (CUDA: ``torch.cuda.max_memory_allocated`` over the timed steps;
+CPU: the process's peak resident set size so far, ``ru_maxrss``).
+
+Usage::
+
+    python benchmarks/bench_nets.py --device cpu --config authors
+    python benchmarks/bench_nets.py --device cuda --config authors paper --bf16 --channels-last --compile
+
+Results are merged (keyed by configuration and options) into
+``benchmarks/results/nets-<device>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import platform
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from mmdm.io import write_json  # noqa: E402
+from mmdm.nets import CrossModalFusion, FusionConfig, RestormerUNet, RestormerUNetConfig, count_parameters  # noqa: E402
+
+#: name -> (height, width); both use the authors' network sizes, 5-slice windows, 3 modalities, batch 4.
+CONFIGS: dict[str, tuple[int, int]] = {"authors": (96, 112), "paper": (288, 320)}
+
+
+class BranchesAndFusion(nn.Module):
+    """M Restormer-UNet branches + cross-modal fusion, as one module (benchmark only)."""
+
+    def __init__(self, n_modalities: int, window: int, branch: RestormerUNetConfig, fusion: FusionConfig):
+        super().__init__()
+        self.branches = nn.ModuleList(RestormerUNet(2 * window, window, branch) for _ in range(n_modalities))
+        self.fusion = CrossModalFusion(n_modalities, window, fusion)
+
+    def forward(self, x_t: list[Tensor], sources: list[Tensor], t: Tensor) -> tuple[list[Tensor], Tensor]:
+        """``x_t[m], sources[m]``: ``(B, window, H, W)`` -> ``(x0_hats, x0_hat)``."""
+        x0_hats = [src - net(torch.cat([xt, src], dim=1), t) for net, xt, src in zip(self.branches, x_t, sources)]
+        return x0_hats, self.fusion(x0_hats, sources, t)
+
+
+def loss_fn(out: tuple[Tensor, Tensor], target: Tensor) -> Tensor:
+    x0_hats, x0_hat = out
+    return F.mse_loss(x0_hat.float(), target) + sum(F.mse_loss(p.float(), target) for p in x0_hats)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def peak_memory_mib(device: torch.device) -> tuple[float, str]:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20, "torch.cuda.max_memory_allocated"
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return kib / 1024, "ru_maxrss (process peak RSS so far)"
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench_one(name: str, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    h, w = CONFIGS[name]
+    m, b, win = args.modalities, args.batch, args.window
+    torch.manual_seed(0)
+    if args.flops_only:  # shapes only: nothing is computed or allocated
+        device = torch.device("meta")
+    model = BranchesAndFusion(m, win, RestormerUNetConfig(), FusionConfig()).to(device)
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
+    x_t = [torch.randn(b, win, h, w, device=device).contiguous(memory_format=memory_format) for _ in range(m)]
+    sources = [torch.randn(b, win, h, w, device=device).contiguous(memory_format=memory_format) for _ in range(m)]
+    target = torch.randn(b, win, h, w, device=device)
+    t = torch.randint(0, 1000, (b,), device=device)
+    use_bf16 = args.bf16 and device.type != "meta"
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+
+    # FLOPs on the eager model (the flop counter does not see inside compiled graphs).
+    with FlopCounterMode(display=False) as fwd_counter, autocast:
+        out = model(x_t, sources, t)
+    del out
+    counts = fwd_counter.get_flop_counts()
+
+    def part_flops(*modules: str) -> float:  # exact module names: each entry already includes its children
+        return sum(sum(counts.get(f"BranchesAndFusion.{name}", {}).values()) for name in modules) / b / 1e9
+
+    flops_parts = {"branches": part_flops(*(f"branches.{i}" for i in range(m))),
+                   "fusion_mixers": part_flops("fusion.mix", *(f"fusion.per_modality.{i}" for i in range(m))),
+                   "fusion_unet": part_flops("fusion.unet")}
+
+    fwd = fwd_counter.get_total_flops()
+    fwd_bwd = 3 * fwd  # estimate; see the module docstring
+    branch_params = count_parameters(model.branches[0])
+    result: dict[str, Any] = {
+        "key": f"{name}|bf16={args.bf16}|channels_last={args.channels_last}|compile={args.compile}",
+        "config": name, "height": h, "width": w, "batch": b, "window": win, "n_modalities": m,
+        "bf16": args.bf16, "channels_last": args.channels_last, "compile": args.compile,
+        "params": {"branch": branch_params, "branches": m * branch_params,
+                   "fusion": count_parameters(model.fusion), "total": count_parameters(model)},
+        "fwd_gflop_per_window": fwd / b / 1e9,
+        "fwd_gflop_per_window_parts": flops_parts,
+        "fwd_bwd_gflop_per_window_est": fwd_bwd / b / 1e9,
+    }
+    if args.flops_only:
+        result["key"] = f"{name}|flops-only"
+        return result
+
+    step_model = torch.compile(model) if args.compile else model
+
+    def step() -> None:
+        with autocast:
+            loss = loss_fn(step_model(x_t, sources, t), target)
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    for _ in range(args.warmup):
+        step()
+    sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(args.iters):
+        t0 = time.perf_counter()
+        step()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    mem, mem_kind = peak_memory_mib(device)
+    med = statistics.median(times)
+    result.update({
+        "step_ms": {"median": 1e3 * med, "mean": 1e3 * statistics.fmean(times), "min": 1e3 * min(times),
+                    "n": len(times), "warmup": args.warmup},
+        "windows_per_s": b / med,
+        "achieved_gflop_per_s": fwd_bwd / med / 1e9,
+        "peak_memory_mib": mem, "peak_memory_kind": mem_kind,
+    })
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--config", nargs="+", choices=sorted(CONFIGS), default=["authors"],
+                   help="authors: 96x112 windows; paper: 288x320 (both batch 4, 5 slices, 3 modalities)")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--window", type=int, default=5)
+    p.add_argument("--modalities", type=int, default=3)
+    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
+    p.add_argument("--channels-last", action="store_true", help="channels-last memory format")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--iters", type=int, default=None, help="timed steps (default: 10 on CUDA, 3 on CPU)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps (default: 3 on CUDA, 1 on CPU)")
+    p.add_argument("--flops-only", action="store_true",
+                   help="count FLOPs and parameters on the meta device (no compute, no timing); fast on any machine")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/nets-<device>.json")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda requested but CUDA is not available; use --device cpu")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.iters = args.iters or (10 if device.type == "cuda" else 3)
+    args.warmup = args.warmup if args.warmup is not None else (3 if device.type == "cuda" else 1)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    out_path = args.out or ROOT / "benchmarks" / "results" / f"nets-{args.device}.json"
+
+    previous: list[dict[str, Any]] = []
+    if out_path.exists():
+        with contextlib.suppress(ValueError, KeyError):
+            previous = json.loads(out_path.read_text())["results"]
+    results = {r["key"]: r for r in previous}
+    for name in args.config:
+        r = bench_one(name, args, device)
+        results[r["key"]] = r
+        line = f"{r['key']}: {r['fwd_gflop_per_window']:.2f} GFLOP/window fwd, {r['params']['total']:,} parameters"
+        if "step_ms" in r:
+            line += (f", step {r['step_ms']['median']:.1f} ms, {r['achieved_gflop_per_s']:.1f} GFLOP/s, "
+                     f"peak {r['peak_memory_mib']:.0f} MiB")
+        print(line, flush=True)
+    write_json(out_path, {
+        "device": args.device, "device_name": device_name(device), "torch": torch.__version__,
+        "cpu_threads": torch.get_num_threads(), "python": platform.python_version(),
+        "flop_counter": "torch.utils.flop_counter.FlopCounterMode, forward only (conv/matmul/attention); "
+                        "forward+backward estimated as 3 x forward",
+        "results": list(results.values()),
+    })
+    print(f"wrote {out_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

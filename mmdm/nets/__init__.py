@@ -1,0 +1,30 @@
+"""Networks of MMDM: Restormer-UNet branches (Sec. 2.1), the time-conditioned
+residual UNet, and the cross-modal dynamic fusion module (eq. 4)."""
+
+from torch import nn
+
+from mmdm.nets.embeddings import TimeEmbedding, broadcast_timesteps, timestep_embedding
+from mmdm.nets.fusion import CrossModalFusion, FusionConfig, RestormerMixer
+from mmdm.nets.restormer import (
+    GDFN,
+    MDTA,
+    LayerNorm2d,
+    RestormerUNet,
+    RestormerUNetConfig,
+    TransformerBlock,
+    channel_attention,
+    check_spatial_size,
+)
+from mmdm.nets.unet import ResBlock, SelfAttention, TimeUNet, UNetConfig
+
+__all__ = [
+    "CrossModalFusion", "FusionConfig", "GDFN", "LayerNorm2d", "MDTA", "ResBlock", "RestormerMixer",
+    "RestormerUNet", "RestormerUNetConfig", "SelfAttention", "TimeEmbedding", "TimeUNet", "TransformerBlock",
+    "UNetConfig", "broadcast_timesteps", "channel_attention", "check_spatial_size", "count_parameters",
+    "timestep_embedding",
+]
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Number of trainable parameters of ``module``."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
