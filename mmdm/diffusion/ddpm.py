@@ -1,0 +1,195 @@
+"""Gaussian (noise-to-data) diffusion: DDPM training and DDIM sampling.
+
+The comparison method "DDPM" of Table 1 (Ho et al. 2020) uses the standard
+variance-preserving process with a linear beta schedule::
+
+    beta_t    = linspace(beta_start, beta_end, T)           (Ho et al.: 1e-4 .. 0.02, T = 1000)
+    abar_t    = prod_{s <= t} (1 - beta_s)
+    q(x_t|x0) = N(sqrt(abar_t) x0, (1 - abar_t) I)           x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps
+
+Timesteps are integers ``t = 0..T-1`` (index ``t`` is Ho et al.'s step
+``t + 1``). The network learns ``eps`` with an MSE loss ("L_simple").
+
+Sampling uses the DDIM update (Song et al. 2021) between any two visited
+timesteps ``t > n``: with ``x0_hat = (x_t - sqrt(1 - abar_t) eps_hat) / sqrt(abar_t)``,
+
+    sigma = eta sqrt((1 - abar_n) / (1 - abar_t)) sqrt(1 - abar_t / abar_n)
+    x_n   = sqrt(abar_n) x0_hat + sqrt(1 - abar_n - sigma^2) eps_hat + sigma z
+
+``eta = 0`` is the deterministic DDIM sampler (the study's default for DDPM),
+``eta = 1`` the DDPM posterior. For every ``eta`` the step keeps the marginal
+``q(x_n | x0)`` when ``x0_hat`` and ``eps_hat`` are exact (tested). The visited
+timesteps are the shared skip schedule :func:`mmdm.diffusion.skip_timesteps`
+(``T-1`` first, ``0`` last); the prediction at ``t = 0`` is returned.
+
+If ``clip_x0`` is set, ``x0_hat`` is clamped to [-1, 1] and ``eps_hat`` is
+re-derived from the clamped ``x0_hat`` before the step (the convention of
+guided-diffusion and of the common PyTorch DDPM ports), so the two stay consistent.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from mmdm.config import ConfigError
+from mmdm.diffusion.bridge import SPACINGS
+from mmdm.diffusion.samplers import _progress, randn_like, skip_timesteps
+
+EpsFn = Callable[[Tensor, Tensor], Tensor]
+BETA_SCHEDULES = ("linear",)
+
+
+@dataclass
+class GaussianConfig:
+    """Settings of the Gaussian diffusion and of its DDIM sampler (defaults: Ho et al.;
+    200 deterministic steps as the MMDM paper's sampling budget)."""
+
+    num_timesteps: int = 1000
+    beta_schedule: str = "linear"
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    sample_steps: int = 200
+    spacing: str = "linear"
+    eta: float = 0.0
+    clip_x0: bool = True
+
+    def __post_init__(self) -> None:
+        if self.beta_schedule not in BETA_SCHEDULES:
+            raise ConfigError(f"GaussianConfig.beta_schedule: unknown schedule {self.beta_schedule!r}; "
+                              f"use one of {BETA_SCHEDULES}")
+        if self.num_timesteps < 2:
+            raise ConfigError(f"GaussianConfig.num_timesteps must be >= 2, got {self.num_timesteps}")
+        if not 0.0 < self.beta_start <= self.beta_end < 1.0:
+            raise ConfigError(f"GaussianConfig: need 0 < beta_start <= beta_end < 1, got "
+                              f"beta_start={self.beta_start}, beta_end={self.beta_end}")
+        if self.sample_steps < 2:
+            raise ConfigError(f"GaussianConfig.sample_steps must be >= 2 (first step T-1, last 0), "
+                              f"got {self.sample_steps}")
+        if self.spacing not in SPACINGS:
+            raise ConfigError(f"GaussianConfig.spacing: unknown spacing {self.spacing!r}; use one of {SPACINGS}")
+        if self.eta < 0:
+            raise ConfigError(f"GaussianConfig.eta must be >= 0, got {self.eta}")
+
+
+def linear_beta_schedule(num_timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> Tensor:
+    """Ho et al.'s linear schedule ``beta_t = linspace(beta_start, beta_end, T)`` (float64)."""
+    return torch.linspace(beta_start, beta_end, num_timesteps, dtype=torch.float64)
+
+
+class GaussianDiffusion(nn.Module):
+    """Schedule tables and closed-form relations of the Gaussian process.
+
+    Tables are float64 non-persistent buffers (moved by ``.to``, absent from
+    checkpoints). Per-timestep accessors take integer ``t`` (B,) and, given
+    ``like``, return values broadcastable to ``like`` in its dtype/device.
+    """
+
+    betas: Tensor
+    alphas_cumprod: Tensor
+
+    def __init__(self, cfg: GaussianConfig | None = None):
+        super().__init__()
+        self.cfg = cfg or GaussianConfig()
+        betas = linear_beta_schedule(self.cfg.num_timesteps, self.cfg.beta_start, self.cfg.beta_end)
+        self.register_buffer("betas", betas, persistent=False)
+        self.register_buffer("alphas_cumprod", torch.cumprod(1.0 - betas, dim=0), persistent=False)
+
+    @property
+    def num_timesteps(self) -> int:
+        return self.cfg.num_timesteps
+
+    def _lookup(self, table: Tensor, t: Tensor | int, like: Tensor | None) -> Tensor:
+        if not torch.is_tensor(t):
+            t = torch.tensor([int(t)])
+        if t.is_floating_point():
+            raise TypeError(f"timesteps must be integers in [0, {self.num_timesteps}), got a {t.dtype} tensor")
+        v = table[t.to(device=table.device, dtype=torch.long).reshape(-1)]
+        if like is None:
+            return v
+        v = v.to(device=like.device, dtype=like.dtype)
+        if v.numel() == 1 and like.shape[0] != 1:
+            v = v.expand(like.shape[0])
+        return v.reshape(-1, *([1] * (like.ndim - 1)))
+
+    def alpha_bar(self, t: Tensor | int, like: Tensor | None = None) -> Tensor:
+        """``abar_t`` per sample: (B,) float64, or broadcastable to ``like``."""
+        return self._lookup(self.alphas_cumprod, t, like)
+
+    def q_sample(self, x0: Tensor, t: Tensor | int, noise: Tensor) -> Tensor:
+        """``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps`` (Ho et al. eq. (4))."""
+        a = self.alpha_bar(t, like=x0)
+        return a.sqrt() * x0 + (1 - a).sqrt() * noise
+
+    def predict_x0(self, x_t: Tensor, t: Tensor | int, eps: Tensor) -> Tensor:
+        """Invert :meth:`q_sample` for ``x0`` given the noise."""
+        a = self.alpha_bar(t, like=x_t)
+        return (x_t - (1 - a).sqrt() * eps) / a.sqrt()
+
+    def predict_eps(self, x_t: Tensor, t: Tensor | int, x0: Tensor) -> Tensor:
+        """Invert :meth:`q_sample` for the noise given ``x0``."""
+        a = self.alpha_bar(t, like=x_t)
+        return (x_t - a.sqrt() * x0) / (1 - a).sqrt()
+
+    def sample_timesteps(self, batch: int, device: torch.device | str | None = None,
+                         generator: torch.Generator | None = None) -> Tensor:
+        """One training timestep per sample, uniform over [0, T) (integer tensor (B,))."""
+        gen_device = generator.device if generator is not None else device
+        t = torch.randint(0, self.num_timesteps, (batch,), generator=generator, device=gen_device)
+        return t.to(device) if device is not None else t
+
+    def extra_repr(self) -> str:
+        c = self.cfg
+        return f"T={c.num_timesteps}, betas=linear({c.beta_start}, {c.beta_end})"
+
+
+def ddim_step(diffusion: GaussianDiffusion, x0_hat: Tensor, eps_hat: Tensor, t: int | Tensor, n: int | Tensor,
+              eta: float = 0.0, noise: Tensor | None = None) -> Tensor:
+    """One DDIM step ``x_t -> x_n`` (n < t) from the predictions ``x0_hat`` and ``eps_hat``
+    (module docstring). ``noise`` is required when ``eta > 0``."""
+    a_t, a_n = diffusion.alpha_bar(t, like=x0_hat), diffusion.alpha_bar(n, like=x0_hat)
+    if bool((a_n <= a_t).any()):
+        raise ValueError(f"a reverse step needs n < t (abar_n > abar_t), got t={t}, n={n}")
+    sigma2 = eta ** 2 * (1 - a_n) / (1 - a_t) * (1 - a_t / a_n)
+    x_n = a_n.sqrt() * x0_hat + (1 - a_n - sigma2).clamp_min(0).sqrt() * eps_hat
+    if eta > 0:
+        if noise is None:
+            raise ValueError("ddim_step: eta > 0 needs a noise tensor (standard Gaussian, shaped like x_t)")
+        x_n = x_n + sigma2.sqrt() * noise
+    return x_n
+
+
+def sample_ddim(eps_fn: EpsFn, x_T: Tensor, diffusion: GaussianDiffusion, steps: int | None = None,
+                eta: float | None = None, generator: torch.Generator | None = None, progress: bool = False,
+                spacing: str | None = None, clip_x0: bool | None = None) -> Tensor:
+    """Run the DDIM sampler from ``x_T`` (standard Gaussian noise) to an x0 estimate.
+
+    ``eps_fn(x_t, t)`` returns the predicted noise (``t``: integer tensor (B,)).
+    At each visited timestep the x0 prediction is formed (and clamped if
+    ``clip_x0``, with ``eps_hat`` re-derived), then :func:`ddim_step` moves to
+    the next one; the prediction at ``t = 0`` is returned. ``None`` arguments
+    take their value from ``diffusion.cfg``.
+    """
+    cfg = diffusion.cfg
+    steps = cfg.sample_steps if steps is None else int(steps)
+    eta = cfg.eta if eta is None else float(eta)
+    if eta < 0:
+        raise ValueError(f"eta must be >= 0, got {eta}")
+    clip = cfg.clip_x0 if clip_x0 is None else bool(clip_x0)
+    ts = skip_timesteps(cfg.num_timesteps, steps, cfg.spacing if spacing is None else spacing)
+    x = x_T
+    for i, t in _progress(ts, progress, "DDIM sampling"):
+        tt = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
+        eps_hat = eps_fn(x, tt)
+        x0_hat = diffusion.predict_x0(x, tt, eps_hat)
+        if clip:
+            x0_hat = x0_hat.clamp(-1.0, 1.0)
+            eps_hat = diffusion.predict_eps(x, tt, x0_hat)
+        if i == len(ts) - 1:
+            return x0_hat
+        noise = randn_like(x, generator) if eta > 0 else None
+        x = ddim_step(diffusion, x0_hat, eps_hat, t, ts[i + 1], eta, noise)
+    raise AssertionError("unreachable: skip_timesteps always ends at 0")

@@ -1,0 +1,111 @@
+"""The interface every synthesis method of the study implements.
+
+A method is an ``nn.Module`` that turns a training batch into losses and
+source windows into a synthesised target window. The training engine, the
+evaluation code and the CLI only talk to this interface.
+
+A batch is a dict::
+
+    {"sources": {modality: Tensor (B, K, H, W)}, "target": Tensor (B, K, H, W)}
+
+with K adjacent axial slices (the 2.5D window) and intensities in [-1, 1].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+from torch import Tensor, nn
+
+Batch = dict  # {"sources": {modality: Tensor (B, K, H, W)}, "target": Tensor (B, K, H, W)}
+
+
+@dataclass
+class OptimConfig:
+    """Optimiser settings of one method (Adam; defaults: the authors' MMDM code).
+
+    ``grad_clip``: maximum global gradient norm, or None for no clipping.
+    """
+
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.5, 0.999)
+    weight_decay: float = 0.0
+    grad_clip: float | None = None
+
+
+class SynthesisMethod(nn.Module):
+    """Base class: subclasses set ``name``, ``sources`` (and usually ``window``) and
+    implement :meth:`training_losses` and :meth:`sample`."""
+
+    name: str = "method"
+    #: Source modality names this instance expects, in the order it uses them.
+    sources: tuple[str, ...] = ()
+    #: Slices per window K, or None if any K is accepted.
+    window: int | None = None
+    #: Height and width must be multiples of this (network down-sampling).
+    spatial_multiple: int = 1
+
+    def training_losses(self, batch: Batch, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        """Return ``{"loss": scalar to backpropagate, ...other scalars for logging}``."""
+        raise NotImplementedError(f"{type(self).__name__} must implement training_losses(batch, generator)")
+
+    @torch.no_grad()
+    def sample(self, sources: dict[str, Tensor], steps: int | None = None, eta: float | None = None,
+               generator: torch.Generator | None = None, progress: bool = False) -> Tensor:
+        """Synthesise the target window (B, K, H, W) in [-1, 1]."""
+        raise NotImplementedError(f"{type(self).__name__} must implement sample(sources, ...)")
+
+    def optimizer_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Parameters per optimiser: ``{"main": all trainable parameters}`` (GANs override)."""
+        return {"main": [p for p in self.parameters() if p.requires_grad]}
+
+    def log_scalars(self) -> dict[str, float]:
+        """Extra scalars to log after a training step (e.g. learned loss weights)."""
+        return {}
+
+    # -- input checks ------------------------------------------------------------
+    def check_sources(self, sources: Mapping[str, Tensor]) -> None:
+        """Raise ``ValueError`` naming expected vs given modalities and shapes.
+
+        Extra modalities are allowed (a two-modality model may be fed a
+        three-modality batch); missing ones are not.
+        """
+        if not isinstance(sources, Mapping):
+            raise ValueError(f"{self.name}: sources must be a dict {{modality: tensor}}, got {type(sources).__name__}")
+        missing = [m for m in self.sources if m not in sources]
+        if missing:
+            raise ValueError(f"{self.name}: missing source modality(ies) {missing}; this model expects "
+                             f"{list(self.sources)} but was given {sorted(sources)}. Pass every expected "
+                             "modality, or build the method with sources= matching your data.")
+        shapes = {m: tuple(sources[m].shape) for m in self.sources}
+        ref = shapes[self.sources[0]] if self.sources else None
+        for m, shape in shapes.items():
+            k = "K" if self.window is None else str(self.window)
+            if len(shape) != 4 or (self.window is not None and shape[1] != self.window):
+                raise ValueError(f"{self.name}: source '{m}' has shape {shape}; expected (B, {k}, H, W). "
+                                 f"Given shapes: {shapes}")
+            if shape != ref:
+                raise ValueError(f"{self.name}: all sources must share one shape; got {shapes}")
+            f = self.spatial_multiple
+            if shape[2] % f or shape[3] % f:
+                raise ValueError(f"{self.name}: source '{m}' is {shape[2]}x{shape[3]} pixels; height and width "
+                                 f"must be multiples of {f} for this network: crop or pad the windows")
+
+    def check_batch(self, batch: Batch) -> tuple[Tensor, list[Tensor]]:
+        """Validate a training batch; return ``(target, [source tensors in self.sources order])``."""
+        if not isinstance(batch, Mapping) or "sources" not in batch or "target" not in batch:
+            got = sorted(batch) if isinstance(batch, Mapping) else type(batch).__name__
+            raise ValueError(f"{self.name}: a batch must be a dict with keys 'sources' and 'target'; got {got}")
+        self.check_sources(batch["sources"])
+        target = batch["target"]
+        ys = self.source_list(batch["sources"])
+        if tuple(target.shape) != tuple(ys[0].shape):
+            raise ValueError(f"{self.name}: target has shape {tuple(target.shape)} but the sources have "
+                             f"{tuple(ys[0].shape)}; they must match (B, K, H, W)")
+        return target, ys
+
+    def source_list(self, sources: Mapping[str, Tensor]) -> list[Tensor]:
+        """The source tensors in the order of ``self.sources``."""
+        return [sources[m] for m in self.sources]

@@ -1,0 +1,256 @@
+"""MMDM: multi-modal Brownian-bridge diffusion with cross-modal fusion (paper section 2).
+
+One class, :class:`MMDM`, covers every row of Tables 2 and 3:
+
+* M modality-specific branches (a Restormer-UNet each, section 2.1). Branch
+  ``m`` reads ``cat(x_t^m, x^m)`` (2K channels) and outputs the bridge
+  objective (K channels; ``y - x0`` by default), turned into ``x0_hat^m``.
+* The cross-modal dynamic fusion (eq. (4)) maps the M branch predictions and
+  the M sources to the cooperative prediction ``x0_hat``.
+* Training losses are on the M + 1 x0 predictions, each the hybrid loss
+  (eq. (7)) or the plain MSE, combined by NAWS (eq. (11)) or summed.
+
+Ablation variants (Table 2) are flags, never copies of the class:
+
+==========  =========  ==========  ======================================
+variant     use_mip    use_naws    paper row
+==========  =========  ==========  ======================================
+``base``    False      False       "MMDM": sum of the four MSEs
+``mip``     True       False       "+L_MIP"
+``naws``    False      True        "+NWAS"
+``full``    True       True        "+NWAS, L_MIP" (= "Ours")
+==========  =========  ==========  ======================================
+
+Modality subsets (Table 3) are the ``sources`` field. Two named
+configurations give the sizes: ``paper`` (the authors') and ``small`` (CPU).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from mmdm.config import ConfigError, from_dict, replace
+from mmdm.diffusion import SAMPLING_MODES, BridgeConfig, BrownianBridge, randn_like, sample_multibranch
+from mmdm.losses import NAWS, hybrid_loss
+from mmdm.methods import METHODS
+from mmdm.methods.base import Batch, OptimConfig, SynthesisMethod
+from mmdm.nets import CrossModalFusion, FusionConfig, RestormerUNet, RestormerUNetConfig, UNetConfig
+
+#: variant name -> (use_mip, use_naws)
+VARIANTS: dict[str, tuple[bool, bool]] = {
+    "base": (False, False),
+    "mip": (True, False),
+    "naws": (False, True),
+    "full": (True, True),
+}
+
+
+@dataclass
+class MMDMConfig:
+    """Everything that defines one MMDM model (defaults: the paper's full model).
+
+    ``shared_noise``: one noise tensor for all branches in training (the
+    authors' code; False draws one per branch). ``sampling_shared_noise``: the
+    same choice at inference (default False: independent noise per branch; the
+    authors share it). ``sampling``: ``"coupled"`` (the paper, Fig. 1b) or
+    ``"independent"`` (see :func:`mmdm.diffusion.sample_multibranch`).
+    ``mip_gumbel``: Gumbel noise in the soft MIP (eq. (6); False is this
+    project's noise-free option). ``naws_per_sample``: delta_t of each sample in NAWS (the paper) instead of
+    the first sample's (the authors' code).
+    """
+
+    sources: tuple[str, ...] = ("T1w", "T2w", "FLAIR")
+    window: int = 5
+    bridge: BridgeConfig = field(default_factory=BridgeConfig)
+    branch: RestormerUNetConfig = field(default_factory=RestormerUNetConfig)
+    fusion: FusionConfig = field(default_factory=FusionConfig)
+    use_mip: bool = True
+    use_naws: bool = True
+    mip_tau: float = 0.75
+    mip_gumbel: bool = True
+    sampling: str = "coupled"
+    shared_noise: bool = True
+    sampling_shared_noise: bool = False
+    naws_per_sample: bool = True
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` on settings MMDM cannot use."""
+        if len(self.sources) < 2:
+            raise ConfigError(f"MMDMConfig.sources: MMDM fuses at least 2 modalities, got {list(self.sources)}; "
+                              "for one modality use a single-branch method (e.g. BBDM)")
+        if len(set(self.sources)) != len(self.sources):
+            raise ConfigError(f"MMDMConfig.sources: duplicate modality names in {list(self.sources)}")
+        if self.window < 1:
+            raise ConfigError(f"MMDMConfig.window must be >= 1 slice, got {self.window}")
+        if self.sampling not in SAMPLING_MODES:
+            raise ConfigError(f"MMDMConfig.sampling: unknown mode {self.sampling!r}; use one of {SAMPLING_MODES}")
+        if self.mip_tau <= 0:
+            raise ConfigError(f"MMDMConfig.mip_tau must be > 0, got {self.mip_tau}")
+
+    @property
+    def variant(self) -> str:
+        """The Table 2 variant these flags correspond to."""
+        return next(k for k, v in VARIANTS.items() if v == (self.use_mip, self.use_naws))
+
+
+def paper_config() -> MMDMConfig:
+    """The authors' sizes: tiny Restormer-UNet branches (dim 8, mult 1,2,4,8), fusion
+    UNet 32 (1,4,8), T = 1000, 200 sampling steps (paper; their config: 50),
+    Adam lr 1e-4 betas (0.5, 0.999). The paper trains with batch 4 for 200
+    epochs; batch size belongs to the training run, not to this config."""
+    return MMDMConfig(
+        bridge=BridgeConfig(num_timesteps=1000, schedule="linear", objective="ysubx", sample_steps=200),
+        branch=RestormerUNetConfig(dim=8, mult=(1, 2, 4, 8), num_blocks=(1, 1, 1, 1), heads=(1, 1, 1, 1)),
+        fusion=FusionConfig(unet=UNetConfig(base=32, mult=(1, 4, 8), num_res_blocks=2)),
+        optim=OptimConfig(lr=1e-4, betas=(0.5, 0.999)),
+    )
+
+
+def small_config() -> MMDMConfig:
+    """A CPU-sized model (minutes at 96x112 or smaller): same branches, a narrower
+    single-res-block fusion UNet (16, mult 1,2,4), 20 sampling steps."""
+    cfg = paper_config()
+    cfg.bridge = dataclasses.replace(cfg.bridge, sample_steps=20)
+    cfg.fusion = FusionConfig(unet=UNetConfig(base=16, mult=(1, 2, 4), num_res_blocks=1))
+    return cfg
+
+
+NAMED_CONFIGS = {"paper": paper_config, "small": small_config}
+
+
+def mmdm_config(variant: str | None = None, config: str | MMDMConfig | dict = "paper",
+                sources: tuple[str, ...] | list[str] | None = None, **overrides: Any) -> MMDMConfig:
+    """Assemble an :class:`MMDMConfig`.
+
+    ``config``: a named configuration (``"paper"``, ``"small"``), a config
+    object or a plain dict (e.g. loaded from YAML). ``variant`` sets
+    ``use_mip``/``use_naws`` (default: ``"full"`` for a named config; a given
+    object or dict keeps its flags). ``sources`` selects the modalities
+    (Table 3); further keyword arguments override fields (nested dicts merge).
+    """
+    if isinstance(config, str):
+        if config not in NAMED_CONFIGS:
+            raise ConfigError(f"unknown MMDM configuration {config!r}; known: {', '.join(sorted(NAMED_CONFIGS))}")
+        cfg = NAMED_CONFIGS[config]()
+        variant = variant or "full"
+    elif isinstance(config, MMDMConfig):
+        cfg = config
+    elif isinstance(config, dict):
+        cfg = from_dict(MMDMConfig, config)
+    else:
+        raise ConfigError(f"config must be a name, an MMDMConfig or a dict, got {type(config).__name__}")
+    if variant is not None:
+        if variant not in VARIANTS:
+            raise ConfigError(f"unknown MMDM variant {variant!r}; known: {', '.join(VARIANTS)}")
+        overrides = {**overrides, "use_mip": VARIANTS[variant][0], "use_naws": VARIANTS[variant][1]}
+    if sources is not None:
+        overrides = {**overrides, "sources": list(sources)}
+    cfg = replace(cfg, overrides) if overrides else cfg
+    cfg.validate()
+    return cfg
+
+
+class MMDM(SynthesisMethod):
+    """The multi-modal diffusion model of the paper (Fig. 1) with all ablation switches."""
+
+    name = "mmdm"
+
+    def __init__(self, cfg: MMDMConfig | None = None):
+        super().__init__()
+        cfg = cfg or MMDMConfig()
+        cfg.validate()
+        self.cfg = cfg
+        self.sources = tuple(cfg.sources)
+        self.window = cfg.window
+        k = cfg.window
+        self.bridge = BrownianBridge(cfg.bridge)
+        self.branches = nn.ModuleDict({m: RestormerUNet(2 * k, k, cfg.branch) for m in self.sources})
+        self.fusion = CrossModalFusion(len(self.sources), k, cfg.fusion)
+        self.naws = NAWS(len(self.sources), self.sources, per_sample=cfg.naws_per_sample) if cfg.use_naws else None
+        self.spatial_multiple = math.lcm(2 ** (len(cfg.branch.mult) - 1), 2 ** (len(cfg.fusion.unet.mult) - 1))
+        self._last: dict[str, Tensor] = {}
+
+    @property
+    def variant(self) -> str:
+        return self.cfg.variant
+
+    def branch_x0(self, modality: str, x_t: Tensor, y: Tensor, t: Tensor) -> Tensor:
+        """``x0_hat^m`` of one branch: network output -> x0 (``x^m - eps_theta^m`` for "ysubx")."""
+        out = self.branches[modality](torch.cat([x_t, y], dim=1), t)
+        return self.bridge.predict_x0(x_t, y, t, out)
+
+    def training_losses(self, batch: Batch, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        """One training step's losses (Fig. 1a).
+
+        One t per sample uniform over [0, T); ``x_t^m`` from eq. (1) with one
+        shared noise tensor (or one per branch); ``x0_hat^m`` from each branch,
+        ``x0_hat`` from the fusion (eq. (4)); per prediction the hybrid loss
+        (eq. (7)) or the MSE; total by NAWS (eq. (11)) or the plain sum.
+        """
+        x0, ys = self.check_batch(batch)
+        cfg = self.cfg
+        t = self.bridge.sample_timesteps(x0.shape[0], x0.device, generator)
+        if cfg.shared_noise:
+            noises = [randn_like(x0, generator)] * len(ys)
+        else:
+            noises = [randn_like(x0, generator) for _ in ys]
+        preds = [self.branch_x0(m, self.bridge.q_sample(x0, y, t, e), y, t)
+                 for m, y, e in zip(self.sources, ys, noises)]
+        fused = self.fusion(preds, ys, t)
+        loss_fn = partial(hybrid_loss, use_mip=cfg.use_mip, tau=cfg.mip_tau, reduction="none", generator=generator,
+                          gumbel=cfg.mip_gumbel)
+        l0 = loss_fn(fused, x0)  # (B,)
+        lm = torch.stack([loss_fn(p, x0) for p in preds], dim=1)  # (B, M)
+        out: dict[str, Tensor] = {}
+        if self.naws is not None:
+            total, weights = self.naws(l0, lm, self.bridge.delta(t))
+            self._last = {f"naws/{k}": v for k, v in weights.items()}
+            self._last["naws/sigma2_fused"] = self.naws.p0.detach().pow(2)
+            for i, m in enumerate(self.sources):
+                self._last[f"naws/sigma2_{m}"] = self.naws.pm.detach()[i].pow(2)
+        else:
+            total = l0.mean() + lm.mean(0).sum()
+        out["loss"] = total
+        out["loss_fused"] = l0.detach().mean()
+        for i, m in enumerate(self.sources):
+            out[f"loss_{m}"] = lm[:, i].detach().mean()
+        out["mse_fused"] = (fused.detach() - x0).pow(2).mean()
+        return out
+
+    def log_scalars(self) -> dict[str, float]:
+        """NAWS weights ``1/(2 a_i)``, ``C`` and ``sigma_i^2 = p_i^2`` of the last training step."""
+        return {k: float(v) for k, v in self._last.items()}
+
+    @torch.no_grad()
+    def sample(self, sources: dict[str, Tensor], steps: int | None = None, eta: float | None = None,
+               generator: torch.Generator | None = None, progress: bool = False) -> Tensor:
+        """Synthesise the target window with the multi-branch bridge sampler (Fig. 1b)."""
+        self.check_sources(sources)
+        ys = self.source_list(sources)
+
+        def x0_fn(x_ts: list[Tensor], t: Tensor) -> list[Tensor]:
+            return [self.branch_x0(m, x, y, t) for m, x, y in zip(self.sources, x_ts, ys)]
+
+        return sample_multibranch(x0_fn, ys, self.bridge, steps=steps, eta=eta, mode=self.cfg.sampling,
+                                  fuse_fn=self.fusion, generator=generator, progress=progress,
+                                  shared_noise=self.cfg.sampling_shared_noise)
+
+    def extra_repr(self) -> str:
+        return f"variant={self.variant}, sources={list(self.sources)}, window={self.window}"
+
+
+def build_mmdm(variant: str | None = None, config: str | MMDMConfig | dict = "paper",
+               sources: tuple[str, ...] | list[str] | None = None, **overrides: Any) -> MMDM:
+    """Registry factory: ``build_method("mmdm", variant="full", sources=("T1w", "T2w"), config="small")``."""
+    return MMDM(mmdm_config(variant, config, sources, **overrides))
+
+
+METHODS.register("mmdm")(build_mmdm)
