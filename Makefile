@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 PROFILE ?= quick
 DATA ?= data/phantom-$(PROFILE)
 
-.PHONY: setup study test test-all clean-venv
+.PHONY: setup data book study test test-all clean-venv
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,10 +19,21 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
-## Main job: build the phantom cohort for PROFILE and check it.
-study: setup
+## Build the phantom cohort for PROFILE and check it.
+data: setup
 	$(BIN)/mmdm data phantom --profile $(PROFILE) --out $(DATA)
 	$(BIN)/mmdm data check $(DATA)
+
+## Execute the notebooks with papermill into book/generated/, then build the book (_build/html).
+book: setup
+	mkdir -p book/generated
+	$(BIN)/papermill --cwd . notebooks/01_data.ipynb book/generated/01_data.ipynb \
+		-p profile $(PROFILE) -p data_dir $(DATA)
+	$(BIN)/jupyter-book build . --warningiserror --nitpick --keep-going
+	@echo "The book is at _build/html/index.html"
+
+## Main job: cohort, checks, notebooks, book.
+study: data book
 
 ## Default test suite (fast tests; < 15 min on 2 cores).
 test: setup

@@ -2,4 +2,13 @@ import os
 
 # Keep the 2 CPU cores for the test processes themselves.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
-os.environ.setdefault("MPLBACKEND", "Agg")
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_cohort(tmp_path_factory):
+    """A 3-subject phantom cohort of the `tiny` profile, built once per test session."""
+    from mmdm.data.phantom import build_cohort
+
+    return build_cohort(tmp_path_factory.mktemp("tiny-cohort") / "phantom", "tiny", n_subjects=3, progress=False)
