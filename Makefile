@@ -7,6 +7,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 PROFILE ?= quick
 DATA ?= data/phantom-$(PROFILE)
+WORKERS ?= 2
 
 .PHONY: setup data book study test test-all clean-venv
 
@@ -21,7 +22,7 @@ setup: $(VENV)/.installed
 
 ## Build the phantom cohort for PROFILE and check it.
 data: setup
-	$(BIN)/mmdm data phantom --profile $(PROFILE) --out $(DATA)
+	$(BIN)/mmdm data phantom --profile $(PROFILE) --out $(DATA) --workers $(WORKERS)
 	$(BIN)/mmdm data check $(DATA)
 
 ## Execute the notebooks with papermill into book/generated/, then build the book (_build/html).

@@ -43,6 +43,22 @@ from mmdm.methods import METHODS
 from mmdm.methods.base import Batch, OptimConfig, SynthesisMethod
 from mmdm.nets import CrossModalFusion, FusionConfig, RestormerUNet, RestormerUNetConfig, UNetConfig
 
+#: Where this implementation departs from the paper or the authors' public code, and why.
+DEVIATIONS: list[str] = [
+    "MDTA reshapes its attention output back in the order it was flattened; the authors' code flattens "
+    "as (w h) but restores (h w), which transposes square images and scrambles non-square ones.",
+    "The sampler adds Gaussian noise (the bridge posterior, eq. (2)); the authors' sampler draws uniform "
+    "[0, 1) noise.",
+    "NAWS uses each sample's own delta_t (eq. (11)); the authors' code uses the first sample's delta_t for "
+    "the whole batch (flag naws_per_sample=False restores it).",
+    "At inference each branch draws its own noise (flag sampling_shared_noise); the authors share one "
+    "noise tensor across branches. In training one noise tensor is shared, as the authors do (shared_noise).",
+    "The paper's sigma^2 in NAWS is parameterised as p^2 with p initialised to 1, as in the authors' code.",
+    "The default m_t schedule is BBDM's linspace(0.001, 0.999) used by the authors' code; the paper's "
+    "m_t = t/T is the schedule option 't_over_T' (they differ by at most 0.001 for T = 1000).",
+    "The paper states 200 sampling steps and the authors' config 50; the 'paper' configuration uses 200.",
+]
+
 #: variant name -> (use_mip, use_naws)
 VARIANTS: dict[str, tuple[bool, bool]] = {
     "base": (False, False),
