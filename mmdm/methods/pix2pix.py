@@ -49,6 +49,9 @@ DEVIATIONS: list[str] = [
     "4); the official code uses batch norm with batch size 1. Set discriminator.norm='batch' to restore it.",
     "Pix2Pix: the discriminator's condition is the gated window, detached: the gates learn only through the "
     "generator's output, never by making the condition easier to judge.",
+    "Pix2Pix (and the other GAN baselines): the generator step back-propagates into D's parameters too (the "
+    "engine zeroes those gradients and does not step D); the official code switches D's requires_grad off "
+    "instead: the same update, some extra compute.",
     "Pix2Pix: sample() runs the network in the module's current mode (the engine uses eval mode: dropout off, "
     "batch-norm running statistics); the official test script keeps train mode unless --eval is given.",
 ]
