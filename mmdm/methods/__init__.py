@@ -21,6 +21,9 @@ def build_method(name: str, **kw: Any):
 
 from mmdm.methods.base import Batch, OptimConfig, SynthesisMethod  # noqa: E402
 from mmdm.methods import mmdm as _mmdm  # noqa: E402,F401  (registers "mmdm")
+# The comparison methods of Table 1; each module registers itself on import.
+from mmdm.methods import bbdm as _bbdm, ddpm as _ddpm, pix2pix as _pix2pix  # noqa: E402,F401
+from mmdm.methods import rddm as _rddm, resvit as _resvit, unest as _unest  # noqa: E402,F401
 from mmdm.methods.mmdm import MMDM, NAMED_CONFIGS, VARIANTS, MMDMConfig, mmdm_config  # noqa: E402
 
 __all__ = ["METHODS", "MMDM", "NAMED_CONFIGS", "VARIANTS", "Batch", "MMDMConfig", "OptimConfig",

@@ -60,8 +60,11 @@ DEVIATIONS: list[str] = [
     "No ReduceLROnPlateau schedule: the shared engine uses a constant learning rate for every method.",
     "EMA: exposed as cfg.ema for the engine (decay 0.995 every 8 steps from step 30k, official); before the "
     "start step the average follows the weights, as in the official EMA.",
-    "Sampling noise and skip steps come from the shared bridge sampler (rounded linspace from T-1 to 1, then 0); "
-    "the official code uses an integer stride from T-1 down, then [1, 0] - the visited steps differ by rounding.",
+    "Skip steps come from the shared bridge sampler: exactly sample_steps network calls at rounded "
+    "linspace(T-1, 1) then 0. The official code strides by (T-1) // (sample_steps-2) from T-1 and appends "
+    "[1, 0]: for T = 1000 and 200 steps it visits 999, 994, ..., 4, 1, 0 (202 network calls).",
+    "Batch size: the official template trains with batch 8; the study uses the MMDM paper's batch 4 for every "
+    "method (a training-run setting, not part of this config).",
 ]
 
 
