@@ -9,7 +9,7 @@ PROFILE ?= quick
 DATA ?= data/phantom-$(PROFILE)
 WORKERS ?= 2
 
-.PHONY: setup data book study test test-all clean-venv
+.PHONY: setup data book study test test-slow test-all clean-venv
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,7 @@ data: setup
 ## Execute the notebooks with papermill into book/generated/, then build the book (_build/html).
 book: setup
 	mkdir -p book/generated
+	$(BIN)/mmdm methods --deviations --out book/generated/deviations.md
 	$(BIN)/papermill --cwd . notebooks/01_data.ipynb book/generated/01_data.ipynb \
 		-p profile $(PROFILE) -p data_dir $(DATA)
 	$(BIN)/jupyter-book build . --warningiserror --nitpick --keep-going
@@ -39,6 +40,10 @@ study: data book
 ## Default test suite (fast tests; < 15 min on 2 cores).
 test: setup
 	$(BIN)/python -m pytest
+
+## Only the tests marked slow.
+test-slow: setup
+	$(BIN)/python -m pytest -m slow
 
 ## Everything, slow tests included.
 test-all: setup

@@ -4,6 +4,9 @@
     mmdm data check DIR
     mmdm evaluate --pred P.nii.gz --target T.nii.gz [--mask M.nii.gz] [--json]
     mmdm methods
+    mmdm train --method mmdm --variant full --data DIR --run-dir RUN [--resume]
+    mmdm synthesize --run RUN --t1w T1.nii.gz --t2w T2.nii.gz --flair FLAIR.nii.gz --out tof.nii.gz
+    mmdm evaluate-run RUN
 
 Run any subcommand with --help for its options.
 """
@@ -18,6 +21,9 @@ from pathlib import Path
 EPILOG = """examples:
   mmdm data phantom --profile quick --out data/phantom-quick
   mmdm data check data/phantom-quick
+  mmdm train --method mmdm --variant full --method-config small --data data/phantom-quick --steps 500 --run-dir runs/mmdm-full
+  mmdm evaluate-run runs/mmdm-full
+  mmdm synthesize --run runs/mmdm-full --t1w T1.nii.gz --t2w T2.nii.gz --flair FLAIR.nii.gz --out tof.nii.gz
   mmdm evaluate --pred pred.nii.gz --target sub-001_angio.nii.gz --json
 """
 
@@ -61,10 +67,19 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_methods(args: argparse.Namespace) -> int:
-    from mmdm.methods import METHODS
+    from mmdm.methods import DISPLAY_NAMES, METHODS, deviations_markdown
 
+    if args.deviations:
+        text = deviations_markdown()
+        if args.out:
+            from mmdm.io import write_text
+
+            write_text(args.out, text)
+        else:
+            print(text)
+        return 0
     for name in METHODS.names():
-        print(name)
+        print(f"{name:10s}{DISPLAY_NAMES.get(name, '')}")
     return 0
 
 
@@ -118,8 +133,18 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", action="store_true", help="print JSON instead of a table")
     ev.set_defaults(func=_cmd_evaluate)
 
-    me = sub.add_parser("methods", help="list the registered synthesis methods")
+    me = sub.add_parser("methods", help="list the registered synthesis methods",
+                        description="List the registered synthesis methods, or print every method's deviations "
+                        "from its official implementation as a MyST page (--deviations).")
+    me.add_argument("--deviations", action="store_true", help="print the deviations page (markdown)")
+    me.add_argument("--out", type=Path, default=None, help="with --deviations: write the page to this file")
     me.set_defaults(func=_cmd_methods)
+
+    from mmdm.engine.cli import add_evaluate_run_parser, add_synthesize_parser, add_train_parser
+
+    add_train_parser(sub)
+    add_synthesize_parser(sub)
+    add_evaluate_run_parser(sub)
     return p
 
 

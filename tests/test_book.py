@@ -44,6 +44,9 @@ def built_book(tmp_path_factory, tiny_cohort):
     shutil.rmtree(work / "book" / "generated", ignore_errors=True)
     (work / "book" / "generated").mkdir()
     data = tiny_cohort
+    from mmdm.cli import main as cli
+
+    assert cli(["methods", "--deviations", "--out", str(work / "book" / "generated" / "deviations.md")]) == 0
     pm.execute_notebook(str(ROOT / "notebooks" / "01_data.ipynb"), str(work / "book" / "generated" / "01_data.ipynb"),
                         parameters={"profile": "tiny", "data_dir": str(data)}, cwd=str(work), progress_bar=False)
     proc = subprocess.run([str(Path(sys.executable).with_name("jupyter-book")), "build", str(work),
@@ -67,3 +70,14 @@ def test_book_renders_data_card_and_notebook(built_book):
     # the glued numbers reach the rendered page, and the figures are embedded
     assert f"The cohort has {n_subjects}" in " ".join(page.split()).replace("<span class=\"pasted-text\">", "").replace("</span>", "")
     assert page.count("<img") >= 3
+
+
+def test_deviations_page_lists_every_method(built_book):
+    from mmdm.methods import DISPLAY_NAMES, METHODS, method_deviations
+
+    work, _ = built_book
+    page = (work / "_build" / "html" / "book" / "generated" / "deviations.html").read_text()
+    devs = method_deviations()
+    assert set(devs) == set(METHODS.names()) and all(devs.values()), "every method must list its deviations"
+    for name in METHODS.names():
+        assert DISPLAY_NAMES[name].split(" (")[0] in page

@@ -26,5 +26,34 @@ from mmdm.methods import bbdm as _bbdm, ddpm as _ddpm, pix2pix as _pix2pix  # no
 from mmdm.methods import rddm as _rddm, resvit as _resvit, unest as _unest  # noqa: E402,F401
 from mmdm.methods.mmdm import MMDM, NAMED_CONFIGS, VARIANTS, MMDMConfig, mmdm_config  # noqa: E402
 
-__all__ = ["METHODS", "MMDM", "NAMED_CONFIGS", "VARIANTS", "Batch", "MMDMConfig", "OptimConfig",
+#: The paper's name of each registered method, in the order of its Table 1.
+DISPLAY_NAMES = {"pix2pix": "Pix2Pix", "ddpm": "DDPM", "resvit": "ResViT", "bbdm": "BBDM", "unest": "UNest",
+                 "rddm": "RDDM", "mmdm": "MMDM (ours in the paper)"}
+
+
+def method_deviations() -> dict[str, list[str]]:
+    """``DEVIATIONS`` of every registered method's module: where it departs from its official code."""
+    import sys
+
+    out = {}
+    for name in METHODS.names():
+        module = sys.modules[METHODS.get(name).__module__]
+        out[name] = list(getattr(module, "DEVIATIONS", []))
+    return out
+
+
+def deviations_markdown() -> str:
+    """A MyST page listing every method's deviations (written into the book by `mmdm methods --deviations`)."""
+    lines = ["# Deviations from the official implementations", "",
+             "Generated from the `DEVIATIONS` list of each method module in `mmdm/methods/`.", ""]
+    devs = method_deviations()
+    order = [n for n in DISPLAY_NAMES if n in devs] + [n for n in devs if n not in DISPLAY_NAMES]
+    for name in order:
+        lines += [f"## {DISPLAY_NAMES.get(name, name)}", "", f"Registry name `{name}`, module `mmdm/methods/{name}.py`.", ""]
+        lines += [f"- {d}" for d in devs[name]] or ["- none recorded"]
+        lines.append("")
+    return "\n".join(lines)
+
+
+__all__ = ["DISPLAY_NAMES", "deviations_markdown", "method_deviations", "METHODS", "MMDM", "NAMED_CONFIGS", "VARIANTS", "Batch", "MMDMConfig", "OptimConfig",
            "SynthesisMethod", "build_method", "mmdm_config"]

@@ -1,0 +1,214 @@
+"""Whole-volume synthesis with a 2.5D sliding window (the authors' inference).
+
+A volume (X, Y, Z) is cut into windows of K adjacent axial slices starting
+at ``z0 = 0, stride, 2 stride, ...`` (plus a last window ending at the last
+slice, :func:`mmdm.data.dataset.window_starts`), so every slice is covered.
+Each window is synthesised by ``method.sample``; every slice's prediction is
+the mean over all windows that contain it (the authors: stride 1, overlaps
+averaged). Windows are batched.
+
+Units: sources are normalised exactly as in training (``NormConfig``, per
+volume to [-1, 1]); the model's output in [-1, 1] is clamped (``clip``) and
+mapped to [0, 1] by ``(x + 1) / 2`` -- TOF intensity as a fraction of the
+volume's maximum, the scale on which the metrics compare it with
+``target / target.max()``. :func:`synthesize_files` writes that [0, 1] volume
+(times ``scale``) with the first source's affine and header.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmdm.data.dataset import window_starts
+from mmdm.data.volumes import NormConfig, check_same_grid, load_volume, normalise
+
+
+def _method_device(method: nn.Module) -> torch.device:
+    for p in method.parameters():
+        return p.device
+    for b in method.buffers():
+        return b.device
+    return torch.device("cpu")
+
+
+def _check_modalities(method: nn.Module, sources: dict[str, Any]) -> list[str]:
+    needed = list(getattr(method, "sources", ()) or sources)
+    missing = [m for m in needed if m not in sources]
+    if missing:
+        raise ValueError(f"missing source modality(ies) {missing}: this model needs {needed} "
+                         f"(given {sorted(sources)}). Pass one volume per required modality.")
+    shapes = {m: tuple(np.shape(sources[m])) for m in needed}
+    if len(set(shapes.values())) != 1 or len(next(iter(shapes.values()))) != 3:
+        raise ValueError(f"source volumes must be 3D (X, Y, Z) and share one shape; got {shapes}. "
+                         "Resample all modalities onto one grid first.")
+    return needed
+
+
+@torch.no_grad()
+def synthesize_volume(method: nn.Module, sources: dict[str, np.ndarray], window: int = 5, stride: int = 1,
+                      batch_size: int = 8, steps: int | None = None, eta: float | None = None,
+                      n_samples: int = 1, norm: NormConfig = NormConfig(),
+                      generator: torch.Generator | None = None, progress: bool = True, clip: bool = True,
+                      pad_value: float = -1.0, desc: str = "synthesis") -> dict[str, Any]:
+    """Synthesise a whole TOF-MRA volume from raw source volumes (X, Y, Z).
+
+    Returns ``{"mean": (X, Y, Z) float32 in [0, 1], "windows": n, "n_samples": n}``
+    plus ``"std"`` (population std over the ``n_samples`` volume draws) when
+    ``n_samples > 1``. Height/width that are not multiples of
+    ``method.spatial_multiple`` are padded with ``pad_value`` (the normalised
+    background, -1) and cropped back. ``generator`` defaults to one seeded with
+    0 on the method's device, so a call is reproducible.
+    """
+    if stride < 1 or window < 1 or batch_size < 1 or n_samples < 1:
+        raise ValueError(f"window, stride, batch_size and n_samples must be >= 1 (got {window}, {stride}, "
+                         f"{batch_size}, {n_samples})")
+    mods = _check_modalities(method, sources)
+    device = _method_device(method)
+    if generator is None:
+        generator = torch.Generator(device=device).manual_seed(0)
+    vols = {m: torch.from_numpy(normalise(np.asarray(sources[m], dtype=np.float32), norm)[0]) for m in mods}
+    x, y, depth = next(iter(vols.values())).shape
+    f = int(getattr(method, "spatial_multiple", 1) or 1)
+    px, py = (-x) % f, (-y) % f
+    starts = window_starts(depth, window, stride)
+    was_training = method.training
+    method.eval()
+    draws = []
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(starts) * n_samples, desc=desc, unit="win", leave=False, dynamic_ncols=True)
+    try:
+        for _ in range(n_samples):
+            acc = torch.zeros(x, y, depth, dtype=torch.float64)
+            count = torch.zeros(depth, dtype=torch.float64)
+            for i in range(0, len(starts), batch_size):
+                chunk = starts[i:i + batch_size]
+                wins = {}
+                for m, v in vols.items():
+                    w = torch.stack([v[:, :, s:s + window].permute(2, 0, 1) for s in chunk]).to(device)
+                    if px or py:
+                        w = F.pad(w, (0, py, 0, px), value=pad_value)
+                    wins[m] = w
+                pred = method.sample(wins, steps=steps, eta=eta, generator=generator)
+                pred = pred[:, :, :x, :y].float()
+                if clip:
+                    pred = pred.clamp(-1.0, 1.0)
+                pred = pred.to("cpu", torch.float64)
+                for j, s in enumerate(chunk):
+                    acc[:, :, s:s + window] += pred[j].permute(1, 2, 0)
+                    count[s:s + window] += 1
+                if bar is not None:
+                    bar.update(len(chunk))
+            draws.append(((acc / count + 1.0) / 2.0).numpy())
+    finally:
+        if bar is not None:
+            bar.close()
+        method.train(was_training)
+    stack = np.stack(draws)
+    out: dict[str, Any] = {"mean": stack.mean(0).astype(np.float32), "windows": len(starts), "n_samples": n_samples}
+    if n_samples > 1:
+        out["std"] = stack.std(0).astype(np.float32)
+    return out
+
+
+# ----------------------------------------------------------------------------
+# trained runs
+
+
+def load_run_method(run_dir: str | Path, checkpoint: str = "latest", device: str | torch.device = "cpu",
+                    use_ema: bool = True):
+    """Rebuild a run's method from ``config.yaml`` and load a checkpoint.
+
+    ``checkpoint``: ``"latest"`` (the newest in ``checkpoints/``), a step
+    number, or a path. EMA weights are used when the run kept them and
+    ``use_ema``. Returns ``(method in eval mode, TrainConfig, info dict)``.
+    """
+    from mmdm.config import load_yaml
+    from mmdm.engine.checkpoint import CheckpointManager, load_checkpoint
+    from mmdm.engine.distributed import resolve_device
+    from mmdm.engine.runs import run_paths
+    from mmdm.engine.train import TrainConfig, build_method_from_config
+
+    p = run_paths(run_dir)
+    if not p.config.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a run directory (no config.yaml); train one with `mmdm train`")
+    cfg = load_yaml(TrainConfig, p.config)
+    device = resolve_device(str(device)) if not isinstance(device, torch.device) else device
+    mgr = CheckpointManager(p.checkpoints)
+    if checkpoint == "latest":
+        path = mgr.latest()
+        if path is None:
+            raise FileNotFoundError(f"{p.checkpoints} holds no checkpoint; train the run first "
+                                    f"(`mmdm train --resume --run-dir {run_dir}`)")
+    elif str(checkpoint).isdigit():
+        path = mgr.path(int(checkpoint))
+    else:
+        path = Path(checkpoint)
+    state = load_checkpoint(path, map_location="cpu")
+    method = build_method_from_config(cfg)
+    weights = state["model"]
+    ema_used = bool(use_ema and state.get("ema"))
+    if ema_used:
+        weights = {**weights, **state["ema"]}
+    method.load_state_dict(weights)
+    method.to(device).eval()
+    return method, cfg, {"file": str(path), "step": int(state["step"]), "ema_used": ema_used}
+
+
+def std_path(out_path: str | Path) -> Path:
+    """``tof.nii.gz`` -> ``tof_std.nii.gz``."""
+    out_path = Path(out_path)
+    name = out_path.name
+    for ext in (".nii.gz", ".nii"):
+        if name.endswith(ext):
+            return out_path.with_name(name[: -len(ext)] + "_std" + ext)
+    return out_path.with_name(name + "_std")
+
+
+def synthesize_files(run_dir: str | Path, inputs: dict[str, str | Path], out_path: str | Path,
+                     steps: int | None = None, eta: float | None = None, n_samples: int = 1, batch_size: int = 8,
+                     scale: float = 1.0, save_std: bool = True, device: str = "auto", checkpoint: str = "latest",
+                     use_ema: bool = True, seed: int = 0, stride: int | None = None,
+                     progress: bool = True) -> dict[str, Any]:
+    """Synthesise a TOF-MRA NIfTI from source NIfTI files with a trained run.
+
+    ``inputs`` maps modality -> file (the run's ``data.sources``; extra ones are
+    ignored). The output has the first required source's affine and header;
+    its values are the [0, 1] synthesis times ``scale`` (default 1: a fraction
+    of the TOF maximum; there is no absolute TOF intensity to recover). With
+    ``n_samples > 1`` and ``save_std``, ``<out>_std.nii.gz`` holds the
+    per-voxel standard deviation over the samples (same scale).
+    """
+    from mmdm.engine.distributed import resolve_device
+    from mmdm.io import save_nifti
+
+    dev = resolve_device(device)
+    method, cfg, info = load_run_method(run_dir, checkpoint=checkpoint, device=dev, use_ema=use_ema)
+    needed = list(getattr(method, "sources", cfg.data.sources))
+    missing = [m for m in needed if m not in inputs]
+    if missing:
+        flags = ", ".join(f"--{m.lower()} PATH" for m in needed)
+        raise ValueError(f"missing input modality(ies) {missing}: run {run_dir} was trained on {needed}; "
+                         f"give all of them ({flags}, or --source NAME=PATH)")
+    vols = {m: load_volume(inputs[m]) for m in needed}
+    check_same_grid(vols, "input")
+    import nibabel as nib
+
+    ref_img = nib.load(str(inputs[needed[0]]))
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    res = synthesize_volume(method, {m: v.data for m, v in vols.items()}, window=cfg.data.window,
+                            stride=stride or cfg.data.eval_stride, batch_size=batch_size, steps=steps, eta=eta,
+                            n_samples=n_samples, norm=cfg.data.norm, generator=gen, progress=progress)
+    header = ref_img.header.copy()
+    out = {"mean": save_nifti(out_path, res["mean"] * scale, ref_img.affine, header), "checkpoint": info}
+    if "std" in res and save_std:
+        out["std"] = save_nifti(std_path(out_path), res["std"] * scale, ref_img.affine, header.copy())
+    return out

@@ -1,0 +1,299 @@
+"""Tests of whole-volume synthesis (mmdm.engine.infer), run records (mmdm.engine.runs) and the engine CLI."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from helpers import make_dataset
+from mmdm.data.dataset import DataConfig
+from mmdm.data.layout import DatasetError
+from mmdm.data.volumes import NormConfig, normalise
+from mmdm.engine import cli as engine_cli
+from mmdm.engine.infer import std_path, synthesize_files, synthesize_volume
+from mmdm.engine.runs import evaluate_run, load_summary, run_status
+from mmdm.engine.train import TrainConfig, train
+from mmdm.methods.base import OptimConfig, SynthesisMethod
+from mmdm.metrics import METRIC_KEYS, evaluate_files
+
+
+class WindowStub(SynthesisMethod):
+    """``sample`` = 0.5 * first source + 0.1 * k / K on channel k (+ optional noise):
+    a known function of the window that also depends on the slice's position in it."""
+
+    name = "window-stub"
+
+    def __init__(self, sources=("T1w", "T2w"), window=5, noise=0.0, multiple=1):
+        super().__init__()
+        self.sources = tuple(sources)
+        self.window = window
+        self.noise = noise
+        self.spatial_multiple = multiple
+        self.w = nn.Parameter(torch.zeros(()))
+
+    def sample(self, sources, steps=None, eta=None, generator=None, progress=False):
+        self.check_sources(sources)  # enforces spatial_multiple
+        y = sources[self.sources[0]]
+        k = torch.arange(y.shape[1], dtype=y.dtype).view(1, -1, 1, 1) / y.shape[1]
+        out = 0.5 * y + 0.1 * k
+        if self.noise:
+            out = out + self.noise * torch.randn(y.shape, generator=generator)
+        return out
+
+
+def expected_volume(src: np.ndarray, window: int, stride: int) -> np.ndarray:
+    """Independent reference: average, per slice, the stub's value from every window holding it."""
+    y = normalise(src, NormConfig())[0].astype(np.float64)
+    depth = src.shape[2]
+    starts = sorted(set(range(0, depth - window + 1, stride)) | {depth - window})
+    out = np.zeros_like(y)
+    for z in range(depth):
+        vals = [0.5 * y[:, :, z] + 0.1 * (z - s) / window for s in starts if s <= z < s + window]
+        assert vals, f"slice {z} not covered"
+        out[:, :, z] = np.mean(vals, axis=0)
+    return (out + 1) / 2
+
+
+@pytest.mark.parametrize("stride,depth", [(1, 12), (2, 12), (2, 13), (3, 11), (5, 5)])
+def test_sliding_window_reconstructs_overlap_average(stride, depth):
+    rng = np.random.default_rng(depth)
+    src = {"T1w": rng.random((6, 7, depth)).astype(np.float32) * 50,
+           "T2w": rng.random((6, 7, depth)).astype(np.float32)}
+    res = synthesize_volume(WindowStub(), src, window=5, stride=stride, batch_size=3, progress=False)
+    assert res["mean"].shape == (6, 7, depth) and res["mean"].dtype == np.float32 and "std" not in res
+    np.testing.assert_allclose(res["mean"], expected_volume(src["T1w"], 5, stride), rtol=0, atol=1e-6)
+    assert res["windows"] == len(set(range(0, depth - 4, stride)) | {depth - 5})
+
+
+def test_padding_to_the_network_multiple_is_cropped_back():
+    rng = np.random.default_rng(0)
+    src = {m: rng.random((10, 13, 7)).astype(np.float32) for m in ("T1w", "T2w")}
+    with pytest.raises(ValueError, match="multiples of 8"):
+        WindowStub(multiple=8).sample({m: torch.zeros(1, 5, 10, 13) for m in src})
+    res = synthesize_volume(WindowStub(multiple=8), src, window=5, stride=1, progress=False)
+    np.testing.assert_allclose(res["mean"], expected_volume(src["T1w"], 5, 1), atol=1e-6)
+
+
+def test_samples_give_zero_std_for_a_deterministic_method_and_the_noise_std_otherwise():
+    rng = np.random.default_rng(1)
+    src = {m: rng.random((8, 8, 10)).astype(np.float32) for m in ("T1w", "T2w")}
+    det = synthesize_volume(WindowStub(), src, window=5, stride=5, n_samples=3, progress=False)
+    assert np.array_equal(det["std"], np.zeros_like(det["std"]))
+    n = 400
+    noisy = synthesize_volume(WindowStub(noise=0.1), src, window=5, stride=5, n_samples=n, progress=False)
+    # stride = window: each slice comes from one window; noise sd 0.1 in [-1, 1] -> 0.05 in [0, 1]
+    assert noisy["std"].min() > 0
+    assert float(np.mean(noisy["std"])) == pytest.approx(0.05 * np.sqrt((n - 1) / n), rel=0.03)
+    np.testing.assert_allclose(noisy["mean"], det["mean"], atol=0.05 * 5 / np.sqrt(n))
+
+
+def test_missing_modality_and_short_volume_are_clear_errors():
+    vol = np.ones((4, 4, 8), np.float32)
+    with pytest.raises(ValueError, match=r"missing source modality\(ies\) \['T2w'\].*needs \['T1w', 'T2w'\]"):
+        synthesize_volume(WindowStub(), {"T1w": vol}, progress=False)
+    with pytest.raises(DatasetError, match="fewer than the window"):
+        synthesize_volume(WindowStub(), {"T1w": vol[..., :3], "T2w": vol[..., :3]}, progress=False)
+
+
+# ----------------------------------------------------------------------------
+# trained runs: files, evaluation, CLI
+
+
+class TinyConv(SynthesisMethod):
+    """Trainable 1x1-conv regression used to make small real runs."""
+
+    name = "tiny-conv"
+
+    def __init__(self, sources=("T1w", "T2w"), window=5):
+        super().__init__()
+        self.sources = tuple(sources)
+        self.window = window
+        self.conv = nn.Conv2d(len(self.sources) * window, window, 1)
+        self.cfg = SimpleNamespace(optim=OptimConfig(lr=1e-2))
+
+    def training_losses(self, batch, generator=None):
+        x0, ys = self.check_batch(batch)
+        return {"loss": (self.conv(torch.cat(ys, 1)) - x0).pow(2).mean()}
+
+    @torch.no_grad()
+    def sample(self, sources, steps=None, eta=None, generator=None, progress=False):
+        return self.conv(torch.cat(self.source_list(sources), 1)).clamp(-1, 1)
+
+
+def build_tiny_conv(**kw) -> TinyConv:
+    return TinyConv(**kw)
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("infer")
+    make_dataset(root / "data", n=5, shape=(16, 16, 12))
+    cfg = TrainConfig(method="test_engine_infer:build_tiny_conv", method_kwargs={},
+                      data=DataConfig(root=str(root / "data"), sources=("T1w", "T2w")), steps=3, epochs=None,
+                      batch_size=2, device="cpu", checkpoint_every=0, image_every=0)
+    run = train(cfg, root / "run", progress=False)
+    return run
+
+
+def _write(path: Path, data: np.ndarray, affine: np.ndarray) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(data.astype(np.float32), affine), str(path))
+    return path
+
+
+def test_synthesize_files_keeps_the_source_affine(trained_run, tmp_path):
+    rng = np.random.default_rng(2)
+    c, s = np.cos(0.3), np.sin(0.3)
+    aff = np.array([[0.9 * c, -0.9 * s, 0, 10.0], [0.9 * s, 0.9 * c, 0, -20.0], [0, 0, 1.5, 33.0], [0, 0, 0, 1]])
+    vols = {m: rng.random((16, 16, 9)).astype(np.float32) * 100 for m in ("T1w", "T2w")}
+    inputs = {m: _write(tmp_path / f"{m}.nii.gz", v, aff) for m, v in vols.items()}
+    out = synthesize_files(trained_run, inputs, tmp_path / "tof.nii.gz", n_samples=2, scale=2.0, device="cpu",
+                           progress=False)
+    img = nib.load(str(out["mean"]))
+    np.testing.assert_allclose(img.affine, aff, atol=1e-5)
+    assert img.shape == (16, 16, 9) and int(img.header["qform_code"]) == 1
+    from mmdm.engine.infer import load_run_method
+
+    method, cfg, _ = load_run_method(trained_run)
+    ref = synthesize_volume(method, vols, window=5, stride=cfg.data.eval_stride, progress=False)
+    np.testing.assert_allclose(np.asarray(img.dataobj), 2.0 * ref["mean"], atol=1e-6)
+    assert out["std"] == std_path(tmp_path / "tof.nii.gz") and out["std"].name == "tof_std.nii.gz"
+    with pytest.raises(ValueError, match=r"missing input modality\(ies\) \['T2w'\].*--t1w PATH, --t2w PATH"):
+        synthesize_files(trained_run, {"T1w": inputs["T1w"]}, tmp_path / "x.nii.gz", progress=False)
+
+
+def test_evaluate_run_writes_metrics_then_summary(trained_run, tmp_path, monkeypatch):
+    assert run_status(trained_run) == "trained"
+    with pytest.raises(RuntimeError, match="unfinished.*evaluate-run"):
+        load_summary(trained_run)
+    summary = evaluate_run(trained_run, split="train", device="cpu", progress=False)
+    assert run_status(trained_run) == "finished" and load_summary(trained_run) == json.loads(json.dumps(summary))
+    with open(trained_run / "metrics.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["subject"] for r in rows] == ["sub-001", "sub-002", "sub-003"] == summary["subjects"]
+    for k in METRIC_KEYS:
+        assert summary["metrics"][k] == pytest.approx(np.mean([float(r[k]) for r in rows]), rel=1e-12)
+    # each row equals an independent evaluation of the written files
+    data_root = trained_run.parent / "data"
+    pred = trained_run / "predictions" / "sub-002_angio.nii.gz"
+    target = data_root / "sub-002" / "anat" / "sub-002_angio.nii.gz"
+    np.testing.assert_allclose(nib.load(str(pred)).affine, nib.load(str(target)).affine)
+    timg = nib.load(str(target))
+    t = np.asarray(timg.dataobj, dtype=np.float64)
+    scaled = _write(tmp_path / "target01.nii.gz", t / t.max(), timg.affine)  # the [0, 1] convention
+    ref = evaluate_files(pred, scaled)
+    for k in METRIC_KEYS:
+        assert float(rows[1][k]) == pytest.approx(ref[k], rel=1e-5, abs=1e-6)
+    assert summary["provenance"]["sessions"][0]["device"] == "cpu"
+    assert {"commit", "dirty"} <= set(summary["provenance"]["git"])
+
+    # an interrupted re-evaluation never leaves the old summary behind
+    import mmdm.engine.infer as infer_mod
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(infer_mod, "synthesize_volume", boom)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate_run(trained_run, split="train", device="cpu", progress=False)
+    assert run_status(trained_run) == "evaluating" and not (trained_run / "summary.json").exists()
+
+
+def test_evaluate_run_refuses_an_unfinished_training(tmp_path):
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / "config.yaml").write_text("steps: 3\n")
+    assert run_status(run) == "training"
+    with pytest.raises(RuntimeError, match="has not finished training.*--resume"):
+        evaluate_run(run, progress=False)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mmdm")
+    sub = p.add_subparsers(dest="command")
+    engine_cli.add_train_parser(sub)
+    engine_cli.add_synthesize_parser(sub)
+    engine_cli.add_evaluate_run_parser(sub)
+    return p
+
+
+def test_cli_train_flags_build_the_config(tmp_path):
+    args = _parser().parse_args(["train", "--run-dir", str(tmp_path / "r"), "--method", "mmdm", "--variant", "mip",
+                                 "--method-config", "small", "--data", "d", "--sources", "T1w", "T2w",
+                                 "--steps", "50", "--set", "data.window=3", "--set", "ema={decay: 0.9}"])
+    cfg = engine_cli.config_from_args(args)
+    assert cfg.method == "mmdm" and cfg.method_kwargs == {"variant": "mip", "config": "small"}
+    assert cfg.data.root == "d" and cfg.data.sources == ("T1w", "T2w") and cfg.data.window == 3
+    assert cfg.steps == 50 and cfg.epochs is None and cfg.ema.decay == 0.9 and cfg.ema.start_step == 30000
+    bad = _parser().parse_args(["train", "--run-dir", "r", "--set", "steps"])
+    with pytest.raises(Exception, match="expected key=value"):
+        engine_cli.config_from_args(bad)
+
+
+def test_cli_synthesize_and_evaluate_run(trained_run, tmp_path, capsys):
+    rng = np.random.default_rng(3)
+    aff = np.diag([2.0, 2.0, 2.0, 1.0])
+    paths = {m: _write(tmp_path / f"{m}.nii.gz", rng.random((16, 16, 7)), aff) for m in ("T1w", "T2w")}
+    p = _parser()
+    args = p.parse_args(["synthesize", "--run", str(trained_run), "--t1w", str(paths["T1w"]), "--out",
+                         str(tmp_path / "o.nii.gz"), "--quiet"])
+    assert args.func(args) == 2
+    assert "--t2w PATH" in capsys.readouterr().err
+    args = p.parse_args(["synthesize", "--run", str(trained_run), "--t1w", str(paths["T1w"]), "--source",
+                         f"T2w={paths['T2w']}", "--out", str(tmp_path / "o.nii.gz"), "--quiet", "--device", "cpu"])
+    assert args.func(args) == 0 and (tmp_path / "o.nii.gz").is_file()
+    args = p.parse_args(["evaluate-run", str(trained_run), "--split", "test", "--quiet", "--device", "cpu"])
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert "axial MIP" in out and "1 subject(s), split 'test'" in out
+
+
+def test_real_mmdm_small_trains_and_evaluates(tmp_path):
+    """Integration: the registered MMDM ('small', full variant) through train + evaluate_run."""
+    make_dataset(tmp_path / "data", n=5, shape=(16, 16, 8))  # few windows: keeps it fast (SSIM needs 7 slices)
+    cfg = TrainConfig(method="mmdm", method_kwargs={"variant": "full", "config": "small"},
+                      data=DataConfig(root=str(tmp_path / "data"), sources=("T1w", "T2w", "FLAIR")), steps=2,
+                      epochs=None, batch_size=2, device="cpu", checkpoint_every=1, keep_last=1, image_every=0,
+                      log_every=1)
+    run = train(cfg, tmp_path / "run", progress=False)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000002.pt"]
+    summary = evaluate_run(run, steps=2, batch_size=8, device="cpu", progress=False)
+    assert summary["n_subjects"] == 1 and all(np.isfinite(summary["metrics"][k]) for k in ("psnr", "ssim"))
+    pred = nib.load(str(run / "predictions" / "sub-005_angio.nii.gz"))
+    assert pred.shape == (16, 16, 8)
+    v = np.asarray(pred.dataobj)
+    assert v.min() >= 0.0 and v.max() <= 1.0
+
+
+@pytest.mark.slow
+def test_mmdm_small_on_the_tiny_phantom(tmp_path):
+    """Integration on the phantom cohort: train a few steps, evaluate every test subject."""
+    from mmdm.data.layout import Layout
+    from mmdm.data.phantom import build_cohort
+    from mmdm.engine.runs import read_metrics_csv
+
+    data = build_cohort(tmp_path / "phantom", "tiny", progress=False)
+    cfg = TrainConfig(method="mmdm", method_kwargs={"variant": "full", "config": "small"},
+                      data=DataConfig(root=str(data)), steps=4, epochs=None, batch_size=2, device="cpu",
+                      checkpoint_every=2, image_every=4, image_steps=2)
+    run = train(cfg, tmp_path / "run", progress=False)
+    summary = evaluate_run(run, steps=2, progress=False)
+    test = Layout(data).split("test")
+    rows = read_metrics_csv(run / "metrics.csv")
+    assert [r["subject"] for r in rows] == test == summary["subjects"]
+    for k in METRIC_KEYS:
+        assert summary["metrics"][k] == pytest.approx(np.mean([r[k] for r in rows]), rel=1e-12)
+    for s in test:
+        pred = nib.load(str(run / "predictions" / f"{s}_angio.nii.gz"))
+        target = nib.load(str(Path(data) / s / "anat" / f"{s}_angio.nii.gz"))
+        assert pred.shape == target.shape
+        np.testing.assert_allclose(pred.affine, target.affine, atol=1e-5)

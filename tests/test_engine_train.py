@@ -1,0 +1,379 @@
+"""Tests of mmdm.engine: training loop, checkpoints, SIGKILL/resume bit-identity, optimiser groups."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from helpers import make_dataset
+from mmdm.config import ConfigError, from_dict, load_yaml, save_yaml, to_dict
+from mmdm.data.dataset import DataConfig
+from mmdm.engine import checkpoint as ckpt_mod
+from mmdm.engine.checkpoint import CheckpointManager, capture_rng, load_checkpoint, restore_rng
+from mmdm.engine.runs import run_status
+from mmdm.engine.train import EMAConfig, TrainConfig, Trainer, epoch_batches, train, window_panel
+from mmdm.methods.base import OptimConfig, SynthesisMethod
+
+TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent
+
+
+# ----------------------------------------------------------------------------
+# stand-in methods
+
+
+class ConvStub(SynthesisMethod):
+    """A 3x3 conv regression. ``noisy`` makes the loss depend on every RNG the trainer must
+    checkpoint: its own generator (a timestep-like draw), torch's global RNG, numpy and Python."""
+
+    name = "conv-stub"
+
+    def __init__(self, sources=("T1w", "T2w"), window: int = 5, noisy: bool = True, delay: float = 0.0,
+                 lr: float = 1e-2):
+        super().__init__()
+        self.sources = tuple(sources)
+        self.window = window
+        self.conv = nn.Conv2d(len(self.sources) * window, window, 3, padding=1)
+        self.cfg = SimpleNamespace(optim=OptimConfig(lr=lr))
+        self.noisy = noisy
+        self.delay = delay
+
+    def training_losses(self, batch, generator=None):
+        x0, ys = self.check_batch(batch)
+        pred = self.conv(torch.cat(ys, 1))
+        target = x0
+        scale = 1.0
+        if self.noisy:
+            t = torch.rand(x0.shape[0], 1, 1, 1, generator=generator)
+            target = (1 - t) * x0 + t * ys[0] + 0.01 * torch.randn_like(x0)
+            scale = 1.0 + 0.1 * random.random() + 0.1 * float(np.random.rand())
+        if self.delay:
+            time.sleep(self.delay)
+        loss = scale * (pred - target).pow(2).mean()
+        return {"loss": loss, "mse": (pred.detach() - x0).pow(2).mean()}
+
+    @torch.no_grad()
+    def sample(self, sources, steps=None, eta=None, generator=None, progress=False):
+        return self.conv(torch.cat(self.source_list(sources), 1)).clamp(-1, 1)
+
+    def log_scalars(self):
+        return {"stub/weight_mean": float(self.conv.weight.detach().mean())}
+
+
+def build_conv_stub(**kw) -> ConvStub:
+    return ConvStub(**kw)
+
+
+class TwoGroupStub(SynthesisMethod):
+    """Two optimiser groups ('gen' then 'disc'); each group's loss depends on both modules."""
+
+    name = "two-group-stub"
+
+    def __init__(self, sources=("T1w", "T2w"), window: int = 5):
+        super().__init__()
+        self.sources = tuple(sources)
+        self.window = window
+        self.a = nn.Conv2d(len(self.sources) * window, window, 1)
+        self.b = nn.Conv2d(window, 1, 1)
+        self.cfg = SimpleNamespace(optim=OptimConfig(lr=1e-2))
+        self.calls: list[dict] = []
+
+    def optimizer_groups(self):
+        return {"gen": list(self.a.parameters()), "disc": list(self.b.parameters())}
+
+    def training_losses(self, batch, generator=None, group=None):
+        self.calls.append({"group": group, "a": self.a.weight.detach().clone(), "b": self.b.weight.detach().clone(),
+                           "grads": [p.grad for p in self.parameters()]})
+        x0, ys = self.check_batch(batch)
+        fake = self.a(torch.cat(ys, 1))
+        if group == "gen":
+            loss = -self.b(fake).mean() + (fake - x0).pow(2).mean()
+        else:
+            loss = self.b(fake).mean() - self.b(x0).mean() + self.b.weight.pow(2).sum()
+        return {"loss": loss}
+
+    @torch.no_grad()
+    def sample(self, sources, steps=None, eta=None, generator=None, progress=False):
+        return self.a(torch.cat(self.source_list(sources), 1))
+
+
+def build_two_group_stub(**kw) -> TwoGroupStub:
+    return TwoGroupStub(**kw)
+
+
+# ----------------------------------------------------------------------------
+# fixtures
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("engine-data")
+    make_dataset(root, n=5, shape=(16, 16, 12))  # 3 training subjects x 5 windows (stride 2)
+    return root
+
+
+def stub_config(data_root: Path, **kw) -> TrainConfig:
+    base = dict(method="test_engine_train:build_conv_stub", method_kwargs={},
+                data=DataConfig(root=str(data_root), sources=("T1w", "T2w")), steps=6, epochs=None,
+                batch_size=2, seed=3, device="cpu", checkpoint_every=2, keep_last=2, log_every=1,
+                image_every=0, val_every=0)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def params(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(CheckpointManager(run_dir / "checkpoints").latest())["model"]
+
+
+# ----------------------------------------------------------------------------
+# checkpoints
+
+
+def _model_and_opt(seed: int):
+    torch.manual_seed(seed)
+    model = nn.Linear(4, 3)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2, betas=(0.5, 0.999))
+    return model, opt
+
+
+def _step(model, opt):
+    opt.zero_grad()
+    model(torch.randn(5, 4)).pow(2).sum().backward()
+    opt.step()
+
+
+def test_checkpoint_round_trip_restores_weights_optimiser_and_rng(tmp_path):
+    model, opt = _model_and_opt(0)
+    gen = torch.Generator().manual_seed(11)
+    for _ in range(2):
+        _step(model, opt)
+    torch.rand(3, generator=gen)
+    mgr = CheckpointManager(tmp_path / "ck", keep_last=2)
+    path = mgr.save(2, {"model": model.state_dict(), "optim": opt.state_dict(), "rng": capture_rng({"g": gen})})
+    expected_draws = (random.random(), float(np.random.rand()), torch.rand(2), torch.rand(2, generator=gen))
+    torch.manual_seed(1)
+    _step(model, opt)  # the original's next step from the checkpointed state
+    expected_next = {k: v.clone() for k, v in model.state_dict().items()}
+    np.random.rand(7)
+    random.random()
+
+    state = torch.load(path, weights_only=True)  # plain types + tensors only
+    model2, opt2 = _model_and_opt(99)
+    model2.load_state_dict(state["model"])
+    opt2.load_state_dict(state["optim"])
+    assert int(opt2.state_dict()["state"][0]["step"]) == 2
+    gen2 = torch.Generator().manual_seed(0)
+    restore_rng(state["rng"], {"g": gen2})
+    draws = (random.random(), float(np.random.rand()), torch.rand(2), torch.rand(2, generator=gen2))
+    assert draws[0] == expected_draws[0] and draws[1] == expected_draws[1]
+    assert torch.equal(draws[2], expected_draws[2]) and torch.equal(draws[3], expected_draws[3])
+    torch.manual_seed(1)
+    _step(model2, opt2)  # Adam moments restored => the very same update
+    for k, v in model2.state_dict().items():
+        assert torch.equal(v, expected_next[k]), k
+    assert not torch.equal(model2.weight, state["model"]["weight"])
+
+
+def test_checkpoint_manager_keeps_last_k_and_survives_a_crash_while_writing(tmp_path, monkeypatch):
+    mgr = CheckpointManager(tmp_path / "ck", keep_last=2)
+    for s in range(1, 6):
+        mgr.save(s, {"step": s, "w": torch.full((3,), float(s))})
+    assert mgr.steps() == [4, 5]
+    assert sorted(p.name for p in mgr.dir.iterdir()) == ["step-00000004.pt", "step-00000005.pt"]
+
+    def crashing_save(obj, f, *a, **k):
+        Path(f).write_bytes(b"half a checkpoint")
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(ckpt_mod.torch, "save", crashing_save)
+    with pytest.raises(OSError, match="simulated"):
+        mgr.save(6, {"step": 6})
+    monkeypatch.undo()
+    assert mgr.steps() == [4, 5]
+    assert sorted(p.name for p in mgr.dir.iterdir()) == ["step-00000004.pt", "step-00000005.pt"]
+    state = mgr.load_latest()
+    assert state["step"] == 5 and torch.equal(state["w"], torch.full((3,), 5.0))
+    with pytest.raises(ValueError, match="keep_last"):
+        CheckpointManager(tmp_path, keep_last=0)
+
+
+def test_unreadable_checkpoint_has_a_clear_error_and_falls_back(tmp_path):
+    mgr = CheckpointManager(tmp_path, keep_last=3)
+    mgr.save(1, {"step": 1})
+    mgr.path(2).write_bytes(b"garbage")
+    with pytest.raises(RuntimeError, match="cannot be read"):
+        load_checkpoint(mgr.path(2))
+    assert mgr.load_latest()["step"] == 1
+
+
+# ----------------------------------------------------------------------------
+# data order
+
+
+def test_epoch_batches_are_a_pure_function_and_shards_form_the_combined_batch():
+    n, b, w = 23, 3, 2
+    e0 = epoch_batches(n, b * w, seed=4, epoch=0)
+    assert e0 == epoch_batches(n, b * w, seed=4, epoch=0)
+    assert e0 != epoch_batches(n, b * w, seed=4, epoch=1)
+    assert len(e0) == n // (b * w)
+    flat = [i for batch in e0 for i in batch]
+    assert len(set(flat)) == len(flat) and set(flat) <= set(range(n))
+    shards = [epoch_batches(n, b, seed=4, epoch=0, world_size=w, rank=r) for r in range(w)]
+    for i, combined in enumerate(e0):
+        assert sorted(shards[0][i] + shards[1][i]) == sorted(combined)
+        assert len(shards[0][i]) == len(shards[1][i]) == b
+    with pytest.raises(ConfigError, match="fewer than one global batch"):
+        epoch_batches(3, 2, seed=0, epoch=0, world_size=2)
+
+
+# ----------------------------------------------------------------------------
+# configs and run directories
+
+
+def test_train_config_yaml_round_trip(tmp_path, dataset):
+    cfg = stub_config(dataset, ema=EMAConfig(decay=0.9, start_step=2), grad_clip=1.0,
+                      method_kwargs={"lr": 0.5})
+    save_yaml(cfg, tmp_path / "c.yaml")
+    back = load_yaml(TrainConfig, tmp_path / "c.yaml")
+    assert to_dict(back) == to_dict(cfg)
+    assert isinstance(back.data, DataConfig) and isinstance(back.ema, EMAConfig)
+    with pytest.raises(ConfigError, match="valid keys"):
+        from_dict(TrainConfig, {"stepz": 3})
+    with pytest.raises(ConfigError, match="'none' or 'bf16'"):
+        stub_config(dataset, amp="fp16").validate()
+
+
+def test_bf16_on_cpu_is_refused(tmp_path, dataset):
+    with pytest.raises(ConfigError, match="CUDA only"):
+        Trainer(stub_config(dataset, amp="bf16"), tmp_path / "run")
+
+
+def test_config_mismatch_and_missing_resume_flag_are_refused(tmp_path, dataset):
+    run = tmp_path / "run"
+    cfg = stub_config(dataset, steps=2)
+    train(cfg, run, resume=False, progress=False)
+    assert run_status(run) == "trained"
+    with pytest.raises(ConfigError, match=r"different config \(seed: stored 3 != given 4"):
+        train(stub_config(dataset, steps=2, seed=4), run, resume=True, progress=False)
+    with pytest.raises(ConfigError, match="--resume"):
+        train(cfg, run, resume=False, progress=False)
+    before = params(run)
+    train(stub_config(dataset, steps=2, log_every=5), run, resume=True, progress=False)  # runtime key: allowed
+    assert all(torch.equal(before[k], v) for k, v in params(run).items())
+
+
+def test_training_writes_records_and_logs(tmp_path, dataset):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+    cfg = stub_config(dataset, steps=4, image_every=2, val_every=2, ema=EMAConfig(decay=0.5, start_step=2))
+    train(cfg, run, progress=False, profile="unit-test")
+    for name in ("config.yaml", "provenance.json", "train_complete.json"):
+        assert (run / name).is_file()
+    assert to_dict(load_yaml(TrainConfig, run / "config.yaml")) == to_dict(cfg)
+    import json
+
+    prov = json.loads((run / "provenance.json").read_text())
+    assert prov["profile"] == "unit-test" and prov["seeds"]["train"] == 3
+    assert prov["sessions"][0]["end"] >= prov["sessions"][0]["start"] and prov["torch"] == torch.__version__
+    assert prov["sessions"][0]["packages"]["numpy"] == np.__version__
+    state = load_checkpoint(run / "checkpoints" / "step-00000004.pt")
+    assert state["step"] == 4 and state["ema"] is not None
+    # EMA: reset to the weights before start_step 2, then 0.5-averaged at steps 2, 3, 4
+    assert not torch.equal(state["ema"]["conv.weight"], state["model"]["conv.weight"])
+    acc = EventAccumulator(str(run / "tb"), size_guidance={"images": 0, "scalars": 0}).Reload()
+    tags = acc.Tags()
+    assert [e.step for e in acc.Scalars("train/loss")] == [1, 2, 3, 4]
+    assert "stub/weight_mean" in tags["scalars"] and "lr/main" in tags["scalars"] and "val/loss" in tags["scalars"]
+    assert acc.Scalars("lr/main")[0].value == pytest.approx(1e-2)
+    assert [e.step for e in acc.Images("panel/sources_pred_target")] == [2, 4]
+    img = acc.Images("panel/sources_pred_target")[0]
+    assert (img.height, img.width) == (4 * 16, 2 * 16)  # 2 sources + prediction + target; slice | MIP
+
+
+def test_window_panel_layout():
+    k, h, w = 5, 4, 6
+    src = {"T1w": torch.linspace(-1, 1, k * h * w).reshape(k, h, w)}
+    pred, tgt = -torch.ones(k, h, w), torch.ones(k, h, w)
+    panel = window_panel(src, pred, tgt)
+    assert panel.shape == (1, 3 * h, 2 * w)
+    x = (src["T1w"] + 1) / 2
+    assert torch.allclose(panel[0, :h, :w], x[k // 2]) and torch.allclose(panel[0, :h, w:], x.amax(0))
+    assert panel[0, h:2 * h].eq(0).all() and panel[0, 2 * h:].eq(1).all()
+
+
+# ----------------------------------------------------------------------------
+# optimiser groups
+
+
+def test_each_group_steps_alone_in_dict_order(tmp_path, dataset):
+    cfg = stub_config(dataset, method="test_engine_train:build_two_group_stub")
+    tr = Trainer(cfg, tmp_path / "run", progress=False)
+    m = tr.method
+    a0, b0 = m.a.weight.detach().clone(), m.b.weight.detach().clone()
+    batch = next(tr.batches(0))
+    logs = tr.train_step(batch)
+    assert [c["group"] for c in m.calls] == ["gen", "disc"]
+    gen_call, disc_call = m.calls
+    assert torch.equal(gen_call["a"], a0) and torch.equal(gen_call["b"], b0)
+    assert not torch.equal(disc_call["a"], a0)  # 'gen' stepped ...
+    assert torch.equal(disc_call["b"], b0)  # ... and left 'disc' untouched although its loss reaches b
+    assert all(g is None for g in disc_call["grads"])  # 'gen' gradients zeroed before 'disc'
+    assert torch.equal(m.a.weight, disc_call["a"])  # 'disc' step leaves 'gen' untouched
+    assert not torch.equal(m.b.weight, b0)
+    assert set(logs) == {"gen/loss", "disc/loss"}
+
+
+# ----------------------------------------------------------------------------
+# SIGKILL + resume == uninterrupted (CPU, bit-identical)
+
+
+def test_sigkill_and_resume_gives_bit_identical_weights(tmp_path, dataset):
+    total = 17  # 7 steps per epoch: crosses two epoch boundaries
+    cfg = stub_config(dataset, steps=total, checkpoint_every=3, keep_last=2, method_kwargs={"delay": 0.2})
+    # reference: uninterrupted, with image panels and validation (which must not perturb training)
+    ref_cfg = stub_config(dataset, steps=total, checkpoint_every=3, keep_last=2, method_kwargs={"delay": 0.0},
+                          image_every=4, val_every=5)
+    ref = train(ref_cfg, tmp_path / "ref", progress=False)
+
+    run = tmp_path / "killed"
+    cfg_path = tmp_path / "killed.yaml"
+    save_yaml(cfg, cfg_path)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), str(ROOT)]))
+    proc = subprocess.Popen([sys.executable, "-m", "mmdm.engine.cli", "train", "--config", str(cfg_path),
+                             "--run-dir", str(run), "--quiet"], env=env, cwd=str(tmp_path),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    mgr = CheckpointManager(run / "checkpoints")
+    deadline = time.time() + 120
+    while time.time() < deadline and not any(s >= 6 for s in mgr.steps()):
+        assert proc.poll() is None, proc.stdout.read().decode()
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = mgr.steps()[-1]
+    assert 6 <= killed_at < total, mgr.steps()
+    assert run_status(run) == "training" and not (run / "train_complete.json").exists()
+
+    # the reference differs from the killed run's only in runtime keys and the stub's sleep
+    final = stub_config(dataset, steps=total, checkpoint_every=3, keep_last=2, method_kwargs={"delay": 0.2})
+    train(final, run, resume=True, progress=False)
+    assert (run / "train_complete.json").is_file()
+    a, b = params(ref), params(run)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    # and the killed run's checkpoint was really mid-run: its weights differ from the final ones
+    mid = load_checkpoint(mgr.path(killed_at)) if mgr.path(killed_at).exists() else None
+    if mid is not None:
+        assert not torch.equal(mid["model"]["conv.weight"], b["conv.weight"])
