@@ -377,3 +377,14 @@ def test_sigkill_and_resume_gives_bit_identical_weights(tmp_path, dataset):
     mid = load_checkpoint(mgr.path(killed_at)) if mgr.path(killed_at).exists() else None
     if mid is not None:
         assert not torch.equal(mid["model"]["conv.weight"], b["conv.weight"])
+
+
+def test_method_default_ema_is_used_unless_the_run_overrides_it():
+    from mmdm.engine.train import method_ema
+    from mmdm.methods import build_method
+
+    bbdm = build_method("bbdm", config="small")
+    ema = method_ema(bbdm)
+    assert isinstance(ema, EMAConfig) and ema.decay == pytest.approx(bbdm.cfg.ema["decay"])
+    assert method_ema(build_method("mmdm", variant="base", config="small")) is None  # the MMDM authors use none
+    assert method_ema(build_method("bbdm", config="small", ema=None)) is None
