@@ -14,10 +14,12 @@ with K adjacent axial slices (the 2.5D window) and intensities in [-1, 1].
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
+
+from mmdm.config import ConfigError, from_dict, replace
 
 Batch = dict  # {"sources": {modality: Tensor (B, K, H, W)}, "target": Tensor (B, K, H, W)}
 
@@ -109,3 +111,31 @@ class SynthesisMethod(nn.Module):
     def source_list(self, sources: Mapping[str, Tensor]) -> list[Tensor]:
         """The source tensors in the order of ``self.sources``."""
         return [sources[m] for m in self.sources]
+
+
+def assemble_config(cls: type, named: Mapping[str, Callable[[], Any]], config: Any = "paper",
+                    sources: Sequence[str] | None = None, overrides: dict[str, Any] | None = None,
+                    label: str | None = None) -> Any:
+    """Build a method's config dataclass ``cls``, the same way for every method.
+
+    ``config``: a name in ``named`` (e.g. ``"paper"``, ``"small"``), a ``cls``
+    instance or a plain dict (e.g. from YAML); then ``sources`` and keyword
+    ``overrides`` (nested dicts merge) are applied and ``cfg.validate()`` runs.
+    """
+    label = label or cls.__name__.removesuffix("Config")
+    if isinstance(config, str):
+        if config not in named:
+            raise ConfigError(f"unknown {label} configuration {config!r}; known: {', '.join(sorted(named))}")
+        cfg = named[config]()
+    elif isinstance(config, cls):
+        cfg = config
+    elif isinstance(config, dict):
+        cfg = from_dict(cls, config)
+    else:
+        raise ConfigError(f"config must be a name, a {cls.__name__} or a dict, got {type(config).__name__}")
+    overrides = dict(overrides or {})
+    if sources is not None:
+        overrides["sources"] = list(sources)
+    cfg = replace(cfg, overrides) if overrides else cfg
+    cfg.validate()
+    return cfg

@@ -28,11 +28,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mmdm.config import ConfigError, from_dict, replace
+from mmdm.config import ConfigError
 from mmdm.diffusion import randn_like
 from mmdm.diffusion.ddpm import GaussianConfig, GaussianDiffusion, sample_ddim
 from mmdm.methods import METHODS
-from mmdm.methods.base import Batch, OptimConfig, SynthesisMethod
+from mmdm.methods.base import Batch, OptimConfig, SynthesisMethod, assemble_config
 from mmdm.nets import TimeUNet, UNetConfig
 from mmdm.nets.gating import GatingConfig, ModalityGating
 
@@ -104,21 +104,7 @@ def ddpm_config(config: str | DDPMConfig | dict = "paper", sources: tuple[str, .
     """Assemble a :class:`DDPMConfig` from a named configuration (``"paper"``,
     ``"small"``), a config object or a dict; ``sources`` and keyword overrides
     (nested dicts merge) are applied on top."""
-    if isinstance(config, str):
-        if config not in NAMED_CONFIGS:
-            raise ConfigError(f"unknown DDPM configuration {config!r}; known: {', '.join(sorted(NAMED_CONFIGS))}")
-        cfg = NAMED_CONFIGS[config]()
-    elif isinstance(config, DDPMConfig):
-        cfg = config
-    elif isinstance(config, dict):
-        cfg = from_dict(DDPMConfig, config)
-    else:
-        raise ConfigError(f"config must be a name, a DDPMConfig or a dict, got {type(config).__name__}")
-    if sources is not None:
-        overrides = {**overrides, "sources": list(sources)}
-    cfg = replace(cfg, overrides) if overrides else cfg
-    cfg.validate()
-    return cfg
+    return assemble_config(DDPMConfig, NAMED_CONFIGS, config, sources, overrides, "DDPM")
 
 
 class DDPM(SynthesisMethod):

@@ -36,11 +36,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mmdm.config import ConfigError, from_dict, replace
+from mmdm.config import ConfigError
 from mmdm.diffusion import SAMPLING_MODES, BridgeConfig, BrownianBridge, randn_like, sample_multibranch
 from mmdm.losses import NAWS, hybrid_loss
 from mmdm.methods import METHODS
-from mmdm.methods.base import Batch, OptimConfig, SynthesisMethod
+from mmdm.methods.base import Batch, OptimConfig, SynthesisMethod, assemble_config
 from mmdm.nets import CrossModalFusion, FusionConfig, RestormerUNet, RestormerUNetConfig, UNetConfig
 
 #: Where this implementation departs from the paper or the authors' public code, and why.
@@ -153,25 +153,12 @@ def mmdm_config(variant: str | None = None, config: str | MMDMConfig | dict = "p
     (Table 3); further keyword arguments override fields (nested dicts merge).
     """
     if isinstance(config, str):
-        if config not in NAMED_CONFIGS:
-            raise ConfigError(f"unknown MMDM configuration {config!r}; known: {', '.join(sorted(NAMED_CONFIGS))}")
-        cfg = NAMED_CONFIGS[config]()
         variant = variant or "full"
-    elif isinstance(config, MMDMConfig):
-        cfg = config
-    elif isinstance(config, dict):
-        cfg = from_dict(MMDMConfig, config)
-    else:
-        raise ConfigError(f"config must be a name, an MMDMConfig or a dict, got {type(config).__name__}")
     if variant is not None:
         if variant not in VARIANTS:
             raise ConfigError(f"unknown MMDM variant {variant!r}; known: {', '.join(VARIANTS)}")
         overrides = {**overrides, "use_mip": VARIANTS[variant][0], "use_naws": VARIANTS[variant][1]}
-    if sources is not None:
-        overrides = {**overrides, "sources": list(sources)}
-    cfg = replace(cfg, overrides) if overrides else cfg
-    cfg.validate()
-    return cfg
+    return assemble_config(MMDMConfig, NAMED_CONFIGS, config, sources, overrides, "MMDM")
 
 
 class MMDM(SynthesisMethod):

@@ -29,10 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mmdm.config import ConfigError, from_dict, replace
+from mmdm.config import ConfigError
 from mmdm.losses.adversarial import check_gan_mode, discriminator_loss, generator_adversarial_loss
 from mmdm.methods import METHODS
-from mmdm.methods.base import Batch, OptimConfig, SynthesisMethod
+from mmdm.methods.base import Batch, OptimConfig, SynthesisMethod, assemble_config
 from mmdm.nets.gating import GatingConfig, ModalityGating
 from mmdm.nets.patchgan import PatchGAN, PatchGANConfig
 from mmdm.nets.pix2pix_unet import Pix2PixUNet, Pix2PixUNetConfig
@@ -195,25 +195,6 @@ def validate_gan_fields(cfg: Any, where: str) -> None:
         raise ConfigError(f"{where}.gan_mode: {e}") from None
     if cfg.lambda_l1 < 0:
         raise ConfigError(f"{where}.lambda_l1 must be >= 0, got {cfg.lambda_l1}")
-
-
-def assemble_config(cls: type, named: dict, config: Any, sources: Any, overrides: dict, label: str):
-    """The ``x_config(config, sources, **overrides)`` logic shared by the GAN methods."""
-    if isinstance(config, str):
-        if config not in named:
-            raise ConfigError(f"unknown {label} configuration {config!r}; known: {', '.join(sorted(named))}")
-        cfg = named[config]()
-    elif isinstance(config, cls):
-        cfg = config
-    elif isinstance(config, dict):
-        cfg = from_dict(cls, config)
-    else:
-        raise ConfigError(f"config must be a name, a {cls.__name__} or a dict, got {type(config).__name__}")
-    if sources is not None:
-        overrides = {**overrides, "sources": list(sources)}
-    cfg = replace(cfg, overrides) if overrides else cfg
-    cfg.validate()
-    return cfg
 
 
 # ----------------------------------------------------------------------------

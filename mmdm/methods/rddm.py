@@ -32,11 +32,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mmdm.config import ConfigError, from_dict, replace
+from mmdm.config import ConfigError
 from mmdm.diffusion import randn_like
 from mmdm.diffusion.rddm import ResidualConfig, ResidualDiffusion, sample_residual
 from mmdm.methods import METHODS
-from mmdm.methods.base import Batch, OptimConfig, SynthesisMethod
+from mmdm.methods.base import Batch, OptimConfig, SynthesisMethod, assemble_config
 from mmdm.nets import TimeUNet, UNetConfig
 from mmdm.nets.gating import GatingConfig, ModalityGating
 
@@ -146,21 +146,7 @@ def rddm_config(config: str | RDDMConfig | dict = "paper", sources: tuple[str, .
     """Assemble an :class:`RDDMConfig` from a named configuration (``"paper"``,
     ``"small"``), a config object or a dict; ``sources`` and keyword overrides
     (nested dicts merge) are applied on top."""
-    if isinstance(config, str):
-        if config not in NAMED_CONFIGS:
-            raise ConfigError(f"unknown RDDM configuration {config!r}; known: {', '.join(sorted(NAMED_CONFIGS))}")
-        cfg = NAMED_CONFIGS[config]()
-    elif isinstance(config, RDDMConfig):
-        cfg = config
-    elif isinstance(config, dict):
-        cfg = from_dict(RDDMConfig, config)
-    else:
-        raise ConfigError(f"config must be a name, an RDDMConfig or a dict, got {type(config).__name__}")
-    if sources is not None:
-        overrides = {**overrides, "sources": list(sources)}
-    cfg = replace(cfg, overrides) if overrides else cfg
-    cfg.validate()
-    return cfg
+    return assemble_config(RDDMConfig, NAMED_CONFIGS, config, sources, overrides, "RDDM")
 
 
 class RDDM(SynthesisMethod):

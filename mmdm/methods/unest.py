@@ -34,7 +34,8 @@ from torch import Tensor
 from mmdm.config import ConfigError
 from mmdm.methods import METHODS
 from mmdm.methods.base import OptimConfig
-from mmdm.methods.pix2pix import ConditionalGAN, assemble_config, validate_gan_fields
+from mmdm.methods.base import assemble_config
+from mmdm.methods.pix2pix import ConditionalGAN, validate_gan_fields
 from mmdm.nets.gating import GatingConfig, ModalityGating
 from mmdm.nets.patchgan import PatchGAN, PatchGANConfig
 from mmdm.nets.unest import UNestGenerator, UNestNetConfig
