@@ -37,9 +37,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from mmdm.config import ConfigError
+from mmdm.diffusion.process import ScheduledProcess
 
 SCHEDULES = ("linear", "t_over_T", "paper", "sin")
 OBJECTIVES = ("ysubx", "grad", "noise")
@@ -107,7 +108,7 @@ def variance_schedule(m: Tensor, max_var: float = 1.0) -> Tensor:
     return 2.0 * (m - m * m) * max_var
 
 
-class BrownianBridge(nn.Module):
+class BrownianBridge(ScheduledProcess):
     """Schedule tables and the closed-form relations of the bridge (eqs. (1), (3)).
 
     The tables are float64 non-persistent buffers, so ``.to(device)`` moves
@@ -128,29 +129,6 @@ class BrownianBridge(nn.Module):
         # host copies for per-step sampler coefficients (no device round trips)
         self.m_host: list[float] = self.m_t.tolist()
         self.delta_host: list[float] = self.delta_t.tolist()
-
-    @property
-    def num_timesteps(self) -> int:
-        return self.cfg.num_timesteps
-
-    # -- per-timestep lookups ---------------------------------------------------
-    def _index(self, t: Tensor | int) -> Tensor:
-        device = self.m_t.device
-        if not torch.is_tensor(t):
-            t = torch.tensor([int(t)], device=device)
-        if t.is_floating_point():
-            raise TypeError(f"timesteps must be integers in [0, {self.num_timesteps}), got a {t.dtype} tensor")
-        return t.to(device=device, dtype=torch.long).reshape(-1)
-
-    def _lookup(self, table: Tensor, t: Tensor | int, like: Tensor | None) -> Tensor:
-        idx = self._index(t)
-        v = table[idx]
-        if like is None:
-            return v
-        v = v.to(device=like.device, dtype=like.dtype)
-        if v.numel() == 1 and like.shape[0] != 1:
-            v = v.expand(like.shape[0])
-        return v.reshape(-1, *([1] * (like.ndim - 1)))
 
     def m(self, t: Tensor | int, like: Tensor | None = None) -> Tensor:
         """``m_t`` per sample: (B,) float64, or broadcastable to ``like``."""
@@ -188,13 +166,6 @@ class BrownianBridge(nn.Module):
             return x_t - out
         m = self.m(t, like=x_t)
         return (x_t - m * y - self.delta(t, like=x_t).sqrt() * out) / (1 - m)
-
-    def sample_timesteps(self, batch: int, device: torch.device | str | None = None,
-                         generator: torch.Generator | None = None) -> Tensor:
-        """One training timestep per sample, uniform over [0, T) (integer tensor (B,))."""
-        gen_device = generator.device if generator is not None else device
-        t = torch.randint(0, self.num_timesteps, (batch,), generator=generator, device=gen_device)
-        return t.to(device) if device is not None else t
 
     def extra_repr(self) -> str:
         c = self.cfg

@@ -33,11 +33,12 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from mmdm.config import ConfigError
 from mmdm.diffusion.bridge import SPACINGS
 from mmdm.diffusion.samplers import _progress, randn_like, skip_timesteps
+from mmdm.diffusion.process import ScheduledProcess
 
 EpsFn = Callable[[Tensor, Tensor], Tensor]
 BETA_SCHEDULES = ("linear",)
@@ -80,7 +81,7 @@ def linear_beta_schedule(num_timesteps: int, beta_start: float = 1e-4, beta_end:
     return torch.linspace(beta_start, beta_end, num_timesteps, dtype=torch.float64)
 
 
-class GaussianDiffusion(nn.Module):
+class GaussianDiffusion(ScheduledProcess):
     """Schedule tables and closed-form relations of the Gaussian process.
 
     Tables are float64 non-persistent buffers (moved by ``.to``, absent from
@@ -97,23 +98,6 @@ class GaussianDiffusion(nn.Module):
         betas = linear_beta_schedule(self.cfg.num_timesteps, self.cfg.beta_start, self.cfg.beta_end)
         self.register_buffer("betas", betas, persistent=False)
         self.register_buffer("alphas_cumprod", torch.cumprod(1.0 - betas, dim=0), persistent=False)
-
-    @property
-    def num_timesteps(self) -> int:
-        return self.cfg.num_timesteps
-
-    def _lookup(self, table: Tensor, t: Tensor | int, like: Tensor | None) -> Tensor:
-        if not torch.is_tensor(t):
-            t = torch.tensor([int(t)])
-        if t.is_floating_point():
-            raise TypeError(f"timesteps must be integers in [0, {self.num_timesteps}), got a {t.dtype} tensor")
-        v = table[t.to(device=table.device, dtype=torch.long).reshape(-1)]
-        if like is None:
-            return v
-        v = v.to(device=like.device, dtype=like.dtype)
-        if v.numel() == 1 and like.shape[0] != 1:
-            v = v.expand(like.shape[0])
-        return v.reshape(-1, *([1] * (like.ndim - 1)))
 
     def alpha_bar(self, t: Tensor | int, like: Tensor | None = None) -> Tensor:
         """``abar_t`` per sample: (B,) float64, or broadcastable to ``like``."""
@@ -133,13 +117,6 @@ class GaussianDiffusion(nn.Module):
         """Invert :meth:`q_sample` for the noise given ``x0``."""
         a = self.alpha_bar(t, like=x_t)
         return (x_t - a.sqrt() * x0) / (1 - a).sqrt()
-
-    def sample_timesteps(self, batch: int, device: torch.device | str | None = None,
-                         generator: torch.Generator | None = None) -> Tensor:
-        """One training timestep per sample, uniform over [0, T) (integer tensor (B,))."""
-        gen_device = generator.device if generator is not None else device
-        t = torch.randint(0, self.num_timesteps, (batch,), generator=generator, device=gen_device)
-        return t.to(device) if device is not None else t
 
     def extra_repr(self) -> str:
         c = self.cfg

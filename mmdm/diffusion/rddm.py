@@ -42,11 +42,12 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from mmdm.config import ConfigError
 from mmdm.diffusion.bridge import SPACINGS
 from mmdm.diffusion.samplers import _progress, randn_like, skip_timesteps
+from mmdm.diffusion.process import ScheduledProcess
 
 #: ``model_fn(I_t, t) -> (res_hat, eps_hat)``
 ResNoiseFn = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
@@ -105,7 +106,7 @@ def coefficient_schedule(num_timesteps: int, kind: str, total: float = 1.0) -> T
     return c / c.sum() * total
 
 
-class ResidualDiffusion(nn.Module):
+class ResidualDiffusion(ScheduledProcess):
     """Schedule tables (``abar_t``, ``betabar_t^2``; float64, non-persistent) and the
     closed-form relations of RDDM's forward process."""
 
@@ -124,23 +125,6 @@ class ResidualDiffusion(nn.Module):
         b2bar[-1] = c.beta2_total
         self.register_buffer("alphas_cumsum", abar, persistent=False)
         self.register_buffer("betas2_cumsum", b2bar, persistent=False)
-
-    @property
-    def num_timesteps(self) -> int:
-        return self.cfg.num_timesteps
-
-    def _lookup(self, table: Tensor, t: Tensor | int, like: Tensor | None) -> Tensor:
-        if not torch.is_tensor(t):
-            t = torch.tensor([int(t)])
-        if t.is_floating_point():
-            raise TypeError(f"timesteps must be integers in [0, {self.num_timesteps}), got a {t.dtype} tensor")
-        v = table[t.to(device=table.device, dtype=torch.long).reshape(-1)]
-        if like is None:
-            return v
-        v = v.to(device=like.device, dtype=like.dtype)
-        if v.numel() == 1 and like.shape[0] != 1:
-            v = v.expand(like.shape[0])
-        return v.reshape(-1, *([1] * (like.ndim - 1)))
 
     def alpha_bar(self, t: Tensor | int, like: Tensor | None = None) -> Tensor:
         """``abar_t`` (cumulative residual weight)."""
@@ -161,13 +145,6 @@ class ResidualDiffusion(nn.Module):
     def start(self, x_in: Tensor, noise: Tensor) -> Tensor:
         """The sampler's start ``I_T = I_in + betabar_T eps``."""
         return x_in + self.cfg.beta2_total ** 0.5 * noise
-
-    def sample_timesteps(self, batch: int, device: torch.device | str | None = None,
-                         generator: torch.Generator | None = None) -> Tensor:
-        """One training timestep per sample, uniform over [0, T) (integer tensor (B,))."""
-        gen_device = generator.device if generator is not None else device
-        t = torch.randint(0, self.num_timesteps, (batch,), generator=generator, device=gen_device)
-        return t.to(device) if device is not None else t
 
     def extra_repr(self) -> str:
         c = self.cfg
