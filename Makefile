@@ -6,7 +6,9 @@ BIN := $(VENV)/bin
 # A CPU build of torch; override for a GPU box, e.g. `make TORCH_SPEC="torch" study`.
 TORCH_SPEC ?= torch==2.13.0
 PROFILE ?= quick
-DATA ?= data/phantom-$(PROFILE)
+# the phantom cohort each study profile uses (mmdm/study/profiles.py)
+COHORT = $(if $(filter smoke,$(PROFILE)),tiny,$(if $(filter paper,$(PROFILE)),paper,quick))
+DATA ?= data/phantom-$(COHORT)
 WORKERS ?= 2
 
 .PHONY: setup data book study test test-slow test-all clean-venv
@@ -22,20 +24,18 @@ setup: $(VENV)/.installed
 
 ## Build the phantom cohort for PROFILE and check it.
 data: setup
-	$(BIN)/mmdm data phantom --profile $(PROFILE) --out $(DATA) --workers $(WORKERS)
+	$(BIN)/mmdm data phantom --profile $(COHORT) --out $(DATA) --workers $(WORKERS)
 	$(BIN)/mmdm data check $(DATA)
 
-## Execute the notebooks with papermill into book/generated/, then build the book (_build/html).
-book: setup
-	mkdir -p book/generated
-	$(BIN)/mmdm methods --deviations --out book/generated/deviations.md
-	$(BIN)/papermill --cwd . notebooks/01_data.ipynb book/generated/01_data.ipynb \
-		-p profile $(PROFILE) -p data_dir $(DATA)
-	$(BIN)/jupyter-book build . --warningiserror --nitpick --keep-going
+## Main job: the cohort, all 13 runs of PROFILE (skipping finished ones), the notebooks, the book (_build/html).
+study: data
+	$(BIN)/mmdm study --profile $(PROFILE)
 	@echo "The book is at _build/html/index.html"
 
-## Main job: cohort, checks, notebooks, book.
-study: data book
+## Rebuild the book from the run records in results/PROFILE (no training when they are complete),
+## e.g. the published book: `make book PROFILE=standard`.
+book: setup
+	$(BIN)/mmdm study --profile $(PROFILE)
 
 ## Default test suite (fast tests; < 15 min on 2 cores).
 test: setup

@@ -7,6 +7,7 @@
     mmdm train --method mmdm --variant full --data DIR --run-dir RUN [--resume]
     mmdm synthesize --run RUN --t1w T1.nii.gz --t2w T2.nii.gz --flair FLAIR.nii.gz --out tof.nii.gz
     mmdm evaluate-run RUN
+    mmdm study --profile quick [--only RUN ...] [--device D] [--jobs N]
 
 Run any subcommand with --help for its options.
 """
@@ -145,6 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_parser(sub)
     add_synthesize_parser(sub)
     add_evaluate_run_parser(sub)
+
+    from mmdm.study.cli import add_study_parser
+
+    add_study_parser(sub)
     return p
 
 

@@ -1,19 +1,30 @@
-"""Notebooks run under papermill with small parameters, and the book builds from them."""
+"""The study end to end: a smoke study through papermill, resumed after an interruption,
+and the book built from it with numbers equal to the run records."""
 
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
-import subprocess
-import sys
+from html import unescape
 from pathlib import Path
 
+import pandas as pd
 import papermill as pm
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
-DOCUMENTED = {"01_data.ipynb": {"profile", "data_dir", "build_if_missing", "subject", "seed"}}
+RUN_PARAMS = {"profile", "method", "variant", "sources", "seed", "device"}
+AGG_PARAMS = {"profile", "results"}
+DOCUMENTED = {"01_data.ipynb": {"profile", "data_dir", "build_if_missing", "subject", "seed"},
+              "02_train.ipynb": RUN_PARAMS, "03_evaluate.ipynb": RUN_PARAMS, "04_results.ipynb": AGG_PARAMS,
+              "05_qualitative.ipynb": AGG_PARAMS, "06_training.ipynb": AGG_PARAMS}
+
+
+def test_every_notebook_is_tested():
+    assert {p.name for p in NOTEBOOKS} == set(DOCUMENTED)
 
 
 @pytest.mark.parametrize("nb", NOTEBOOKS, ids=lambda p: p.name)
@@ -24,7 +35,7 @@ def test_parameters_cell_is_documented(nb):
 
 
 def _glued(nb_path: Path) -> dict:
-    """Values glued with myst_nb.glue, read back from the executed notebook."""
+    """Values glued with myst_nb.glue, read back from an executed notebook."""
     out = {}
     for cell in json.loads(nb_path.read_text())["cells"]:
         for o in cell.get("outputs", []):
@@ -36,48 +47,87 @@ def _glued(nb_path: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def built_book(tmp_path_factory, tiny_cohort):
-    work = tmp_path_factory.mktemp("book")
-    for name in ("_config.yml", "_toc.yml", "book", "data_cards"):
+def smoke_study(tmp_path_factory, tiny_cohort):
+    """A copy of the repository's study sources with a smoke study run in it: first two runs
+    only (an 'interrupted' study), then the whole study."""
+    from mmdm.study.runner import run_study
+
+    work = tmp_path_factory.mktemp("study")
+    for name in ("_config.yml", "_toc.yml", "book", "data_cards", "notebooks", "pyproject.toml"):
         src = ROOT / name
         (shutil.copytree if src.is_dir() else shutil.copy)(src, work / name)
     shutil.rmtree(work / "book" / "generated", ignore_errors=True)
-    (work / "book" / "generated").mkdir()
-    data = tiny_cohort
-    from mmdm.cli import main as cli
+    (work / "data").mkdir()
+    os.symlink(tiny_cohort, work / "data" / "phantom-tiny")
+    old = os.environ.get("MMDM_ROOT")
+    os.environ["MMDM_ROOT"] = str(work)
+    try:
+        first = run_study("smoke", only=["mmdm-full", "pix2pix"], book=False, log=lambda s: None)
+        ckpt = sorted((work / "runs" / "smoke" / "mmdm-full" / "checkpoints").glob("*.pt"))[-1]
+        stamp = ckpt.stat().st_mtime_ns
+        second = run_study("smoke", log=lambda s: None)
+    finally:
+        if old is None:
+            os.environ.pop("MMDM_ROOT", None)
+        else:
+            os.environ["MMDM_ROOT"] = old
+    return work, first, second, ckpt, stamp
 
-    assert cli(["methods", "--deviations", "--out", str(work / "book" / "generated" / "deviations.md")]) == 0
-    pm.execute_notebook(str(ROOT / "notebooks" / "01_data.ipynb"), str(work / "book" / "generated" / "01_data.ipynb"),
-                        parameters={"profile": "tiny", "data_dir": str(data)}, cwd=str(work), progress_bar=False)
-    proc = subprocess.run([str(Path(sys.executable).with_name("jupyter-book")), "build", str(work),
-                           "--warningiserror", "--nitpick", "--keep-going"],
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    return work, data
+
+def test_interrupted_study_resumes_without_retraining(smoke_study):
+    work, first, second, ckpt, stamp = smoke_study
+    assert first == {"mmdm-full": "done", "pix2pix": "done"}
+    assert second["mmdm-full"] == second["pix2pix"] == "skipped"
+    assert sum(v == "done" for v in second.values()) == 11 and len(second) == 13
+    assert ckpt.stat().st_mtime_ns == stamp  # the completed run was not touched
+    for run in second:
+        assert (work / "results" / "smoke" / run / "summary.json").is_file()
+        assert not list((work / "results" / "smoke" / run).glob("*.pt")), "records hold no checkpoints"
 
 
-def test_book_renders_data_card_and_notebook(built_book):
-    work, data = built_book
+def _html_rows(page: str) -> dict[str, list[str]]:
+    """Table rows of an HTML page: first cell (row label) -> the other cells' text."""
+    rows = {}
+    for tr in re.findall(r"<tr>(.*?)</tr>", page, flags=re.S):
+        cells = [unescape(re.sub(r"<[^>]+>", "", c)).strip() for c in re.findall(r"<t[hd][^>]*>(.*?)</t[hd]>", tr, re.S)]
+        if cells:
+            rows.setdefault(cells[0], []).append(cells[1:])
+    return rows
+
+
+def test_results_page_has_every_row_with_the_records_numbers(smoke_study):
+    from mmdm.study.records import METRICS
+    from mmdm.study.tables import fmt, table_rows
+
+    work = smoke_study[0]
+    page = (work / "_build" / "html" / "book" / "generated" / "04_results.html").read_text()
+    rows = _html_rows(page)
+    n_rows = 0
+    for table in ("table1", "table2", "table3"):
+        for label, run in table_rows(table):
+            assert label in rows, f"{table}: no row '{label}' on the results page"
+            metrics = pd.read_csv(work / "results" / "smoke" / run / "metrics.csv")
+            expected = [fmt(metrics[m].mean(), m) for m in METRICS]
+            assert any(all(e in cells for e in expected) for cells in rows[label]), (label, expected, rows[label])
+            n_rows += 1
+    assert n_rows == 7 + 4 + 4
+
+
+def test_book_renders_every_page(smoke_study):
+    work = smoke_study[0]
     html = work / "_build" / "html"
-    card = (html / "data_cards" / "phantom.html").read_text()
-    assert "simulat" in card.lower()
-    page = (html / "book" / "generated" / "01_data.html").read_text()
+    assert "simulat" in (html / "data_cards" / "phantom.html").read_text().lower()
+    for page in ("01_data", "04_results", "05_qualitative", "06_training", "deviations"):
+        assert (html / "book" / "generated" / f"{page}.html").is_file(), page
+    data_page = (html / "book" / "generated" / "01_data.html").read_text()
     glued = _glued(work / "book" / "generated" / "01_data.ipynb")
-    n_subjects = len([p for p in data.glob("sub-*") if p.is_dir()])
+    n_subjects = len([p for p in (work / "data" / "phantom-tiny").glob("sub-*") if p.is_dir()])
     assert int(glued["n_subjects"]) == n_subjects
-    splits = json.loads((data / "splits.json").read_text())
-    assert int(glued["n_test"]) == len(splits["test"])
-    # the glued numbers reach the rendered page, and the figures are embedded
-    assert f"The cohort has {n_subjects}" in " ".join(page.split()).replace("<span class=\"pasted-text\">", "").replace("</span>", "")
-    assert page.count("<img") >= 3
+    assert f"The cohort has {n_subjects}" in re.sub(r"<[^>]+>", "", " ".join(data_page.split()))
+    assert data_page.count("<img") >= 3
+    assert (html / "book" / "generated" / "05_qualitative.html").read_text().count("<img") >= 1
+    from mmdm.methods import DISPLAY_NAMES, METHODS
 
-
-def test_deviations_page_lists_every_method(built_book):
-    from mmdm.methods import DISPLAY_NAMES, METHODS, method_deviations
-
-    work, _ = built_book
-    page = (work / "_build" / "html" / "book" / "generated" / "deviations.html").read_text()
-    devs = method_deviations()
-    assert set(devs) == set(METHODS.names()) and all(devs.values()), "every method must list its deviations"
+    deviations = (html / "book" / "generated" / "deviations.html").read_text()
     for name in METHODS.names():
-        assert DISPLAY_NAMES[name].split(" (")[0] in page
+        assert DISPLAY_NAMES[name].split(" (")[0] in deviations

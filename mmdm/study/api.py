@@ -1,0 +1,116 @@
+"""What the study's notebooks call: train one run, evaluate it, export its record.
+
+Paths are relative to the repository root (:func:`mmdm.paths.project_path`):
+runs in ``runs/<profile>/<run>``, records in ``results/<profile>/<run>``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+from mmdm.config import ConfigError
+from mmdm.data.dataset import DataConfig
+from mmdm.paths import project_path
+from mmdm.study.profiles import StudyProfile, get_profile
+from mmdm.study.runs import RunSpec, run_name
+
+
+def runs_dir(profile: StudyProfile | str) -> Path:
+    return project_path(Path("runs") / get_profile(profile).name)
+
+
+def results_dir(profile: StudyProfile | str) -> Path:
+    return project_path(Path("results") / get_profile(profile).name)
+
+
+def parse_sources(sources: str | Sequence[str] | None, profile: StudyProfile) -> tuple[str, ...]:
+    """``"T1w,T2w"`` / a list / empty -> a tuple of modality names (empty: the profile's)."""
+    if not sources:
+        return tuple(profile.sources)
+    if isinstance(sources, str):
+        sources = [s.strip() for s in sources.replace("+", ",").split(",") if s.strip()]
+    return tuple(sources)
+
+
+def make_spec(method: str, variant: str | None, sources: str | Sequence[str] | None,
+              profile: StudyProfile, seed: int = 0) -> RunSpec:
+    """The run of (method, variant, sources, seed) under ``profile``, named as the study names it."""
+    if method != "mmdm" and variant:
+        raise ConfigError(f"method '{method}' has no variants (only mmdm does: base, mip, naws, full)")
+    variant = (variant or "full") if method == "mmdm" else None
+    src = parse_sources(sources, profile)
+    missing = [s for s in src if s not in profile.sources] if profile.dataset == "phantom" else []
+    if missing:
+        raise ConfigError(f"source modality {missing} is not in the profile's sources {list(profile.sources)}")
+    name = run_name(method, variant, src, profile.sources, seed)
+    return RunSpec(name, method, variant, None if src == tuple(profile.sources) else src)
+
+
+def train_config(spec: RunSpec, profile: StudyProfile, seed: int = 0, device: str | None = None):
+    """The engine's TrainConfig of one run under ``profile``."""
+    from mmdm.engine.train import TrainConfig
+
+    sources = tuple(spec.sources or profile.sources)
+    kw = spec.method_kwargs(profile.method_config, profile.sources)
+    kw.update(profile.method_overrides.get(spec.method, {}))
+    data = DataConfig(root=str(project_path(profile.data_dir)), sources=sources, eval_stride=profile.eval_stride)
+    return TrainConfig(method=spec.method, method_kwargs=kw, data=data, steps=profile.run_steps(spec.method),
+                       epochs=profile.epochs, batch_size=profile.batch_size, seed=seed,
+                       device=device or profile.device, checkpoint_every=profile.checkpoint_every,
+                       image_every=profile.image_every, log_every=profile.log_every)
+
+
+def ensure_data(profile: StudyProfile | str, progress: bool = True) -> Path:
+    """The profile's dataset: the phantom cohort is built if missing; another dataset must exist."""
+    from mmdm.data.layout import DatasetError
+
+    profile = get_profile(profile)
+    root = project_path(profile.data_dir)
+    if profile.dataset == "phantom":
+        from mmdm.data.phantom import ensure_cohort
+
+        return ensure_cohort(root, profile.cohort, n_subjects=profile.cohort_subjects,
+                             resolution=profile.cohort_resolution, progress=progress)
+    if not (root / "splits.json").is_file():
+        raise DatasetError(f"{root}: no dataset in the study's layout (no splits.json). Import one first, "
+                           "e.g. `mmdm data ixi --from-tars DIR --out data/ixi`.")
+    return root
+
+
+def train_study_run(spec: RunSpec, profile: StudyProfile | str, seed: int = 0, device: str | None = None,
+                    run_dir: str | Path | None = None, progress: bool = True) -> Path:
+    """Train (or resume, or skip if trained) one run of the study."""
+    from mmdm.engine.runs import run_status
+    from mmdm.engine.train import train
+
+    profile = get_profile(profile)
+    ensure_data(profile, progress=progress)
+    run_dir = Path(run_dir) if run_dir else runs_dir(profile) / spec.name
+    if run_status(run_dir) in ("trained", "evaluating", "finished"):
+        return run_dir
+    cfg = train_config(spec, profile, seed, device)
+    resume = (run_dir / "config.yaml").is_file()
+    return train(cfg, run_dir, resume=resume, progress=progress, profile=profile.name)
+
+
+def evaluate_study_run(spec: RunSpec, profile: StudyProfile | str, device: str | None = None,
+                       run_dir: str | Path | None = None, record_dir: str | Path | None = None,
+                       progress: bool = True) -> Path:
+    """Evaluate a trained run on the test split with the profile's settings and export its record."""
+    from mmdm.data.layout import Layout
+    from mmdm.engine.runs import evaluate_run, is_finished
+    from mmdm.study.records import export_record, record_complete
+
+    profile = get_profile(profile)
+    run_dir = Path(run_dir) if run_dir else runs_dir(profile) / spec.name
+    record_dir = Path(record_dir) if record_dir else results_dir(profile) / spec.name
+    if not is_finished(run_dir):
+        subjects = Layout(project_path(profile.data_dir)).split("test")
+        if profile.eval_subjects is not None:
+            subjects = subjects[: profile.eval_subjects]
+        evaluate_run(run_dir, split="test", steps=profile.eval_sample_steps, subjects=subjects,
+                     device=device or profile.device, progress=progress)
+    if not record_complete(record_dir):
+        export_record(run_dir, record_dir)
+    return record_dir

@@ -1,0 +1,130 @@
+"""Run records: the small, committable part of a run, and reading them back for the book.
+
+A run directory (``runs/<profile>/<run>``) holds checkpoints and volumes. Its
+*record* (``results/<profile>/<run>``) holds only what the book needs:
+``config.yaml``, ``provenance.json``, ``metrics.csv`` (per test subject),
+``scalars.csv`` (the TensorBoard scalars), ``panels.npz`` (a few 2D images of
+one test subject for Fig. 3) and, written last, ``summary.json``. A record
+without ``summary.json`` is unfinished and the book ignores it.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from mmdm.engine.runs import run_paths
+from mmdm.io import atomic_path, write_json, write_text
+from mmdm.metrics import axial_mip
+
+METRICS = ("psnr", "ssim", "rmse", "mip_psnr", "mip_ssim", "mip_rmse")
+HIGHER_IS_BETTER = {"psnr": True, "ssim": True, "rmse": False, "mip_psnr": True, "mip_ssim": True, "mip_rmse": False}
+METRIC_LABELS = {"psnr": "PSNR", "ssim": "SSIM", "rmse": "RMSE(%)", "mip_psnr": "MIP PSNR", "mip_ssim": "MIP SSIM",
+                 "mip_rmse": "MIP RMSE(%)"}
+RECORD_FILES = ("config.yaml", "provenance.json", "metrics.csv", "scalars.csv", "panels.npz", "summary.json")
+
+
+def record_complete(record_dir: str | Path) -> bool:
+    return (Path(record_dir) / "summary.json").is_file()
+
+
+def read_scalars(run_dir: str | Path) -> pd.DataFrame:
+    """All TensorBoard scalars of a run as a long table (tag, step, value)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    rows = []
+    for ev in sorted(run_paths(run_dir).tb.glob("**/events.out.tfevents.*")):
+        acc = EventAccumulator(str(ev), size_guidance={"scalars": 0})
+        acc.Reload()
+        for tag in acc.Tags().get("scalars", []):
+            rows += [{"tag": tag, "step": e.step, "value": e.value} for e in acc.Scalars(tag)]
+    df = pd.DataFrame(rows, columns=["tag", "step", "value"])
+    return df.drop_duplicates(["tag", "step"], keep="last").sort_values(["tag", "step"]).reset_index(drop=True)
+
+
+def figure_panels(pred: np.ndarray, target: np.ndarray) -> dict[str, np.ndarray]:
+    """The views of Fig. 3 for one subject, both scaled by the target's max: axial and sagittal
+    slices through the centre, axial MIP (max over the axial stack) and coronal MIP."""
+    scale = float(target.max())
+    out = {}
+    for who, vol in (("pred", pred), ("target", target / scale)):
+        x, _, z = vol.shape
+        out[f"{who}_axial"] = vol[:, :, z // 2]
+        out[f"{who}_sagittal"] = vol[x // 2, :, :]
+        out[f"{who}_axial_mip"] = axial_mip(vol)
+        out[f"{who}_coronal_mip"] = vol.max(axis=1)
+    return {k: np.asarray(v, dtype=np.float16) for k, v in out.items()}
+
+
+def export_record(run_dir: str | Path, record_dir: str | Path) -> Path:
+    """Copy a finished run's record into ``record_dir`` (``summary.json`` last)."""
+    import nibabel as nib
+
+    from mmdm.data.layout import Layout
+
+    run_dir, record_dir = Path(run_dir), Path(record_dir)
+    p = run_paths(run_dir)
+    if not p.summary.is_file():
+        raise RuntimeError(f"run {run_dir} is not evaluated yet (no summary.json): nothing to export")
+    record_dir.mkdir(parents=True, exist_ok=True)
+    (record_dir / "summary.json").unlink(missing_ok=True)
+    for src in (p.config, p.provenance, p.metrics):
+        with atomic_path(record_dir / src.name) as tmp:
+            shutil.copyfile(src, tmp)
+    write_text(record_dir / "scalars.csv", read_scalars(run_dir).to_csv(index=False))
+    summary = json.loads(p.summary.read_text())
+    subject = summary["subjects"][0]
+    import yaml
+
+    cfg = yaml.safe_load(p.config.read_text())
+    target_mod = cfg["data"]["target"]
+    target = Layout(cfg["data"]["root"]).image(subject, target_mod)
+    pred = nib.load(str(p.predictions / f"{subject}_{target_mod}.nii.gz")).get_fdata(dtype=np.float32)
+    buf = io.BytesIO()
+    np.savez_compressed(buf, subject=np.array(subject), **figure_panels(pred, nib.load(str(target)).get_fdata(dtype=np.float32)))
+    with atomic_path(record_dir / "panels.npz") as tmp:
+        tmp.write_bytes(buf.getvalue())
+    write_json(record_dir / "summary.json", summary)
+    return record_dir
+
+
+def load_records(results_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(per-subject metrics, one row per run) of every complete record under ``results_dir``.
+
+    The per-subject table has columns ``run, subject`` + the six metrics; the
+    run table has ``run, method, variant, sources, n_subjects, steps, device, commit,
+    train_wall_s, eval_wall_s`` and the six means.
+    """
+    results_dir = Path(results_dir)
+    per_subject, runs = [], []
+    for rec in sorted(p for p in results_dir.iterdir() if p.is_dir()) if results_dir.is_dir() else []:
+        if not record_complete(rec):
+            continue
+        summary = json.loads((rec / "summary.json").read_text())
+        m = pd.read_csv(rec / "metrics.csv")
+        m.insert(0, "run", rec.name)
+        per_subject.append(m)
+        prov = summary.get("provenance", {})
+        git = prov.get("git") or {}
+        kw = summary.get("method_kwargs", {})
+        runs.append({
+            "run": rec.name, "method": summary.get("method"), "variant": kw.get("variant"),
+            "sources": "+".join(kw.get("sources", [])), "n_subjects": summary.get("n_subjects"),
+            "steps": summary.get("checkpoint", {}).get("step"), "profile": prov.get("profile"),
+            "device": summary.get("evaluation", {}).get("device_name", ""),
+            "commit": (git.get("commit") or "")[:10] + ("-dirty" if git.get("dirty") else ""),
+            "train_wall_s": prov.get("train_wall_s"),
+            "eval_wall_s": summary.get("evaluation", {}).get("wall_s"),
+            **summary.get("metrics", {})})
+    ps = pd.concat(per_subject, ignore_index=True) if per_subject else pd.DataFrame(columns=["run", "subject", *METRICS])
+    return ps, pd.DataFrame(runs)
+
+
+def paper_results() -> pd.DataFrame:
+    """The paper's Tables 1-3 (``mmdm/study/paper_results.csv``; each row cites table and row)."""
+    return pd.read_csv(Path(__file__).with_name("paper_results.csv"), comment="#")

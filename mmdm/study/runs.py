@@ -1,0 +1,73 @@
+"""The runs of the study: which trained models fill which row of the paper's tables.
+
+Table 1 compares MMDM ("full") with the six baselines, Table 2 the ablation
+variants of MMDM, Table 3 MMDM on modality subsets. "full" with all sources
+is shared by the three tables, so 13 models answer them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from itertools import combinations
+from typing import Sequence
+
+#: Table 1 rows in the paper's order.
+BASELINES = ("pix2pix", "ddpm", "resvit", "bbdm", "unest", "rddm")
+#: Table 2 rows in the paper's order (the paper's "MMDM", "+L_MIP", "+NWAS", "+NWAS, L_MIP").
+VARIANTS = ("base", "mip", "naws", "full")
+VARIANT_LABELS = {"base": "MMDM (base)", "mip": "+L_MIP", "naws": "+NAWS", "full": "+NAWS, L_MIP (full)"}
+METHOD_LABELS = {"pix2pix": "Pix2Pix", "ddpm": "DDPM", "resvit": "ResViT", "bbdm": "BBDM", "unest": "UNest",
+                 "rddm": "RDDM", "mmdm": "MMDM (ours in the paper)"}
+REFERENCE_RUN = "mmdm-full"
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One trained model of the study and the table rows it fills."""
+
+    name: str
+    method: str
+    variant: str | None = None
+    sources: tuple[str, ...] | None = None  # None: the profile's sources
+    tables: tuple[str, ...] = ()
+    labels: dict[str, str] = field(default_factory=dict, hash=False, compare=False)  # table -> row label
+
+    def method_kwargs(self, config: str, profile_sources: Sequence[str]) -> dict:
+        kw: dict = {"config": config, "sources": list(self.sources or profile_sources)}
+        if self.variant is not None:
+            kw["variant"] = self.variant
+        return kw
+
+
+def run_name(method: str, variant: str | None = None, sources: Sequence[str] | None = None,
+             all_sources: Sequence[str] | None = None, seed: int = 0) -> str:
+    """``mmdm-full``, ``bbdm``, ``mmdm-full-T1w+T2w`` (a subset), ``...-s1`` (seed 1)."""
+    name = method if variant is None else f"{method}-{variant}"
+    if sources is not None and all_sources is not None and tuple(sources) != tuple(all_sources):
+        name += "-" + "+".join(sources)
+    return name if seed == 0 else f"{name}-s{seed}"
+
+
+def study_runs(sources: Sequence[str] = ("T1w", "T2w", "FLAIR")) -> list[RunSpec]:
+    """The 13 runs (for three sources) in execution order: MMDM full first, then Table 1's
+    baselines, Table 2's other variants, Table 3's modality subsets."""
+    sources = tuple(sources)
+    full = RunSpec(REFERENCE_RUN, "mmdm", "full", None, ("table1", "table2", "table3"),
+                   {"table1": METHOD_LABELS["mmdm"], "table2": VARIANT_LABELS["full"],
+                    "table3": " + ".join(sources)})
+    runs = [full]
+    runs += [RunSpec(m, m, None, None, ("table1",), {"table1": METHOD_LABELS[m]}) for m in BASELINES]
+    runs += [RunSpec(f"mmdm-{v}", "mmdm", v, None, ("table2",), {"table2": VARIANT_LABELS[v]})
+             for v in VARIANTS if v != "full"]
+    for sub in combinations(sources, len(sources) - 1) if len(sources) > 2 else []:
+        runs.append(RunSpec(run_name("mmdm", "full", sub, sources), "mmdm", "full", tuple(sub), ("table3",),
+                            {"table3": " + ".join(sub)}))
+    return runs
+
+
+def find_run(name: str, sources: Sequence[str] = ("T1w", "T2w", "FLAIR")) -> RunSpec:
+    for r in study_runs(sources):
+        if r.name == name:
+            return r
+    known = ", ".join(r.name for r in study_runs(sources))
+    raise KeyError(f"unknown study run '{name}'; known: {known}")

@@ -1,0 +1,50 @@
+"""Tables 1-3 of the paper, filled with this study's measurements beside the paper's numbers."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from mmdm.study.records import METRIC_LABELS, METRICS, paper_results
+from mmdm.study.runs import REFERENCE_RUN, study_runs
+
+TABLE_TITLES = {"table1": "Table 1: comparison methods", "table2": "Table 2: ablation of the MIP loss and NAWS",
+                "table3": "Table 3: modality combinations"}
+DECIMALS = {"psnr": 2, "ssim": 4, "rmse": 3, "mip_psnr": 2, "mip_ssim": 4, "mip_rmse": 3}
+
+
+def fmt(value: float, metric: str) -> str:
+    return "–" if pd.isna(value) else f"{value:.{DECIMALS[metric]}f}"
+
+
+def table_rows(table: str, sources: tuple[str, ...] = ("T1w", "T2w", "FLAIR")) -> list[tuple[str, str]]:
+    """(row label, run name) of ``table`` in the paper's row order (MMDM full last, as in the paper)."""
+    runs = [s for s in study_runs(sources) if table in s.tables]
+    runs = [s for s in runs if s.name != REFERENCE_RUN] + [s for s in runs if s.name == REFERENCE_RUN]
+    return [(s.labels[table], s.name) for s in runs]
+
+
+def results_table(table: str, per_subject: pd.DataFrame, sources: tuple[str, ...] = ("T1w", "T2w", "FLAIR"),
+                  with_paper: bool = True) -> pd.DataFrame:
+    """One row per table row: ``ours`` as mean ± sd over test subjects, and the paper's value.
+
+    Runs without a complete record show "–" (not yet run).
+    """
+    paper = paper_results()
+    paper = paper[paper.table == table].set_index("run")
+    rows = []
+    for label, run in table_rows(table, sources):
+        vals = per_subject[per_subject.run == run]
+        row = {"row": label, "run": run, "n": len(vals)}
+        for m in METRICS:
+            mean, sd = (vals[m].mean(), vals[m].std(ddof=1) if len(vals) > 1 else float("nan")) if len(vals) else (float("nan"),) * 2
+            row[f"{METRIC_LABELS[m]} (ours)"] = fmt(mean, m) + ("" if pd.isna(sd) else f" ± {fmt(sd, m)}")
+            if with_paper:
+                row[f"{METRIC_LABELS[m]} (paper)"] = fmt(paper[m].get(run, float("nan")), m)
+        rows.append(row)
+    return pd.DataFrame(rows).set_index("row")
+
+
+def provenance_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """Commit, device, steps and wall times of every run record."""
+    cols = ["run", "profile", "steps", "n_subjects", "device", "commit", "train_wall_s", "eval_wall_s"]
+    return runs[[c for c in cols if c in runs]].set_index("run") if len(runs) else pd.DataFrame(columns=cols)
