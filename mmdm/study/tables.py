@@ -48,3 +48,34 @@ def provenance_table(runs: pd.DataFrame) -> pd.DataFrame:
     """Commit, device, steps and wall times of every run record."""
     cols = ["run", "profile", "steps", "n_subjects", "device", "commit", "train_wall_s", "eval_wall_s"]
     return runs[[c for c in cols if c in runs]].set_index("run") if len(runs) else pd.DataFrame(columns=cols)
+
+
+def paired_table(table: str, per_subject: pd.DataFrame, sources: tuple[str, ...] = ("T1w", "T2w", "FLAIR"),
+                 n_boot: int = 10000) -> pd.DataFrame:
+    """MMDM full against every other row of ``table``, paired over test subjects
+    (:func:`mmdm.stats.compare_to_reference`: bootstrap 95 % CI of the mean difference
+    full - other, Wilcoxon signed-rank p, Holm-corrected within the table, verdict)."""
+    from mmdm.stats import compare_to_reference
+
+    labels = dict((run, label) for label, run in table_rows(table, sources))
+    sub = per_subject[per_subject.run.isin(labels)]
+    if sub.run.nunique() < 2 or REFERENCE_RUN not in set(sub.run):
+        return pd.DataFrame()
+    cmp = compare_to_reference(sub, reference=REFERENCE_RUN, metrics=list(METRICS), n_boot=n_boot,
+                               method_col="run")
+    cmp.insert(0, "row", cmp["method"].map(labels))
+    return cmp
+
+
+def paired_summary(cmp: pd.DataFrame) -> pd.DataFrame:
+    """:func:`paired_table` for reading: one row per (table row, metric)."""
+    if cmp.empty:
+        return pd.DataFrame(columns=["row", "metric", "full − other (95 % CI)", "p (Holm)", "verdict"])
+    out = pd.DataFrame({
+        "row": cmp["row"], "metric": cmp["metric"].map(METRIC_LABELS),
+        "full − other (95 % CI)": [f"{fmt(d, m)} [{fmt(lo, m)}, {fmt(hi, m)}]" for d, lo, hi, m in
+                                   zip(cmp.diff_mean, cmp.diff_ci_low, cmp.diff_ci_high, cmp.metric)],
+        "n": cmp["n"],
+        "p (Holm)": ["–" if pd.isna(p) else f"{p:.3g}" for p in cmp.p_holm],
+        "verdict": cmp["verdict"]})
+    return out.set_index(["row", "metric"])
