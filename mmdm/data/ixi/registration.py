@@ -41,6 +41,7 @@ class RegistrationConfig:
     min_step: float = 1e-3
     relaxation: float = 0.5
     eval_samples: int = 500_000  # samples for the reported (full-resolution) metric
+    gradient_filter: bool = False  # ITK's smoothed gradient images; off = central differences (more robust here)
     seed: int = 0
     threads: int = 0  # ITK threads; 0 = SimpleITK's default
 
@@ -147,6 +148,8 @@ def _method(cfg: RegistrationConfig, fixed, levels: bool = True):
     reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=cfg.histogram_bins)
     reg.SetMetricSamplingStrategy(reg.RANDOM)
     reg.SetInterpolator(sitk.sitkLinear)
+    reg.SetMetricUseFixedImageGradientFilter(cfg.gradient_filter)
+    reg.SetMetricUseMovingImageGradientFilter(cfg.gradient_filter)
     n = _n_voxels(fixed)
     if levels:
         pct = [min(1.0, cfg.max_samples * f ** 3 / n) for f in cfg.shrink_factors]
