@@ -62,7 +62,8 @@ def smoke_study(tmp_path_factory, tiny_cohort):
     old = os.environ.get("MMDM_ROOT")
     os.environ["MMDM_ROOT"] = str(work)
     try:
-        first = run_study("smoke", only=["mmdm-full", "pix2pix"], book=False, log=lambda s: None)
+        # two runs in parallel (the --jobs path: papermill in subprocesses), then "interrupted"
+        first = run_study("smoke", only=["mmdm-full", "pix2pix"], jobs=2, book=False, log=lambda s: None)
         ckpt = sorted((work / "runs" / "smoke" / "mmdm-full" / "checkpoints").glob("*.pt"))[-1]
         stamp = ckpt.stat().st_mtime_ns
         second = run_study("smoke", log=lambda s: None)
