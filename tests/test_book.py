@@ -132,3 +132,17 @@ def test_book_renders_every_page(smoke_study):
     deviations = (html / "book" / "generated" / "deviations.html").read_text()
     for name in METHODS.names():
         assert DISPLAY_NAMES[name].split(" (")[0] in deviations
+
+
+def test_vessel_metrics_use_a_segmentation_fitted_on_validation_subjects_only(smoke_study):
+    import yaml
+
+    work = smoke_study[0]
+    seg = yaml.safe_load((work / "results" / "smoke" / "vessel_segmentation.yaml").read_text())
+    splits = json.loads((work / "data" / "phantom-tiny" / "splits.json").read_text())
+    assert seg["fitted_on"] and set(seg["fitted_on"]) <= set(splits["val"])
+    for run in ("mmdm-full", "mmdm-base", "bbdm"):
+        v = pd.read_csv(work / "results" / "smoke" / run / "vessel_metrics.csv")
+        assert set(v.subject) <= set(splits["test"]) and v.cldice.between(0, 1).all()
+    page = (work / "_build" / "html" / "book" / "generated" / "04_results.html").read_text()
+    assert "clDice" in page and "Betti-0 error" in page

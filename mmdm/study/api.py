@@ -111,6 +111,17 @@ def evaluate_study_run(spec: RunSpec, profile: StudyProfile | str, device: str |
             subjects = subjects[: profile.eval_subjects]
         evaluate_run(run_dir, split="test", steps=profile.eval_sample_steps, subjects=subjects,
                      device=device or profile.device, progress=progress)
+    vessel_csv = run_dir / "vessel_metrics.csv"
+    if not vessel_csv.is_file():
+        import json
+
+        from mmdm.io import write_text
+        from mmdm.study.vessel_eval import cohort_segmentation, vessel_metrics
+
+        seg = cohort_segmentation(project_path(profile.data_dir), results_dir(profile) / "vessel_segmentation.yaml")
+        subjects = json.loads((run_dir / "summary.json").read_text())["subjects"]
+        table = vessel_metrics(run_dir, project_path(profile.data_dir), seg, subjects)
+        write_text(vessel_csv, table.to_csv(index=False))
     if not record_complete(record_dir):
         export_record(run_dir, record_dir)
     return record_dir

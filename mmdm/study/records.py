@@ -26,7 +26,13 @@ METRICS = ("psnr", "ssim", "rmse", "mip_psnr", "mip_ssim", "mip_rmse")
 HIGHER_IS_BETTER = {"psnr": True, "ssim": True, "rmse": False, "mip_psnr": True, "mip_ssim": True, "mip_rmse": False}
 METRIC_LABELS = {"psnr": "PSNR", "ssim": "SSIM", "rmse": "RMSE(%)", "mip_psnr": "MIP PSNR", "mip_ssim": "MIP SSIM",
                  "mip_rmse": "MIP RMSE(%)"}
-RECORD_FILES = ("config.yaml", "provenance.json", "metrics.csv", "scalars.csv", "panels.npz", "summary.json")
+RECORD_FILES = ("config.yaml", "provenance.json", "metrics.csv", "vessel_metrics.csv", "scalars.csv", "panels.npz",
+                "summary.json")
+#: Vessel-continuity metrics (:mod:`mmdm.vessels`) shown in the book, and their direction.
+VESSEL_METRICS = ("cldice", "dice", "mip_dice", "betti0_error")
+VESSEL_HIGHER_IS_BETTER = {"cldice": True, "dice": True, "mip_dice": True, "betti0_error": False}
+METRIC_LABELS_VESSEL = {"cldice": "clDice", "dice": "vessel Dice", "mip_dice": "MIP Dice",
+                        "betti0_error": "Betti-0 error"}
 
 
 def record_complete(record_dir: str | Path) -> bool:
@@ -73,7 +79,9 @@ def export_record(run_dir: str | Path, record_dir: str | Path) -> Path:
         raise RuntimeError(f"run {run_dir} is not evaluated yet (no summary.json): nothing to export")
     record_dir.mkdir(parents=True, exist_ok=True)
     (record_dir / "summary.json").unlink(missing_ok=True)
-    for src in (p.config, p.provenance, p.metrics):
+    for src in (p.config, p.provenance, p.metrics, run_dir / "vessel_metrics.csv"):
+        if not src.is_file():
+            continue
         with atomic_path(record_dir / src.name) as tmp:
             shutil.copyfile(src, tmp)
     write_text(record_dir / "scalars.csv", read_scalars(run_dir).to_csv(index=False))
@@ -96,7 +104,8 @@ def export_record(run_dir: str | Path, record_dir: str | Path) -> Path:
 def load_records(results_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(per-subject metrics, one row per run) of every complete record under ``results_dir``.
 
-    The per-subject table has columns ``run, subject`` + the six metrics; the
+    The per-subject table has columns ``run, subject`` + the six metrics (+ the vessel
+    metrics where the record has them); the
     run table has ``run, method, variant, sources, n_subjects, steps, device, commit,
     train_wall_s, eval_wall_s`` and the six means.
     """
@@ -107,6 +116,8 @@ def load_records(results_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
             continue
         summary = json.loads((rec / "summary.json").read_text())
         m = pd.read_csv(rec / "metrics.csv")
+        if (rec / "vessel_metrics.csv").is_file():
+            m = m.merge(pd.read_csv(rec / "vessel_metrics.csv"), on="subject", how="left")
         m.insert(0, "run", rec.name)
         per_subject.append(m)
         prov = summary.get("provenance", {})

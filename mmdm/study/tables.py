@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import pandas as pd
 
-from mmdm.study.records import METRIC_LABELS, METRICS, paper_results
+from mmdm.study.records import (METRIC_LABELS, METRIC_LABELS_VESSEL, METRICS, VESSEL_HIGHER_IS_BETTER,
+                                paper_results)
 from mmdm.study.runs import REFERENCE_RUN, study_runs
 
 TABLE_TITLES = {"table1": "Table 1: comparison methods", "table2": "Table 2: ablation of the MIP loss and NAWS",
                 "table3": "Table 3: modality combinations"}
-DECIMALS = {"psnr": 2, "ssim": 4, "rmse": 3, "mip_psnr": 2, "mip_ssim": 4, "mip_rmse": 3}
+DECIMALS = {"psnr": 2, "ssim": 4, "rmse": 3, "mip_psnr": 2, "mip_ssim": 4, "mip_rmse": 3,
+            "cldice": 3, "dice": 3, "mip_dice": 3, "betti0_error": 1}
+LABELS = {**METRIC_LABELS, **METRIC_LABELS_VESSEL}
 
 
 def fmt(value: float, metric: str) -> str:
@@ -24,7 +27,7 @@ def table_rows(table: str, sources: tuple[str, ...] = ("T1w", "T2w", "FLAIR")) -
 
 
 def results_table(table: str, per_subject: pd.DataFrame, sources: tuple[str, ...] = ("T1w", "T2w", "FLAIR"),
-                  with_paper: bool = True) -> pd.DataFrame:
+                  with_paper: bool = True, metrics: tuple[str, ...] = METRICS) -> pd.DataFrame:
     """One row per table row: ``ours`` as mean ± sd over test subjects, and the paper's value.
 
     Runs without a complete record show "–" (not yet run).
@@ -35,11 +38,13 @@ def results_table(table: str, per_subject: pd.DataFrame, sources: tuple[str, ...
     for label, run in table_rows(table, sources):
         vals = per_subject[per_subject.run == run]
         row = {"row": label, "run": run, "n": len(vals)}
-        for m in METRICS:
-            mean, sd = (vals[m].mean(), vals[m].std(ddof=1) if len(vals) > 1 else float("nan")) if len(vals) else (float("nan"),) * 2
-            row[f"{METRIC_LABELS[m]} (ours)"] = fmt(mean, m) + ("" if pd.isna(sd) else f" ± {fmt(sd, m)}")
+        for m in metrics:
+            v = vals[m] if m in vals else pd.Series(dtype=float)
+            mean, sd = (v.mean(), v.std(ddof=1) if len(v) > 1 else float("nan")) if len(v) else (float("nan"),) * 2
+            name = f"{LABELS[m]} (ours)" if with_paper else LABELS[m]
+            row[name] = fmt(mean, m) + ("" if pd.isna(sd) else f" ± {fmt(sd, m)}")
             if with_paper:
-                row[f"{METRIC_LABELS[m]} (paper)"] = fmt(paper[m].get(run, float("nan")), m)
+                row[f"{LABELS[m]} (paper)"] = fmt(paper[m].get(run, float("nan")), m)
         rows.append(row)
     return pd.DataFrame(rows).set_index("row")
 
@@ -51,7 +56,7 @@ def provenance_table(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def paired_table(table: str, per_subject: pd.DataFrame, sources: tuple[str, ...] = ("T1w", "T2w", "FLAIR"),
-                 n_boot: int = 10000) -> pd.DataFrame:
+                 n_boot: int = 10000, metrics: tuple[str, ...] = METRICS) -> pd.DataFrame:
     """MMDM full against every other row of ``table``, paired over test subjects
     (:func:`mmdm.stats.compare_to_reference`: bootstrap 95 % CI of the mean difference
     full - other, Wilcoxon signed-rank p, Holm-corrected within the table, verdict)."""
@@ -59,10 +64,11 @@ def paired_table(table: str, per_subject: pd.DataFrame, sources: tuple[str, ...]
 
     labels = dict((run, label) for label, run in table_rows(table, sources))
     sub = per_subject[per_subject.run.isin(labels)]
-    if sub.run.nunique() < 2 or REFERENCE_RUN not in set(sub.run):
+    metrics = [m for m in metrics if m in sub and sub[m].notna().any()]
+    if sub.run.nunique() < 2 or REFERENCE_RUN not in set(sub.run) or not metrics:
         return pd.DataFrame()
-    cmp = compare_to_reference(sub, reference=REFERENCE_RUN, metrics=list(METRICS), n_boot=n_boot,
-                               method_col="run")
+    cmp = compare_to_reference(sub, reference=REFERENCE_RUN, metrics=metrics, n_boot=n_boot, method_col="run",
+                               higher_is_better=VESSEL_HIGHER_IS_BETTER)
     cmp.insert(0, "row", cmp["method"].map(labels))
     return cmp
 
@@ -72,7 +78,7 @@ def paired_summary(cmp: pd.DataFrame) -> pd.DataFrame:
     if cmp.empty:
         return pd.DataFrame(columns=["row", "metric", "full − other (95 % CI)", "p (Holm)", "verdict"])
     out = pd.DataFrame({
-        "row": cmp["row"], "metric": cmp["metric"].map(METRIC_LABELS),
+        "row": cmp["row"], "metric": cmp["metric"].map(LABELS),
         "full − other (95 % CI)": [f"{fmt(d, m)} [{fmt(lo, m)}, {fmt(hi, m)}]" for d, lo, hi, m in
                                    zip(cmp.diff_mean, cmp.diff_ci_low, cmp.diff_ci_high, cmp.metric)],
         "n": cmp["n"],
