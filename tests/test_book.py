@@ -20,7 +20,7 @@ RUN_PARAMS = {"profile", "method", "variant", "sources", "seed", "device"}
 AGG_PARAMS = {"profile", "results"}
 DOCUMENTED = {"01_data.ipynb": {"profile", "data_dir", "build_if_missing", "subject", "seed"},
               "02_train.ipynb": RUN_PARAMS, "03_evaluate.ipynb": RUN_PARAMS, "04_results.ipynb": AGG_PARAMS,
-              "05_qualitative.ipynb": AGG_PARAMS, "06_training.ipynb": AGG_PARAMS}
+              "05_qualitative.ipynb": AGG_PARAMS, "06_training.ipynb": AGG_PARAMS, "07_claims.ipynb": AGG_PARAMS}
 
 
 def test_every_notebook_is_tested():
@@ -118,7 +118,7 @@ def test_book_renders_every_page(smoke_study):
     work = smoke_study[0]
     html = work / "_build" / "html"
     assert "simulat" in (html / "data_cards" / "phantom.html").read_text().lower()
-    for page in ("01_data", "04_results", "05_qualitative", "06_training", "deviations"):
+    for page in ("01_data", "04_results", "05_qualitative", "06_training", "07_claims", "deviations"):
         assert (html / "book" / "generated" / f"{page}.html").is_file(), page
     data_page = (html / "book" / "generated" / "01_data.html").read_text()
     glued = _glued(work / "book" / "generated" / "01_data.ipynb")

@@ -34,7 +34,7 @@ def add_study_parser(subparsers) -> argparse.ArgumentParser:
         "study", help="run the whole study (13 trainings, evaluation, notebooks, book) for a profile",
         description="Execute the study's notebooks with papermill in order: the cohort (01_data), every run's "
         "training (02_train) and evaluation (03_evaluate), then the aggregate notebooks (04_results, "
-        "05_qualitative, 06_training), then `jupyter-book build`. Runs whose record under results/PROFILE is "
+        "05_qualitative, 06_training, 07_claims), then `jupyter-book build`. Runs whose record under results/PROFILE is "
         "complete are skipped, so an interrupted study resumes.",
         epilog="profiles:\n" + profiles, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--profile", default="quick", choices=sorted(PROFILES), help="study profile (default: quick)")

@@ -1,7 +1,7 @@
 """`mmdm study`: execute the study's notebooks with papermill, in order, and build the book.
 
     cohort (01_data) -> for each run: 02_train, 03_evaluate -> 04_results, 05_qualitative,
-    06_training -> jupyter-book build
+    06_training, 07_claims -> jupyter-book build
 
 A run whose record (``results/<profile>/<run>/summary.json``) is complete is
 skipped, so an interrupted study resumes where it stopped; an interrupted
@@ -24,7 +24,7 @@ from mmdm.study.profiles import StudyProfile, get_profile
 from mmdm.study.records import record_complete
 from mmdm.study.runs import RunSpec, study_runs
 
-AGGREGATE_NOTEBOOKS = ("04_results", "05_qualitative", "06_training")
+AGGREGATE_NOTEBOOKS = ("04_results", "05_qualitative", "06_training", "07_claims")
 
 
 def notebook(name: str) -> Path:

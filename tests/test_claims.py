@@ -1,0 +1,55 @@
+"""The claims page's verdicts, on constructed per-subject results."""
+
+import numpy as np
+import pandas as pd
+
+from mmdm.study.claims import evaluate_claims, paper_claims
+from mmdm.study.records import METRICS, paper_results
+from mmdm.study.runs import study_runs
+
+
+def _results(effects: dict[tuple[str, str], float], n: int = 12, seed: int = 0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    rows = []
+    for run in [r.name for r in study_runs()]:
+        for s in range(n):
+            row = {"run": run, "subject": f"sub-{s:03d}"}
+            for m in (*METRICS, "cldice"):
+                row[m] = 10 + rng.normal(0, 0.05) + effects.get((run, m), 0.0)
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def test_verdicts_follow_the_data():
+    # MIP loss clearly raises MIP PSNR and clDice; NAWS clearly lowers MIP PSNR; nothing else differs
+    res = _results({("mmdm-mip", "mip_psnr"): 2.0, ("mmdm-mip", "cldice"): 1.0, ("mmdm-naws", "mip_psnr"): -2.0})
+    claims, comps = evaluate_claims(res, n_boot=2000)
+    verdict = dict(zip([c.key for c in paper_claims()], claims.verdict))
+    assert verdict["mip_loss_mip_psnr"] == "holds"
+    assert verdict["mip_loss_continuity"] == "holds"
+    assert verdict["naws_mip_psnr"] == "contradicted"
+    assert verdict["full_beats_single"] == "contradicted"  # full is worse than +MIP on MIP PSNR
+    assert verdict["beats_baselines"] == "not shown"  # no differences at all
+    one = comps[(comps.claim == "mip_loss_mip_psnr")].iloc[0]
+    assert one.ci_low < 2.0 < one.ci_high and one.n == 12
+
+
+def test_lower_is_better_metrics_flip_direction():
+    # full has a clearly LOWER rmse than every baseline and higher everything else: holds
+    effects = {("mmdm-full", m): (-1.0 if "rmse" in m else 1.0) for m in METRICS}
+    claims, _ = evaluate_claims(_results(effects), n_boot=2000)
+    assert claims.verdict[0] == "holds"
+
+
+def test_paper_figures_come_from_the_paper_table():
+    claims, _ = evaluate_claims(_results({}), n_boot=200)
+    p = paper_results().drop_duplicates("run").set_index("run")
+    expected = p.at["mmdm-mip", "mip_psnr"] - p.at["mmdm-base", "mip_psnr"]
+    assert claims.paper[1].startswith(f"{expected:.2f}")
+    assert claims.paper[5] == "not reported"  # the paper gives no vessel-continuity number
+
+
+def test_missing_runs_are_not_shown():
+    res = _results({})
+    claims, _ = evaluate_claims(res[res.run != "mmdm-base"], n_boot=200)
+    assert claims.verdict[1] == "not shown" and claims["n subjects"][1] == 0
