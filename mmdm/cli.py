@@ -2,6 +2,7 @@
 
     mmdm data phantom --out DIR [--profile quick] [--subjects N] [--seed S] [--resolution MM]
     mmdm data check DIR
+    mmdm data ixi --download DIR --out data/ixi      (or --from-tars DIR)
     mmdm evaluate --pred P.nii.gz --target T.nii.gz [--mask M.nii.gz] [--json]
     mmdm methods
     mmdm train --method mmdm --variant full --data DIR --run-dir RUN [--resume]
@@ -124,6 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="modalities every subject must have (default: every modality found in the dataset)")
     ck.add_argument("--target", default="angio", help="target modality (default: angio = TOF-MRA)")
     ck.set_defaults(func=_cmd_check)
+
+    from mmdm.data.ixi import add_ixi_parser
+
+    add_ixi_parser(dsub)
 
     ev = sub.add_parser("evaluate", help="PSNR/SSIM/RMSE on a volume and its axial MIP",
                         description="Compare a synthesised TOF-MRA with the real one: PSNR, SSIM and RMSE(%) "

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import gzip
 import io
 import json
 import re
@@ -44,7 +43,7 @@ GOOD = [
 MISSING_MRA = 30  # IOP subject without an MRA
 TRUNCATED_T2 = 31  # IOP subject whose T2 file is cut in half
 TEST_REGISTRATION = {"shrink_factors": [2, 1], "smoothing_sigmas": [1.0, 0.0], "histogram_bins": 32,
-                     "max_samples": 20000, "eval_samples": 20000}
+                     "max_samples": 20000, "eval_samples": 20000, "threads": 1}
 
 
 # --------------------------------------------------------------------------- helpers
@@ -194,7 +193,7 @@ def archives(phantom, tmp_path_factory):
         moved_t1, tx1 = _moved(images["T1w"], affine, tmp, r1, t1)
         moved_t2, tx2 = _moved(images["T2w"], affine, tmp, r2, t2)
         moved_pd, _ = _moved(images["FLAIR"], affine, tmp, r2, t2)  # T2 and PD: one dual-echo acquisition
-        transforms[f"sub-IXI{num:03d}"] = {"T1w": tx1, "T2w": tx2}
+        transforms[f"sub-IXI{num:03d}"] = {"T1w": tx1, "T2w": tx2, "PDw": tx2}
         for tag, img in (("T1", moved_t1), ("T2", moved_t2), ("PD", moved_pd)):
             p = tmp / _name(num, site, tag)
             sitk.WriteImage(img, str(p))
@@ -410,6 +409,14 @@ def test_download_resumes_after_a_cut_connection(server, tmp_path):
     assert [r for _, r in server.requests] == [None, "bytes=100000-", "bytes=150000-"]
 
 
+def test_download_finishes_a_part_file_that_is_already_complete(server, tmp_path):
+    payload = b"m" * 7000
+    (server.root / "IXI-MRA.tar").write_bytes(payload)
+    (tmp_path / "IXI-MRA.tar.part").write_bytes(payload)  # e.g. killed just before the rename
+    dest = download_file(server.url + "IXI-MRA.tar", tmp_path / "IXI-MRA.tar", backoff=0, progress=False)
+    assert dest.read_bytes() == payload and server.requests == [("IXI-MRA.tar", "bytes=7000-")]
+
+
 def test_download_restarts_when_the_server_ignores_ranges(server, tmp_path):
     payload = np.random.default_rng(4).bytes(50_000)
     (server.root / "f.bin").write_bytes(payload)
@@ -543,7 +550,7 @@ def test_angio_is_the_mra_slab_reoriented_to_ras_with_the_axial_axis_last(import
     assert t1.shape == img.shape and np.allclose(t1.affine, img.affine)
 
 
-@pytest.mark.parametrize("mod", ["T1w", "T2w"])
+@pytest.mark.parametrize("mod", ["T1w", "T2w", "PDw"])
 def test_registered_sources_align_with_the_mra_within_one_voxel(imported, phantom, mod):
     """The transform found maps every brain voxel of the slab to where the known misalignment put it."""
     _, affine, brain = phantom
@@ -563,6 +570,7 @@ def test_registered_sources_align_with_the_mra_within_one_voxel(imported, phanto
         err = np.linalg.norm(got - want, axis=1)
         assert before.max() > voxel, "the test misalignment should exceed a voxel"
         assert err.max() < voxel, f"{sub} {mod}: max error {err.max():.2f} mm (voxel {voxel} mm)"
+        assert err.mean() < voxel / 2, f"{sub} {mod}: mean error {err.mean():.2f} mm (voxel {voxel} mm)"
 
 
 def test_registered_t1_matches_the_unmoved_original_better_than_the_raw_file(imported, phantom):
@@ -595,3 +603,24 @@ def test_cli_rejects_bad_options_with_exit_codes(tmp_path, capsys):
     assert "1 or 3 numbers" in capsys.readouterr().err
     assert _run(["data", "ixi", "--from-tars", str(tmp_path / "none"), "--out", str(tmp_path / "o")]) == 1
     assert "IXI-T1.tar: archive not found" in capsys.readouterr().err
+
+
+def test_spacing_option_resamples_all_four_volumes_onto_one_padded_grid(imported, tmp_path):
+    from mmdm.config import from_dict
+    from mmdm.data.ixi import IXIConfig, IXISubject, process_subject
+
+    ext = imported["dl"] / "extracted"
+    subj = IXISubject("IXI020", "HH", {t: str(ext / _name(20, "HH", t)) for t in ("T1", "T2", "PD", "MRA")})
+    cfg = from_dict(IXIConfig, {"spacing": [6.0, 6.0, 6.0], "registration": TEST_REGISTRATION})
+    res = process_subject(subj, tmp_path, cfg)
+    assert res["status"] == "ok"
+    imgs = {m: nib.load(str(tmp_path / "sub-IXI020" / "anat" / f"sub-IXI020_{m}.nii.gz"))
+            for m in ("T1w", "T2w", "PDw", "angio")}
+    shapes = {img.shape for img in imgs.values()}
+    assert len(shapes) == 1
+    shape = shapes.pop()
+    assert shape[0] % 16 == 0 and shape[1] % 16 == 0 and shape[2] == int(np.ceil(SLAB * 4 / 6))
+    for img in imgs.values():
+        assert np.allclose(np.linalg.norm(img.affine[:3, :3], axis=0), 6.0)
+        assert np.allclose(img.affine, imgs["angio"].affine)
+    assert all(r["coverage"] > 0.9 for r in res["report"]["registration"].values())

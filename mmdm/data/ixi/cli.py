@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 from pathlib import Path
 
@@ -39,6 +40,15 @@ def _spacing(values: list[float] | None) -> tuple[float, float, float] | None:
     raise ConfigError(f"--spacing takes 1 or 3 numbers (mm), got {len(values)}")
 
 
+def _complete(extracted: Path, archive: str) -> bool:
+    """Whether an earlier run extracted every usable file of ``archive`` (then it need not be fetched)."""
+    marker = extracted / f".{archive}.json"
+    try:
+        return bool(json.loads(marker.read_text()).get("complete"))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return False
+
+
 def _cmd_ixi(args: argparse.Namespace) -> int:
     try:
         cfg = load_yaml(IXIConfig, args.config) if args.config is not None else IXIConfig()
@@ -53,9 +63,7 @@ def _cmd_ixi(args: argparse.Namespace) -> int:
         if args.download is not None:
             folder = args.download
             extracted = folder / EXTRACT_DIR
-            done = [a for a in IXI_ARCHIVES.values()
-                    if not (folder / a).exists() and (extracted / f".{a}.json").exists()
-                    and args.subjects is None]
+            done = [a for a in IXI_ARCHIVES.values() if not (folder / a).exists() and _complete(extracted, a)]
             print(f"downloading IXI from {args.base_url} into {folder}", file=sys.stderr)
             fetch_ixi(folder, args.base_url, IXI_FILES, skip=done, progress=progress)
             delete = not args.keep_archives and args.subjects is None

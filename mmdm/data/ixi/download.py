@@ -42,7 +42,7 @@ class SizeMismatchError(DownloadError):
     """The bytes received do not match the size the server announced or the known size."""
 
 
-def _total_from_headers(resp: http.client.HTTPResponse, offset: int) -> tuple[int | None, int]:
+def _total_from_headers(resp: http.client.HTTPResponse) -> tuple[int | None, int]:
     """(total size, offset the body starts at) from a 200 or 206 response."""
     if resp.status == 206:
         m = _CONTENT_RANGE.match(resp.headers.get("Content-Range", ""))
@@ -112,7 +112,7 @@ def download_file(url: str, dest: str | Path, expected_size: int | None = None, 
                 time.sleep(backoff * failures)
                 continue
             with resp:
-                got_total, start = _total_from_headers(resp, offset)
+                got_total, start = _total_from_headers(resp)
                 if start != offset:  # 200 (server ignored Range) or a different range: start over
                     if start != 0:
                         raise DownloadError(f"{url}: asked for bytes from {offset}, the server sent from {start}")

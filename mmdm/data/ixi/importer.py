@@ -15,6 +15,7 @@ volume when they read it (:func:`mmdm.data.volumes.normalise`).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -80,8 +81,8 @@ class ImportReport:
     split_sizes: dict[str, int] = field(default_factory=dict)
 
     def summary(self) -> str:
-        lines = [f"IXI dataset: {self.root}",
-                 f"kept {len(self.kept)} subject(s): " + ", ".join(f"{k} {v}" for k, v in sorted(self.per_site.items())),
+        sites = ", ".join(f"{k} {v}" for k, v in sorted(self.per_site.items()))
+        lines = [f"IXI dataset: {self.root}", f"kept {len(self.kept)} subject(s): {sites}",
                  "splits: " + ", ".join(f"{k} {v}" for k, v in self.split_sizes.items())]
         if self.dropped:
             lines.append(f"dropped {len(self.dropped)} subject(s):")
@@ -112,8 +113,8 @@ def prepare_archives(archive_dir: str | Path, extract_dir: str | Path | None = N
     A marker next to the extracted files records each archive's member list and
     what was extracted, so a later run works without the archive
     (``delete_archives`` removes an archive once every file of a complete
-    subject is extracted; the files of incomplete subjects are never extracted). Returns (subjects with extracted
-    paths, dropped subjects, ignored member names).
+    subject is extracted; the files of incomplete subjects are never extracted).
+    Returns (subjects with extracted paths, dropped subjects, ignored member names).
     """
     archive_dir = Path(archive_dir)
     extract_dir = Path(extract_dir) if extract_dir is not None else archive_dir / EXTRACT_DIR
@@ -144,6 +145,7 @@ def prepare_archives(archive_dir: str | Path, extract_dir: str | Path | None = N
     for tag, archive in IXI_ARCHIVES.items():
         tar = archive_dir / archive
         marker = _marker(extract_dir, archive)
+        extracted[tag] = {n for n in extracted[tag] if (extract_dir / n).is_file()}  # a file removed since
         need = {n for n in names[tag] if n in wanted} - extracted[tag]
         if need:
             if not tar.exists():
@@ -195,13 +197,20 @@ def process_subject(subject: IXISubject, out: str | Path, cfg: IXIConfig) -> dic
     """Register one subject's sources to its MRA and write its four volumes and its report.
 
     Returns ``{"status": "ok", "report": {...}}`` or ``{"status": "dropped", "reason", "details"}``;
-    never raises for a bad file. A subject already written with the same settings is not redone.
+    never raises for a bad file or a failed registration. A subject already written with the
+    same settings is not redone.
     """
+    try:
+        return _process_subject(subject, Path(out), cfg)
+    except (RuntimeError, ValueError) as e:  # SimpleITK/geometry failures: drop, do not stop (disk errors do)
+        return {"status": "dropped", "reason": "processing failed", "details": f"{type(e).__name__}: {e}"}
+
+
+def _process_subject(subject: IXISubject, out: Path, cfg: IXIConfig) -> dict:
     import nibabel as nib
 
     from mmdm.data.volumes import load_volume
 
-    out = Path(out)
     sub = subject.participant_id
     record = _subject_record(cfg)
     rpath = _report_path(out, sub)
@@ -239,7 +248,8 @@ def process_subject(subject: IXISubject, out: str | Path, cfg: IXIConfig) -> dic
         except DatasetError as e:
             return {"status": "dropped", "reason": f"registration of {tag} failed", "details": str(e)}
         outputs[mod] = from_sitk(resample(moving, reference, res.matrix_ras))[0]
-        reg_report[mod] = {**res.to_json(), "coverage": coverage(moving, reference, res.matrix_ras)}
+        # coverage of the MRA's own slab (a resampled output grid may be padded beyond it)
+        reg_report[mod] = {**res.to_json(), "coverage": coverage(moving, fixed, res.matrix_ras)}
     for mod, arr in outputs.items():
         data, dt = _cast(arr, cfg.dtype)
         save_nifti(image_path(out, sub, mod), data, affine, dtype=dt)
@@ -253,7 +263,8 @@ def process_subject(subject: IXISubject, out: str | Path, cfg: IXIConfig) -> dic
         "output_grid": {"shape": list(shape), "affine": affine.round(6).tolist(),
                         "spacing_mm": np.linalg.norm(affine[:3, :3], axis=0).round(6).tolist()},
         "registration": reg_report,
-        "metric": "Mattes mutual information (SimpleITK sign: negative, lower = better), full resolution",
+        "metric": "Mattes mutual information (SimpleITK sign: negative, lower = better), full resolution, "
+                  "over the MRA's head mask when fixed_mask is on",
         "settings": record,
     }
     write_json(rpath, report)
@@ -350,8 +361,10 @@ def import_subjects(subjects: Iterable[IXISubject], out: str | Path, cfg: IXICon
         import concurrent.futures as cf
         import multiprocessing as mp
 
-        if not cfg.registration.threads:
-            cfg.registration.threads = max(1, (os.cpu_count() or 1) // workers)
+        if not cfg.registration.threads:  # share the cores between the workers
+            threads = max(1, (os.cpu_count() or 1) // workers)
+            cfg = dataclasses.replace(cfg, registration=dataclasses.replace(cfg.registration, threads=threads))
+            jobs = [(s, str(out), cfg) for s in subjects]
         with cf.ProcessPoolExecutor(min(workers, len(jobs)), mp_context=mp.get_context("spawn")) as pool:
             for res in pool.map(_process, jobs):
                 results.append(res)

@@ -41,7 +41,7 @@ class RegistrationConfig:
     min_step: float = 1e-3
     relaxation: float = 0.5
     eval_samples: int = 500_000  # samples for the reported (full-resolution) metric
-    fixed_mask: bool = False  # sample the metric only in the MRA's head (Otsu threshold, dilated)
+    fixed_mask: bool = True  # sample the metric only in the MRA's head (Otsu threshold, dilated)
     gradient_filter: bool = False  # ITK's smoothed gradient images; off = central differences (more robust here)
     seed: int = 0
     threads: int = 0  # ITK threads; 0 = SimpleITK's default
@@ -167,9 +167,12 @@ def _method(cfg: RegistrationConfig, fixed, levels: bool = True):
     return reg
 
 
-def mattes_mi(fixed, moving, transform, cfg: RegistrationConfig = RegistrationConfig()) -> float:
-    """Mattes mutual information (SimpleITK's sign: negative, lower = better aligned) at full resolution."""
+def mattes_mi(fixed, moving, transform, cfg: RegistrationConfig = RegistrationConfig(), mask=None) -> float:
+    """Mattes mutual information (SimpleITK's sign: negative, lower = better aligned) at full resolution,
+    over ``mask`` (a fixed-image mask) when given."""
     reg = _method(cfg, fixed, levels=False)
+    if mask is not None:
+        reg.SetMetricFixedMask(mask)
     reg.SetInitialTransform(transform, inPlace=False)
     return float(reg.MetricEvaluate(fixed, moving))
 
@@ -188,10 +191,15 @@ def _initial(cfg: RegistrationConfig, fixed, moving):
 
 
 def head_mask(img, radius: int = 2):
-    """Foreground of an image: Otsu threshold, dilated by ``radius`` voxels, holes filled."""
+    """Foreground of an image: Otsu threshold of the image clipped at its 99th percentile (so that
+    the few very bright vessels of a TOF-MRA do not pull the threshold up), dilated by ``radius``
+    voxels, holes filled."""
     import SimpleITK as sitk
 
-    mask = sitk.OtsuThreshold(img, 0, 1)
+    arr = sitk.GetArrayViewFromImage(img)
+    clipped = sitk.Clamp(img, sitk.sitkFloat32, lowerBound=float(arr.min()),
+                         upperBound=float(np.percentile(arr, 99)))
+    mask = sitk.OtsuThreshold(clipped, 0, 1)
     mask = sitk.BinaryDilate(mask, [radius] * 3)
     return sitk.BinaryFillhole(mask)
 
@@ -206,12 +214,23 @@ def register(fixed, moving, cfg: RegistrationConfig = RegistrationConfig()) -> R
     """Register ``moving`` (a source) to ``fixed`` (the MRA): rigid, then affine (SimpleITK images)."""
     import SimpleITK as sitk
 
+    previous = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
     if cfg.threads:
         sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(cfg.threads)
+    try:
+        return _register(fixed, moving, cfg)
+    finally:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(previous)
+
+
+def _register(fixed, moving, cfg: RegistrationConfig) -> RegistrationResult:
+    import SimpleITK as sitk
+
     fixed = sitk.Cast(fixed, sitk.sitkFloat32)
     moving = sitk.Cast(moving, sitk.sitkFloat32)
     tx = _initial(cfg, fixed, moving)
-    metric_initial = mattes_mi(fixed, moving, tx, cfg)
+    mask = head_mask(fixed) if cfg.fixed_mask else None
+    metric_initial = mattes_mi(fixed, moving, tx, cfg, mask)
     stage_metrics: dict[str, float] = {}
     stop: dict[str, str] = {}
     current = tx
@@ -223,8 +242,8 @@ def register(fixed, moving, cfg: RegistrationConfig = RegistrationConfig()) -> R
             aff.SetTranslation(current.GetTranslation())
             current = aff
         reg = _method(cfg, fixed)
-        if cfg.fixed_mask:
-            reg.SetMetricFixedMask(head_mask(fixed))
+        if mask is not None:
+            reg.SetMetricFixedMask(mask)
         reg.SetInitialTransform(current, inPlace=True)
         try:
             reg.Execute(fixed, moving)
@@ -233,7 +252,7 @@ def register(fixed, moving, cfg: RegistrationConfig = RegistrationConfig()) -> R
                                "not overlap: check their orientation, or try initializer 'geometry'.") from e
         stage_metrics[stage] = float(reg.GetMetricValue())
         stop[stage] = reg.GetOptimizerStopConditionDescription()
-    metric_final = mattes_mi(fixed, moving, current, cfg)
+    metric_final = mattes_mi(fixed, moving, current, cfg, mask)
     m = transform_to_ras(current)
     centre_lps = np.asarray(current.GetCenter())
     centre_ras = FLIP @ centre_lps
