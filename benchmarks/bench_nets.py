@@ -172,6 +172,28 @@ def bench_one(name: str, args: argparse.Namespace, device: torch.device) -> dict
     return result
 
 
+def conv_peak_gflops(device: torch.device, iters: int = 5) -> float:
+    """A practical fp32 peak of the device: throughput of one large 3x3 convolution
+    (128 -> 128 channels, 4 x 48 x 56), forward only. The networks' achieved GFLOP/s
+    read against it says how much of the machine they use."""
+    x = torch.randn(4, 128, 48, 56, device=device)
+    conv = torch.nn.Conv2d(128, 128, 3, padding=1).to(device)
+    flops = 2 * 4 * 128 * 128 * 9 * 48 * 56
+    with torch.no_grad():
+        conv(x)
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            conv(x)
+        _sync(device)
+    return flops * iters / (time.perf_counter() - t0) / 1e9
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
@@ -214,8 +236,12 @@ def main(argv: list[str] | None = None) -> int:
             line += (f", step {r['step_ms']['median']:.1f} ms, {r['achieved_gflop_per_s']:.1f} GFLOP/s, "
                      f"peak {r['peak_memory_mib']:.0f} MiB")
         print(line, flush=True)
+    peak = None if args.flops_only else conv_peak_gflops(device)
+    if peak:
+        print(f"practical fp32 peak (one large 3x3 conv): {peak:.1f} GFLOP/s", flush=True)
     write_json(out_path, {
         "device": args.device, "device_name": device_name(device), "torch": torch.__version__,
+        "conv_peak_gflop_per_s": peak,
         "cpu_threads": torch.get_num_threads(), "python": platform.python_version(),
         "flop_counter": "torch.utils.flop_counter.FlopCounterMode, forward only (conv/matmul/attention); "
                         "forward+backward estimated as 3 x forward",
