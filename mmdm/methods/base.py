@@ -139,3 +139,29 @@ def assemble_config(cls: type, named: Mapping[str, Callable[[], Any]], config: A
     cfg = replace(cfg, overrides) if overrides else cfg
     cfg.validate()
     return cfg
+
+
+class GatedMethod(SynthesisMethod):
+    """Shared set-up of the one-network diffusion baselines (DDPM, BBDM, RDDM): the
+    config, the sources, and the gating module through which they see the sources
+    (the paper's gating strategy, :mod:`mmdm.nets.gating`)."""
+
+    def _setup_gated(self, cfg: Any) -> int:
+        """Validate ``cfg`` (fields sources, window, gating, unet), build the gating; returns K."""
+        from mmdm.nets.gating import ModalityGating
+
+        cfg.validate()
+        self.cfg = cfg
+        self.sources = tuple(cfg.sources)
+        self.window = cfg.window
+        self.gating = ModalityGating(len(self.sources), cfg.window, cfg.gating)
+        self.spatial_multiple = 2 ** (len(cfg.unet.mult) - 1)
+        return cfg.window
+
+    def condition(self, sources: dict[str, Tensor]) -> Tensor:
+        """The gated source window (B, K, H, W)."""
+        return self.gating(self.source_list(sources))
+
+    def check_group(self, group: str | None) -> None:
+        if group not in (None, "main"):
+            raise ValueError(f"{self.name} has one optimiser group 'main', got group={group!r}")

@@ -40,9 +40,9 @@ from torch import Tensor
 from mmdm.config import ConfigError
 from mmdm.diffusion import BridgeConfig, BrownianBridge, randn_like, sample_bridge
 from mmdm.methods import METHODS
-from mmdm.methods.base import Batch, OptimConfig, SynthesisMethod, assemble_config
+from mmdm.methods.base import Batch, GatedMethod, OptimConfig, assemble_config
 from mmdm.nets import TimeUNet, UNetConfig
-from mmdm.nets.gating import GatingConfig, ModalityGating
+from mmdm.nets.gating import GatingConfig
 
 LOSSES = ("l1", "l2")
 
@@ -127,26 +127,17 @@ def bbdm_config(config: str | BBDMConfig | dict = "paper", sources: tuple[str, .
     return assemble_config(BBDMConfig, NAMED_CONFIGS, config, sources, overrides, "BBDM")
 
 
-class BBDM(SynthesisMethod):
+class BBDM(GatedMethod):
     """Gated multi-modal input -> one Brownian bridge -> TOF-MRA window."""
 
     name = "bbdm"
 
     def __init__(self, cfg: BBDMConfig | None = None):
         super().__init__()
-        cfg = cfg or BBDMConfig()
-        cfg.validate()
-        self.cfg = cfg
-        self.sources = tuple(cfg.sources)
-        self.window = k = cfg.window
-        self.gating = ModalityGating(len(self.sources), k, cfg.gating)
+        k = self._setup_gated(cfg or BBDMConfig())
+        cfg = self.cfg
         self.bridge = BrownianBridge(cfg.bridge)
         self.net = TimeUNet(2 * k, k, cfg.unet)
-        self.spatial_multiple = 2 ** (len(cfg.unet.mult) - 1)
-
-    def condition(self, sources: dict[str, Tensor]) -> Tensor:
-        """The gated source window ``y`` (B, K, H, W): the bridge's source end."""
-        return self.gating(self.source_list(sources))
 
     def predict_x0(self, x_t: Tensor, y: Tensor, t: Tensor) -> Tensor:
         """Network output -> x0 prediction (``x_t - out`` for "grad")."""
@@ -156,8 +147,7 @@ class BBDM(SynthesisMethod):
                         group: str | None = None) -> dict[str, Tensor]:
         """BBDM's loss: ``|| objective - net(cat(x_t, y), t) ||`` (L1 or L2; eq. (3) for "grad"),
         one uniform t per sample, ``x_t`` from eq. (1)."""
-        if group not in (None, "main"):
-            raise ValueError(f"{self.name} has one optimiser group 'main', got group={group!r}")
+        self.check_group(group)
         x0, _ = self.check_batch(batch)
         y = self.condition(batch["sources"])
         t = self.bridge.sample_timesteps(x0.shape[0], x0.device, generator)

@@ -32,9 +32,9 @@ from mmdm.config import ConfigError
 from mmdm.diffusion import randn_like
 from mmdm.diffusion.ddpm import GaussianConfig, GaussianDiffusion, sample_ddim
 from mmdm.methods import METHODS
-from mmdm.methods.base import Batch, OptimConfig, SynthesisMethod, assemble_config
+from mmdm.methods.base import Batch, GatedMethod, OptimConfig, assemble_config
 from mmdm.nets import TimeUNet, UNetConfig
-from mmdm.nets.gating import GatingConfig, ModalityGating
+from mmdm.nets.gating import GatingConfig
 
 #: Where this implementation departs from the official DDPM code, and why.
 DEVIATIONS: list[str] = [
@@ -107,26 +107,17 @@ def ddpm_config(config: str | DDPMConfig | dict = "paper", sources: tuple[str, .
     return assemble_config(DDPMConfig, NAMED_CONFIGS, config, sources, overrides, "DDPM")
 
 
-class DDPM(SynthesisMethod):
+class DDPM(GatedMethod):
     """Gated multi-modal condition -> eps-prediction UNet -> DDIM from noise."""
 
     name = "ddpm"
 
     def __init__(self, cfg: DDPMConfig | None = None):
         super().__init__()
-        cfg = cfg or DDPMConfig()
-        cfg.validate()
-        self.cfg = cfg
-        self.sources = tuple(cfg.sources)
-        self.window = k = cfg.window
-        self.gating = ModalityGating(len(self.sources), k, cfg.gating)
+        k = self._setup_gated(cfg or DDPMConfig())
+        cfg = self.cfg
         self.diffusion = GaussianDiffusion(cfg.diffusion)
         self.net = TimeUNet(2 * k, k, cfg.unet)
-        self.spatial_multiple = 2 ** (len(cfg.unet.mult) - 1)
-
-    def condition(self, sources: dict[str, Tensor]) -> Tensor:
-        """The gated source window (B, K, H, W) the network is conditioned on."""
-        return self.gating(self.source_list(sources))
 
     def predict_eps(self, x_t: Tensor, cond: Tensor, t: Tensor) -> Tensor:
         """``eps_theta(cat(x_t, c), t)``."""
@@ -136,8 +127,7 @@ class DDPM(SynthesisMethod):
                         group: str | None = None) -> dict[str, Tensor]:
         """Ho et al.'s L_simple: ``|| eps - eps_theta(sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, c, t) ||^2``,
         one uniform t per sample."""
-        if group not in (None, "main"):
-            raise ValueError(f"{self.name} has one optimiser group 'main', got group={group!r}")
+        self.check_group(group)
         x0, _ = self.check_batch(batch)
         cond = self.condition(batch["sources"])
         t = self.diffusion.sample_timesteps(x0.shape[0], x0.device, generator)

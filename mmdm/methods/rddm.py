@@ -36,9 +36,9 @@ from mmdm.config import ConfigError
 from mmdm.diffusion import randn_like
 from mmdm.diffusion.rddm import ResidualConfig, ResidualDiffusion, sample_residual
 from mmdm.methods import METHODS
-from mmdm.methods.base import Batch, OptimConfig, SynthesisMethod, assemble_config
+from mmdm.methods.base import Batch, GatedMethod, OptimConfig, assemble_config
 from mmdm.nets import TimeUNet, UNetConfig
-from mmdm.nets.gating import GatingConfig, ModalityGating
+from mmdm.nets.gating import GatingConfig
 
 LOSSES = ("l1", "l2")
 
@@ -149,26 +149,17 @@ def rddm_config(config: str | RDDMConfig | dict = "paper", sources: tuple[str, .
     return assemble_config(RDDMConfig, NAMED_CONFIGS, config, sources, overrides, "RDDM")
 
 
-class RDDM(SynthesisMethod):
+class RDDM(GatedMethod):
     """Gated multi-modal input -> residual + noise diffusion -> TOF-MRA window."""
 
     name = "rddm"
 
     def __init__(self, cfg: RDDMConfig | None = None):
         super().__init__()
-        cfg = cfg or RDDMConfig()
-        cfg.validate()
-        self.cfg = cfg
-        self.sources = tuple(cfg.sources)
-        self.window = k = cfg.window
-        self.gating = ModalityGating(len(self.sources), k, cfg.gating)
+        k = self._setup_gated(cfg or RDDMConfig())
+        cfg = self.cfg
         self.process = ResidualDiffusion(cfg.diffusion)
         self.net = ResNoiseNet(k, cfg.unet, cfg.separate_networks)
-        self.spatial_multiple = 2 ** (len(cfg.unet.mult) - 1)
-
-    def condition(self, sources: dict[str, Tensor]) -> Tensor:
-        """The gated source window ``I_in`` (B, K, H, W)."""
-        return self.gating(self.source_list(sources))
 
     def predict_res_noise(self, x_t: Tensor, x_in: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         """``(res_hat, eps_hat)`` from ``net(cat(I_t, I_in), t)``."""
@@ -178,8 +169,7 @@ class RDDM(SynthesisMethod):
     def training_losses(self, batch: Batch, generator: torch.Generator | None = None,
                         group: str | None = None) -> dict[str, Tensor]:
         """``loss(res_hat, I_in - I_0) + loss(eps_hat, eps)`` at one uniform t per sample."""
-        if group not in (None, "main"):
-            raise ValueError(f"{self.name} has one optimiser group 'main', got group={group!r}")
+        self.check_group(group)
         x0, _ = self.check_batch(batch)
         x_in = self.condition(batch["sources"])
         res = x_in - x0
