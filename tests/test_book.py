@@ -84,6 +84,11 @@ def test_interrupted_study_resumes_without_retraining(smoke_study):
     for run in second:
         assert (work / "results" / "smoke" / run / "summary.json").is_file()
         assert not list((work / "results" / "smoke" / run).glob("*.pt")), "records hold no checkpoints"
+        for name in ("config.yaml", "summary.json"):  # portable: no path of the machine that ran it
+            text = (work / "results" / "smoke" / run / name).read_text()
+            assert str(work) not in text
+        config = (work / "results" / "smoke" / run / "config.yaml").read_text()
+        assert "root: data/phantom-tiny" in config
 
 
 def _html_rows(page: str) -> dict[str, list[str]]:

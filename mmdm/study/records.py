@@ -79,26 +79,46 @@ def export_record(run_dir: str | Path, record_dir: str | Path) -> Path:
         raise RuntimeError(f"run {run_dir} is not evaluated yet (no summary.json): nothing to export")
     record_dir.mkdir(parents=True, exist_ok=True)
     (record_dir / "summary.json").unlink(missing_ok=True)
-    for src in (p.config, p.provenance, p.metrics, run_dir / "vessel_metrics.csv"):
+    for src in (p.provenance, p.metrics, run_dir / "vessel_metrics.csv"):
         if not src.is_file():
             continue
         with atomic_path(record_dir / src.name) as tmp:
             shutil.copyfile(src, tmp)
-    write_text(record_dir / "scalars.csv", read_scalars(run_dir).to_csv(index=False))
-    summary = json.loads(p.summary.read_text())
-    subject = summary["subjects"][0]
     import yaml
 
     cfg = yaml.safe_load(p.config.read_text())
+    data_root = cfg["data"]["root"]
+    write_text(record_dir / "config.yaml", yaml.safe_dump(_portable(cfg), sort_keys=False))
+    write_text(record_dir / "scalars.csv", read_scalars(run_dir).to_csv(index=False))
+    summary = json.loads(p.summary.read_text())
+    subject = summary["subjects"][0]
     target_mod = cfg["data"]["target"]
-    target = Layout(cfg["data"]["root"]).image(subject, target_mod)
+    target = Layout(data_root).image(subject, target_mod)
     pred = nib.load(str(p.predictions / f"{subject}_{target_mod}.nii.gz")).get_fdata(dtype=np.float32)
     buf = io.BytesIO()
     np.savez_compressed(buf, subject=np.array(subject), **figure_panels(pred, nib.load(str(target)).get_fdata(dtype=np.float32)))
     with atomic_path(record_dir / "panels.npz") as tmp:
         tmp.write_bytes(buf.getvalue())
-    write_json(record_dir / "summary.json", summary)
+    write_json(record_dir / "summary.json", _portable(summary))
     return record_dir
+
+
+def _portable(obj):
+    """``obj`` with every absolute path inside the repository rewritten relative to it, so a
+    committed record does not carry the directory layout of the machine that ran it."""
+    from mmdm.paths import repo_root
+
+    try:
+        root = str(repo_root()).rstrip("/") + "/"
+    except Exception:  # pragma: no cover - outside a checkout nothing is rewritten
+        return obj
+    if isinstance(obj, dict):
+        return {k: _portable(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_portable(v) for v in obj]
+    if isinstance(obj, str) and obj.startswith(root):
+        return obj[len(root):]
+    return obj
 
 
 def load_records(results_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
