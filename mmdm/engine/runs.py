@@ -22,6 +22,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -170,6 +171,8 @@ def environment_info(device: Any = None) -> dict[str, Any]:
         "numpy": np.__version__,
         "platform": platform.platform(),
         "hostname": platform.node(),
+        "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
         "packages": package_versions(),
     }
 

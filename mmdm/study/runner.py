@@ -80,6 +80,17 @@ def _gpu_count() -> int:
         return 0
 
 
+def job_env(i: int, jobs: int, n_gpu: int, root: Path) -> dict[str, str]:
+    """Environment of the ``i``-th parallel job: one GPU each where there are GPUs; on a CPU
+    machine the cores shared out (``OMP_NUM_THREADS``) unless the user has set it."""
+    env = {"MMDM_ROOT": str(root)}
+    if n_gpu:
+        env["CUDA_VISIBLE_DEVICES"] = str(i % n_gpu)
+    elif "OMP_NUM_THREADS" not in os.environ:
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
+    return env
+
+
 def run_study(profile: str | StudyProfile = "quick", only: Sequence[str] | None = None, device: str | None = None,
               jobs: int = 1, book: bool = True, log: Callable[[str], None] = print, **profile_overrides) -> dict:
     """Run (or resume) the whole study for ``profile``; returns ``{run: "done"|"skipped"}``."""
@@ -106,11 +117,7 @@ def run_study(profile: str | StudyProfile = "quick", only: Sequence[str] | None 
     def one(i_spec: tuple[int, RunSpec]) -> str:
         i, spec = i_spec
         params = run_parameters(spec, profile, 0, device)
-        env = None
-        if jobs > 1:
-            env = {"MMDM_ROOT": str(root)}
-            if n_gpu:
-                env["CUDA_VISIBLE_DEVICES"] = str(i % n_gpu)
+        env = job_env(i, jobs, n_gpu, root) if jobs > 1 else None
         run_dir = runs_dir(profile) / spec.name
         log(f"[{i + 1}/{len(todo)}] {spec.name}: training")
         execute("02_train", run_dir / "02_train.ipynb", params, log, env)
