@@ -20,7 +20,8 @@ RUN_PARAMS = {"profile", "method", "variant", "sources", "seed", "device"}
 AGG_PARAMS = {"profile", "results"}
 DOCUMENTED = {"01_data.ipynb": {"profile", "data_dir", "build_if_missing", "subject", "seed"},
               "02_train.ipynb": RUN_PARAMS, "03_evaluate.ipynb": RUN_PARAMS, "04_results.ipynb": AGG_PARAMS,
-              "05_qualitative.ipynb": AGG_PARAMS, "06_training.ipynb": AGG_PARAMS, "07_claims.ipynb": AGG_PARAMS}
+              "05_qualitative.ipynb": AGG_PARAMS, "06_training.ipynb": AGG_PARAMS, "07_claims.ipynb": AGG_PARAMS,
+              "08_uncertainty.ipynb": AGG_PARAMS, "09_frontier.ipynb": AGG_PARAMS}
 
 
 def test_every_notebook_is_tested():
@@ -79,7 +80,9 @@ def test_interrupted_study_resumes_without_retraining(smoke_study):
     work, first, second, ckpt, stamp = smoke_study
     assert first == {"mmdm-full": "done", "pix2pix": "done"}
     assert second["mmdm-full"] == second["pix2pix"] == "skipped"
-    assert sum(v == "done" for v in second.values()) == 11 and len(second) == 13
+    # the 11 other runs and the smoke profile's seed repeat of MMDM full
+    assert sum(v == "done" for v in second.values()) == 12 and len(second) == 14
+    assert second["mmdm-full-s1"] == "done"
     assert ckpt.stat().st_mtime_ns == stamp  # the completed run was not touched
     for run in second:
         assert (work / "results" / "smoke" / run / "summary.json").is_file()
@@ -123,7 +126,8 @@ def test_book_renders_every_page(smoke_study):
     work = smoke_study[0]
     html = work / "_build" / "html"
     assert "simulat" in (html / "data_cards" / "phantom.html").read_text().lower()
-    for page in ("01_data", "04_results", "05_qualitative", "06_training", "07_claims", "deviations"):
+    for page in ("01_data", "04_results", "05_qualitative", "06_training", "07_claims", "08_uncertainty",
+                 "09_frontier", "deviations"):
         assert (html / "book" / "generated" / f"{page}.html").is_file(), page
     data_page = (html / "book" / "generated" / "01_data.html").read_text()
     glued = _glued(work / "book" / "generated" / "01_data.ipynb")
@@ -151,3 +155,55 @@ def test_vessel_metrics_use_a_segmentation_fitted_on_validation_subjects_only(sm
         assert set(v.subject) <= set(splits["test"]) and v.cldice.between(0, 1).all()
     page = (work / "_build" / "html" / "book" / "generated" / "04_results.html").read_text()
     assert "clDice" in page and "Betti-0 error" in page
+
+
+def _text(page: Path) -> str:
+    return unescape(re.sub(r"<[^>]+>", " ", " ".join(page.read_text().split())))
+
+
+def test_seed_repeat_is_trained_with_its_seed_and_shown_beside_seed_zero(smoke_study):
+    work = smoke_study[0]
+    rec = work / "results" / "smoke"
+    s0 = json.loads((rec / "mmdm-full" / "summary.json").read_text())
+    s1 = json.loads((rec / "mmdm-full-s1" / "summary.json").read_text())
+    assert s0["provenance"]["seeds"]["train"] == 0 and s1["provenance"]["seeds"]["train"] == 1
+    assert s1["subjects"] == s0["subjects"] and s1["sampling"] == s0["sampling"]  # evaluated identically
+    rows = _html_rows((work / "_build" / "html" / "book" / "generated" / "04_results.html").read_text())
+    from mmdm.study.tables import fmt
+
+    psnr = [pd.read_csv(rec / r / "metrics.csv").psnr.mean() for r in ("mmdm-full", "mmdm-full-s1")]
+    cell = f"{fmt(sum(psnr) / 2, 'psnr')} ± {fmt(pd.Series(psnr).std(ddof=1), 'psnr')}"
+    assert any("0,1" in cells and cell in cells for cells in rows["mmdm-full"]), rows["mmdm-full"]
+
+
+def test_uncertainty_record_and_page(smoke_study):
+    from mmdm.study.uncertainty import load_uncertainty
+
+    work = smoke_study[0]
+    unc = load_uncertainty(work / "results" / "smoke" / "analysis" / "uncertainty")
+    assert unc is not None and unc["summary"]["sampling"]["n_samples"] == 2
+    t = unc["subjects"]
+    assert len(t) == 1 and (t.mean_std > 0).all()  # the bridge sampler is stochastic: draws differ
+    assert t.top_decile_error_share.between(0, 1).all() and len(unc["bins"]) == 10
+    assert unc["panels"]["std_axial"].shape == unc["panels"]["target_axial"].shape
+    page = _text(work / "_build" / "html" / "book" / "generated" / "08_uncertainty.html")
+    assert f"Median Spearman correlation between uncertainty and error: {t.spearman_rho.median():.2f}" in page
+    assert (work / "_build" / "html" / "book" / "generated" / "08_uncertainty.html").read_text().count("<img") >= 2
+
+
+def test_frontier_record_and_recommendation_on_the_page(smoke_study):
+    from mmdm.study.frontier import load_frontier, recommend
+
+    work = smoke_study[0]
+    fr = load_frontier(work / "results" / "smoke" / "analysis" / "frontier")
+    assert fr is not None
+    t = fr["table"]
+    assert len(t) == 2 * 2 * 2  # steps (2, 3) x strides (2, 5) x coupled/independent, one subject
+    assert set(t["mode"]) == {"coupled", "independent"} and (t.wall_s > 0).all()
+    windows = t.groupby("stride").windows.first()
+    assert windows[2] > windows[5]  # a smaller stride synthesises more windows
+    rec = recommend(t)
+    assert rec["reference"]["steps"] == 3 and rec["reference"]["stride"] == 2 and rec["reference"]["mode"] == "coupled"
+    page = _text(work / "_build" / "html" / "book" / "generated" / "09_frontier.html")
+    ch = rec["choice"]
+    assert f"Recommended: {ch['steps']} steps, stride {ch['stride']}, {ch['mode']}" in page

@@ -20,3 +20,197 @@ def test_parallel_gpu_jobs_get_one_gpu_each_and_the_users_threads_are_kept(monke
     monkeypatch.setenv("OMP_NUM_THREADS", "5")
     assert [job_env(i, 3, 2, Path("/r"))["CUDA_VISIBLE_DEVICES"] for i in range(3)] == ["0", "1", "0"]
     assert "OMP_NUM_THREADS" not in job_env(0, 2, 0, Path("/r"))  # the user's setting wins
+
+
+# ---------------------------------------------------------------------------- seeds
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
+
+
+def _per_subject(values: dict[str, list[float]]) -> pd.DataFrame:
+    return pd.DataFrame([{"run": run, "subject": f"sub-{i}", "psnr": v} for run, vs in values.items()
+                         for i, v in enumerate(vs)])
+
+
+def test_seed_names_round_trip():
+    from mmdm.study.seeds import seeded_name, split_seed
+
+    for run in ("mmdm-full", "mmdm-full-T1w+T2w", "pix2pix"):
+        for seed in (0, 1, 12):
+            assert split_seed(seeded_name(run, seed)) == (run, seed)
+    assert split_seed("mmdm-s0") == ("mmdm-s0", 0)  # -s0 is not a seed suffix: seed 0 has none
+
+
+def test_strongest_baseline_is_decided_by_seed_zero_records_of_every_baseline():
+    from mmdm.study.runs import BASELINES
+    from mmdm.study.seeds import resolve_seed_runs, strongest_baseline
+
+    values = {b: [20.0 + i, 20.0 + i] for i, b in enumerate(BASELINES)}
+    values["resvit"] = [40.0, 41.0]
+    values["mmdm-full"] = [50.0, 50.0]  # not a baseline
+    per_subject = _per_subject(values)
+    assert strongest_baseline(per_subject) == "resvit"
+    names, notes = resolve_seed_runs(["mmdm-full", "strongest-baseline", "mmdm-full"], per_subject)
+    assert names == ["mmdm-full", "resvit"] and not notes
+    partial = per_subject[per_subject.run != "rddm"]
+    names, notes = resolve_seed_runs(["strongest-baseline"], partial)
+    assert names == [] and "rddm" in notes[0]
+    with pytest.raises(KeyError, match="not a run of the study"):
+        resolve_seed_runs(["mmdm-fast"], per_subject)
+
+
+def test_seed_specs_repeat_the_run_with_seeded_names():
+    from mmdm.study.seeds import seed_specs
+
+    specs = seed_specs(["mmdm-base", "bbdm"], (0, 1, 2))
+    assert [(s.name, seed) for s, seed in specs] == [("mmdm-base-s1", 1), ("mmdm-base-s2", 2), ("bbdm-s1", 1),
+                                                      ("bbdm-s2", 2)]
+    assert specs[0][0].method == "mmdm" and specs[0][0].variant == "base" and specs[2][0].variant is None
+
+
+def test_seed_spread_and_differences_against_a_direct_computation():
+    from mmdm.study.seeds import seed_differences, seed_spread
+
+    per_subject = _per_subject({"mmdm-full": [30, 32], "mmdm-full-s1": [31, 35], "mmdm-full-s2": [29, 29],
+                                "mmdm-base": [28, 28], "mmdm-base-s1": [27, 29], "bbdm": [10, 12]})
+    spread = seed_spread(per_subject, ["psnr"]).set_index("run")
+    assert set(spread.index) == {"mmdm-full", "mmdm-base"}  # bbdm has one seed only
+    full_means = np.array([31.0, 33.0, 29.0])
+    assert spread.loc["mmdm-full", "psnr_mean"] == pytest.approx(full_means.mean())
+    assert spread.loc["mmdm-full", "psnr_sd"] == pytest.approx(full_means.std(ddof=1))
+    assert spread.loc["mmdm-full", "seeds"] == "0,1,2"
+    d = seed_differences(per_subject, ["psnr"]).iloc[0]
+    base_means = np.array([28.0, 28.0])
+    assert d.other == "mmdm-base" and d.difference == pytest.approx(full_means.mean() - base_means.mean())
+    se = np.sqrt(full_means.var(ddof=1) / 3 + base_means.var(ddof=1) / 2)
+    assert d.se_difference == pytest.approx(se)
+
+
+def test_seed_tables_are_empty_but_well_formed_with_one_seed_per_run():
+    from mmdm.study.seeds import seed_differences, seed_spread
+    from mmdm.study.tables import seed_difference_table, seed_table
+
+    for per_subject in (_per_subject({"mmdm-full": [30, 31], "bbdm": [20, 21]}), _per_subject({})):
+        assert seed_spread(per_subject, ["psnr"]).empty and seed_differences(per_subject, ["psnr"]).empty
+        assert seed_table(per_subject).empty and seed_difference_table(per_subject).empty
+
+
+def test_select_runs_accepts_seed_runs_and_analyses_and_rejects_the_rest():
+    from mmdm.study.profiles import get_profile
+    from mmdm.study.runner import select_runs
+
+    prof = get_profile("standard")
+    assert [r.name for r in select_runs(prof, ["bbdm", "mmdm-full-s2", "frontier"])] == ["bbdm"]
+    with pytest.raises(KeyError, match="mmdm-full-s7"):
+        select_runs(prof, ["mmdm-full-s7"])  # seed 7 is not one of the profile's seeds
+
+
+# ---------------------------------------------------------------------------- uncertainty
+
+
+def test_uncertainty_that_equals_the_error_correlates_perfectly():
+    from mmdm.study.uncertainty import uncertainty_stats
+
+    rng = np.random.default_rng(0)
+    target = rng.uniform(size=(20, 20, 10))
+    err = rng.uniform(0, 0.2, size=target.shape)
+    stats, bins = uncertainty_stats(target + err, err, target)
+    assert stats["pearson_r"] == pytest.approx(1.0) and stats["spearman_rho"] == pytest.approx(1.0)
+    assert stats["mean_abs_error"] == pytest.approx(err.mean())
+    top = np.sort(err.ravel())[-len(err.ravel()) // 10:]
+    assert stats["top_decile_error_share"] == pytest.approx(top.sum() / err.sum())
+    assert np.all(np.diff(bins.abs_error_mean) > 0) and bins.n_voxels.sum() == err.size
+
+
+def test_uncertainty_unrelated_to_the_error_does_not_correlate_and_the_mask_counts():
+    from mmdm.study.uncertainty import uncertainty_stats
+
+    rng = np.random.default_rng(1)
+    target = np.zeros((40, 40, 20))
+    pred = rng.normal(0, 0.1, size=target.shape)
+    std = rng.uniform(size=target.shape)
+    mask = np.zeros(target.shape, bool)
+    mask[5:35, 5:35, 2:18] = True
+    stats, _ = uncertainty_stats(pred, std, target, mask)
+    assert abs(stats["pearson_r"]) < 0.05 and abs(stats["spearman_rho"]) < 0.05
+    assert stats["top_decile_error_share"] == pytest.approx(0.1, abs=0.02)
+    assert stats["n_voxels"] == mask.sum()
+    const, _ = uncertainty_stats(pred, np.ones_like(std), target, mask)
+    assert np.isnan(const["pearson_r"]) and np.isnan(const["spearman_rho"])
+    with pytest.raises(ValueError, match="one shape"):
+        uncertainty_stats(pred, std[:-1], target)
+
+
+# ---------------------------------------------------------------------------- frontier
+
+
+def _frontier_table() -> pd.DataFrame:
+    rows = []
+    for subject, bias in (("sub-a", 0.0), ("sub-b", 1.0)):
+        for mode, mode_cost, mode_q in (("coupled", 1.0, 0.0), ("independent", 1.0, -0.5)):
+            for stride in (1, 2, 5):
+                for steps in (10, 50, 200):
+                    wall = mode_cost * steps / stride
+                    psnr = 30 + bias + mode_q - 2.0 / np.sqrt(steps) - 0.05 * stride
+                    rows.append({"subject": subject, "mode": mode, "stride": stride, "steps": steps,
+                                 "windows": 100 // stride, "wall_s": wall, "psnr": psnr, "mip_psnr": psnr - 5,
+                                 "ssim": 0.9, "cldice": 0.5, "dice": 0.5})
+    return pd.DataFrame(rows)
+
+
+def test_frontier_recommendation_is_the_cheapest_setting_within_tolerance():
+    from mmdm.study.frontier import recommend, summarise
+
+    t = _frontier_table()
+    rec = recommend(t, tol_db=0.2)
+    assert rec["reference"]["steps"] == 200 and rec["reference"]["stride"] == 1
+    assert rec["reference"]["mode"] == "coupled"
+    s = summarise(t)
+    ref_psnr = s[(s["mode"] == "coupled") & (s.stride == 1) & (s.steps == 200)].psnr.iloc[0]
+    ok = s[s.psnr >= ref_psnr - 0.2]
+    best = ok.loc[ok.wall_s.idxmin()]
+    assert (rec["choice"]["mode"], rec["choice"]["stride"], rec["choice"]["steps"]) == (best["mode"], best.stride,
+                                                                                           best.steps)
+    assert rec["choice"]["psnr"] >= ref_psnr - 0.2 and rec["speedup"] == pytest.approx(200 / best.wall_s)
+    # a zero tolerance keeps only settings at least as good as the reference
+    strict = recommend(t, tol_db=0.0)
+    assert strict["choice"]["psnr"] >= ref_psnr - 1e-12
+
+
+def test_frontier_pareto_set_has_no_dominated_setting():
+    from mmdm.study.frontier import pareto, summarise
+
+    t = _frontier_table()
+    front, s = pareto(t), summarise(t)
+    for _, f in front.iterrows():
+        dominated = s[(s.wall_s <= f.wall_s) & (s.psnr > f.psnr)]
+        assert dominated.empty
+    assert front.wall_s.is_monotonic_increasing and front.psnr.is_monotonic_increasing
+
+
+def test_frontier_grid_validates():
+    from mmdm.study.frontier import grid
+
+    g = grid([50, 10], [5, 1], ["coupled"])
+    assert [(x["stride"], x["steps"]) for x in g] == [(1, 10), (1, 50), (5, 10), (5, 50)]
+    with pytest.raises(ValueError, match=">= 1"):
+        grid([0], [1], ["coupled"])
+    with pytest.raises(ValueError, match="at least one"):
+        grid([], [1], ["coupled"])
+
+
+def test_records_only_executes_the_result_notebooks_and_trains_nothing(monkeypatch, tmp_path):
+    import mmdm.study.api as api
+    import mmdm.study.runner as runner
+
+    monkeypatch.setenv("MMDM_ROOT", str(tmp_path))
+    executed = []
+    monkeypatch.setattr(runner, "execute", lambda name, out, params, log, env=None: executed.append(name))
+    monkeypatch.setattr(api, "ensure_data", lambda profile: tmp_path)
+    monkeypatch.setattr(runner, "build_book", lambda root, log: executed.append("book"))
+    status = runner.run_study("smoke", records_only=True, log=lambda s: None)
+    assert status == {}
+    assert executed == ["01_data", *runner.AGGREGATE_NOTEBOOKS, "book"]
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "results").exists()

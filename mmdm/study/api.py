@@ -24,6 +24,29 @@ def results_dir(profile: StudyProfile | str) -> Path:
     return project_path(Path("results") / get_profile(profile).name)
 
 
+def analysis_dir(profile: StudyProfile | str) -> Path:
+    """Records of the analyses of trained models (uncertainty, frontier): ``results/<profile>/analysis``."""
+    return results_dir(profile) / "analysis"
+
+
+def analysis_target(profile: StudyProfile, analysis: str, log=print) -> tuple[Path, Path | None]:
+    """(record folder of ``analysis``, MMDM full's run folder to analyse, or None when the record
+    is complete or no trained model is here -- said in ``log``)."""
+    from mmdm.engine.runs import run_paths
+    from mmdm.study.runs import REFERENCE_RUN
+
+    out = analysis_dir(profile) / analysis
+    if (out / "summary.json").is_file():
+        log(f"[skip] {analysis}: record complete ({out})")
+        return out, None
+    run_dir = runs_dir(profile) / REFERENCE_RUN
+    if not run_paths(run_dir).train_complete.is_file():
+        log(f"[skip] {analysis}: {run_dir} holds no trained model (a record alone cannot be sampled); "
+            f"run `mmdm study --profile {profile.name}` where the checkpoint is")
+        return out, None
+    return out, run_dir
+
+
 def parse_sources(sources: str | Sequence[str] | None, profile: StudyProfile) -> tuple[str, ...]:
     """``"T1w,T2w"`` / a list / empty -> a tuple of modality names (empty: the profile's)."""
     if not sources:

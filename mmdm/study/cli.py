@@ -19,7 +19,7 @@ def _cmd_study(args: argparse.Namespace) -> int:
         overrides["sources"] = args.sources
     try:
         run_study(args.profile, only=args.only, device=args.device, jobs=args.jobs, book=not args.no_book,
-                  **overrides)
+                  records_only=args.records_only, **overrides)
     except (KeyError, RuntimeError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -33,19 +33,24 @@ def add_study_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "study", help="run the whole study (13 trainings, evaluation, notebooks, book) for a profile",
         description="Execute the study's notebooks with papermill in order: the cohort (01_data), every run's "
-        "training (02_train) and evaluation (03_evaluate), then the aggregate notebooks (04_results, "
-        "05_qualitative, 06_training, 07_claims), then `jupyter-book build`. Runs whose record under results/PROFILE is "
+        "training (02_train) and evaluation (03_evaluate), the seed repeats of the profile's seed runs, the "
+        "analyses of MMDM full (uncertainty from repeated sampling, the speed-quality frontier), then the "
+        "aggregate notebooks (04_results ... 09_frontier), then `jupyter-book build`. Runs whose record under results/PROFILE is "
         "complete are skipped, so an interrupted study resumes.",
         epilog="profiles:\n" + profiles, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--profile", default="quick", choices=sorted(PROFILES), help="study profile (default: quick)")
     p.add_argument("--only", nargs="+", default=None, metavar="RUN",
-                   help="run only these runs (e.g. mmdm-full bbdm); the aggregate notebooks still show all records")
+                   help="run only these runs (e.g. mmdm-full bbdm; a seed run: mmdm-full-s1) or analyses "
+                   "(uncertainty, frontier); the aggregate notebooks still show all records")
     p.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (default: the profile's)")
     p.add_argument("--jobs", type=int, default=1, help="independent runs in parallel (one per GPU where there are several)")
     p.add_argument("--dataset", default=None, help="a dataset directory in the study's layout instead of the phantom "
                    "(e.g. data/ixi)")
     p.add_argument("--sources", nargs="+", default=None, help="source modalities (e.g. T1w T2w PDw for IXI)")
     p.add_argument("--no-book", action="store_true", help="skip `jupyter-book build`")
+    p.add_argument("--records-only", action="store_true",
+                   help="train and evaluate nothing: execute the result notebooks on the records already in "
+                   "results/PROFILE and build the book (how the published book is rebuilt)")
     p.add_argument("--book-only", action="store_true", help="only rebuild the book from the executed notebooks")
     p.set_defaults(func=_cmd_study)
     return p

@@ -88,7 +88,7 @@ def export_record(run_dir: str | Path, record_dir: str | Path) -> Path:
 
     cfg = yaml.safe_load(p.config.read_text())
     data_root = cfg["data"]["root"]
-    write_text(record_dir / "config.yaml", yaml.safe_dump(_portable(cfg), sort_keys=False))
+    write_text(record_dir / "config.yaml", yaml.safe_dump(portable(cfg), sort_keys=False))
     write_text(record_dir / "scalars.csv", read_scalars(run_dir).to_csv(index=False))
     summary = json.loads(p.summary.read_text())
     subject = summary["subjects"][0]
@@ -99,11 +99,11 @@ def export_record(run_dir: str | Path, record_dir: str | Path) -> Path:
     np.savez_compressed(buf, subject=np.array(subject), **figure_panels(pred, nib.load(str(target)).get_fdata(dtype=np.float32)))
     with atomic_path(record_dir / "panels.npz") as tmp:
         tmp.write_bytes(buf.getvalue())
-    write_json(record_dir / "summary.json", _portable(summary))
+    write_json(record_dir / "summary.json", portable(summary))
     return record_dir
 
 
-def _portable(obj):
+def portable(obj):
     """``obj`` with every absolute path inside the repository rewritten relative to it, so a
     committed record does not carry the directory layout of the machine that ran it."""
     from mmdm.paths import repo_root
@@ -113,9 +113,9 @@ def _portable(obj):
     except Exception:  # pragma: no cover - outside a checkout nothing is rewritten
         return obj
     if isinstance(obj, dict):
-        return {k: _portable(v) for k, v in obj.items()}
+        return {k: portable(v) for k, v in obj.items()}
     if isinstance(obj, list):
-        return [_portable(v) for v in obj]
+        return [portable(v) for v in obj]
     if isinstance(obj, str) and obj.startswith(root):
         return obj[len(root):]
     return obj

@@ -1,7 +1,8 @@
 """`mmdm study`: execute the study's notebooks with papermill, in order, and build the book.
 
-    cohort (01_data) -> for each run: 02_train, 03_evaluate -> 04_results, 05_qualitative,
-    06_training, 07_claims -> jupyter-book build
+    cohort (01_data) -> for each run: 02_train, 03_evaluate -> seed runs (02/03 again) ->
+    analyses of MMDM full (uncertainty, frontier) -> 04_results, 05_qualitative, 06_training,
+    07_claims, 08_uncertainty, 09_frontier -> jupyter-book build
 
 A run whose record (``results/<profile>/<run>/summary.json``) is complete is
 skipped, so an interrupted study resumes where it stopped; an interrupted
@@ -24,7 +25,9 @@ from mmdm.study.profiles import StudyProfile, get_profile
 from mmdm.study.records import record_complete
 from mmdm.study.runs import RunSpec, study_runs
 
-AGGREGATE_NOTEBOOKS = ("04_results", "05_qualitative", "06_training", "07_claims")
+#: analyses of MMDM full's trained model, after the runs (names usable with ``--only``)
+ANALYSES = ("uncertainty", "frontier")
+AGGREGATE_NOTEBOOKS = ("04_results", "05_qualitative", "06_training", "07_claims", "08_uncertainty", "09_frontier")
 
 
 def notebook(name: str) -> Path:
@@ -61,14 +64,38 @@ def run_parameters(spec: RunSpec, profile: StudyProfile, seed: int, device: str 
 
 
 def select_runs(profile: StudyProfile, only: Sequence[str] | None = None) -> list[RunSpec]:
+    """The profile's seed-0 runs (all, or those named in ``only``). Names in ``only`` may also be
+    seed runs (``mmdm-full-s1``) of the profile's seeds; those are run by the seed stage."""
+    from mmdm.study.seeds import split_seed
+
     runs = study_runs(profile.sources)
     if only:
         names = {r.name for r in runs}
-        unknown = [o for o in only if o not in names]
+        unknown = [o for o in only if o not in names and o not in ANALYSES
+                   and not (split_seed(o)[0] in names and split_seed(o)[1] in profile.seeds)]
         if unknown:
-            raise KeyError(f"unknown run(s) {unknown}; the study's runs are: {', '.join(sorted(names))}")
+            raise KeyError(f"unknown run(s) {unknown}; the study's runs are: {', '.join(sorted(names))} "
+                           f"(and NAME-sN for the profile's seeds {list(profile.seeds)}; the analyses "
+                           f"{' and '.join(ANALYSES)})")
         runs = [r for r in runs if r.name in only]
     return runs
+
+
+def select_seed_runs(profile: StudyProfile, only: Sequence[str] | None = None,
+                     log: Callable[[str], None] = print) -> list[tuple[RunSpec, int]]:
+    """The seed runs (seed > 0) of ``profile.seed_runs``, resolved against the seed-0 records."""
+    from mmdm.study.api import results_dir
+    from mmdm.study.records import load_records
+    from mmdm.study.seeds import resolve_seed_runs, seed_specs
+
+    if len(profile.seeds) < 2 or not profile.seed_runs:
+        return []
+    per_subject, _ = load_records(results_dir(profile))
+    names, notes = resolve_seed_runs(profile.seed_runs, per_subject, profile.sources)
+    for note in notes:
+        log(f"[seeds] {note}")
+    specs = seed_specs(names, profile.seeds, profile.sources)
+    return [(spec, seed) for spec, seed in specs if not only or spec.name in only]
 
 
 def _gpu_count() -> int:
@@ -92,8 +119,12 @@ def job_env(i: int, jobs: int, n_gpu: int, root: Path) -> dict[str, str]:
 
 
 def run_study(profile: str | StudyProfile = "quick", only: Sequence[str] | None = None, device: str | None = None,
-              jobs: int = 1, book: bool = True, log: Callable[[str], None] = print, **profile_overrides) -> dict:
-    """Run (or resume) the whole study for ``profile``; returns ``{run: "done"|"skipped"}``."""
+              jobs: int = 1, book: bool = True, log: Callable[[str], None] = print, records_only: bool = False,
+              **profile_overrides) -> dict:
+    """Run (or resume) the whole study for ``profile``; returns ``{run: "done"|"skipped"}``.
+
+    ``records_only``: train, evaluate and analyse nothing; the aggregate notebooks and the book
+    show the records already under ``results/<profile>`` (missing ones as not yet measured)."""
     from mmdm.study.api import ensure_data, results_dir, runs_dir
 
     profile = get_profile(profile, **profile_overrides)
@@ -107,32 +138,51 @@ def run_study(profile: str | StudyProfile = "quick", only: Sequence[str] | None 
     execute("01_data", generated / "01_data.ipynb",
             {"profile": profile.cohort, "data_dir": profile.data_dir, "build_if_missing": profile.dataset == "phantom"},
             log)
-    runs = select_runs(profile, only)
-    todo = [r for r in runs if not record_complete(results_dir(profile) / r.name)]
-    status = {r.name: "skipped" for r in runs if r not in todo}
-    for name in status:
-        log(f"[skip] {name}: record complete")
     n_gpu = _gpu_count() if jobs > 1 else 0
+    status: dict[str, str] = {}
 
-    def one(i_spec: tuple[int, RunSpec]) -> str:
-        i, spec = i_spec
-        params = run_parameters(spec, profile, 0, device)
+    def one(i: int, n: int, spec: RunSpec, seed: int) -> str:
+        params = run_parameters(spec, profile, seed, device)
         env = job_env(i, jobs, n_gpu, root) if jobs > 1 else None
         run_dir = runs_dir(profile) / spec.name
-        log(f"[{i + 1}/{len(todo)}] {spec.name}: training")
+        log(f"[{i + 1}/{n}] {spec.name}: training")
         execute("02_train", run_dir / "02_train.ipynb", params, log, env)
-        log(f"[{i + 1}/{len(todo)}] {spec.name}: evaluating")
+        log(f"[{i + 1}/{n}] {spec.name}: evaluating")
         execute("03_evaluate", run_dir / "03_evaluate.ipynb", params, log, env)
-        log(f"[{i + 1}/{len(todo)}] {spec.name}: done")
+        log(f"[{i + 1}/{n}] {spec.name}: done")
         return spec.name
 
-    if jobs > 1:
-        with ThreadPoolExecutor(max_workers=jobs) as pool:
-            for name in pool.map(one, enumerate(todo)):
-                status[name] = "done"
+    def stage(items: list[tuple[RunSpec, int]]) -> None:
+        todo = []
+        for spec, seed in items:
+            if record_complete(results_dir(profile) / spec.name):
+                status[spec.name] = "skipped"
+                log(f"[skip] {spec.name}: record complete")
+            else:
+                todo.append((spec, seed))
+        calls = [(i, len(todo), spec, seed) for i, (spec, seed) in enumerate(todo)]
+        if jobs > 1:
+            with ThreadPoolExecutor(max_workers=jobs) as pool:
+                for name in pool.map(lambda c: one(*c), calls):
+                    status[name] = "done"
+        else:
+            for c in calls:
+                status[one(*c)] = "done"
+
+    if records_only:
+        log(f"[records] the book shows the records in {results_dir(profile)}; nothing is trained")
     else:
-        for item in enumerate(todo):
-            status[one(item)] = "done"
+        stage([(r, 0) for r in select_runs(profile, only)])
+        seed_items = select_seed_runs(profile, only, log)
+        if seed_items:
+            log(f"[seeds] {len(seed_items)} seed run(s): {', '.join(r.name for r, _ in seed_items)}")
+        stage(seed_items)
+        from mmdm.study.frontier import ensure_frontier
+        from mmdm.study.uncertainty import ensure_uncertainty
+
+        for name, ensure in (("uncertainty", ensure_uncertainty), ("frontier", ensure_frontier)):
+            if not only or name in only:
+                ensure(profile, device, log)
     for name in AGGREGATE_NOTEBOOKS:
         log(f"[book] {name}")
         execute(name, generated / f"{name}.ipynb", {"profile": profile.name}, log)

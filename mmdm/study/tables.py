@@ -85,3 +85,39 @@ def paired_summary(cmp: pd.DataFrame) -> pd.DataFrame:
         "p (Holm)": ["–" if pd.isna(p) else f"{p:.3g}" for p in cmp.p_holm],
         "verdict": cmp["verdict"]})
     return out.set_index(["row", "metric"])
+
+
+SEED_METRICS = ("psnr", "mip_psnr", "ssim", "cldice")
+
+
+def seed_table(per_subject: pd.DataFrame, metrics: tuple[str, ...] = SEED_METRICS) -> pd.DataFrame:
+    """Runs trained with several seeds: mean ± seed-to-seed sd of the per-run means."""
+    from mmdm.study.seeds import seed_spread
+
+    metrics = tuple(m for m in metrics if m in per_subject)
+    spread = seed_spread(per_subject, metrics)
+    if spread.empty:
+        return pd.DataFrame(columns=["run", "seeds", *[LABELS[m] for m in metrics]]).set_index("run")
+    out = spread[["run", "seeds"]].copy()
+    for m in metrics:
+        out[LABELS[m]] = [f"{fmt(a, m)} ± {fmt(b, m)}" for a, b in zip(spread[f"{m}_mean"], spread[f"{m}_sd"])]
+    return out.set_index("run")
+
+
+def seed_difference_table(per_subject: pd.DataFrame, metrics: tuple[str, ...] = SEED_METRICS) -> pd.DataFrame:
+    """MMDM full minus each other multi-seed run: difference of seed means beside the seed spread."""
+    from mmdm.study.seeds import seed_differences
+
+    metrics = tuple(m for m in metrics if m in per_subject)
+    d = seed_differences(per_subject, metrics, REFERENCE_RUN)
+    cols = ["full − other (seed means)", "seed sd (full)", "seed sd (other)", "SE of difference", "seeds"]
+    if d.empty:
+        return pd.DataFrame(columns=["other", "metric", *cols]).set_index(["other", "metric"])
+    out = pd.DataFrame({
+        "other": d.other, "metric": d.metric.map(LABELS),
+        cols[0]: [fmt(v, m) for v, m in zip(d.difference, d.metric)],
+        cols[1]: [fmt(v, m) for v, m in zip(d.sd_reference, d.metric)],
+        cols[2]: [fmt(v, m) for v, m in zip(d.sd_other, d.metric)],
+        cols[3]: [fmt(v, m) for v, m in zip(d.se_difference, d.metric)],
+        cols[4]: [f"{a} vs {b}" for a, b in zip(d.n_seeds_reference, d.n_seeds_other)]})
+    return out.set_index(["other", "metric"])

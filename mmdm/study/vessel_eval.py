@@ -27,7 +27,7 @@ def _is_phantom(root: Path) -> bool:
     return (root / "derivatives" / "phantom").is_dir()
 
 
-def _reference(root: Path, subject: str, cfg: VesselSegConfig | None = None):
+def reference_volumes(root: Path, subject: str, cfg: VesselSegConfig | None = None):
     """(target volume scaled to [0, 1], ground-truth vessel mask, brain mask, centrelines, affine)."""
     vol = load_subject_volumes(root, subject, [TARGET_MODALITY])[TARGET_MODALITY]
     target = vol.data / float(vol.data.max())
@@ -50,7 +50,7 @@ def cohort_segmentation(root: str | Path, cache: str | Path) -> VesselSegConfig:
     if _is_phantom(root):
         vols, gts, masks = {}, {}, {}
         for s in Layout(root).split("val"):
-            target, gt, brain, _, _ = _reference(root, s)
+            target, gt, brain, _, _ = reference_volumes(root, s)
             vols[s], gts[s], masks[s] = target, gt, brain
         cfg = fit_segmentation(vols, gts, cfg, masks=masks)
     save_yaml(cfg, cache)
@@ -64,7 +64,7 @@ def vessel_metrics(run_dir: str | Path, data_root: str | Path, cfg: VesselSegCon
     rows = []
     for s in subjects:
         pred = load_volume(run_dir / "predictions" / f"{s}_{TARGET_MODALITY}.nii.gz").data
-        _, gt, brain, centerlines, affine = _reference(root, s, cfg)
+        _, gt, brain, centerlines, affine = reference_volumes(root, s, cfg)
         rows.append({"subject": s, **evaluate_vessels(pred, gt, cfg, centerlines=centerlines, affine=affine,
                                                       brain_mask=brain, subject=s)})
     return pd.DataFrame(rows)

@@ -1,0 +1,203 @@
+"""The speed-quality frontier of MMDM's sampling: steps x window stride x coupled/independent.
+
+The paper samples with 200 steps and overlapping windows every slice (stride
+1), coupling the branches at every step (Fig. 1b). Each of the three costs
+time. For MMDM full this module synthesises whole test volumes for every
+setting of a grid, on one machine, and records the wall time of the
+synthesis and its quality (PSNR and MIP PSNR as in Tables 1-3, SSIM, and the
+vessel metrics clDice and Dice with the cohort's validation-fitted
+segmentation). :func:`recommend` then names the cheapest setting within
+``tol_db`` (0.2 dB) PSNR of the reference setting: the paper's (most steps,
+smallest stride, coupled) where the grid holds it, else the grid's most
+expensive.
+
+The record (``results/<profile>/analysis/frontier/``: ``frontier.csv``, one
+row per subject and setting, written after every setting so an interrupted
+run resumes; ``summary.json`` last) is what the book reads.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import pandas as pd
+
+from mmdm.io import write_json, write_text
+
+SETTING = ["mode", "stride", "steps"]
+QUALITY = ("psnr", "mip_psnr", "ssim", "cldice", "dice")
+
+
+def grid(steps: Sequence[int], strides: Sequence[int], modes: Sequence[str]) -> list[dict[str, Any]]:
+    """Every (mode, stride, steps), cheapest first within a mode and stride."""
+    if not steps or not strides or not modes:
+        raise ValueError("the frontier grid needs at least one value of steps, strides and modes")
+    bad = [v for v in (*steps, *strides) if int(v) < 1]
+    if bad:
+        raise ValueError(f"steps and strides must be >= 1, got {bad}")
+    return [{"mode": m, "stride": int(s), "steps": int(n)} for m in modes for s in sorted(strides)
+            for n in sorted(steps)]
+
+
+def summarise(df: pd.DataFrame) -> pd.DataFrame:
+    """Mean over subjects of wall time and quality per setting."""
+    cols = ["wall_s", "windows", *[q for q in QUALITY if q in df]]
+    return df.groupby(SETTING, as_index=False)[cols].mean()
+
+
+def reference_setting(settings: pd.DataFrame) -> dict[str, Any]:
+    """The paper's setting if the grid holds it (most steps, smallest stride, coupled), else the most
+    expensive setting by mean wall time."""
+    top = settings[(settings.steps == settings.steps.max()) & (settings.stride == settings.stride.min())]
+    coupled = top[top["mode"] == "coupled"]
+    row = (coupled if len(coupled) else top).iloc[0] if len(top) else settings.loc[settings.wall_s.idxmax()]
+    return {k: row[k] for k in SETTING}
+
+
+def recommend(df: pd.DataFrame, tol_db: float = 0.2, metric: str = "psnr",
+              reference: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The cheapest setting (mean wall time) whose mean ``metric`` is within ``tol_db`` of the
+    reference setting's; ``speedup`` is the reference's wall time over the choice's."""
+    s = summarise(df)
+    ref = reference or reference_setting(s)
+    sel = (s["mode"] == ref["mode"]) & (s.stride == ref["stride"]) & (s.steps == ref["steps"])
+    if not sel.any():
+        raise ValueError(f"reference setting {ref} is not in the frontier's grid")
+    ref_row = s[sel].iloc[0]
+    ok = s[s[metric] >= ref_row[metric] - tol_db]
+    choice = ok.loc[ok.wall_s.idxmin()]
+    return {"reference": {k: _plain(ref_row[k]) for k in s.columns}, "choice": {k: _plain(choice[k]) for k in s.columns},
+            "tol_db": tol_db, "metric": metric, "speedup": float(ref_row.wall_s / choice.wall_s)}
+
+
+def pareto(df: pd.DataFrame, metric: str = "psnr") -> pd.DataFrame:
+    """The settings no other setting beats on both mean wall time (lower) and ``metric`` (higher)."""
+    s = summarise(df).sort_values(["wall_s", metric], ascending=[True, False]).reset_index(drop=True)
+    keep, best = [], -np.inf
+    for i, row in s.iterrows():
+        if row[metric] > best:
+            keep.append(i)
+            best = row[metric]
+    return s.loc[keep].reset_index(drop=True)
+
+
+def _plain(v: Any) -> Any:
+    return v.item() if hasattr(v, "item") else v
+
+
+def run_frontier(run_dir: str | Path, out_dir: str | Path, subjects: Sequence[str], steps: Sequence[int],
+                 strides: Sequence[int], modes: Sequence[str] = ("coupled", "independent"), seed: int = 0,
+                 device: str = "auto", seg_cache: str | Path | None = None, profile: str | None = None,
+                 progress: bool = True, log: Callable[[str], None] = print) -> Path:
+    """Synthesise every subject with every setting of the grid; resumable, ``summary.json`` last."""
+    import torch
+
+    from mmdm.data.dataset import load_subject_volumes
+    from mmdm.data.layout import Layout
+    from mmdm.engine.distributed import resolve_device
+    from mmdm.engine.infer import load_run_method, synthesize_volume
+    from mmdm.engine.runs import environment_info, git_info, utc_now
+    from mmdm.metrics import evaluate_volumes
+    from mmdm.paths import project_path, repo_root
+    from mmdm.study.records import portable
+    from mmdm.study.vessel_eval import cohort_segmentation, reference_volumes
+    from mmdm.vessels import evaluate_vessels
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "summary.json").unlink(missing_ok=True)
+    dev = resolve_device(device)
+    method, cfg, ckpt = load_run_method(run_dir, device=dev)
+    mcfg = getattr(method, "cfg", None)
+    if not hasattr(mcfg, "sampling"):
+        modes = ("default",)
+    settings = grid(steps, strides, modes)
+    root = project_path(cfg.data.root)
+    seg = cohort_segmentation(root, seg_cache or out_dir / "vessel_segmentation.yaml")
+    csv = out_dir / "frontier.csv"
+    done = pd.read_csv(csv) if csv.is_file() else pd.DataFrame(columns=["subject", *SETTING])
+    rows = done.to_dict("records")
+    have = {(r["subject"], r["mode"], int(r["stride"]), int(r["steps"])) for r in rows}
+    todo = [(s, g) for s in subjects for g in settings if (s, g["mode"], g["stride"], g["steps"]) not in have]
+    t0, started = time.time(), utc_now()
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(todo), desc="frontier", unit="setting", dynamic_ncols=True)
+    cache: dict[str, Any] = {}
+    original_mode = getattr(mcfg, "sampling", None)
+    try:
+        for s, g in todo:
+            if s not in cache:
+                vols = load_subject_volumes(Layout(root), s, list(cfg.data.sources))
+                cache.clear()
+                cache[s] = ({m: v.data for m, v in vols.items()}, reference_volumes(root, s, seg))
+            srcs, (target, gt, brain, _, _) = cache[s]
+            if g["mode"] != "default":
+                mcfg.sampling = g["mode"]
+            gen = torch.Generator(device=dev).manual_seed(seed)
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            tic = time.perf_counter()
+            res = synthesize_volume(method, srcs, window=cfg.data.window, stride=g["stride"], steps=g["steps"],
+                                    norm=cfg.data.norm, generator=gen, progress=False)
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            wall = time.perf_counter() - tic
+            q = evaluate_volumes(res["mean"], target)
+            v = evaluate_vessels(res["mean"], gt, seg, brain_mask=brain, subject=s)
+            rows.append({"subject": s, **g, "windows": res["windows"], "wall_s": wall,
+                         **{k: q[k] for k in ("psnr", "mip_psnr", "ssim")}, "cldice": v["cldice"], "dice": v["dice"]})
+            write_text(csv, pd.DataFrame(rows).to_csv(index=False))
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix_str(f"{s} {g['mode']} stride {g['stride']} steps {g['steps']}: {wall:.1f} s")
+    finally:
+        if bar is not None:
+            bar.close()
+        if original_mode is not None:
+            mcfg.sampling = original_mode
+    write_json(out_dir / "summary.json", portable({
+        "analysis": "frontier", "run": str(run_dir), "profile": profile, "subjects": list(subjects),
+        "grid": {"steps": sorted(int(x) for x in steps), "strides": sorted(int(x) for x in strides),
+                 "modes": list(modes)},
+        "seed": seed, "checkpoint_step": ckpt.get("step"), "start": started, "end": utc_now(),
+        "wall_s": round(time.time() - t0, 3), "git": git_info(repo_root()), **environment_info(dev)}))
+    return out_dir
+
+
+def load_frontier(out_dir: str | Path) -> dict[str, Any] | None:
+    """``{"table": per subject and setting, "summary": ...}``, or None while missing or unfinished."""
+    out_dir = Path(out_dir)
+    if not (out_dir / "summary.json").is_file():
+        return None
+    return {"table": pd.read_csv(out_dir / "frontier.csv"), "summary": json.loads((out_dir / "summary.json").read_text())}
+
+
+def ensure_frontier(profile, device: str | None = None, log: Callable[[str], None] = print,
+                    progress: bool = True) -> Path | None:
+    """The profile's frontier record: measured with MMDM full's checkpoint unless complete.
+    Returns None (and says why) when the profile skips it or the checkpoint is not here."""
+    from mmdm.data.layout import Layout
+    from mmdm.paths import project_path
+    from mmdm.study.api import analysis_target, results_dir
+    from mmdm.study.profiles import get_profile
+
+    profile = get_profile(profile)
+    if not profile.frontier_steps:
+        return None
+    out, run_dir = analysis_target(profile, "frontier", log)
+    if run_dir is None:
+        return out if (out / "summary.json").is_file() else None
+    subjects = Layout(project_path(profile.data_dir)).split("test")[: profile.frontier_subjects]
+    n = len(profile.frontier_steps) * len(profile.frontier_strides) * len(profile.frontier_modes) * len(subjects)
+    log(f"[analysis] frontier: {n} syntheses of {len(subjects)} test subject(s)")
+    return run_frontier(run_dir, out, subjects, profile.frontier_steps, profile.frontier_strides,
+                        profile.frontier_modes, device=device or profile.device,
+                        seg_cache=results_dir(profile) / "vessel_segmentation.yaml", profile=profile.name,
+                        progress=progress, log=log)

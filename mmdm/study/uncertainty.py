@@ -1,0 +1,169 @@
+"""Per-voxel uncertainty of MMDM from repeated sampling, and whether it tracks the error.
+
+A diffusion model's sampler is stochastic: drawing the same volume ``K``
+times (each draw the paper's sliding-window synthesis with fresh noise) gives
+a per-voxel standard deviation across draws. The synthesis itself is the mean
+of the draws. Inside the brain we ask whether that spread tracks the actual
+error ``|mean - target|``: Pearson and Spearman correlation per subject, the
+mean error in equal-count bins of the standard deviation (a calibration
+curve), and the share of the total error that falls in the 10 % most
+uncertain voxels (0.1 if uncertainty says nothing about the error).
+
+The analysis needs MMDM full's checkpoint (``runs/<profile>/mmdm-full``); its
+record, ``results/<profile>/analysis/uncertainty/`` (``uncertainty.csv``,
+``uncertainty_bins.csv``, ``uncertainty.npz``, then ``summary.json``), is
+what the book reads.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import pandas as pd
+
+from mmdm.io import atomic_path, write_json, write_text
+
+N_BINS = 10
+
+
+def uncertainty_stats(mean: np.ndarray, std: np.ndarray, target: np.ndarray, mask: np.ndarray | None = None,
+                      n_bins: int = N_BINS) -> tuple[dict[str, float], pd.DataFrame]:
+    """Does ``std`` track ``|mean - target|`` inside ``mask``?
+
+    Returns per-volume statistics (``pearson_r``, ``spearman_rho``, ``mean_std``,
+    ``mean_abs_error``, ``top_decile_error_share``, ``n_voxels``) and a table of
+    ``n_bins`` equal-count bins of ``std`` (ascending) with the mean std and
+    the mean absolute error of each. Correlations are NaN where either side is constant.
+    """
+    from scipy.stats import spearmanr
+
+    mean, std, target = (np.asarray(a, dtype=np.float64) for a in (mean, std, target))
+    if not (mean.shape == std.shape == target.shape):
+        raise ValueError(f"mean, std and target must have one shape, got {mean.shape}, {std.shape}, {target.shape}")
+    m = np.ones(mean.shape, bool) if mask is None else np.asarray(mask, bool)
+    if m.shape != mean.shape:
+        raise ValueError(f"mask shape {m.shape} differs from the volume's {mean.shape}")
+    if m.sum() < n_bins:
+        raise ValueError(f"the mask holds {int(m.sum())} voxels, fewer than the {n_bins} bins")
+    s, e = std[m], np.abs(mean - target)[m]
+    constant = s.std() == 0 or e.std() == 0
+    pearson = float("nan") if constant else float(np.corrcoef(s, e)[0, 1])
+    spearman = float("nan") if constant else float(spearmanr(s, e).statistic)
+    order = np.argsort(s, kind="stable")
+    chunks = np.array_split(order, n_bins)
+    bins = pd.DataFrame({"bin": np.arange(n_bins), "std_mean": [s[c].mean() for c in chunks],
+                         "abs_error_mean": [e[c].mean() for c in chunks], "n_voxels": [len(c) for c in chunks]})
+    top = order[len(order) - max(1, len(order) // 10):]
+    share = float(e[top].sum() / e.sum()) if e.sum() > 0 else float("nan")
+    return ({"pearson_r": pearson, "spearman_rho": spearman, "mean_std": float(s.mean()),
+             "mean_abs_error": float(e.mean()), "top_decile_error_share": share, "n_voxels": int(m.sum())}, bins)
+
+
+def uncertainty_panels(mean: np.ndarray, std: np.ndarray, target: np.ndarray) -> dict[str, np.ndarray]:
+    """The central axial slice and the axial maximum projection of target, mean, std and |error|."""
+    err = np.abs(mean - target)
+    z = mean.shape[2] // 2
+    out = {}
+    for name, vol in (("target", target), ("mean", mean), ("std", std), ("error", err)):
+        out[f"{name}_axial"] = vol[:, :, z]
+        out[f"{name}_mip"] = vol.max(axis=2)
+    return {k: np.asarray(v, dtype=np.float16) for k, v in out.items()}
+
+
+def run_uncertainty(run_dir: str | Path, out_dir: str | Path, subjects: Sequence[str], n_samples: int,
+                    steps: int | None = None, stride: int | None = None, seed: int = 0, device: str = "auto",
+                    profile: str | None = None, progress: bool = True) -> Path:
+    """Sample every subject ``n_samples`` times with the run's model and write the record."""
+    import torch
+
+    from mmdm.data.dataset import load_subject_volumes
+    from mmdm.data.layout import Layout
+    from mmdm.engine.distributed import resolve_device
+    from mmdm.engine.infer import load_run_method, synthesize_volume
+    from mmdm.engine.runs import environment_info, git_info, utc_now
+    from mmdm.paths import project_path, repo_root
+    from mmdm.study.records import portable
+    from mmdm.study.vessel_eval import reference_volumes
+
+    if n_samples < 2:
+        raise ValueError(f"uncertainty needs at least 2 samples per subject, got {n_samples}")
+    if not subjects:
+        raise ValueError("no subjects to sample")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "summary.json").unlink(missing_ok=True)
+    t0, started = time.time(), utc_now()
+    dev = resolve_device(device)
+    method, cfg, ckpt = load_run_method(run_dir, device=dev)
+    root = project_path(cfg.data.root)
+    layout = Layout(root)
+    stride = stride or cfg.data.eval_stride
+    rows, bins, panels = [], [], {}
+    for i, s in enumerate(subjects):
+        vols = load_subject_volumes(layout, s, list(cfg.data.sources))
+        target, _, brain, _, _ = reference_volumes(root, s)
+        gen = torch.Generator(device=dev).manual_seed(seed + i)
+        res = synthesize_volume(method, {m: v.data for m, v in vols.items()}, window=cfg.data.window, stride=stride,
+                                steps=steps, n_samples=n_samples, norm=cfg.data.norm, generator=gen,
+                                progress=progress, desc=f"{s} x{n_samples}")
+        if not np.any(res["std"] > 0):
+            warnings.warn(f"{s}: the {n_samples} draws are identical: the sampler injects no noise at this "
+                          f"setting (eta = 0, or fewer than 3 sampling steps); the uncertainty is zero", stacklevel=2)
+        stats, b = uncertainty_stats(res["mean"], res["std"], target, brain)
+        rows.append({"subject": s, **stats})
+        bins.append(b.assign(subject=s))
+        if i == 0:
+            panels = uncertainty_panels(res["mean"], res["std"], target)
+    write_text(out_dir / "uncertainty.csv", pd.DataFrame(rows).to_csv(index=False))
+    write_text(out_dir / "uncertainty_bins.csv", pd.concat(bins, ignore_index=True).to_csv(index=False))
+    buf = io.BytesIO()
+    np.savez_compressed(buf, subject=np.array(subjects[0]), **panels)
+    with atomic_path(out_dir / "uncertainty.npz") as tmp:
+        tmp.write_bytes(buf.getvalue())
+    write_json(out_dir / "summary.json", portable({
+        "analysis": "uncertainty", "run": str(run_dir), "profile": profile, "subjects": list(subjects),
+        "sampling": {"n_samples": n_samples, "steps": steps, "stride": stride, "seed": seed,
+                     "mode": getattr(getattr(method, "cfg", None), "sampling", None)},
+        "checkpoint_step": ckpt.get("step"), "start": started, "end": utc_now(),
+        "wall_s": round(time.time() - t0, 3), "git": git_info(repo_root()), **environment_info(dev)}))
+    return out_dir
+
+
+def load_uncertainty(out_dir: str | Path) -> dict[str, Any] | None:
+    """The record (tables, panels, summary), or None while it is missing or unfinished."""
+    out_dir = Path(out_dir)
+    if not (out_dir / "summary.json").is_file():
+        return None
+    with np.load(out_dir / "uncertainty.npz") as z:
+        panels = {k: z[k] for k in z.files}
+    return {"subjects": pd.read_csv(out_dir / "uncertainty.csv"), "bins": pd.read_csv(out_dir / "uncertainty_bins.csv"),
+            "panels": panels, "summary": json.loads((out_dir / "summary.json").read_text())}
+
+
+def ensure_uncertainty(profile, device: str | None = None, log: Callable[[str], None] = print,
+                       progress: bool = True) -> Path | None:
+    """The profile's uncertainty record: computed from MMDM full's checkpoint unless complete.
+    Returns None (and says why) when the profile skips it or the checkpoint is not here."""
+    from mmdm.data.layout import Layout
+    from mmdm.paths import project_path
+    from mmdm.study.api import analysis_target
+    from mmdm.study.profiles import get_profile
+
+    profile = get_profile(profile)
+    if profile.uncertainty_samples < 2:
+        return None
+    out, run_dir = analysis_target(profile, "uncertainty", log)
+    if run_dir is None:
+        return out if (out / "summary.json").is_file() else None
+    subjects = Layout(project_path(profile.data_dir)).split("test")[: profile.uncertainty_subjects]
+    log(f"[analysis] uncertainty: {profile.uncertainty_samples} samples of {len(subjects)} test subjects")
+    steps = profile.uncertainty_steps or profile.eval_sample_steps
+    return run_uncertainty(run_dir, out, subjects, profile.uncertainty_samples, steps=steps,
+                           stride=profile.eval_stride, device=device or profile.device, profile=profile.name,
+                           progress=progress)
