@@ -109,6 +109,18 @@ def wilcoxon_p(diffs: Any) -> float:
         return float(wilcoxon(d).pvalue)
 
 
+def min_wilcoxon_p(n: int) -> float:
+    """The smallest two-sided p-value the exact Wilcoxon signed-rank test can give with ``n``
+    non-zero paired differences (all of one sign): ``2 / 2**n``; NaN below :data:`MIN_WILCOXON_N`."""
+    return math.nan if n < MIN_WILCOXON_N else min(1.0, 2.0 / 2.0 ** n)
+
+
+def smallest_holm_p(n: int, family: int) -> float:
+    """The smallest Holm-adjusted p any comparison of a ``family`` can reach with ``n`` pairs
+    (``family * min_wilcoxon_p(n)``): if it is not below alpha, no comparison can be shown."""
+    return min(1.0, family * min_wilcoxon_p(n))
+
+
 def paired_comparison(a: Any, b: Any, n_boot: int = N_BOOT, seed: int = 0, ci: float = 0.95) -> dict[str, float]:
     """Paired differences ``a - b`` (same subjects, same order): mean, sd, bootstrap CI, Wilcoxon p.
 

@@ -53,3 +53,14 @@ def test_missing_runs_are_not_shown():
     res = _results({})
     claims, _ = evaluate_claims(res[res.run != "mmdm-base"], n_boot=200)
     assert claims.verdict[1] == "not shown" and claims["n subjects"][1] == 0
+
+
+def test_claims_say_when_the_sample_is_too_small_to_show_them():
+    from mmdm.stats import min_wilcoxon_p
+
+    claims, comps = evaluate_claims(_results({}, n=8), n_boot=200)
+    first = paper_claims()[0]
+    family = len(comps[comps.claim == first.key])
+    assert claims["smallest attainable p (Holm)"][0] == f"{min(1.0, family * min_wilcoxon_p(8)):.3g}"
+    claims12, _ = evaluate_claims(_results({}, n=12), n_boot=200)
+    assert float(claims12["smallest attainable p (Holm)"][0]) < 0.05 < float(claims["smallest attainable p (Holm)"][0])

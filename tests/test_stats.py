@@ -220,3 +220,18 @@ def test_summarise_table():
     row = s.set_index("method").loc["weak"]
     assert row["mean"] == pytest.approx(weak.mean()) and row["sd"] == pytest.approx(weak.std(ddof=1))
     assert row["n"] == 12
+
+
+@pytest.mark.parametrize("n", [6, 8, 11])
+def test_smallest_wilcoxon_p_is_that_of_all_differences_one_sign(n):
+    from scipy.stats import wilcoxon
+
+    from mmdm.stats import min_wilcoxon_p, smallest_holm_p
+
+    d = np.arange(1, n + 1, dtype=float)  # distinct ranks, all positive: the most extreme outcome
+    assert min_wilcoxon_p(n) == pytest.approx(wilcoxon(d).pvalue)
+    rng = np.random.default_rng(n)
+    for _ in range(20):  # no other outcome goes below it
+        assert wilcoxon(rng.normal(1, 1, n)).pvalue >= min_wilcoxon_p(n) - 1e-12
+    assert smallest_holm_p(n, 36) == pytest.approx(min(1.0, 36 * wilcoxon(d).pvalue))
+    assert np.isnan(min_wilcoxon_p(5))

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from mmdm.stats import holm, paired_comparison, verdict
+from mmdm.stats import holm, paired_comparison, smallest_holm_p, verdict
 from mmdm.study.records import HIGHER_IS_BETTER, METRICS, VESSEL_HIGHER_IS_BETTER, paper_results
 from mmdm.study.runs import BASELINES, REFERENCE_RUN
 from mmdm.study.tables import LABELS, fmt
@@ -102,7 +102,10 @@ def evaluate_claims(per_subject: pd.DataFrame, sources: tuple[str, ...] = ("T1w"
                                                        f"{fmt(df.ci_high[0], m)}] ({LABELS[m]})")
         else:
             ours = f"holds in {int((df.verdict == 'holds').sum())} of {len(df)} comparisons"
+        floor = smallest_holm_p(int(df.n.max()), len(df))
         claims.append({"claim": claim.text, "paper": _paper_figure(claim, paper), "this study (95 % CI)": ours,
-                       "n subjects": int(df.n.max()), "verdict": overall})
+                       "n subjects": int(df.n.max()),
+                       "smallest attainable p (Holm)": "–" if np.isnan(floor) else f"{floor:.3g}",
+                       "verdict": overall})
         comps.append(df)
     return pd.DataFrame(claims), pd.concat(comps, ignore_index=True)
