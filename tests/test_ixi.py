@@ -597,6 +597,20 @@ def test_rerun_from_the_extracted_files_resumes_without_redoing_subjects(importe
     assert any("demographics" in w for w in rep["warnings"])
 
 
+def test_import_from_extracted_nifti_files_resumes_the_same_dataset(imported, capsys):
+    out = imported["out"]
+    t1 = out / "sub-IXI012" / "anat" / "sub-IXI012_T1w.nii.gz"
+    before = t1.stat().st_mtime_ns
+    rc = _run(["data", "ixi", "--from-nifti", str(imported["dl"] / "extracted"), "--out", str(out), "--quiet",
+               "--config", str(imported["cfg"]), "--demographics", str(imported["dl"] / "missing.csv")])
+    assert rc == 0 and t1.stat().st_mtime_ns == before  # same files found, same subjects, nothing redone
+    rep = json.loads((out / "derivatives" / "ixi-import" / "import_report.json").read_text())
+    assert len(rep["kept"]) == len(GOOD)
+    capsys.readouterr()
+    assert _run(["data", "ixi", "--from-nifti", str(out / "nowhere"), "--out", str(out)]) == 1
+    assert "no such folder of IXI NIfTI files" in capsys.readouterr().err
+
+
 def test_cli_rejects_bad_options_with_exit_codes(tmp_path, capsys):
     assert _run(["data", "ixi", "--from-tars", str(tmp_path), "--out", str(tmp_path / "o"),
                  "--spacing", "1", "2"]) == 2

@@ -68,12 +68,13 @@ def _cmd_ixi(args: argparse.Namespace) -> int:
             fetch_ixi(folder, args.base_url, IXI_FILES, skip=done, progress=progress)
             delete = not args.keep_archives and args.subjects is None
         else:
-            folder = args.from_tars
+            folder = args.from_tars or args.from_nifti
             delete = False  # never delete archives the user brought
-        report = import_ixi(args.out, archive_dir=folder, cfg=cfg, demographics=args.demographics,
-                            workers=args.workers, progress=progress, overwrite=args.overwrite,
-                            delete_archives=delete,
-                            sources={"archives": str(folder), "base_url": args.base_url if args.download else None})
+        where = {"nifti_dir": folder} if args.from_nifti is not None else {"archive_dir": folder}
+        report = import_ixi(args.out, cfg=cfg, demographics=args.demographics, workers=args.workers,
+                            progress=progress, overwrite=args.overwrite, delete_archives=delete,
+                            sources={"archives" if args.from_nifti is None else "nifti": str(folder),
+                                     "base_url": args.base_url if args.download else None}, **where)
     except (DownloadError, DatasetError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -96,6 +97,8 @@ def add_ixi_parser(data_subparsers) -> argparse.ArgumentParser:
                      help="download the archives and IXI.xls into DIR (resumable), then import")
     src.add_argument("--from-tars", type=Path, metavar="DIR",
                      help=f"import from archives already in DIR ({', '.join(IXI_ARCHIVES.values())})")
+    src.add_argument("--from-nifti", type=Path, metavar="DIR",
+                     help="import from IXI NIfTI files already extracted anywhere under DIR (IXI*-T1.nii.gz, ...)")
     p.add_argument("--out", required=True, type=Path, help="output dataset directory (the study's layout)")
     p.add_argument("--base-url", default=IXI_BASE_URL, help=f"where to download from (default {IXI_BASE_URL})")
     p.add_argument("--subjects", type=int, default=None, metavar="N",
