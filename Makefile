@@ -6,6 +6,8 @@ BIN := $(VENV)/bin
 # A CPU build of torch; override for a GPU box, e.g. `make TORCH_SPEC="torch" study`.
 TORCH_SPEC ?= torch==2.13.0
 PROFILE ?= quick
+# parallel runs of the study (one per GPU; on a CPU the cores are shared out)
+JOBS ?= 1
 # the phantom cohort each study profile uses (mmdm/study/profiles.py)
 COHORT = $(if $(filter smoke,$(PROFILE)),tiny,$(if $(filter paper,$(PROFILE)),paper,quick))
 DATA ?= data/phantom-$(COHORT)
@@ -29,7 +31,7 @@ data: setup
 
 ## Main job: the cohort, all 13 runs of PROFILE (skipping finished ones), the notebooks, the book (_build/html).
 study: data
-	$(BIN)/mmdm study --profile $(PROFILE)
+	$(BIN)/mmdm study --profile $(PROFILE) --jobs $(JOBS)
 	@echo "The book is at _build/html/index.html"
 
 ## Rebuild the book from the run records in results/PROFILE alone (nothing is trained; missing
