@@ -92,7 +92,7 @@ def _plain(v: Any) -> Any:
 def run_frontier(run_dir: str | Path, out_dir: str | Path, subjects: Sequence[str], steps: Sequence[int],
                  strides: Sequence[int], modes: Sequence[str] = ("coupled", "independent"), seed: int = 0,
                  device: str = "auto", seg_cache: str | Path | None = None, profile: str | None = None,
-                 progress: bool = True, log: Callable[[str], None] = print) -> Path:
+                 progress: bool = True) -> Path:
     """Synthesise every subject with every setting of the grid; resumable, ``summary.json`` last."""
     import torch
 
@@ -200,4 +200,4 @@ def ensure_frontier(profile, device: str | None = None, log: Callable[[str], Non
     return run_frontier(run_dir, out, subjects, profile.frontier_steps, profile.frontier_strides,
                         profile.frontier_modes, device=device or profile.device,
                         seg_cache=results_dir(profile) / "vessel_segmentation.yaml", profile=profile.name,
-                        progress=progress, log=log)
+                        progress=progress)

@@ -108,17 +108,16 @@ def portable(obj):
     committed record does not carry the directory layout of the machine that ran it."""
     from mmdm.paths import repo_root
 
-    try:
-        root = str(repo_root()).rstrip("/") + "/"
-    except Exception:  # pragma: no cover - outside a checkout nothing is rewritten
-        return obj
-    if isinstance(obj, dict):
-        return {k: portable(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [portable(v) for v in obj]
-    if isinstance(obj, str) and obj.startswith(root):
-        return obj[len(root):]
-    return obj
+    root = str(repo_root()).rstrip("/") + "/"
+
+    def strip(o):
+        if isinstance(o, dict):
+            return {k: strip(v) for k, v in o.items()}
+        if isinstance(o, list):
+            return [strip(v) for v in o]
+        return o[len(root):] if isinstance(o, str) and o.startswith(root) else o
+
+    return strip(obj)
 
 
 def load_records(results_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
