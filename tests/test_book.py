@@ -200,6 +200,8 @@ def test_frontier_record_and_recommendation_on_the_page(smoke_study):
     t = fr["table"]
     assert len(t) == 2 * 2 * 2  # steps (2, 3) x strides (2, 5) x coupled/independent, one subject
     assert set(t["mode"]) == {"coupled", "independent"} and (t.wall_s > 0).all()
+    assert set(fr["summary"]["warmup_s"]) == {"coupled", "independent"}  # one untimed warm-up per mode
+    assert all(w > 0 for w in fr["summary"]["warmup_s"].values())
     windows = t.groupby("stride").windows.first()
     assert windows[2] > windows[5]  # a smaller stride synthesises more windows
     rec = recommend(t)
