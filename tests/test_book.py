@@ -167,6 +167,8 @@ def test_seed_repeat_is_trained_with_its_seed_and_shown_beside_seed_zero(smoke_s
     s0 = json.loads((rec / "mmdm-full" / "summary.json").read_text())
     s1 = json.loads((rec / "mmdm-full-s1" / "summary.json").read_text())
     assert s0["provenance"]["seeds"]["train"] == 0 and s1["provenance"]["seeds"]["train"] == 1
+    assert s1["provenance"]["command"].startswith("papermill notebooks/02_train.ipynb")  # not the kernel launcher
+    assert "-p seed 1" in s1["provenance"]["command"]
     assert s1["subjects"] == s0["subjects"] and s1["sampling"] == s0["sampling"]  # evaluated identically
     rows = _html_rows((work / "_build" / "html" / "book" / "generated" / "04_results.html").read_text())
     from mmdm.study.tables import fmt

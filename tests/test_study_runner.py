@@ -22,6 +22,35 @@ def test_parallel_gpu_jobs_get_one_gpu_each_and_the_users_threads_are_kept(monke
     assert "OMP_NUM_THREADS" not in job_env(0, 2, 0, Path("/r"))  # the user's setting wins
 
 
+def test_invocation_is_a_papermill_command_that_reproduces_the_parameters(monkeypatch):
+    import shlex
+
+    from mmdm.study.runner import invocation
+
+    monkeypatch.setattr("sys.argv", ["/some/bin/mmdm", "study", "--profile", "standard"])
+    cmd = invocation("02_train", {"profile": "standard", "variant": "", "sources": "T1w,T2w", "seed": 2})
+    papermill, run_by = cmd.split(" (run by: ")
+    args = shlex.split(papermill)
+    assert args[:3] == ["papermill", "notebooks/02_train.ipynb", "OUT.ipynb"]
+    pairs = {args[i + 1]: args[i + 2] for i in range(3, len(args), 3) if args[i] == "-p"}
+    assert pairs == {"profile": "standard", "variant": "", "sources": "T1w,T2w", "seed": "2"}
+    assert run_by == "mmdm study --profile standard)"
+
+
+def test_run_provenance_records_the_drivers_invocation(tmp_path, monkeypatch):
+    import json
+
+    from mmdm.engine.runs import INVOCATION_ENV, start_session
+
+    monkeypatch.setenv(INVOCATION_ENV, "papermill notebooks/02_train.ipynb OUT.ipynb -p seed 1")
+    start_session(tmp_path / "a", profile="smoke", seed=1, device="cpu")
+    assert json.loads((tmp_path / "a" / "provenance.json").read_text())["command"].endswith("-p seed 1")
+    monkeypatch.delenv(INVOCATION_ENV)
+    monkeypatch.setattr("sys.argv", ["mmdm", "train", "--steps", "3"])
+    start_session(tmp_path / "b", profile=None, seed=0, device="cpu")
+    assert json.loads((tmp_path / "b" / "provenance.json").read_text())["command"] == "mmdm train --steps 3"
+
+
 # ---------------------------------------------------------------------------- seeds
 
 import numpy as np  # noqa: E402

@@ -177,6 +177,16 @@ def environment_info(device: Any = None) -> dict[str, Any]:
     }
 
 
+#: environment variable through which a driver (the study runner) names the command behind a run
+INVOCATION_ENV = "MMDM_INVOCATION"
+
+
+def invocation() -> str:
+    """What started this run: the driver's description (``MMDM_INVOCATION``) if one set it, else the
+    process's command line (inside a notebook kernel that is only the kernel launcher)."""
+    return os.environ.get(INVOCATION_ENV) or " ".join(sys.argv)
+
+
 def start_session(run_dir: str | Path, *, profile: str | None, seed: int, device: Any, world_size: int = 1,
                   resumed_from_step: int = 0) -> dict[str, Any]:
     """Create or extend ``provenance.json`` with a new training session (rank 0 only)."""
@@ -184,7 +194,7 @@ def start_session(run_dir: str | Path, *, profile: str | None, seed: int, device
     prov: dict[str, Any] = json.loads(p.provenance.read_text()) if p.provenance.is_file() else {}
     if not prov:
         prov = {"created": utc_now(), "git": git_info(), "profile": profile, "seeds": {"train": seed},
-                "command": " ".join(sys.argv), "sessions": []}
+                "command": invocation(), "sessions": []}
     session = {"start": utc_now(), "end": None, "wall_s": None, "resumed_from_step": resumed_from_step,
                "world_size": world_size, "git": git_info(), **environment_info(device)}
     if profile is not None:

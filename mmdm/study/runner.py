@@ -13,6 +13,7 @@ in the run directory; the aggregate ones go to ``book/generated/``.
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -38,15 +39,34 @@ def notebook(name: str) -> Path:
     return path
 
 
+def invocation(name: str, parameters: dict) -> str:
+    """The papermill command that reproduces one notebook execution, and the command that ran it."""
+    args = " ".join(f"-p {k} {shlex.quote(str(v))}" for k, v in parameters.items())
+    return (f"papermill notebooks/{name}.ipynb OUT.ipynb {args}".rstrip()
+            + f" (run by: {' '.join([Path(sys.argv[0]).name, *sys.argv[1:]])})")
+
+
 def execute(name: str, out: Path, parameters: dict, log: Callable[[str], None] = print,
             env: dict | None = None) -> Path:
-    """Execute one notebook with papermill (in a subprocess when ``env`` is given, e.g. to pin a GPU)."""
+    """Execute one notebook with papermill (in a subprocess when ``env`` is given, e.g. to pin a GPU).
+    The kernel sees ``MMDM_INVOCATION``, which run provenance records as its command."""
+    from mmdm.engine.runs import INVOCATION_ENV
+
     out.parent.mkdir(parents=True, exist_ok=True)
+    env = None if env is None else {**env, INVOCATION_ENV: invocation(name, parameters)}
     if env is None:
         import papermill as pm
 
-        pm.execute_notebook(str(notebook(name)), str(out), parameters=parameters, cwd=str(repo_root()),
-                            progress_bar=False, kernel_name="python3")
+        previous = os.environ.get(INVOCATION_ENV)
+        os.environ[INVOCATION_ENV] = invocation(name, parameters)  # sequential path: the kernel inherits it
+        try:
+            pm.execute_notebook(str(notebook(name)), str(out), parameters=parameters, cwd=str(repo_root()),
+                                progress_bar=False, kernel_name="python3")
+        finally:
+            if previous is None:
+                os.environ.pop(INVOCATION_ENV, None)
+            else:
+                os.environ[INVOCATION_ENV] = previous
         return out
     args = [sys.executable, "-m", "papermill", "--cwd", str(repo_root()), "--no-progress-bar", "-k", "python3",
             str(notebook(name)), str(out)]
