@@ -208,6 +208,18 @@ def test_frontier_recommendation_is_the_cheapest_setting_within_tolerance():
     assert strict["choice"]["psnr"] >= ref_psnr - 1e-12
 
 
+def test_frontier_sensitivity_is_the_largest_effect_of_each_factor_alone():
+    from mmdm.study.frontier import sensitivity
+
+    t = _frontier_table()
+    sens = sensitivity(t)
+    # psnr = c + mode_q - 2/sqrt(steps) - 0.05 stride (constructed above): the effects are separable
+    assert sens["steps"] == pytest.approx(2 / np.sqrt(10) - 2 / np.sqrt(200))
+    assert sens["stride"] == pytest.approx(0.05 * 4)
+    assert sens["mode"] == pytest.approx(0.5)
+    assert np.isnan(sensitivity(t[t.stride == 2])["stride"])  # a factor with one value has no effect to measure
+
+
 def test_frontier_pareto_set_has_no_dominated_setting():
     from mmdm.study.frontier import pareto, summarise
 

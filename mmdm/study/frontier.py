@@ -88,6 +88,18 @@ def pareto(df: pd.DataFrame, metric: str = "psnr") -> pd.DataFrame:
     return s.loc[keep].reset_index(drop=True)
 
 
+def sensitivity(df: pd.DataFrame, metric: str = "psnr") -> dict[str, float]:
+    """For each factor (steps, stride, mode): the largest change of mean ``metric`` that varying it
+    alone makes, the other two held fixed (max over their values of max - min)."""
+    s = summarise(df)
+    out = {}
+    for factor in SETTING[::-1]:
+        others = [f for f in SETTING if f != factor]
+        span = s.groupby(others)[metric].agg(lambda v: v.max() - v.min()) if s[factor].nunique() > 1 else None
+        out[factor] = float(span.max()) if span is not None else float("nan")
+    return out
+
+
 def _plain(v: Any) -> Any:
     return v.item() if hasattr(v, "item") else v
 
