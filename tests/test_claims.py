@@ -64,3 +64,19 @@ def test_claims_say_when_the_sample_is_too_small_to_show_them():
     assert claims["smallest attainable p (Holm)"][0] == f"{min(1.0, family * min_wilcoxon_p(8)):.3g}"
     claims12, _ = evaluate_claims(_results({}, n=12), n_boot=200)
     assert float(claims12["smallest attainable p (Holm)"][0]) < 0.05 < float(claims["smallest attainable p (Holm)"][0])
+
+
+def test_many_comparison_claims_count_the_claimed_direction_and_clear_cis():
+    # full: PSNR clearly higher and RMSE clearly lower than every baseline (RMSE: lower is better),
+    # SSIM clearly lower; the MIP metrics do not differ
+    effects = {("mmdm-full", "psnr"): 1.0, ("mmdm-full", "rmse"): -1.0, ("mmdm-full", "ssim"): -1.0}
+    claims, comps = evaluate_claims(_results(effects), n_boot=2000)
+    c = comps[comps.claim == paper_claims()[0].key]
+    n_base = c.worse.nunique()
+    assert len(c) == 6 * n_base
+    text = claims["this study (95 % CI)"][0]
+    better, rest = text.split(" comparisons (CI above 0 in ")
+    assert int(better.split()[-3]) >= 2 * n_base  # PSNR and RMSE always; the MIP metrics by chance
+    above, below_holds = rest.split(", below 0 in ")
+    assert int(above) >= 2 * n_base and int(below_holds.split(")")[0]) >= n_base  # SSIM clearly worse
+    assert text.endswith(f"holds in {int((c.verdict == 'holds').sum())}") and claims.verdict[0] == "contradicted"

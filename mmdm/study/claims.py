@@ -68,6 +68,16 @@ def _paper_figure(claim: Claim, paper: pd.DataFrame) -> str:
     return f"better in {sum(s > 0 for s in signed)} of {len(signed)} comparisons"
 
 
+def _many_comparisons(df: pd.DataFrame) -> str:
+    """Summary of a claim's comparisons: how many go the claimed way (beside the paper's count), how
+    many have a bootstrap CI clear of 0 on either side, and how many hold after Holm correction."""
+    sign = np.array([1.0 if DIRECTION[m] else -1.0 for m in df.metric])
+    lo, hi = np.minimum(df.ci_low * sign, df.ci_high * sign), np.maximum(df.ci_low * sign, df.ci_high * sign)
+    better = int(((df["diff"] * sign) > 0).sum())
+    return (f"better in {better} of {len(df)} comparisons (CI above 0 in {int((lo > 0).sum())}, "
+            f"below 0 in {int((hi < 0).sum())}); holds in {int((df.verdict == 'holds').sum())}")
+
+
 def evaluate_claims(per_subject: pd.DataFrame, sources: tuple[str, ...] = ("T1w", "T2w", "FLAIR"),
                     n_boot: int = 10000) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(one row per claim, one row per comparison) from per-subject results (columns run, subject, metrics)."""
@@ -101,7 +111,7 @@ def evaluate_claims(per_subject: pd.DataFrame, sources: tuple[str, ...] = ("T1w"
             ours = "–" if pd.isna(df["diff"][0]) else (f"{fmt(df['diff'][0], m)} [{fmt(df.ci_low[0], m)}, "
                                                        f"{fmt(df.ci_high[0], m)}] ({LABELS[m]})")
         else:
-            ours = f"holds in {int((df.verdict == 'holds').sum())} of {len(df)} comparisons"
+            ours = _many_comparisons(df)
         floor = smallest_holm_p(int(df.n.max()), len(df))
         claims.append({"claim": claim.text, "paper": _paper_figure(claim, paper), "this study (95 % CI)": ours,
                        "n subjects": int(df.n.max()),
