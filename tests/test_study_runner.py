@@ -255,3 +255,12 @@ def test_records_only_executes_the_result_notebooks_and_trains_nothing(monkeypat
     assert status == {}
     assert executed == ["01_data", *runner.AGGREGATE_NOTEBOOKS, "book"]
     assert not (tmp_path / "runs").exists() and not (tmp_path / "results").exists()
+
+
+def test_runs_without_vessels_are_those_with_no_component_in_any_subject():
+    from mmdm.study.records import runs_without_vessels
+
+    ps = pd.DataFrame({"run": ["a", "a", "b", "b", "c"], "subject": ["s1", "s2", "s1", "s2", "s1"],
+                       "components_pred": [0, 3, 0, 0, 0]})
+    assert runs_without_vessels(ps) == (["b", "c"], 3)
+    assert runs_without_vessels(ps.drop(columns="components_pred")) is None

@@ -14,7 +14,7 @@ expensive.
 The record (``results/<profile>/analysis/frontier/``: ``frontier.csv``, one
 row per subject and setting, written after every setting so an interrupted
 run resumes; ``summary.json`` last) is what the book reads. Before the first
-timed synthesis of each sampling mode an untimed one-step synthesis of a few
+timed synthesis of each sampling mode an untimed two-step synthesis of a few
 windows warms the code path (lazy initialisation, allocator, caches), so the
 first setting of the grid is not charged for them.
 """
@@ -94,9 +94,11 @@ def sensitivity(df: pd.DataFrame, metric: str = "psnr") -> dict[str, float]:
     s = summarise(df)
     out = {}
     for factor in SETTING[::-1]:
-        others = [f for f in SETTING if f != factor]
-        span = s.groupby(others)[metric].agg(lambda v: v.max() - v.min()) if s[factor].nunique() > 1 else None
-        out[factor] = float(span.max()) if span is not None else float("nan")
+        if s[factor].nunique() < 2:
+            out[factor] = float("nan")
+            continue
+        spans = s.groupby([f for f in SETTING if f != factor])[metric].agg(lambda v: v.max() - v.min())
+        out[factor] = float(spans.max())
     return out
 
 
@@ -184,7 +186,8 @@ def run_frontier(run_dir: str | Path, out_dir: str | Path, subjects: Sequence[st
         "analysis": "frontier", "run": str(run_dir), "profile": profile, "subjects": list(subjects),
         "grid": {"steps": sorted(int(x) for x in steps), "strides": sorted(int(x) for x in strides),
                  "modes": list(modes)},
-        "seed": seed, "warmup_s": {m: round(w, 3) for m, w in warmed.items()}, "checkpoint_step": ckpt.get("step"), "start": started, "end": utc_now(),
+        "seed": seed, "warmup_s": {m: round(w, 3) for m, w in warmed.items()}, "checkpoint_step": ckpt.get("step"),
+        "start": started, "end": utc_now(),
         "wall_s": round(time.time() - t0, 3), "git": git_info(repo_root()), **environment_info(dev)}))
     return out_dir
 

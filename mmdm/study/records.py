@@ -155,6 +155,15 @@ def load_records(results_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     return ps, pd.DataFrame(runs)
 
 
+def runs_without_vessels(per_subject: pd.DataFrame) -> tuple[list[str], int] | None:
+    """(runs whose segmentation finds no vessel component in any test subject, runs with vessel
+    metrics), or None while no record has vessel metrics."""
+    if "components_pred" not in per_subject or not len(per_subject):
+        return None
+    found = per_subject.groupby("run").components_pred.max()
+    return sorted(found[found == 0].index), len(found)
+
+
 def paper_results() -> pd.DataFrame:
     """The paper's Tables 1-3 (``mmdm/study/paper_results.csv``; each row cites table and row)."""
     return pd.read_csv(Path(__file__).with_name("paper_results.csv"), comment="#")

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -46,6 +47,20 @@ def invocation(name: str, parameters: dict) -> str:
             + f" (run by: {' '.join([Path(sys.argv[0]).name, *sys.argv[1:]])})")
 
 
+@contextmanager
+def _environ(name: str, value: str):
+    """``os.environ[name] = value`` for the duration of the block, then as it was."""
+    previous = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = previous
+
+
 def execute(name: str, out: Path, parameters: dict, log: Callable[[str], None] = print,
             env: dict | None = None) -> Path:
     """Execute one notebook with papermill (in a subprocess when ``env`` is given, e.g. to pin a GPU).
@@ -53,21 +68,15 @@ def execute(name: str, out: Path, parameters: dict, log: Callable[[str], None] =
     from mmdm.engine.runs import INVOCATION_ENV
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    env = None if env is None else {**env, INVOCATION_ENV: invocation(name, parameters)}
+    command = invocation(name, parameters)
     if env is None:
         import papermill as pm
 
-        previous = os.environ.get(INVOCATION_ENV)
-        os.environ[INVOCATION_ENV] = invocation(name, parameters)  # sequential path: the kernel inherits it
-        try:
+        with _environ(INVOCATION_ENV, command):  # the kernel inherits this process's environment
             pm.execute_notebook(str(notebook(name)), str(out), parameters=parameters, cwd=str(repo_root()),
                                 progress_bar=False, kernel_name="python3")
-        finally:
-            if previous is None:
-                os.environ.pop(INVOCATION_ENV, None)
-            else:
-                os.environ[INVOCATION_ENV] = previous
         return out
+    env = {**env, INVOCATION_ENV: command}
     args = [sys.executable, "-m", "papermill", "--cwd", str(repo_root()), "--no-progress-bar", "-k", "python3",
             str(notebook(name)), str(out)]
     for k, v in parameters.items():
