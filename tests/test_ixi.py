@@ -638,3 +638,19 @@ def test_spacing_option_resamples_all_four_volumes_onto_one_padded_grid(imported
         assert np.allclose(np.linalg.norm(img.affine[:3, :3], axis=0), 6.0)
         assert np.allclose(img.affine, imgs["angio"].affine)
     assert all(r["coverage"] > 0.9 for r in res["report"]["registration"].values())
+
+
+def test_registration_repeats_exactly_with_the_default_seed(phantom, tmp_path):
+    """Seed 0 must be a fixed seed: SimpleITK itself reads a sampling seed of 0 as the wall clock."""
+    from mmdm.config import ConfigError, from_dict
+    from mmdm.data.ixi.registration import RegistrationConfig, register, to_sitk
+
+    images, affine, _ = phantom
+    fixed = to_sitk(images["angio"].astype(np.float32), affine)
+    moving, _ = _moved(images["T1w"], affine, tmp_path, (3, 0, 2), (2, -1, 1))
+    cfg = from_dict(RegistrationConfig, {**TEST_REGISTRATION, "stages": ["rigid"], "iterations": 30})
+    assert cfg.seed == 0
+    a, b = register(fixed, moving, cfg), register(fixed, moving, cfg)
+    assert np.array_equal(a.matrix_ras, b.matrix_ras) and a.metric_final == b.metric_final
+    with pytest.raises(ConfigError, match="seed must be >= 0"):
+        RegistrationConfig(seed=-1)

@@ -43,7 +43,7 @@ class RegistrationConfig:
     eval_samples: int = 500_000  # samples for the reported (full-resolution) metric
     fixed_mask: bool = True  # sample the metric only in the MRA's head (Otsu threshold, dilated)
     gradient_filter: bool = False  # ITK's smoothed gradient images; off = central differences (more robust here)
-    seed: int = 0
+    seed: int = 0  # of the metric's random sampling; fixed, so a registration repeats exactly
     threads: int = 0  # ITK threads; 0 = SimpleITK's default
 
     def __post_init__(self) -> None:
@@ -54,6 +54,8 @@ class RegistrationConfig:
         if self.initializer not in ("header", "geometry", "moments"):
             raise ConfigError(f"RegistrationConfig.initializer: '{self.initializer}'; choose header, geometry "
                               "or moments")
+        if self.seed < 0:
+            raise ConfigError(f"RegistrationConfig.seed must be >= 0, got {self.seed}")
         if len(self.shrink_factors) != len(self.smoothing_sigmas):
             raise ConfigError(f"RegistrationConfig: {len(self.shrink_factors)} shrink factors but "
                               f"{len(self.smoothing_sigmas)} smoothing sigmas; give one of each per level")
@@ -142,6 +144,12 @@ def _n_voxels(img) -> int:
     return int(np.prod(img.GetSize()))
 
 
+def _itk_seed(seed: int) -> int:
+    """SimpleITK reads a sampling seed of 0 as "seed from the wall clock" (``sitkWallClock``), which
+    would make every registration differ; shift the config's seed so that 0 is a fixed seed too."""
+    return seed + 1
+
+
 def _method(cfg: RegistrationConfig, fixed, levels: bool = True):
     import SimpleITK as sitk
 
@@ -154,7 +162,7 @@ def _method(cfg: RegistrationConfig, fixed, levels: bool = True):
     n = _n_voxels(fixed)
     if levels:
         pct = [min(1.0, cfg.max_samples * f ** 3 / n) for f in cfg.shrink_factors]
-        reg.SetMetricSamplingPercentagePerLevel(pct, cfg.seed)
+        reg.SetMetricSamplingPercentagePerLevel(pct, _itk_seed(cfg.seed))
         reg.SetShrinkFactorsPerLevel(list(cfg.shrink_factors))
         reg.SetSmoothingSigmasPerLevel(list(cfg.smoothing_sigmas))
         reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOff()
@@ -163,7 +171,7 @@ def _method(cfg: RegistrationConfig, fixed, levels: bool = True):
             relaxationFactor=cfg.relaxation, gradientMagnitudeTolerance=1e-8)
         reg.SetOptimizerScalesFromPhysicalShift()
     else:
-        reg.SetMetricSamplingPercentage(min(1.0, cfg.eval_samples / n), cfg.seed)
+        reg.SetMetricSamplingPercentage(min(1.0, cfg.eval_samples / n), _itk_seed(cfg.seed))
     return reg
 
 
