@@ -1,10 +1,12 @@
-"""Benchmark of MMDM's networks: M Restormer-UNet branches + the cross-modal fusion module.
+"""Benchmark of MMDM's networks: M branches + the cross-modal fusion module.
 
 One training-like step is timed: every branch predicts ``eps^m`` from
 ``cat(x_t^m, x^m)``, ``x0_hat^m = x^m - eps^m`` (Sec. 2.1), the fusion module
 gives ``x0_hat`` (eq. 4), the loss is the sum of the four MSEs to the target,
-then ``backward()`` (no optimizer step). The networks are built directly from
-:mod:`mmdm.nets` (not through the method class).
+then ``backward()`` (no optimizer step). The networks are those of a named MMDM
+configuration (``--model``: ``paper`` = the authors' network, ``small`` = the
+CPU size derived from it, ``depthwise`` = the study's earlier depthwise
+Restormer-UNet model), taken from the method class without its diffusion and losses.
 
 Reported per configuration: forward GFLOP per 5-slice window, in total and
 per part (branches, fusion mixers, fusion UNet), counted with
@@ -18,8 +20,8 @@ CPU: the process's peak resident set size so far, ``ru_maxrss``).
 
 Usage::
 
-    python benchmarks/bench_nets.py --device cpu --config authors
-    python benchmarks/bench_nets.py --device cuda --config authors paper --bf16 --channels-last --compile
+    python benchmarks/bench_nets.py --device cpu --model paper small --size 96x112
+    python benchmarks/bench_nets.py --device cuda --model paper --size 96x112 288x320 --bf16 --channels-last --compile
 
 Results are merged (keyed by configuration and options) into
 ``benchmarks/results/nets-<device>.json``.
@@ -48,19 +50,36 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from mmdm.io import write_json  # noqa: E402
-from mmdm.nets import CrossModalFusion, FusionConfig, RestormerUNet, RestormerUNetConfig, count_parameters  # noqa: E402
+from mmdm.methods import build_method  # noqa: E402
+from mmdm.methods.mmdm import NAMED_CONFIGS  # noqa: E402
+from mmdm.nets import count_unique_parameters  # noqa: E402
 
-#: name -> (height, width); both use the authors' network sizes, 5-slice windows, 3 modalities, batch 4.
-CONFIGS: dict[str, tuple[int, int]] = {"authors": (96, 112), "paper": (288, 320)}
+#: MMDM's source modalities, in the order the method uses them
+MODALITIES = ("T1w", "T2w", "FLAIR")
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """``"96x112"`` -> ``(96, 112)``."""
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size must look like 96x112, got {text!r}") from None
+    if h % 8 or w % 8:
+        raise argparse.ArgumentTypeError(f"size {text}: height and width must be multiples of 8")
+    return h, w
 
 
 class BranchesAndFusion(nn.Module):
-    """M Restormer-UNet branches + cross-modal fusion, as one module (benchmark only)."""
+    """The M branches + cross-modal fusion of a named MMDM configuration, as one module."""
 
-    def __init__(self, n_modalities: int, window: int, branch: RestormerUNetConfig, fusion: FusionConfig):
+    def __init__(self, model: str, n_modalities: int, window: int):
         super().__init__()
-        self.branches = nn.ModuleList(RestormerUNet(2 * window, window, branch) for _ in range(n_modalities))
-        self.fusion = CrossModalFusion(n_modalities, window, fusion)
+        if not 2 <= n_modalities <= len(MODALITIES):
+            raise ValueError(f"--modalities must be 2 or 3, got {n_modalities}")
+        method = build_method("mmdm", config=model, sources=MODALITIES[:n_modalities], window=window)
+        self.branches = nn.ModuleList(method.branches.values())
+        self.fusion = method.fusion
+        self.time_embed = method.time_embed  # shared by branches and fusion (None: one per network)
 
     def forward(self, x_t: list[Tensor], sources: list[Tensor], t: Tensor) -> tuple[list[Tensor], Tensor]:
         """``x_t[m], sources[m]``: ``(B, window, H, W)`` -> ``(x0_hats, x0_hat)``."""
@@ -95,13 +114,13 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def bench_one(name: str, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
-    h, w = CONFIGS[name]
+def bench_one(name: str, size: tuple[int, int], args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    h, w = size
     m, b, win = args.modalities, args.batch, args.window
     torch.manual_seed(0)
     if args.flops_only:  # shapes only: nothing is computed or allocated
         device = torch.device("meta")
-    model = BranchesAndFusion(m, win, RestormerUNetConfig(), FusionConfig()).to(device)
+    model = BranchesAndFusion(name, m, win).to(device)
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
     x_t = [torch.randn(b, win, h, w, device=device).contiguous(memory_format=memory_format) for _ in range(m)]
@@ -126,19 +145,22 @@ def bench_one(name: str, args: argparse.Namespace, device: torch.device) -> dict
 
     fwd = fwd_counter.get_total_flops()
     fwd_bwd = 3 * fwd  # estimate; see the module docstring
-    branch_params = count_parameters(model.branches[0])
+    shared = count_unique_parameters(model.time_embed) if model.time_embed is not None else 0
+    branch_params = count_unique_parameters(model.branches[0]) - shared
+    tag = f"{name}|{h}x{w}"
     result: dict[str, Any] = {
-        "key": f"{name}|bf16={args.bf16}|channels_last={args.channels_last}|compile={args.compile}",
-        "config": name, "height": h, "width": w, "batch": b, "window": win, "n_modalities": m,
+        "key": f"{tag}|bf16={args.bf16}|channels_last={args.channels_last}|compile={args.compile}",
+        "model": name, "height": h, "width": w, "batch": b, "window": win, "n_modalities": m,
         "bf16": args.bf16, "channels_last": args.channels_last, "compile": args.compile,
-        "params": {"branch": branch_params, "branches": m * branch_params,
-                   "fusion": count_parameters(model.fusion), "total": count_parameters(model)},
+        "params": {"branch": branch_params, "branches": m * branch_params, "shared_time_embedding": shared,
+                   "fusion": count_unique_parameters(model.fusion) - shared,
+                   "total": count_unique_parameters(model)},
         "fwd_gflop_per_window": fwd / b / 1e9,
         "fwd_gflop_per_window_parts": flops_parts,
         "fwd_bwd_gflop_per_window_est": fwd_bwd / b / 1e9,
     }
     if args.flops_only:
-        result["key"] = f"{name}|flops-only"
+        result["key"] = f"{tag}|flops-only"
         return result
 
     step_model = torch.compile(model) if args.compile else model
@@ -197,8 +219,10 @@ def _sync(device: torch.device) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--config", nargs="+", choices=sorted(CONFIGS), default=["authors"],
-                   help="authors: 96x112 windows; paper: 288x320 (both batch 4, 5 slices, 3 modalities)")
+    p.add_argument("--model", nargs="+", choices=sorted(NAMED_CONFIGS), default=["paper"],
+                   help="named MMDM configuration(s): paper (the authors' network), small (CPU), depthwise")
+    p.add_argument("--size", nargs="+", type=parse_size, default=[(96, 112)],
+                   help="in-plane window size(s) HxW, e.g. 96x112 (the phantom at 2 mm) 288x320 (the paper's)")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--window", type=int, default=5)
     p.add_argument("--modalities", type=int, default=3)
@@ -227,9 +251,9 @@ def main(argv: list[str] | None = None) -> int:
     if out_path.exists():
         with contextlib.suppress(ValueError, KeyError):
             previous = json.loads(out_path.read_text())["results"]
-    results = {r["key"]: r for r in previous}
-    for name in args.config:
-        r = bench_one(name, args, device)
+    results = {r["key"]: r for r in previous if "model" in r}  # entries of the pre-ResUnet benchmark are dropped
+    for name, size in ((n, s) for n in args.model for s in args.size):
+        r = bench_one(name, size, args, device)
         results[r["key"]] = r
         line = f"{r['key']}: {r['fwd_gflop_per_window']:.2f} GFLOP/window fwd, {r['params']['total']:,} parameters"
         if "step_ms" in r:

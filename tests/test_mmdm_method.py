@@ -11,7 +11,7 @@ from mmdm.methods import METHODS, MMDM, VARIANTS, MMDMConfig, build_method, mmdm
 
 #: Networks small enough for CPU tests; H, W must be multiples of 2.
 TINY = dict(
-    branch={"dim": 4, "mult": [1, 2], "num_blocks": [1, 1], "heads": [1, 1]},
+    resunet={"base": 4, "mult": [1, 2], "groups": 4, "ffn_expansion": 2},
     fusion={"unet": {"base": 8, "mult": [1, 2], "num_res_blocks": 1}},
     bridge={"sample_steps": 3},
 )
@@ -145,7 +145,7 @@ def test_registry_builds_every_variant_and_lists_known_names():
         build_method("mmdn")
     with pytest.raises(ConfigError, match="unknown MMDM variant 'fulll'; known: base, mip, naws, full"):
         build_method("mmdm", variant="fulll", config="small", **TINY)
-    with pytest.raises(ConfigError, match="known: paper, small"):
+    with pytest.raises(ConfigError, match="known: depthwise, paper, small"):
         build_method("mmdm", config="huge")
     with pytest.raises(ConfigError, match="at least 2 modalities"):
         build_method("mmdm", config="small", sources=("T1w",), **TINY)
@@ -156,8 +156,11 @@ def test_registry_builds_every_variant_and_lists_known_names():
 def test_named_configurations_have_the_documented_sizes():
     paper = mmdm_config(config="paper")
     assert paper.variant == "full" and paper.sources == ALL and paper.window == 5
-    assert paper.branch.dim == 8 and tuple(paper.branch.mult) == (1, 2, 4, 8)
+    assert paper.branch_net == "resunet" and paper.shared_time_embedding
+    assert paper.resunet.base == 8 and tuple(paper.resunet.mult) == (1, 2, 4, 8) and paper.resunet.groups == 8
+    assert paper.resunet.ffn_expansion == 4 and paper.resunet.attention == "global"
     assert paper.fusion.unet.base == 32 and tuple(paper.fusion.unet.mult) == (1, 4, 8)
+    assert paper.fusion.mixer == "authors" and not paper.fusion.unet.conv_resample
     assert paper.bridge.num_timesteps == 1000 and paper.bridge.sample_steps == 200
     assert paper.bridge.objective == "ysubx" and paper.mip_tau == 0.75
     assert paper.optim.lr == 1e-4 and tuple(paper.optim.betas) == (0.5, 0.999)
@@ -165,6 +168,12 @@ def test_named_configurations_have_the_documented_sizes():
     small = mmdm_config(config="small")
     assert small.bridge.sample_steps < paper.bridge.sample_steps
     assert small.fusion.unet.base < paper.fusion.unet.base
+    # small is derived from paper: same structure, narrower
+    assert small.branch_net == paper.branch_net and small.fusion.mixer == paper.fusion.mixer
+    assert small.resunet.base < paper.resunet.base and small.resunet.mult == paper.resunet.mult
+    assert small.fusion.unet.conv_resample == paper.fusion.unet.conv_resample
+    depthwise = mmdm_config(config="depthwise")
+    assert depthwise.branch_net == "restormer" and depthwise.fusion.mixer == "restormer"
 
 
 def test_paper_sized_model_runs_at_32x32():
@@ -203,7 +212,7 @@ def test_full_model_overfits_one_tiny_batch():
     """The loss of a fixed batch (fixed t and noise) falls by more than 5x in 100 Adam steps."""
     torch.manual_seed(0)
     model = build_method("mmdm", variant="full", config="small",
-                         branch={"dim": 8, "mult": [1, 2], "num_blocks": [1, 1], "heads": [1, 1]},
+                         resunet={"base": 8, "mult": [1, 2], "groups": 4, "ffn_expansion": 2},
                          fusion={"unet": {"base": 8, "mult": [1, 2], "num_res_blocks": 1}})
     batch = _batch(b=2)
 

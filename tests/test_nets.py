@@ -308,7 +308,7 @@ def test_inconsistent_configs_raise() -> None:
     with pytest.raises(ConfigError, match="at least 2 modalities"):
         CrossModalFusion(1, 5)
     with pytest.raises(ConfigError, match="cannot be split into 4 heads"):
-        CrossModalFusion(3, 5, FusionConfig(heads=4))
+        CrossModalFusion(3, 5, FusionConfig(mixer="restormer", heads=4))
 
 
 def test_fusion_rejects_wrong_inputs() -> None:

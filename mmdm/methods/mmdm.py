@@ -2,7 +2,9 @@
 
 One class, :class:`MMDM`, covers every row of Tables 2 and 3:
 
-* M modality-specific branches (a Restormer-UNet each, section 2.1). Branch
+* M modality-specific branches (section 2.1; the authors' dense-convolution
+  ResUnet of Restormer blocks by default, ``branch_net="resunet"``, or the
+  original Restormer's depthwise Restormer-UNet, ``"restormer"``). Branch
   ``m`` reads ``cat(x_t^m, x^m)`` (2K channels) and outputs the bridge
   objective (K channels; ``y - x0`` by default), turned into ``x0_hat^m``.
 * The cross-modal dynamic fusion (eq. (4)) maps the M branch predictions and
@@ -41,7 +43,17 @@ from mmdm.diffusion import SAMPLING_MODES, BridgeConfig, BrownianBridge, randn_l
 from mmdm.losses import NAWS, hybrid_loss
 from mmdm.methods import METHODS
 from mmdm.methods.base import Batch, OptimConfig, SynthesisMethod, assemble_config
-from mmdm.nets import CrossModalFusion, FusionConfig, RestormerUNet, RestormerUNetConfig, UNetConfig
+from mmdm.nets import (
+    CrossModalFusion,
+    FusionConfig,
+    ResUNet,
+    ResUNetConfig,
+    RestormerUNet,
+    RestormerUNetConfig,
+    TimeEmbedding,
+    UNetConfig,
+)
+from mmdm.nets.fusion import authors_fusion_unet
 
 #: Where this implementation departs from the paper or the authors' public code, and why.
 DEVIATIONS: list[str] = [
@@ -57,7 +69,11 @@ DEVIATIONS: list[str] = [
     "The default m_t schedule is BBDM's linspace(0.001, 0.999) used by the authors' code; the paper's "
     "m_t = t/T is the schedule option 't_over_T' (they differ by at most 0.001 for T = 1000).",
     "The paper states 200 sampling steps and the authors' config 50; the 'paper' configuration uses 200.",
+    "The authors' branch attention (one softmax over all C x C channel pairs of raw dot products) is "
+    "computed in fp32 even under bf16 autocast: its logits are sums over every pixel of the window.",
 ]
+
+BRANCH_NETS = ("resunet", "restormer")
 
 #: variant name -> (use_mip, use_naws)
 VARIANTS: dict[str, tuple[bool, bool]] = {
@@ -80,12 +96,20 @@ class MMDMConfig:
     ``mip_gumbel``: Gumbel noise in the soft MIP (eq. (6); False is this
     project's noise-free option). ``naws_per_sample``: delta_t of each sample in NAWS (the paper) instead of
     the first sample's (the authors' code).
+
+    ``branch_net``: ``"resunet"`` (the authors' network, sized by ``resunet``) or
+    ``"restormer"`` (the original Restormer's depthwise Restormer-UNet, sized by
+    ``branch``). ``shared_time_embedding``: one time embedding for every branch
+    and the fusion UNet (the authors' code) instead of one per network.
     """
 
     sources: tuple[str, ...] = ("T1w", "T2w", "FLAIR")
     window: int = 5
     bridge: BridgeConfig = field(default_factory=BridgeConfig)
+    branch_net: str = "resunet"
+    resunet: ResUNetConfig = field(default_factory=ResUNetConfig)
     branch: RestormerUNetConfig = field(default_factory=RestormerUNetConfig)
+    shared_time_embedding: bool = True
     fusion: FusionConfig = field(default_factory=FusionConfig)
     use_mip: bool = True
     use_naws: bool = True
@@ -110,6 +134,20 @@ class MMDMConfig:
             raise ConfigError(f"MMDMConfig.sampling: unknown mode {self.sampling!r}; use one of {SAMPLING_MODES}")
         if self.mip_tau <= 0:
             raise ConfigError(f"MMDMConfig.mip_tau must be > 0, got {self.mip_tau}")
+        if self.branch_net not in BRANCH_NETS:
+            raise ConfigError(f"MMDMConfig.branch_net: unknown {self.branch_net!r}; use one of {BRANCH_NETS}")
+        if self.shared_time_embedding:
+            dims = {"branch": self.branch_config.time_embed_dim, "fusion UNet": self.fusion.unet.time_embed_dim}
+            if len(set(dims.values())) != 1:
+                raise ConfigError(f"MMDMConfig: a shared time embedding needs one width; got {dims}. Set the "
+                                  "time_embed_dim values equal or shared_time_embedding: false")
+        self.branch_config.validate()
+        self.fusion.validate()
+
+    @property
+    def branch_config(self) -> ResUNetConfig | RestormerUNetConfig:
+        """The size of the branch network in use (``resunet`` or ``branch``)."""
+        return self.resunet if self.branch_net == "resunet" else self.branch
 
     @property
     def variant(self) -> str:
@@ -118,28 +156,63 @@ class MMDMConfig:
 
 
 def paper_config() -> MMDMConfig:
-    """The authors' sizes: tiny Restormer-UNet branches (dim 8, mult 1,2,4,8), fusion
-    UNet 32 (1,4,8), T = 1000, 200 sampling steps (paper; their config: 50),
-    Adam lr 1e-4 betas (0.5, 0.999). The paper trains with batch 4 for 200
-    epochs; batch size belongs to the training run, not to this config."""
+    """The authors' network and objective (their public code where the paper is vague):
+    branches = their dense-convolution ResUnet (base 8, mult 1,2,4,8; 2.37 M parameters
+    each), fusion = dense Restormer mixing blocks + the openai/BBDM UNet (32, mult 1,4,8,
+    2 res blocks, 12.29 M), one shared time embedding: 19.45 M parameters for three
+    modalities. T = 1000, 200 sampling steps (paper; their config: 50), Adam lr 1e-4 betas
+    (0.5, 0.999). The paper trains with batch 4 for 200 epochs; batch size belongs to the
+    training run, not to this config."""
     return MMDMConfig(
         bridge=BridgeConfig(num_timesteps=1000, schedule="linear", objective="ysubx", sample_steps=200),
-        branch=RestormerUNetConfig(dim=8, mult=(1, 2, 4, 8), num_blocks=(1, 1, 1, 1), heads=(1, 1, 1, 1)),
-        fusion=FusionConfig(unet=UNetConfig(base=32, mult=(1, 4, 8), num_res_blocks=2)),
+        branch_net="resunet",
+        resunet=ResUNetConfig(base=8, mult=(1, 2, 4, 8), ffn_expansion=4, groups=8, attention="global"),
+        shared_time_embedding=True,
+        fusion=FusionConfig(mixer="authors", ffn_expansion=4, attention="global", unet=authors_fusion_unet()),
         optim=OptimConfig(lr=1e-4, betas=(0.5, 0.999)),
     )
 
 
 def small_config() -> MMDMConfig:
-    """A CPU-sized model (minutes at 96x112 or smaller): same branches, a narrower
-    single-res-block fusion UNet (16, mult 1,2,4), 20 sampling steps."""
+    """CPU-sized, derived from :func:`paper_config` with the same structure: branches half as
+    wide (base 4, GroupNorm 4 groups, GDFN expansion 2), the fusion UNet narrower and
+    shallower (16, mult 1,2,4, one res block per level, GroupNorm 16), 20 sampling steps:
+    1.30 M parameters and 3.9 GFLOP per 5-slice 96x112 window (paper: 19.45 M, 47.0)."""
     cfg = paper_config()
     cfg.bridge = dataclasses.replace(cfg.bridge, sample_steps=20)
-    cfg.fusion = FusionConfig(unet=UNetConfig(base=16, mult=(1, 2, 4), num_res_blocks=1))
+    cfg.resunet = dataclasses.replace(cfg.resunet, base=4, groups=4, ffn_expansion=2)
+    cfg.fusion = dataclasses.replace(cfg.fusion, unet=dataclasses.replace(
+        cfg.fusion.unet, base=16, mult=(1, 2, 4), num_res_blocks=1, groups=16))
     return cfg
 
 
-NAMED_CONFIGS = {"paper": paper_config, "small": small_config}
+def depthwise_config() -> MMDMConfig:
+    """The study's earlier `paper` model, kept as a named option: the original Restormer's
+    depthwise Restormer-UNet branches (dim 8, mult 1,2,4,8), the earlier fusion mixers
+    (3x3 conv + Restormer block + 1x1) and fusion UNet (stride-2 conv resampling, GroupNorm
+    8), one time embedding per network (13.8 M parameters)."""
+    cfg = paper_config()
+    cfg.branch_net = "restormer"
+    cfg.branch = RestormerUNetConfig(dim=8, mult=(1, 2, 4, 8), num_blocks=(1, 1, 1, 1), heads=(1, 1, 1, 1))
+    cfg.shared_time_embedding = False
+    cfg.fusion = FusionConfig(mixer="restormer", unet=UNetConfig(base=32, mult=(1, 4, 8), num_res_blocks=2))
+    return cfg
+
+
+def legacy_config_dict(data: dict[str, Any]) -> dict[str, Any]:
+    """A config dict written before ``branch_net`` existed describes the depthwise model:
+    fill in the keys that make it load as that model (old run directories stay usable)."""
+    if "branch_net" in data:
+        return data
+    data = {**data, "branch_net": "restormer", "shared_time_embedding": False}
+    fusion = dict(data.get("fusion") or {})
+    fusion.setdefault("mixer", "restormer")
+    fusion.setdefault("unet", dataclasses.asdict(UNetConfig(base=32, mult=(1, 4, 8), num_res_blocks=2)))
+    data["fusion"] = fusion
+    return data
+
+
+NAMED_CONFIGS = {"paper": paper_config, "small": small_config, "depthwise": depthwise_config}
 
 
 def mmdm_config(variant: str | None = None, config: str | MMDMConfig | dict = "paper",
@@ -154,6 +227,8 @@ def mmdm_config(variant: str | None = None, config: str | MMDMConfig | dict = "p
     """
     if isinstance(config, str):
         variant = variant or "full"
+    elif isinstance(config, dict):
+        config = legacy_config_dict(config)
     if variant is not None:
         if variant not in VARIANTS:
             raise ConfigError(f"unknown MMDM variant {variant!r}; known: {', '.join(VARIANTS)}")
@@ -175,10 +250,18 @@ class MMDM(SynthesisMethod):
         self.window = cfg.window
         k = cfg.window
         self.bridge = BrownianBridge(cfg.bridge)
-        self.branches = nn.ModuleDict({m: RestormerUNet(2 * k, k, cfg.branch) for m in self.sources})
-        self.fusion = CrossModalFusion(len(self.sources), k, cfg.fusion)
+        bc = cfg.branch_config
+        # one time embedding for every network (the authors' layout), or one per network
+        self.time_embed = TimeEmbedding(bc.time_freq_dim, bc.time_embed_dim) if cfg.shared_time_embedding else None
+        if cfg.branch_net == "resunet":
+            self.branches = nn.ModuleDict({m: ResUNet(2 * k, k, cfg.resunet, time_embed=self.time_embed)
+                                           for m in self.sources})
+        else:
+            self.branches = nn.ModuleDict({m: RestormerUNet(2 * k, k, cfg.branch, time_embed=self.time_embed)
+                                           for m in self.sources})
+        self.fusion = CrossModalFusion(len(self.sources), k, cfg.fusion, time_embed=self.time_embed)
         self.naws = NAWS(len(self.sources), self.sources, per_sample=cfg.naws_per_sample) if cfg.use_naws else None
-        self.spatial_multiple = math.lcm(2 ** (len(cfg.branch.mult) - 1), 2 ** (len(cfg.fusion.unet.mult) - 1))
+        self.spatial_multiple = math.lcm(2 ** (len(bc.mult) - 1), 2 ** (len(cfg.fusion.unet.mult) - 1))
         self._last: dict[str, Tensor] = {}
 
     @property

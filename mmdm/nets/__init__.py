@@ -1,5 +1,6 @@
-"""Networks of MMDM: Restormer-UNet branches (Sec. 2.1), the time-conditioned
-residual UNet, and the cross-modal dynamic fusion module (eq. 4)."""
+"""Networks of MMDM: the authors' ResUnet branches and the original Restormer-UNet
+(Sec. 2.1), the time-conditioned residual UNet, and the cross-modal dynamic fusion
+module (eq. 4)."""
 
 from torch import nn
 
@@ -15,10 +16,21 @@ from mmdm.nets.restormer import (
     channel_attention,
     check_spatial_size,
 )
+from mmdm.nets.resunet import (
+    DenseGDFN,
+    DenseMDTA,
+    DenseRestormerBlock,
+    ResUNet,
+    ResUNetConfig,
+    TimeResBlock,
+    count_unique_parameters,
+    global_channel_attention,
+)
 from mmdm.nets.unet import ResBlock, SelfAttention, TimeUNet, UNetConfig
 
 __all__ = [
-    "CrossModalFusion", "FusionConfig", "GDFN", "LayerNorm2d", "MDTA", "ResBlock", "RestormerMixer",
+    "CrossModalFusion", "DenseGDFN", "DenseMDTA", "DenseRestormerBlock", "FusionConfig", "GDFN", "ResUNet",
+    "ResUNetConfig", "TimeResBlock", "count_unique_parameters", "global_channel_attention", "LayerNorm2d", "MDTA", "ResBlock", "RestormerMixer",
     "RestormerUNet", "RestormerUNetConfig", "SelfAttention", "TimeEmbedding", "TimeUNet", "TransformerBlock",
     "UNetConfig", "broadcast_timesteps", "channel_attention", "check_spatial_size", "count_parameters",
     "timestep_embedding",

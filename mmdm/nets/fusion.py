@@ -5,15 +5,24 @@
 following the authors' design, generalised from three fixed modalities to any
 ``M >= 2``:
 
-1. for every modality ``m``, a :class:`RestormerMixer` reads
+1. for every modality ``m``, a mixing block reads
    ``cat(x0_hat^m, x^j for j != m in index order)`` (``M * window`` channels:
    the branch's own prediction and the OTHER sources) and outputs ``window``
    channels;
 2. the ``M`` results are concatenated (``M * window`` channels) and mixed by a
-   second :class:`RestormerMixer` to ``window`` channels;
+   second mixing block to ``window`` channels;
 3. a :class:`TimeUNet` conditioned on ``t`` maps these ``window`` mixed
    channels (its only input) to the cooperative prediction ``x0_hat``
    directly (no residual added around it).
+
+Mixing blocks (``FusionConfig.mixer``): ``"authors"`` (default) is the authors'
+Restormer block :class:`mmdm.nets.resunet.DenseRestormerBlock` ``(M*window ->
+window)`` with GroupNorm of ``window`` groups and dense convolutions (8,495
+parameters for 3 x 5 -> 5); ``"restormer"`` is this project's earlier
+:class:`RestormerMixer` (3x3 conv, an original Restormer block, 1x1 conv). The
+authors' fusion UNet is the openai/BBDM UNet with 32 channels, mult (1, 4, 8),
+2 residual blocks per level, no attention, no resampling convolutions, and the
+time embedding shared with the branches (12,293,349 parameters).
 """
 
 from __future__ import annotations
@@ -25,25 +34,49 @@ import torch
 from torch import Tensor, nn
 
 from mmdm.config import ConfigError
+from mmdm.nets.embeddings import TimeEmbedding
 from mmdm.nets.restormer import LAYERNORM_TYPES, TransformerBlock, check_spatial_size
+from mmdm.nets.resunet import ATTENTION_KINDS, DenseRestormerBlock
 from mmdm.nets.unet import TimeUNet, UNetConfig
+
+MIXERS = ("authors", "restormer")
+
+
+def authors_fusion_unet() -> UNetConfig:
+    """The authors' fusion UNet: openai/BBDM layout, 32 channels, mult (1, 4, 8), 2 res blocks,
+    GroupNorm 32, no attention, ``conv_resample=False``."""
+    return UNetConfig(base=32, mult=(1, 4, 8), num_res_blocks=2, groups=32, attention=False, conv_resample=False)
 
 
 @dataclass
 class FusionConfig:
-    """Size of the fusion module (defaults: the authors' configuration)."""
+    """Size of the fusion module (defaults: the authors' configuration).
 
-    heads: int = 1                    # MDTA heads of the mixers (must divide M * window)
+    ``mixer``: ``"authors"`` (dense Restormer block, GroupNorm of ``window`` groups;
+    ``ffn_expansion`` must be a whole number, ``attention`` its softmax) or
+    ``"restormer"`` (:class:`RestormerMixer`; uses ``heads``, ``bias``, ``layernorm``).
+    """
+
+    heads: int = 1                    # MDTA heads of the "restormer" mixers (must divide M * window)
     ffn_expansion: float = 4.0
-    unet: UNetConfig = field(default_factory=UNetConfig)
+    unet: UNetConfig = field(default_factory=authors_fusion_unet)
     bias: bool = False
     layernorm: str = "with_bias"
+    mixer: str = "authors"
+    attention: str = "global"         # softmax of the "authors" mixers: "global" | "row"
 
     def validate(self) -> None:
         if self.heads < 1:
             raise ConfigError(f"FusionConfig.heads must be >= 1, got {self.heads}")
         if self.layernorm not in LAYERNORM_TYPES:
             raise ConfigError(f"FusionConfig.layernorm: unknown '{self.layernorm}'; use one of {LAYERNORM_TYPES}")
+        if self.mixer not in MIXERS:
+            raise ConfigError(f"FusionConfig.mixer: unknown {self.mixer!r}; use one of {MIXERS}")
+        if self.attention not in ATTENTION_KINDS:
+            raise ConfigError(f"FusionConfig.attention: unknown {self.attention!r}; use one of {ATTENTION_KINDS}")
+        if self.mixer == "authors" and (self.ffn_expansion < 1 or not float(self.ffn_expansion).is_integer()):
+            raise ConfigError(f"FusionConfig.ffn_expansion must be a whole number >= 1 for the 'authors' mixer, "
+                              f"got {self.ffn_expansion}")
         self.unet.validate()
 
 
@@ -65,9 +98,14 @@ class RestormerMixer(nn.Module):
 
 
 class CrossModalFusion(nn.Module):
-    """Eq. (4): ``x0_hats[m], sources[m]`` ``(B, window, H, W)`` for ``m < M`` and ``t (B,)`` -> ``x0_hat``."""
+    """Eq. (4): ``x0_hats[m], sources[m]`` ``(B, window, H, W)`` for ``m < M`` and ``t (B,)`` -> ``x0_hat``.
 
-    def __init__(self, n_modalities: int, window: int, cfg: FusionConfig | None = None):
+    ``time_embed``: a :class:`TimeEmbedding` shared with the branches (the authors'
+    layout); None gives the fusion UNet its own.
+    """
+
+    def __init__(self, n_modalities: int, window: int, cfg: FusionConfig | None = None,
+                 time_embed: TimeEmbedding | None = None):
         super().__init__()
         cfg = cfg or FusionConfig()
         cfg.validate()
@@ -78,10 +116,18 @@ class CrossModalFusion(nn.Module):
             raise ConfigError(f"CrossModalFusion: window must be >= 1 slice, got {window}")
         self.cfg, self.n_modalities, self.window = cfg, n_modalities, window
         cin = n_modalities * window
-        mixer = dict(heads=cfg.heads, ffn_expansion=cfg.ffn_expansion, bias=cfg.bias, layernorm=cfg.layernorm)
-        self.per_modality = nn.ModuleList(RestormerMixer(cin, window, **mixer) for _ in range(n_modalities))
-        self.mix = RestormerMixer(cin, window, **mixer)
-        self.unet = TimeUNet(window, window, cfg.unet)
+        self.per_modality = nn.ModuleList(self._mixer(cin) for _ in range(n_modalities))
+        self.mix = self._mixer(cin)
+        self.unet = TimeUNet(window, window, cfg.unet, time_embed=time_embed)
+
+    def _mixer(self, cin: int) -> nn.Module:
+        """One mixing block ``cin -> window`` of the configured kind."""
+        cfg = self.cfg
+        if cfg.mixer == "authors":
+            return DenseRestormerBlock(cin, self.window, groups=self.window, expansion=int(cfg.ffn_expansion),
+                                       attention=cfg.attention)
+        return RestormerMixer(cin, self.window, heads=cfg.heads, ffn_expansion=cfg.ffn_expansion, bias=cfg.bias,
+                              layernorm=cfg.layernorm)
 
     def forward(self, x0_hats: Sequence[Tensor], sources: Sequence[Tensor], t: Tensor) -> Tensor:
         m_count = self.n_modalities

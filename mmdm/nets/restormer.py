@@ -203,17 +203,20 @@ class _Level(nn.Module):
 class RestormerUNet(nn.Module):
     """Time-conditioned Restormer-UNet: ``(B, in, H, W), t (B,) -> (B, out, H, W)``.
 
-    ``H`` and ``W`` must be multiples of ``2 ** (len(cfg.mult) - 1)``.
+    ``H`` and ``W`` must be multiples of ``2 ** (len(cfg.mult) - 1)``. ``time_embed``: a
+    :class:`TimeEmbedding` shared with other networks; None builds the network's own.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, cfg: RestormerUNetConfig | None = None):
+    def __init__(self, in_channels: int, out_channels: int, cfg: RestormerUNetConfig | None = None,
+                 time_embed: TimeEmbedding | None = None):
         super().__init__()
         cfg = cfg or RestormerUNetConfig()
         cfg.validate()
         self.cfg, self.in_channels, self.out_channels = cfg, in_channels, out_channels
         chs = [cfg.dim * m for m in cfg.mult]
         self.levels = len(chs)
-        self.time_embed = TimeEmbedding(cfg.time_freq_dim, cfg.time_embed_dim)
+        self.time_embed = time_embed if time_embed is not None else TimeEmbedding(cfg.time_freq_dim,
+                                                                                  cfg.time_embed_dim)
         self.conv_in = nn.Conv2d(in_channels, chs[0], cfg.in_kernel, padding=cfg.in_kernel // 2)
         self.encoder = nn.ModuleList(_Level(c, n, h, cfg) for c, n, h in zip(chs, cfg.num_blocks, cfg.heads))
         self.down = nn.ModuleList(nn.Sequential(nn.MaxPool2d(2), nn.Conv2d(chs[i], chs[i + 1], 1))

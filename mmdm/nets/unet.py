@@ -5,12 +5,14 @@ single-network baselines. Layout (sizes from :class:`UNetConfig`):
 
 - ``conv_in`` 3x3: ``in -> base``;
 - encoder level ``i`` (``C_i = base * mult[i]``): ``num_res_blocks`` residual
-  blocks, every block output kept as a skip; a stride-2 3x3 conv between levels;
+  blocks, every block output kept as a skip; between levels a stride-2 3x3 conv
+  (``conv_resample``) or a parameter-free 2x2 average pool (the openai/BBDM UNet
+  with ``conv_resample=False``, as in the authors' fusion UNet);
 - middle: residual block, optional single-head self-attention over pixels
   (``attention=True``), residual block;
 - decoder level ``i`` (deepest first): ``num_res_blocks + 1`` residual blocks,
-  each consuming one skip by concatenation; nearest x2 upsampling + 3x3 conv
-  between levels;
+  each consuming one skip by concatenation; nearest x2 upsampling, followed by a
+  3x3 conv when ``conv_resample``, between levels;
 - output: GroupNorm -> SiLU -> 3x3 conv ``base -> out``.
 
 A residual block is ``GN -> SiLU -> conv3x3 -> + Linear(SiLU(temb)) -> GN ->
@@ -44,6 +46,7 @@ class UNetConfig:
     dropout: float = 0.0
     attention: bool = False          # self-attention in the middle (lowest-resolution) block
     groups: int = 8                  # GroupNorm groups (reduced to a divisor of the width if needed)
+    conv_resample: bool = True       # stride-2 conv down / conv after up; False: avg-pool / plain nearest
 
     def validate(self) -> None:
         if not self.mult or any(m < 1 for m in self.mult):
@@ -95,10 +98,13 @@ class SelfAttention(nn.Module):
 class TimeUNet(nn.Module):
     """Time-conditioned residual UNet: ``(B, in, H, W), t (B,) -> (B, out, H, W)``.
 
-    ``H`` and ``W`` must be multiples of ``2 ** (len(cfg.mult) - 1)``.
+    ``H`` and ``W`` must be multiples of ``2 ** (len(cfg.mult) - 1)``. ``time_embed``: a
+    :class:`TimeEmbedding` shared with other networks (its output width must be
+    ``cfg.time_embed_dim``); None builds the UNet's own.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, cfg: UNetConfig | None = None):
+    def __init__(self, in_channels: int, out_channels: int, cfg: UNetConfig | None = None,
+                 time_embed: TimeEmbedding | None = None):
         super().__init__()
         cfg = cfg or UNetConfig()
         cfg.validate()
@@ -106,7 +112,7 @@ class TimeUNet(nn.Module):
         g, td = cfg.groups, cfg.time_embed_dim
         chs = [cfg.base * m for m in cfg.mult]
         self.levels = len(chs)
-        self.time_embed = TimeEmbedding(cfg.time_freq_dim, td)
+        self.time_embed = time_embed if time_embed is not None else TimeEmbedding(cfg.time_freq_dim, td)
         self.conv_in = nn.Conv2d(in_channels, cfg.base, 3, padding=1)
 
         self.down_blocks = nn.ModuleList()
@@ -121,7 +127,8 @@ class TimeUNet(nn.Module):
                 skip_chs.append(ch)
             self.down_blocks.append(blocks)
             if i < self.levels - 1:
-                self.downsample.append(nn.Conv2d(ch, ch, 3, stride=2, padding=1))
+                self.downsample.append(nn.Conv2d(ch, ch, 3, stride=2, padding=1) if cfg.conv_resample
+                                       else nn.AvgPool2d(2))
                 skip_chs.append(ch)
 
         self.mid1 = ResBlock(ch, ch, td, g, cfg.dropout)
@@ -137,8 +144,10 @@ class TimeUNet(nn.Module):
                 ch = chs[i]
             self.up_blocks.append(blocks)
             if i > 0:
-                self.upsample.append(nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"),
-                                                   nn.Conv2d(ch, ch, 3, padding=1)))
+                up = [nn.Upsample(scale_factor=2, mode="nearest")]
+                if cfg.conv_resample:
+                    up.append(nn.Conv2d(ch, ch, 3, padding=1))
+                self.upsample.append(nn.Sequential(*up))
         assert not skip_chs
         self.out = nn.Sequential(group_norm(ch, g), nn.SiLU(), nn.Conv2d(ch, out_channels, 3, padding=1))
 
