@@ -13,7 +13,7 @@ COHORT = $(if $(filter smoke,$(PROFILE)),tiny,$(if $(filter paper,$(PROFILE)),pa
 DATA ?= data/phantom-$(COHORT)
 WORKERS ?= 2
 
-.PHONY: setup data book study test test-slow test-all clean-venv
+.PHONY: setup data book study test test-slow test-all gpu-check clean-venv
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +50,13 @@ test-slow: setup
 ## Everything, slow tests included.
 test-all: setup
 	$(BIN)/python -m pytest -m ""
+
+## One-shot GPU check (~10 min on one GPU; results under benchmarks/results/gpu-check/<device>).
+## Needs a CUDA build of torch: `make TORCH_SPEC=torch gpu-check`. `make gpu-check GPU_CHECK_ARGS=--dry-run`
+## checks the script on a CPU in about a minute.
+GPU_CHECK_ARGS ?=
+gpu-check: setup
+	$(BIN)/python benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

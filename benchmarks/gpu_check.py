@@ -152,6 +152,11 @@ class Check:
         self.save()
         return res["ok"]
 
+    def progress(self, name: str, res: dict[str, Any]) -> None:
+        """Save a part's results so far, so that a check stopped mid-part keeps what it measured."""
+        self.results["parts"][name] = {**res, "ok": False, "unfinished": True}
+        self.save()
+
     def save(self) -> None:
         self.results["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         write_json(self.out / "gpu_check.json", _plain(self.results))
@@ -269,6 +274,7 @@ def part_train(c: Check) -> dict[str, Any]:
                 ok = False
                 c.log(f"   {label}: FAILED {type(e).__name__}: {e}")
             entries.append(r)
+            c.progress("train", {"entries": entries})
     return {"entries": entries, "ok": ok,
             "note": None if c.device.type == "cuda" else "bf16 skipped: the engine autocasts on CUDA only"}
 
@@ -294,6 +300,7 @@ def part_nets(c: Check) -> dict[str, Any]:
                 r = {"bf16": bf16, "channels_last": cl, "compile": comp, "error": f"{type(e).__name__}: {e}"}
                 c.log(f"   bf16={bf16} channels_last={cl} compile={comp}: FAILED {type(e).__name__}: {e}")
             entries.append(r)
+            c.progress("nets", {"entries": entries})
             if c.device.type == "cuda":
                 torch.cuda.empty_cache()
     return {"entries": entries, "ok": all("error" not in e or e.get("compile") for e in entries)}
@@ -439,7 +446,8 @@ def summary_markdown(results: dict[str, Any]) -> str:
              f"Device: {env.get('device_name', results.get('device'))}; torch {env.get('torch')}, "
              f"CUDA {env.get('cuda')}; started {results.get('started')}.", ""]
     for name, res in parts.items():
-        lines.append(f"- **{name}**: {'ok' if res.get('ok') else 'FAILED'} in {res.get('wall_s')} s"
+        state = "ok" if res.get("ok") else ("unfinished (stopped)" if res.get("unfinished") else "FAILED")
+        lines.append(f"- **{name}**: {state}" + (f" in {res['wall_s']} s" if "wall_s" in res else "")
                      + (f" ({res['error']})" if "error" in res else "")
                      + (f" (skipped: {res['skipped']})" if "skipped" in res else ""))
     train = parts.get("train", {}).get("entries", [])
