@@ -10,7 +10,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 # conda-forge names that differ from PyPI names
-CONDA_ALIASES = {"torch": {"pytorch", "pytorch-gpu", "pytorch-cpu"}}
+CONDA_ALIASES = {"torch": {"pytorch", "pytorch-gpu", "pytorch-cpu"}, "ray": {"ray-core", "ray-default"}}
 
 
 def _name(spec: str) -> str:

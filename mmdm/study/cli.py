@@ -19,8 +19,8 @@ def _cmd_study(args: argparse.Namespace) -> int:
         overrides["sources"] = args.sources
     try:
         run_study(args.profile, only=args.only, device=args.device, jobs=args.jobs, book=not args.no_book,
-                  records_only=args.records_only, **overrides)
-    except (KeyError, RuntimeError, FileNotFoundError) as e:
+                  records_only=args.records_only, backend=args.backend, address=args.address, **overrides)
+    except (KeyError, RuntimeError, FileNotFoundError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
@@ -44,6 +44,11 @@ def add_study_parser(subparsers) -> argparse.ArgumentParser:
                    "(uncertainty, frontier); the aggregate notebooks still show all records")
     p.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (default: the profile's)")
     p.add_argument("--jobs", type=int, default=1, help="independent runs in parallel (one per GPU where there are several)")
+    p.add_argument("--backend", default="local", choices=["local", "ray"],
+                   help="where runs execute: local processes (default) or the tasks of a Ray cluster "
+                   "(needs `pip install -e .[cluster]`; data, runs/ and results/ on storage every node sees)")
+    p.add_argument("--address", default=None, help="with --backend ray: 'auto' (the cluster this machine "
+                   "belongs to) or HOST:PORT of the head node; default: start a local Ray instance")
     p.add_argument("--dataset", default=None, help="a dataset directory in the study's layout instead of the phantom "
                    "(e.g. data/ixi)")
     p.add_argument("--sources", nargs="+", default=None, help="source modalities (e.g. T1w T2w PDw for IXI)")

@@ -29,6 +29,8 @@ from mmdm.study.runs import RunSpec, study_runs
 
 #: analyses of MMDM full's trained model, after the runs (names usable with ``--only``)
 ANALYSES = ("uncertainty", "frontier")
+#: seconds a notebook's kernel may take to start (papermill's default, 60 s, is too short on a busy machine)
+KERNEL_START_TIMEOUT = 300
 AGGREGATE_NOTEBOOKS = ("04_results", "05_qualitative", "06_training", "07_claims", "08_uncertainty", "09_frontier")
 
 
@@ -74,10 +76,11 @@ def execute(name: str, out: Path, parameters: dict, log: Callable[[str], None] =
 
         with _environ(INVOCATION_ENV, command):  # the kernel inherits this process's environment
             pm.execute_notebook(str(notebook(name)), str(out), parameters=parameters, cwd=str(repo_root()),
-                                progress_bar=False, kernel_name="python3")
+                                progress_bar=False, kernel_name="python3", start_timeout=KERNEL_START_TIMEOUT)
         return out
     env = {**env, INVOCATION_ENV: command}
     args = [sys.executable, "-m", "papermill", "--cwd", str(repo_root()), "--no-progress-bar", "-k", "python3",
+            "--start-timeout", str(KERNEL_START_TIMEOUT),
             str(notebook(name)), str(out)]
     for k, v in parameters.items():
         args += ["-p", k, str(v)]
@@ -149,13 +152,22 @@ def job_env(i: int, jobs: int, n_gpu: int, root: Path) -> dict[str, str]:
 
 def run_study(profile: str | StudyProfile = "quick", only: Sequence[str] | None = None, device: str | None = None,
               jobs: int = 1, book: bool = True, log: Callable[[str], None] = print, records_only: bool = False,
-              **profile_overrides) -> dict:
+              backend: str = "local", address: str | None = None, **profile_overrides) -> dict:
     """Run (or resume) the whole study for ``profile``; returns ``{run: "done"|"skipped"}``.
 
     ``records_only``: train, evaluate and analyse nothing; the aggregate notebooks and the book
-    show the records already under ``results/<profile>`` (missing ones as not yet measured)."""
+    show the records already under ``results/<profile>`` (missing ones as not yet measured).
+    ``backend``: ``"local"`` (processes on this machine, ``jobs`` at a time) or ``"ray"`` (each
+    run a task of the Ray cluster at ``address``; see :mod:`mmdm.study.backends`)."""
     from mmdm.study.api import ensure_data, results_dir, runs_dir
+    from mmdm.study.backends import BACKENDS, RayBackend
 
+    if backend not in BACKENDS:
+        raise KeyError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
+    if backend == "ray":
+        from mmdm.study.backends import require_ray
+
+        require_ray()  # before any work: say how to install it
     profile = get_profile(profile, **profile_overrides)
     root = repo_root()
     os.environ["MMDM_ROOT"] = str(root)  # notebooks resolve paths against the same root
@@ -189,6 +201,9 @@ def run_study(profile: str | StudyProfile = "quick", only: Sequence[str] | None 
                 log(f"[skip] {spec.name}: record complete")
             else:
                 todo.append((spec, seed))
+        if backend == "ray" and todo:
+            run_on_ray(todo)
+            return
         calls = [(i, len(todo), spec, seed) for i, (spec, seed) in enumerate(todo)]
         if jobs > 1:
             with ThreadPoolExecutor(max_workers=jobs) as pool:
@@ -197,6 +212,20 @@ def run_study(profile: str | StudyProfile = "quick", only: Sequence[str] | None 
         else:
             for c in calls:
                 status[one(*c)] = "done"
+
+    def run_on_ray(todo: list[tuple[RunSpec, int]]) -> None:
+        from mmdm.study.backends import run_job
+
+        items = [(spec.name, (run_parameters(spec, profile, seed, device), str(runs_dir(profile) / spec.name),
+                              {"MMDM_ROOT": str(root)})) for spec, seed in todo]
+        outcomes = RayBackend(address).map(run_job, items, log)
+        failed = {n: o for n, o in outcomes.items() if not o.ok}
+        status.update({n: "failed" if n in failed else "done" for n in outcomes})
+        if failed:
+            lines = "\n".join(f"  {n}: {o.error} (executed notebooks in {runs_dir(profile) / n})"
+                               for n, o in failed.items())
+            raise RuntimeError(f"{len(failed)} of {len(outcomes)} run(s) failed on Ray (the others finished; "
+                               f"the same command retries the failed ones):\n{lines}")
 
     if records_only:
         log(f"[records] the book shows the records in {results_dir(profile)}; nothing is trained")

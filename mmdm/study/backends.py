@@ -1,0 +1,128 @@
+"""Where the study's runs execute: local processes (the default, in :mod:`mmdm.study.runner`)
+or the tasks of a Ray cluster (:class:`RayBackend`, ``mmdm study --backend ray``).
+
+A Ray task is one run: its training notebook (``02_train``) then its evaluation
+notebook (``03_evaluate``), executed by papermill in a subprocess on whichever
+node the task lands on. Every node must see the same repository checkout, data
+and ``runs/``/``results/`` folders (shared storage) under the same path: a run
+is skipped when its record is complete, and a task that dies with its worker
+(a node lost, a process killed) is retried by Ray and resumes from the last
+checkpoint in the run directory. A run that fails (its notebook raises) is
+reported with the path of its executed notebook and does not stop the others.
+
+Ray is optional: ``pip install -e .[cluster]``.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+BACKENDS = ("local", "ray")
+
+
+def require_ray():
+    """The ``ray`` module, or an ImportError that says how to install it."""
+    try:
+        import ray
+    except ImportError:
+        raise ImportError("the Ray backend needs the optional dependency ray: pip install -e '.[cluster]' "
+                          "(or pip install ray); the default local backend (--backend local) needs nothing") from None
+    return ray
+
+
+@dataclass
+class Outcome:
+    """What became of one run submitted to a backend."""
+
+    name: str
+    ok: bool
+    error: str | None = None
+    log: str | None = None       # where to look: the run's executed notebooks
+    seconds: float | None = None
+    node: str | None = None
+
+
+def run_job(name: str, params: dict, run_dir: str, env: dict[str, str]) -> dict[str, Any]:
+    """Train and evaluate one run (the body of a Ray task); returns where and how long it ran."""
+    from mmdm.study.runner import execute
+
+    t0 = time.time()
+    node = platform.node()
+    os.environ.update({k: v for k, v in env.items() if k == "MMDM_ROOT"})
+    print(f"[ray] {name}: training on {node}", flush=True)
+    execute("02_train", Path(run_dir) / "02_train.ipynb", params, env=env)
+    print(f"[ray] {name}: evaluating on {node}", flush=True)
+    execute("03_evaluate", Path(run_dir) / "03_evaluate.ipynb", params, env=env)
+    return {"node": node, "seconds": time.time() - t0}
+
+
+class RayBackend:
+    """Submit runs as Ray tasks and gather their outcomes.
+
+    ``address``: ``None`` starts a local Ray instance (``num_cpus`` cores), ``"auto"``
+    joins the cluster this machine belongs to, ``"HOST:PORT"`` a given head node.
+    Resources per run: ``gpus_per_run`` (default 1 where the cluster has GPUs) and
+    ``cpus_per_run`` (default: on a CPU-only cluster its cores shared out over the
+    runs submitted at once, which also sets the run's ``OMP_NUM_THREADS``).
+    ``max_retries``: how often a task whose worker died is restarted.
+    """
+
+    def __init__(self, address: str | None = None, num_cpus: int | None = None, gpus_per_run: float | None = None,
+                 cpus_per_run: int | None = None, max_retries: int = 3):
+        self.address, self.num_cpus = address, num_cpus
+        self.gpus_per_run, self.cpus_per_run, self.max_retries = gpus_per_run, cpus_per_run, max_retries
+
+    def resources(self, ray, n_runs: int) -> dict[str, float]:
+        """Ray task options for each of ``n_runs`` runs submitted together."""
+        total = ray.cluster_resources()
+        gpus, cpus = total.get("GPU", 0.0), total.get("CPU", 1.0)
+        if gpus:
+            return {"num_gpus": self.gpus_per_run or 1.0, "num_cpus": self.cpus_per_run or 1}
+        share = self.cpus_per_run or max(1, int(cpus // max(1, min(n_runs, cpus))))
+        return {"num_gpus": 0, "num_cpus": share}
+
+    def map(self, fn: Callable[..., Any], items: Sequence[tuple[str, tuple]],
+            log: Callable[[str], None] = print) -> dict[str, Outcome]:
+        """Run ``fn(*args)`` for every ``(name, args)`` as a Ray task; outcomes by name, in finishing order.
+
+        ``args[-1]`` must be the task's environment dict; on a CPU-only cluster its
+        ``OMP_NUM_THREADS`` is set to the task's cores unless already set.
+        """
+        ray = require_ray()
+        started = not ray.is_initialized()
+        if started:
+            ray.init(address=self.address, num_cpus=self.num_cpus if self.address is None else None,
+                     include_dashboard=False, log_to_driver=True, configure_logging=False)
+        try:
+            opts = self.resources(ray, len(items))
+            task = ray.remote(max_retries=self.max_retries)(fn).options(**opts)
+            refs = {}
+            for name, args in items:
+                env = dict(args[-1])
+                if not opts["num_gpus"]:
+                    env.setdefault("OMP_NUM_THREADS", str(int(opts["num_cpus"])))
+                refs[task.remote(name, *args[:-1], env)] = name
+            log(f"[ray] {len(refs)} run(s) submitted, each with {opts['num_cpus']} CPU(s) and "
+                f"{opts['num_gpus']} GPU(s)")
+            outcomes: dict[str, Outcome] = {}
+            pending = list(refs)
+            while pending:
+                done, pending = ray.wait(pending, num_returns=1)
+                name = refs[done[0]]
+                try:
+                    info = ray.get(done[0])
+                    outcomes[name] = Outcome(name, True, seconds=info.get("seconds"), node=info.get("node"))
+                    log(f"[ray] {name}: done on {info.get('node')} in {info.get('seconds', 0):.0f} s")
+                except Exception as e:  # noqa: BLE001 - a failed run is an outcome; the others go on
+                    cause = getattr(e, "cause", None) or e
+                    outcomes[name] = Outcome(name, False, error=f"{type(cause).__name__}: {cause}")
+                    log(f"[ray] {name}: FAILED ({type(cause).__name__}); the other runs go on")
+            return outcomes
+        finally:
+            if started:
+                ray.shutdown()

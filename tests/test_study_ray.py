@@ -1,0 +1,66 @@
+"""`mmdm study --backend ray`: the smoke study's runs as tasks of a local Ray instance give
+the same records as the local backend."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+pytest.importorskip("ray")
+
+ROOT = Path(__file__).resolve().parents[1]
+RUNS = ["mmdm-full", "pix2pix"]
+
+
+@pytest.fixture()
+def study_copy(tmp_path, tiny_cohort):
+    for name in ("_config.yml", "_toc.yml", "book", "data_cards", "notebooks", "pyproject.toml"):
+        src = ROOT / name
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, tmp_path / name)
+    shutil.rmtree(tmp_path / "book" / "generated", ignore_errors=True)
+    (tmp_path / "data").mkdir()
+    os.symlink(tiny_cohort, tmp_path / "data" / "phantom-tiny")
+    old = os.environ.get("MMDM_ROOT")
+    os.environ["MMDM_ROOT"] = str(tmp_path)
+    yield tmp_path
+    if old is None:
+        os.environ.pop("MMDM_ROOT", None)
+    else:
+        os.environ["MMDM_ROOT"] = old
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_ray_backend_gives_the_local_backends_records(study_copy, monkeypatch) -> None:
+    import ray
+
+    # one thread per run in both backends (Ray gives each 1-CPU task OMP_NUM_THREADS=1; the local
+    # backend keeps a value the user set): the same thread count makes the same floating-point sums
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    from mmdm.study.runner import run_study
+
+    work = study_copy
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        lines: list[str] = []
+        status = run_study("smoke", only=RUNS, book=False, backend="ray", log=lines.append)
+    finally:
+        ray.shutdown()
+    assert status == {r: "done" for r in RUNS}
+    assert sum("[ray]" in line and ": done on" in line for line in lines) == len(RUNS)
+    ray_metrics = {r: pd.read_csv(work / "results" / "smoke" / r / "metrics.csv") for r in RUNS}
+    # a finished run is skipped on a second call, as with the local backend
+    again = run_study("smoke", only=RUNS, book=False, backend="ray", log=lambda s: None)
+    assert again == {r: "skipped" for r in RUNS}
+    # the same runs with the local backend (2 parallel 1-thread jobs, as Ray's 1-CPU tasks)
+    for r in RUNS:
+        shutil.rmtree(work / "results" / "smoke" / r)
+        shutil.rmtree(work / "runs" / "smoke" / r)
+    assert run_study("smoke", only=RUNS, jobs=2, book=False, log=lambda s: None) == {r: "done" for r in RUNS}
+    for r in RUNS:
+        local = pd.read_csv(work / "results" / "smoke" / r / "metrics.csv")
+        pd.testing.assert_frame_equal(local, ray_metrics[r], check_exact=True)
