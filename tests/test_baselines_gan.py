@@ -19,13 +19,15 @@ from mmdm.methods.pix2pix import Pix2PixConfig
 from mmdm.methods.resvit import DEVIATIONS as RESVIT_DEV
 from mmdm.methods.resvit import ResViTConfig
 from mmdm.methods.unest import DEVIATIONS as UNEST_DEV
-from mmdm.methods.unest import UNestConfig, foreground_mask
+from mmdm.methods.unest import ImagePool, UNestConfig, foreground_mask
 from mmdm.nets.patchgan import PatchGAN, PatchGANConfig, receptive_field
 from mmdm.nets.pix2pix_unet import Pix2PixUNet, Pix2PixUNetConfig
 from mmdm.nets.resvit import ViTEncoder
 from mmdm.nets.unest import StructuralTransformerLayer, structural_masks
 
 METHODS = ("pix2pix", "resvit", "unest")
+#: (method, build kwargs) of the paired objectives: L_G = GAN + lambda_L1 * L1 (+ extras)
+PAIRED = (("pix2pix", {}), ("resvit", {}), ("unest", {"variant": "paired"}))
 CONFIGS = {"pix2pix": Pix2PixConfig, "resvit": ResViTConfig, "unest": UNestConfig}
 ALL = ("T1w", "T2w", "FLAIR")
 
@@ -261,9 +263,9 @@ def test_generator_and_discriminator_steps_touch_only_their_parameters(name):
         assert any(_changed(before_g[:len(list(model.gating.parameters()))], list(model.gating.parameters())))
 
 
-@pytest.mark.parametrize("name", ["pix2pix", "unest"])
-def test_generator_step_reuses_the_discriminator_steps_fake_when_valid(name):
-    model = _build(name).train()
+@pytest.mark.parametrize("name,kw", [("pix2pix", {}), ("unest", {"variant": "paired"}), ("unest", {})])
+def test_generator_step_reuses_the_discriminator_steps_fake_when_valid(name, kw):
+    model = _build(name, **kw).train()
     calls = []
     orig = model.generate
     model.generate = lambda *a, **k: (calls.append(1), orig(*a, **k))[1]
@@ -284,12 +286,14 @@ def test_generator_step_reuses_the_discriminator_steps_fake_when_valid(name):
     d_out = model.training_losses(batch, group="discriminator")
     g_out = model.training_losses(batch, group="generator")
     assert len(calls) == 6
-    torch.testing.assert_close(d_out["loss_l1"], g_out["loss_l1"], rtol=0, atol=0)
+    if model.paired:
+        torch.testing.assert_close(d_out["loss_l1"], g_out["loss_l1"], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("name,steps", [("pix2pix", 50), ("resvit", 40), ("unest", 40)])
-def test_a_few_dozen_steps_fit_a_fixed_batch(name, steps):
-    model = _build(name).train()
+@pytest.mark.parametrize("name,kw,steps", [("pix2pix", {}, 50), ("resvit", {}, 40),
+                                            ("unest", {"variant": "paired"}, 40)])
+def test_a_few_dozen_steps_fit_a_fixed_batch(name, kw, steps):
+    model = _build(name, **kw).train()
     batch = _batch()
     opts = _adams(model, lr=1e-3)
     model.eval()
@@ -306,14 +310,16 @@ def test_a_few_dozen_steps_fit_a_fixed_batch(name, steps):
         assert logs[-1]["generator"]["loss_mask"] < logs[0]["generator"]["loss_mask"]
 
 
-@pytest.mark.parametrize("name", METHODS)
-def test_sampling_shape_range_and_determinism(name):
-    model = _build(name).eval()
+@pytest.mark.parametrize("name,kw", [*PAIRED, ("unest", {})])
+def test_sampling_shape_range_and_determinism(name, kw):
+    model = _build(name, **kw).eval()
     batch = _batch()
     x = model.sample(batch["sources"], steps=3, eta=0.5)
     assert x.shape == batch["target"].shape and torch.isfinite(x).all()
     assert x.min() >= -1 and x.max() <= 1
     torch.testing.assert_close(model.sample(batch["sources"]), x)
+    if not model.paired:
+        return  # the unpaired objective: test_unest_unpaired_losses_match_an_independent_computation
     out = model.training_losses(batch)  # group=None: generator losses + D loss for logging
     assert {"loss", "loss_g_gan", "loss_l1", "loss_d", "mse"} <= set(out)
     lam = model.cfg.lambda_l1
@@ -360,8 +366,9 @@ def test_configs_round_trip_and_validate(name):
     assert small.sources == ("T1w", "T2w")
     assert from_dict(cls, to_dict(small)) == small
     paper = cls()
-    assert paper.optim.lr == 2e-4 and paper.optim.betas == (0.5, 0.999) and paper.optim_d.lr == 2e-4
-    assert paper.lambda_l1 == 100.0
+    lr = 1e-4 if name == "unest" else 2e-4  # UNest's train_options.py; the pix2pix code base's 2e-4
+    assert paper.optim.lr == lr and paper.optim.betas == (0.5, 0.999) and paper.optim_d.lr == lr
+    assert paper.lambda_l1 == (0.0 if name == "unest" else 100.0)  # UNest is unpaired: no L1 to the target
     assert paper.gan_mode == ("vanilla" if name == "pix2pix" else "lsgan")
     with pytest.raises(ConfigError, match="unknown GAN objective"):
         build_method(name, config="small", gan_mode="hinge")
@@ -383,7 +390,7 @@ def test_unest_inference_mask_options():
     cond = model.gating(model.source_list(src))
     expected = model.net(cond, model.token_mask(cond))[0].clamp(-1, 1)
     torch.testing.assert_close(model.sample(src), expected)
-    predicted = _build("unest").eval()
+    predicted = _build("unest", infer_mask="predicted").eval()
     probs = predicted.predict_mask(src)
     assert probs.shape == (2, 1, 4, 4) and ((probs >= 0) & (probs <= 1)).all()
     expected = predicted.net(predicted.gating(predicted.source_list(src)), (probs > 0.5).float())[0].clamp(-1, 1)
@@ -398,8 +405,8 @@ def test_patchgan_refuses_inputs_too_small_for_instance_norm():
         d(torch.randn(2, 1, 16, 16), torch.randn(2, 1, 16, 16))
 
 
-@pytest.mark.parametrize("name", METHODS)
-def test_trains_through_the_engine_with_two_optimiser_groups(name, tmp_path):
+@pytest.mark.parametrize("name,kw", [*PAIRED, ("unest", {})])
+def test_trains_through_the_engine_with_two_optimiser_groups(name, kw, tmp_path):
     """Two steps of the real trainer (checkpoint, validation and image panel included)."""
     import sys
     from pathlib import Path
@@ -411,15 +418,197 @@ def test_trains_through_the_engine_with_two_optimiser_groups(name, tmp_path):
     from mmdm.engine.train import Trainer, TrainConfig
 
     make_dataset(tmp_path / "data", n=4, shape=(32, 32, 8))
-    cfg = TrainConfig(method=name, method_kwargs={"config": "small"},
+    cfg = TrainConfig(method=name, method_kwargs={"config": "small", **kw},
                       data=DataConfig(root=str(tmp_path / "data"), sources=("T1w", "T2w")), steps=2, epochs=None,
                       batch_size=2, seed=0, device="cpu", checkpoint_every=2, keep_last=1, log_every=1,
                       image_every=2, val_every=2, val_batches=1)
     trainer = Trainer(cfg, tmp_path / "run", progress=False)
     assert list(trainer.optimizers) == ["discriminator", "generator"]
-    assert trainer.optimizers["generator"].param_groups[0]["lr"] == 2e-4
+    assert trainer.optimizers["generator"].param_groups[0]["lr"] == trainer.method.cfg.optim.lr
     trainer.run()
     logs = trainer.last_losses
-    assert {"discriminator/loss", "generator/loss", "generator/loss_l1"} <= set(logs)
-    assert logs["discriminator/loss_l1"] == logs["generator/loss_l1"]  # the G step reused the D step's fake
+    assert {"discriminator/loss", "generator/loss"} <= set(logs)
+    if trainer.method.paired:
+        assert logs["discriminator/loss_l1"] == logs["generator/loss_l1"]  # the G step reused the D step's fake
+    else:  # the published UNest: cycle terms, no paired L1, and the image pools were filled (batch 2, 2 steps)
+        assert {"generator/loss_cycle_a", "generator/loss_cycle_b"} <= set(logs) and "generator/loss_l1" not in logs
+        assert [len(p.images) for p in trainer.method.pools.values()] == [4, 4]
     assert (tmp_path / "run" / "checkpoints").is_dir()
+
+
+# ----------------------------------------------------------------------------
+# UNest's published, unpaired objective
+
+
+def _lsgan(scores, label):
+    return ((scores - label) ** 2).mean()
+
+
+def test_unest_unpaired_losses_match_an_independent_computation():
+    model = _build("unest").train()
+    c = model.cfg
+    assert c.objective == "unpaired" and c.lambda_l1 == 0.0 and not model.paired
+    batch = _batch()
+    b = batch["target"]
+    with torch.no_grad():
+        out = model.training_losses(batch)  # group=None: the generator loss (+ D's for logging), no pool update
+        a = model.gating(model.source_list(batch["sources"]))
+        m_a, m_b = model.token_mask(a), model.token_mask(b)
+        fake_b, seg_a = model.net(a, m_a)
+        rec_a = model.net_b(fake_b, m_a)[0]
+        fake_a, seg_b = model.net_b(b, m_b)
+        rec_b = model.net(fake_a, m_b)[0]
+        d_t, d_s = model.discriminator["target"], model.discriminator["source"]
+        cycle = 10 * (rec_a - a).abs().mean() + 10 * (rec_b - b).abs().mean()
+        identity = 0.5 * 10 * ((model.net(b, m_b)[0] - b).abs().mean() + (model.net_b(a, m_a)[0] - a).abs().mean())
+        bce = F.binary_cross_entropy(torch.sigmoid(seg_a), m_a) + F.binary_cross_entropy(torch.sigmoid(seg_b), m_b)
+        adv = _lsgan(d_t(None, fake_b), 0.9) + _lsgan(d_s(None, fake_a), 0.9)
+        d_loss = 0.5 * (_lsgan(d_t(None, b), 0.9) + _lsgan(d_t(None, fake_b), 0.1)) \
+            + 0.5 * (_lsgan(d_s(None, a), 0.9) + _lsgan(d_s(None, fake_a), 0.1))
+    torch.testing.assert_close(out["loss_cycle_a"] + out["loss_cycle_b"], cycle)
+    torch.testing.assert_close(out["loss"], adv + cycle + identity + 0.5 * bce, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out["loss_d"], d_loss)
+    assert "loss_l1" not in out  # no paired term, not even as a log
+    # the cycle reaches G_B (net_b), which the paired objective does not have
+    model.zero_grad(set_to_none=True)
+    model.training_losses(batch, group="generator")["loss"].backward()
+    assert all(p.grad is not None for p in model.net_b.parameters())
+    assert not hasattr(_build("unest", variant="paired"), "net_b")
+
+
+def test_unest_unpaired_optimiser_groups_hold_both_generators_and_both_discriminators():
+    model = _build("unest")
+    groups = {k: {id(p) for p in v} for k, v in model.optimizer_groups().items()}
+    ids = {name: {id(p) for p in module.parameters()} for name, module in
+           (("G_A", model.net), ("G_B", model.net_b), ("gates", model.gating),
+            ("D_target", model.discriminator["target"]), ("D_source", model.discriminator["source"]))}
+    assert ids["G_A"] | ids["G_B"] | ids["gates"] == groups["generator"]
+    assert ids["D_target"] | ids["D_source"] == groups["discriminator"]
+    assert all(ids.values()) and not ids["G_A"] & ids["G_B"]  # two generators, no shared weights
+    assert not list(model.pools.parameters())  # the image pools hold buffers only
+
+
+def test_unest_unpaired_objective_never_uses_the_pairing():
+    """Permuting the targets of a batch (each source window now meets another window's target)
+    leaves every loss unchanged: the objective is unpaired."""
+    model = _build("unest", pool_size=0).eval()  # eval: the D step leaves nothing behind
+    batch = _batch(b=3)
+    batch["target"][1, :, 10:20, 20:28] = 0.5  # three different targets
+    batch["target"][2] = batch["target"][2].flip(-1)
+    perm = {"sources": batch["sources"], "target": batch["target"][[2, 0, 1]]}
+    for group in ("discriminator", "generator"):
+        a, b = model.training_losses(batch, group=group), model.training_losses(perm, group=group)
+        for k in a:
+            if k != "mse":  # the monitor against the batch's own target is the one paired number
+                torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-7)
+    paired = _build("unest", variant="paired").eval()
+    assert not torch.allclose(paired.training_losses(batch)["loss"], paired.training_losses(perm)["loss"])
+
+
+def test_unest_variants_and_their_validation():
+    paired = build_method("unest", config="small", variant="paired").cfg
+    assert (paired.objective, paired.lambda_l1, paired.train_mask, paired.infer_mask, paired.optim.lr) == \
+        ("paired", 100.0, "target", "predicted", 2e-4)
+    assert build_method("unest", config="small", variant="unpaired").cfg == build_method("unest", config="small").cfg
+    with pytest.raises(ConfigError, match="no paired L1 term.*variant 'paired'"):
+        build_method("unest", config="small", lambda_l1=100.0)
+    with pytest.raises(ConfigError, match="own input's mask"):
+        build_method("unest", config="small", train_mask="target")
+    with pytest.raises(ConfigError, match="unknown UNest variant 'cycle'"):
+        build_method("unest", config="small", variant="cycle")
+    with pytest.raises(ConfigError, match="unknown objective"):
+        build_method("unest", config="small", objective="both")
+    assert "no paired term" in _build("unest").objective() and "cycle L1 10/10" in _build("unest").objective()
+    assert "100 x L1 to the target" in _build("unest", variant="paired").objective()
+
+
+def test_unest_unpaired_training_shrinks_the_cycle_and_mask_losses():
+    model = _build("unest", pool_size=0).train()
+    batch = _batch()
+    opts = _adams(model, lr=1e-3)
+    logs = [_engine_step(model, batch, opts)["generator"] for _ in range(30)]
+    for k in ("loss_cycle_a", "loss_cycle_b"):
+        assert logs[-1][k] < 0.3 * logs[0][k], (k, logs[0][k], logs[-1][k])
+    assert logs[-1]["loss_mask"] < logs[0]["loss_mask"]
+    assert all(math.isfinite(v) for out in logs for v in out.values())
+
+
+def test_image_pool_fills_then_swaps_half_of_the_queries_and_round_trips():
+    pool = ImagePool(4)
+    g = torch.Generator().manual_seed(0)
+    first = torch.arange(4.0).view(4, 1, 1, 1).expand(4, 2, 3, 3)
+    torch.testing.assert_close(pool.query(first, g), first)  # filling: the queries come back
+    assert pool.images.shape == (4, 2, 3, 3)
+    swapped = 0
+    for i in range(400):
+        img = torch.full((1, 2, 3, 3), 100.0 + i)
+        before = pool.images.clone()
+        out = pool.query(img, g)
+        if torch.equal(out, img):
+            assert torch.equal(pool.images, before)
+        else:  # a stored image came back and the query took its place
+            j = int((before == out[0]).all(dim=(1, 2, 3)).nonzero())
+            assert torch.equal(pool.images[j], img[0])
+            swapped += 1
+    assert 160 < swapped < 240  # probability 1/2
+    other = ImagePool(4)
+    other.load_state_dict(pool.state_dict())  # the stored history travels in a checkpoint
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    x = torch.randn(3, 2, 3, 3)
+    torch.testing.assert_close(other.query(x, g1), pool.query(x, g2), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="one window size"):
+        pool.query(torch.zeros(1, 2, 4, 4), g)
+    assert ImagePool(0).query(x) is not None and torch.equal(ImagePool(0).query(x), x)
+
+
+def test_ema_copies_a_buffer_whose_shape_changed():
+    from mmdm.engine.train import EMA, EMAConfig
+
+    model = _build("unest").train()
+    ema = EMA(model, EMAConfig(decay=0.5, start_step=0, every=1))
+    _engine_step(model, _batch(), _adams(model))  # the pools grow from 0 to 2 images
+    ema.update(model, 1)
+    torch.testing.assert_close(ema.shadow["pools.target.images"], model.pools["target"].images)
+    w = "net.patch_embed.weight"
+    assert not torch.equal(ema.shadow[w], model.state_dict()[w])  # the weights are averaged, not copied
+
+
+def test_every_registered_method_states_its_objective():
+    from mmdm.methods import METHODS as REGISTRY
+
+    for name in REGISTRY.names():
+        text = build_method(name, config="small").objective()
+        assert isinstance(text, str) and len(text) > 20, name
+    assert "L1 to the target" in build_method("pix2pix", config="small").objective()
+
+
+def test_unest_unpaired_resume_continues_bit_identically_with_its_image_pools(tmp_path):
+    """The pools are part of the checkpoint: a run resumed mid-way ends where an uninterrupted one does."""
+    import shutil
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from helpers import make_dataset
+
+    from mmdm.data.dataset import DataConfig
+    from mmdm.engine.checkpoint import load_checkpoint
+    from mmdm.engine.train import TrainConfig, train
+
+    make_dataset(tmp_path / "data", n=4, shape=(32, 32, 8))
+    cfg = TrainConfig(method="unest", method_kwargs={"config": "small", "pool_size": 3},
+                      data=DataConfig(root=str(tmp_path / "data"), sources=("T1w", "T2w")), steps=4, epochs=None,
+                      batch_size=2, seed=0, device="cpu", checkpoint_every=2, keep_last=2, image_every=0)
+    ref = train(cfg, tmp_path / "ref", progress=False)
+    run = tmp_path / "resumed"
+    shutil.copytree(ref, run)
+    (run / "checkpoints" / "step-00000004.pt").unlink()  # as if killed after the step-2 checkpoint
+    (run / "train_complete.json").unlink()
+    mid = load_checkpoint(run / "checkpoints" / "step-00000002.pt")["model"]
+    assert mid["pools.target.images"].shape[0] == 3  # full after 2 steps of batch 2: swaps follow
+    train(cfg, run, resume=True, progress=False)
+    a = load_checkpoint(ref / "checkpoints" / "step-00000004.pt")["model"]
+    b = load_checkpoint(run / "checkpoints" / "step-00000004.pt")["model"]
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k

@@ -120,6 +120,9 @@ class TinyConv(SynthesisMethod):
         self.conv = nn.Conv2d(len(self.sources) * window, window, 1)
         self.cfg = SimpleNamespace(optim=OptimConfig(lr=1e-2))
 
+    def objective(self):
+        return "MSE of a 1x1 convolution of the sources"
+
     def training_losses(self, batch, generator=None):
         x0, ys = self.check_batch(batch)
         return {"loss": (self.conv(torch.cat(ys, 1)) - x0).pow(2).mean()}
@@ -195,6 +198,7 @@ def test_evaluate_run_writes_metrics_then_summary(trained_run, tmp_path, monkeyp
         assert float(rows[1][k]) == pytest.approx(ref[k], rel=1e-5, abs=1e-6)
     assert summary["provenance"]["sessions"][0]["device"] == "cpu"
     assert {"commit", "dirty"} <= set(summary["provenance"]["git"])
+    assert summary["objective"] == "MSE of a 1x1 convolution of the sources"  # the record names its objective
 
     # an interrupted re-evaluation never leaves the old summary behind
     import mmdm.engine.infer as infer_mod

@@ -299,6 +299,7 @@ def evaluate_run(run_dir: str | Path, split: str = "test", steps: int | None = N
     prov.pop("_t0", None)
     summary = {
         "run": str(Path(run_dir)), "method": cfg.method, "method_kwargs": cfg.method_kwargs,
+        "objective": method.objective(),
         "split": split, "n_subjects": len(rows), "subjects": [r["subject"] for r in rows],
         "metrics": means, "metrics_std": stds,
         "sampling": {"steps": steps, "eta": eta, "n_samples": n_samples, "seed": seed,

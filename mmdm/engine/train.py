@@ -237,7 +237,11 @@ def _to_device(batch: dict, device: torch.device) -> dict:
 
 
 class EMA:
-    """Shadow copy of the floating-point parameters and buffers (BBDM-style)."""
+    """Shadow copy of the floating-point parameters and buffers (BBDM-style).
+
+    A buffer whose shape changes during training (a growing history of fakes, e.g. UNest's
+    image pools) is copied, not averaged.
+    """
 
     def __init__(self, model: nn.Module, cfg: EMAConfig):
         self.cfg = cfg
@@ -250,7 +254,9 @@ class EMA:
         for k, v in model.state_dict().items():
             if k not in self.shadow:
                 continue
-            if step < self.cfg.start_step:
+            if self.shadow[k].shape != v.shape:
+                self.shadow[k] = v.detach().clone()
+            elif step < self.cfg.start_step:
                 self.shadow[k].copy_(v)
             else:
                 self.shadow[k].lerp_(v.detach(), 1.0 - self.cfg.decay)
@@ -260,7 +266,10 @@ class EMA:
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         for k, v in state.items():
-            self.shadow[k].copy_(v)
+            if self.shadow[k].shape != v.shape:
+                self.shadow[k] = v.detach().clone().to(self.shadow[k].device)
+            else:
+                self.shadow[k].copy_(v)
 
 
 @contextlib.contextmanager

@@ -59,6 +59,12 @@ class SynthesisMethod(nn.Module):
         """Synthesise the target window (B, K, H, W) in [-1, 1]."""
         raise NotImplementedError(f"{type(self).__name__} must implement sample(sources, ...)")
 
+    def objective(self) -> str | None:
+        """The training objective of this instance in one line: what is predicted, which loss terms
+        with which weights. Every run record keeps it (``summary.json``, key ``objective``). Every
+        registered method states it; None: a method that does not (its record then says null)."""
+        return None
+
     def optimizer_groups(self) -> dict[str, list[nn.Parameter]]:
         """Parameters per optimiser: ``{"main": all trainable parameters}`` (GANs override)."""
         return {"main": [p for p in self.parameters() if p.requires_grad]}

@@ -161,6 +161,11 @@ class BBDM(GatedMethod):
             mse_x0 = (x0_hat - x0).pow(2).mean()
         return {"loss": loss, "mse_x0": mse_x0}
 
+    def objective(self) -> str:
+        """The objective in one line (the run record keeps it)."""
+        b = self.cfg.bridge
+        return f"Brownian bridge, '{b.objective}' prediction, {self.cfg.loss.upper()} loss, T = {b.num_timesteps}"
+
     def optim_configs(self) -> dict[str, OptimConfig]:
         """Optimiser settings keyed like :meth:`optimizer_groups`."""
         return {"main": self.cfg.optim}

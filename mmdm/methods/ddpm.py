@@ -140,6 +140,10 @@ class DDPM(GatedMethod):
             mse_x0 = (x0_hat - x0).pow(2).mean()
         return {"loss": loss, "mse_x0": mse_x0}
 
+    def objective(self) -> str:
+        """The objective in one line (the run record keeps it)."""
+        return f"eps prediction, MSE (L_simple), T = {self.cfg.diffusion.num_timesteps}"
+
     def optim_configs(self) -> dict[str, OptimConfig]:
         """Optimiser settings keyed like :meth:`optimizer_groups`."""
         return {"main": self.cfg.optim}

@@ -268,6 +268,13 @@ class MMDM(SynthesisMethod):
     def variant(self) -> str:
         return self.cfg.variant
 
+    def objective(self) -> str:
+        """The objective in one line (the run record keeps it)."""
+        c = self.cfg
+        loss = "MSE + MIP (eq. 7)" if c.use_mip else "MSE"
+        total = "NAWS-weighted (eq. 11)" if c.use_naws else "summed"
+        return f"Brownian bridge per source, '{c.bridge.objective}' -> x0; {loss} on fused and branch x0, {total}"
+
     def branch_x0(self, modality: str, x_t: Tensor, y: Tensor, t: Tensor) -> Tensor:
         """``x0_hat^m`` of one branch: network output -> x0 (``x^m - eps_theta^m`` for "ysubx")."""
         out = self.branches[modality](torch.cat([x_t, y], dim=1), t)

@@ -65,7 +65,8 @@ class ConditionalGAN(SynthesisMethod):
     """A paired conditional GAN: generator G (everything but ``self.discriminator``) and a PatchGAN D.
 
     Subclasses build ``self.discriminator`` and implement :meth:`generate`;
-    optionally :meth:`extra_generator_losses`. The config must have the fields
+    optionally :meth:`extra_generator_losses`. A subclass with another objective (UNest's
+    unpaired one) overrides ``_d_loss`` / ``_g_loss`` and :attr:`paired`; the protocol stays. The config must have the fields
     ``gan_mode``, ``real_label``, ``fake_label``, ``lambda_l1``, ``reuse_fake``,
     ``optim`` (G) and ``optim_d`` (D).
 
@@ -96,6 +97,16 @@ class ConditionalGAN(SynthesisMethod):
         """Weighted extra terms added to the generator loss (name -> scalar)."""
         return {}
 
+    @property
+    def paired(self) -> bool:
+        """True when the objective compares G's output with the batch's own target (the L1 term)."""
+        return True
+
+    def objective(self) -> str:
+        """The training objective of this instance, in one line (written into the run record)."""
+        c = self.cfg
+        return f"paired: {c.gan_mode} GAN, conditional PatchGAN + {c.lambda_l1:g} x L1 to the target"
+
     # -- optimisers -----------------------------------------------------------
     def generator_parameters(self) -> list[nn.Parameter]:
         return [p for n, p in self.named_parameters() if p.requires_grad and not n.startswith("discriminator.")]
@@ -125,7 +136,10 @@ class ConditionalGAN(SynthesisMethod):
             return cache[2]
         return self.generate(ys, target)
 
-    def _d_loss(self, cond: Tensor, fake: Tensor, target: Tensor) -> dict[str, Tensor]:
+    def _d_loss(self, cond: Tensor, fake: Tensor, target: Tensor, extras: dict[str, Tensor],
+                update_pool: bool = False) -> dict[str, Tensor]:
+        """D's loss on the detached fake (``extras`` and ``update_pool`` serve subclasses with
+        several discriminators or a history of fakes, e.g. UNest's unpaired objective)."""
         c = self.cfg
         cond = cond.detach()
         loss, real, fk = discriminator_loss(self.discriminator(cond, target), self.discriminator(cond, fake.detach()),
@@ -159,14 +173,15 @@ class ConditionalGAN(SynthesisMethod):
             fake, cond, extras = self._generate_for(batch, ys, target, reuse=False)
             if self.cfg.reuse_fake and self.training and fake.requires_grad:
                 self._cache = (batch, self._g_signature(), (fake, cond, extras))
-            out = self._d_loss(cond, fake, target)
-            out["loss_l1"] = F.l1_loss(fake.detach(), target)
+            out = self._d_loss(cond, fake, target, extras, update_pool=self.training)
+            if self.paired:  # a monitor only: D's loss does not contain it
+                out["loss_l1"] = F.l1_loss(fake.detach(), target)
             return out
         fake, cond, extras = self._generate_for(batch, ys, target, reuse=group == "generator")
         out = self._g_loss(cond, fake, target, extras)
         if group is None:
             with torch.no_grad():
-                out["loss_d"] = self._d_loss(cond, fake, target)["loss"]
+                out["loss_d"] = self._d_loss(cond, fake, target, extras)["loss"]
         return out
 
     @torch.no_grad()

@@ -185,6 +185,12 @@ class RDDM(GatedMethod):
         return {"loss": loss_res + loss_eps, "loss_res": loss_res.detach(), "loss_noise": loss_eps.detach(),
                 "mse_x0": mse_x0}
 
+    def objective(self) -> str:
+        """The objective in one line (the run record keeps it)."""
+        nets = "two networks" if self.cfg.separate_networks else "one network"
+        return (f"residual + noise prediction ({nets}), {self.cfg.loss.upper()} on each, "
+                f"T = {self.cfg.diffusion.num_timesteps}")
+
     def optim_configs(self) -> dict[str, OptimConfig]:
         """Optimiser settings keyed like :meth:`optimizer_groups`."""
         return {"main": self.cfg.optim}
