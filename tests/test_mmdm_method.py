@@ -145,7 +145,7 @@ def test_registry_builds_every_variant_and_lists_known_names():
         build_method("mmdn")
     with pytest.raises(ConfigError, match="unknown MMDM variant 'fulll'; known: base, mip, naws, full"):
         build_method("mmdm", variant="fulll", config="small", **TINY)
-    with pytest.raises(ConfigError, match="known: depthwise, paper, small"):
+    with pytest.raises(ConfigError, match="known: depthwise, paper, small, small-depthwise"):
         build_method("mmdm", config="huge")
     with pytest.raises(ConfigError, match="at least 2 modalities"):
         build_method("mmdm", config="small", sources=("T1w",), **TINY)

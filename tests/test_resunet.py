@@ -84,6 +84,11 @@ def test_small_configuration_is_the_paper_structure_narrower() -> None:
     depthwise = build_method("mmdm", config="depthwise")
     assert count_unique_parameters(depthwise) == pytest.approx(13.8e6, rel=0.005)
     assert depthwise.time_embed is None
+    # the earlier `small` (the committed standard records before the authors' network): same keys and
+    # shapes as that code built (checked against its commit once), 1,296,197 parameters
+    old_small = build_method("mmdm", config="small-depthwise")
+    assert count_unique_parameters(old_small) == 1_296_197
+    assert old_small.cfg.bridge.sample_steps == 20 and old_small.cfg.branch_net == "restormer"
 
 
 # ---------------------------------------------------------------- blocks against independent formulas

@@ -199,6 +199,16 @@ def depthwise_config() -> MMDMConfig:
     return cfg
 
 
+def small_depthwise_config() -> MMDMConfig:
+    """The study's earlier `small` model (the standard records made before the authors'
+    network came in were trained with it): :func:`depthwise_config` with the small fusion UNet
+    (16, mult 1,2,4, one res block per level) and 20 sampling steps; 1,296,197 parameters."""
+    cfg = depthwise_config()
+    cfg.bridge = dataclasses.replace(cfg.bridge, sample_steps=20)
+    cfg.fusion = dataclasses.replace(cfg.fusion, unet=UNetConfig(base=16, mult=(1, 2, 4), num_res_blocks=1))
+    return cfg
+
+
 def legacy_config_dict(data: dict[str, Any]) -> dict[str, Any]:
     """A config dict written before ``branch_net`` existed describes the depthwise model:
     fill in the keys that make it load as that model (old run directories stay usable)."""
@@ -212,7 +222,8 @@ def legacy_config_dict(data: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
-NAMED_CONFIGS = {"paper": paper_config, "small": small_config, "depthwise": depthwise_config}
+NAMED_CONFIGS = {"paper": paper_config, "small": small_config, "depthwise": depthwise_config,
+                 "small-depthwise": small_depthwise_config}
 
 
 def mmdm_config(variant: str | None = None, config: str | MMDMConfig | dict = "paper",
