@@ -241,10 +241,14 @@ def check_book(html_dir: str | Path, forbidden: Sequence[str], shots: str | Path
                     console_errors=[e["message"] for e in logs if e.get("level") == "SEVERE"
                                     and "/favicon.ico " not in e["message"]],
                     absolute_paths=sorted({f for f in forbidden if f in res["text"] or f in src}))
+                # the whole page: the viewport made as tall as the page for the capture, then restored
                 height = min(int(res["height"]), MAX_SHOT_HEIGHT)
-                shot = drv.execute_cdp_cmd("Page.captureScreenshot", {
-                    "format": "png", "captureBeyondViewport": True,
-                    "clip": {"x": 0, "y": 0, "width": WIDTH, "height": height, "scale": 1}})
+                drv.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                                    {"width": WIDTH, "height": height, "deviceScaleFactor": 1, "mobile": False})
+                try:
+                    shot = drv.execute_cdp_cmd("Page.captureScreenshot", {"format": "png"})
+                finally:
+                    drv.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
                 rep.screenshot = shots / (rel.replace("/", "__").removesuffix(".html") + ".png")
                 rep.screenshot.write_bytes(base64.b64decode(shot["data"]))
                 reports.append(rep)
