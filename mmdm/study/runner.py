@@ -66,8 +66,11 @@ def _environ(name: str, value: str):
 def execute(name: str, out: Path, parameters: dict, log: Callable[[str], None] = print,
             env: dict | None = None) -> Path:
     """Execute one notebook with papermill (in a subprocess when ``env`` is given, e.g. to pin a GPU).
-    The kernel sees ``MMDM_INVOCATION``, which run provenance records as its command."""
+    The kernel sees ``MMDM_INVOCATION``, which run provenance records as its command. The executed
+    notebook is then tidied for the book (:func:`mmdm.study.executed.tidy_notebook`: parameters
+    cells tagged ``remove-cell``, paths relative to the repository root)."""
     from mmdm.engine.runs import INVOCATION_ENV
+    from mmdm.study.executed import tidy_notebook
 
     out.parent.mkdir(parents=True, exist_ok=True)
     command = invocation(name, parameters)
@@ -77,7 +80,7 @@ def execute(name: str, out: Path, parameters: dict, log: Callable[[str], None] =
         with _environ(INVOCATION_ENV, command):  # the kernel inherits this process's environment
             pm.execute_notebook(str(notebook(name)), str(out), parameters=parameters, cwd=str(repo_root()),
                                 progress_bar=False, kernel_name="python3", start_timeout=KERNEL_START_TIMEOUT)
-        return out
+        return tidy_notebook(out, repo_root())
     env = {**env, INVOCATION_ENV: command}
     args = [sys.executable, "-m", "papermill", "--cwd", str(repo_root()), "--no-progress-bar", "-k", "python3",
             "--start-timeout", str(KERNEL_START_TIMEOUT),
@@ -87,7 +90,7 @@ def execute(name: str, out: Path, parameters: dict, log: Callable[[str], None] =
     proc = subprocess.run(args, env={**os.environ, **env}, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"notebook {name} failed for {parameters}; see {out}\n{proc.stderr[-3000:]}")
-    return out
+    return tidy_notebook(out, repo_root())
 
 
 def run_parameters(spec: RunSpec, profile: StudyProfile, seed: int, device: str | None) -> dict:

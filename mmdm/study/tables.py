@@ -10,8 +10,12 @@ from mmdm.study.runs import REFERENCE_RUN, study_runs
 
 TABLE_TITLES = {"table1": "Table 1: comparison methods", "table2": "Table 2: ablation of the MIP loss and NAWS",
                 "table3": "Table 3: modality combinations"}
-DECIMALS = {"psnr": 2, "ssim": 4, "rmse": 3, "mip_psnr": 2, "mip_ssim": 4, "mip_rmse": 3,
+#: digits shown after the decimal point: few enough that a table of Tables 1-3 fits a 1280 px screen
+#: (the paper's own numbers are shown rounded the same way beside ours)
+DECIMALS = {"psnr": 2, "ssim": 3, "rmse": 2, "mip_psnr": 2, "mip_ssim": 3, "mip_rmse": 2,
             "cldice": 3, "dice": 3, "mip_dice": 3, "betti0_error": 1}
+#: the two metric families of Tables 1-3, shown as two tables (whole volume, axial MIP)
+METRIC_FAMILIES = {"volume": ("psnr", "ssim", "rmse"), "mip": ("mip_psnr", "mip_ssim", "mip_rmse")}
 LABELS = {**METRIC_LABELS, **METRIC_LABELS_VESSEL}
 
 
@@ -49,10 +53,36 @@ def results_table(table: str, per_subject: pd.DataFrame, sources: tuple[str, ...
     return pd.DataFrame(rows).set_index("row")
 
 
+def side_by_side(table: str, per_subject: pd.DataFrame, sources: tuple[str, ...] = ("T1w", "T2w", "FLAIR"),
+                 metrics: tuple[str, ...] = METRIC_FAMILIES["volume"]) -> pd.DataFrame:
+    """:func:`results_table` laid out for reading: one row per table row (the paper's row label),
+    the number of test subjects, then for each metric *ours* (mean ± sd) and the *paper*'s value
+    side by side under one two-level header (metric, ours | paper)."""
+    flat = results_table(table, per_subject, sources, with_paper=True, metrics=metrics)
+    columns = {("", "n"): flat["n"]}
+    for m in metrics:
+        columns[(LABELS[m], "ours")] = flat[f"{LABELS[m]} (ours)"]
+        columns[(LABELS[m], "paper")] = flat[f"{LABELS[m]} (paper)"]
+    out = pd.DataFrame(columns, index=flat.index)
+    out.columns = pd.MultiIndex.from_tuples(out.columns)
+    out.index.name = None
+    return out
+
+
+#: columns of :func:`provenance_table`: record field -> header
+PROVENANCE_COLUMNS = {"profile": "profile", "steps": "steps", "n_subjects": "subjects", "device": "device",
+                      "commit": "commit", "train_wall_s": "train (min)", "eval_wall_s": "eval (min)"}
+
+
 def provenance_table(runs: pd.DataFrame) -> pd.DataFrame:
-    """Commit, device, steps and wall times of every run record."""
-    cols = ["run", "profile", "steps", "n_subjects", "device", "commit", "train_wall_s", "eval_wall_s"]
-    return runs[[c for c in cols if c in runs]].set_index("run") if len(runs) else pd.DataFrame(columns=cols)
+    """Commit, device, steps and wall times (minutes, one decimal) of every run record."""
+    if not len(runs):
+        return pd.DataFrame(columns=list(PROVENANCE_COLUMNS.values()), index=pd.Index([], name="run"))
+    out = runs.set_index("run")[[c for c in PROVENANCE_COLUMNS if c in runs]]
+    for c in ("train_wall_s", "eval_wall_s"):
+        if c in out:
+            out[c] = ["–" if pd.isna(v) else f"{v / 60:.1f}" for v in out[c]]
+    return out.rename(columns=PROVENANCE_COLUMNS)
 
 
 def paired_table(table: str, per_subject: pd.DataFrame, sources: tuple[str, ...] = ("T1w", "T2w", "FLAIR"),
@@ -121,3 +151,24 @@ def seed_difference_table(per_subject: pd.DataFrame, metrics: tuple[str, ...] = 
         cols[3]: [fmt(v, m) for v, m in zip(d.se_difference, d.metric)],
         cols[4]: [f"{a} vs {b}" for a, b in zip(d.n_seeds_reference, d.n_seeds_other)]})
     return out.set_index(["other", "metric"])
+
+
+def comparisons_by_claim(comparisons: pd.DataFrame,
+                         sources: tuple[str, ...] = ("T1w", "T2w", "FLAIR")) -> list[tuple[str, pd.DataFrame]]:
+    """The comparisons behind the claims (:func:`mmdm.study.claims.evaluate_claims`) for reading, one
+    table per claim in the claims' order: ``(claim text, table)``, the table with one row per
+    comparison (the claimed-better run A against B), the mean difference A − B with its bootstrap
+    95 % CI and the Holm-adjusted Wilcoxon p in the metric's own digits, and the verdict."""
+    from mmdm.study.claims import paper_claims
+
+    cols = ["A vs B", "metric", "n", "A − B (95 % CI)", "p (Holm)", "verdict"]
+    out = []
+    for claim in paper_claims(sources):
+        c = comparisons[comparisons["claim"] == claim.key] if "claim" in comparisons else comparisons.iloc[0:0]
+        rows = [{"A vs B": f"{r.better} vs {r.worse}", "metric": LABELS[r.metric], "n": r.n,
+                 "A − B (95 % CI)": "–" if pd.isna(r.diff) else
+                 f"{fmt(r.diff, r.metric)} [{fmt(r.ci_low, r.metric)}, {fmt(r.ci_high, r.metric)}]",
+                 "p (Holm)": "–" if pd.isna(r.p_holm) else f"{r.p_holm:.3g}", "verdict": r.verdict}
+                for r in c.itertuples()]
+        out.append((claim.text, pd.DataFrame(rows, columns=cols).set_index("A vs B")))
+    return out
