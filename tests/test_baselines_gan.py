@@ -76,8 +76,8 @@ def _engine_step(model, batch, opts):
 
 
 def _adams(model, lr=None):
-    return {n: torch.optim.Adam(p, lr=lr or model.optim_config(n).lr, betas=model.optim_config(n).betas)
-            for n, p in model.optimizer_groups().items()}
+    oc = model.optim_configs()
+    return {n: torch.optim.Adam(p, lr=lr or oc[n].lr, betas=oc[n].betas) for n, p in model.optimizer_groups().items()}
 
 
 # ----------------------------------------------------------------------------
@@ -314,7 +314,7 @@ def test_sampling_shape_range_and_determinism(name):
     assert x.shape == batch["target"].shape and torch.isfinite(x).all()
     assert x.min() >= -1 and x.max() <= 1
     torch.testing.assert_close(model.sample(batch["sources"]), x)
-    out = model.training_losses(batch)  # group=None: generator losses + D loss for logging
+    out = model.training_losses(batch)  # group "main", the whole model: generator losses + D loss for logging
     assert {"loss", "loss_g_gan", "loss_l1", "loss_d", "mse"} <= set(out)
     lam = model.cfg.lambda_l1
     extra = out.get("loss_mask", 0.0)
@@ -347,8 +347,8 @@ def test_missing_modality_and_bad_group_give_clear_errors(name):
         model.training_losses(partial, group="discriminator")
     with pytest.raises(ValueError, match="missing source modality"):
         model.sample(partial["sources"])
-    with pytest.raises(ValueError, match="unknown optimiser group 'main'"):
-        model.training_losses(batch, group="main")
+    with pytest.raises(ValueError, match="unknown optimiser group 'encoder'"):
+        model.training_losses(batch, group="encoder")
     with pytest.raises(ValueError, match="multiples of"):
         model.sample({m: v[..., :20] for m, v in batch["sources"].items()})
 

@@ -6,7 +6,6 @@ import json
 import os
 import socket
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -32,11 +31,14 @@ class DetStub(SynthesisMethod):
         self.sources = tuple(sources)
         self.window = window
         self.conv = nn.Conv2d(len(self.sources) * window, window, 3, padding=1)
-        self.cfg = SimpleNamespace(optim=OptimConfig(lr=1e-2))
+        self.lr = 1e-2
 
-    def training_losses(self, batch, generator=None):
+    def training_losses(self, batch, generator=None, group="main"):
         x0, ys = self.check_batch(batch)
         return {"loss": (self.conv(torch.cat(ys, 1)) - x0).pow(2).mean()}
+
+    def optim_configs(self):
+        return {g: OptimConfig(lr=self.lr) for g in self.optimizer_groups()}
 
     @torch.no_grad()
     def sample(self, sources, steps=None, eta=None, generator=None, progress=False):

@@ -9,7 +9,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -45,11 +44,11 @@ class ConvStub(SynthesisMethod):
         self.sources = tuple(sources)
         self.window = window
         self.conv = nn.Conv2d(len(self.sources) * window, window, 3, padding=1)
-        self.cfg = SimpleNamespace(optim=OptimConfig(lr=lr))
+        self.lr = lr
         self.noisy = noisy
         self.delay = delay
 
-    def training_losses(self, batch, generator=None):
+    def training_losses(self, batch, generator=None, group="main"):
         x0, ys = self.check_batch(batch)
         pred = self.conv(torch.cat(ys, 1))
         target = x0
@@ -62,6 +61,9 @@ class ConvStub(SynthesisMethod):
             time.sleep(self.delay)
         loss = scale * (pred - target).pow(2).mean()
         return {"loss": loss, "mse": (pred.detach() - x0).pow(2).mean()}
+
+    def optim_configs(self):
+        return {g: OptimConfig(lr=self.lr) for g in self.optimizer_groups()}
 
     @torch.no_grad()
     def sample(self, sources, steps=None, eta=None, generator=None, progress=False):
@@ -86,13 +88,13 @@ class TwoGroupStub(SynthesisMethod):
         self.window = window
         self.a = nn.Conv2d(len(self.sources) * window, window, 1)
         self.b = nn.Conv2d(window, 1, 1)
-        self.cfg = SimpleNamespace(optim=OptimConfig(lr=1e-2))
+        self.lr = 1e-2
         self.calls: list[dict] = []
 
     def optimizer_groups(self):
         return {"gen": list(self.a.parameters()), "disc": list(self.b.parameters())}
 
-    def training_losses(self, batch, generator=None, group=None):
+    def training_losses(self, batch, generator=None, group="main"):
         self.calls.append({"group": group, "a": self.a.weight.detach().clone(), "b": self.b.weight.detach().clone(),
                            "grads": [p.grad for p in self.parameters()]})
         x0, ys = self.check_batch(batch)
@@ -102,6 +104,9 @@ class TwoGroupStub(SynthesisMethod):
         else:
             loss = self.b(fake).mean() - self.b(x0).mean() + self.b.weight.pow(2).sum()
         return {"loss": loss}
+
+    def optim_configs(self):
+        return {g: OptimConfig(lr=self.lr) for g in self.optimizer_groups()}
 
     @torch.no_grad()
     def sample(self, sources, steps=None, eta=None, generator=None, progress=False):
@@ -380,11 +385,10 @@ def test_sigkill_and_resume_gives_bit_identical_weights(tmp_path, dataset):
 
 
 def test_method_default_ema_is_used_unless_the_run_overrides_it():
-    from mmdm.engine.train import method_ema
     from mmdm.methods import build_method
 
     bbdm = build_method("bbdm", config="small")
-    ema = method_ema(bbdm)
-    assert isinstance(ema, EMAConfig) and ema.decay == pytest.approx(bbdm.cfg.ema["decay"])
-    assert method_ema(build_method("mmdm", variant="base", config="small")) is None  # the MMDM authors use none
-    assert method_ema(build_method("bbdm", config="small", ema=None)) is None
+    ema = bbdm.ema_config()
+    assert isinstance(ema, EMAConfig) and ema == EMAConfig(decay=0.995, start_step=100, every=1)
+    assert build_method("mmdm", variant="base", config="small").ema_config() is None  # the MMDM authors use none
+    assert build_method("bbdm", config="small", ema=None).ema_config() is None

@@ -46,21 +46,13 @@ from mmdm.engine.checkpoint import CheckpointManager, capture_rng, restore_rng
 from mmdm.engine.distributed import DistInfo, barrier, broadcast_object, cleanup, gather_objects, init_distributed
 from mmdm.engine.runs import end_session, run_paths, start_session, utc_now
 from mmdm.io import write_json
+from mmdm.methods.base import MAIN, SynthesisMethod
+from mmdm.optim import EMAConfig, OptimConfig
 
 #: Keys that may differ between the stored config and the one given on resume
 #: (they change how a run is executed or logged, never its numbers).
 RUNTIME_KEYS = frozenset({"device", "num_workers", "log_every", "image_every", "image_steps", "checkpoint_every",
                           "keep_last", "val_every", "val_batches", "deterministic"})
-
-
-@dataclass
-class EMAConfig:
-    """Exponential moving average of the weights (BBDM: decay 0.995 from step 30k;
-    MMDM's authors: none). Before ``start_step`` the average is reset to the weights."""
-
-    decay: float = 0.995
-    start_step: int = 30000
-    every: int = 1
 
 
 @dataclass
@@ -87,7 +79,7 @@ class TrainConfig:
     device: str = "auto"
     amp: str = "none"
     grad_clip: float | None = None
-    ema: EMAConfig | None = None  # None: the method's own default (method.cfg.ema)
+    ema: EMAConfig | None = None  # None: the method's own default (method.ema_config())
     deterministic: bool = False
     checkpoint_every: int = 1000
     keep_last: int = 3
@@ -112,8 +104,8 @@ class TrainConfig:
             raise ConfigError(f"TrainConfig.keep_last must be >= 1, got {self.keep_last}")
         if self.grad_clip is not None and self.grad_clip <= 0:
             raise ConfigError(f"TrainConfig.grad_clip must be > 0 or null, got {self.grad_clip}")
-        if self.ema is not None and not 0.0 < self.ema.decay < 1.0:
-            raise ConfigError(f"TrainConfig.ema.decay must be in (0, 1), got {self.ema.decay}")
+        if self.ema is not None:
+            self.ema.validate("TrainConfig.ema")
 
 
 # ----------------------------------------------------------------------------
@@ -155,38 +147,23 @@ def build_method_from_config(cfg: TrainConfig) -> nn.Module:
     return method
 
 
-def method_optim(method: nn.Module, group: str):
-    """The :class:`OptimConfig` of one optimiser group: ``method.optim_config(group)`` if defined,
-    else ``method.cfg.optim`` (a dict per group or one config), else the defaults."""
-    from mmdm.methods.base import OptimConfig
-
-    if hasattr(method, "optim_config"):
-        return method.optim_config(group)
-    optim = getattr(getattr(method, "cfg", None), "optim", None)
-    if isinstance(optim, dict):
-        optim = optim.get(group)
-    return optim or OptimConfig()
-
-
-def method_ema(method: nn.Module) -> "EMAConfig | None":
-    """The method's own EMA default (``method.cfg.ema``: BBDM, DDPM and RDDM follow their
-    official code; MMDM has none). ``TrainConfig.ema`` overrides it when set."""
-    ema = getattr(getattr(method, "cfg", None), "ema", None)
-    if ema is None or isinstance(ema, EMAConfig):
-        return ema
-    return from_dict(EMAConfig, dict(ema), where=f"{type(method).__name__}.cfg.ema")
+def method_optim_configs(method: SynthesisMethod) -> dict[str, OptimConfig]:
+    """``method.optim_configs()``, checked to name exactly the groups of ``method.optimizer_groups()``."""
+    groups, configs = list(method.optimizer_groups()), method.optim_configs()
+    if sorted(configs) != sorted(groups):
+        raise ConfigError(f"method '{method.name}': optim_configs() names the groups {sorted(configs)} but "
+                          f"optimizer_groups() returns {sorted(groups)}; they must match")
+    return configs
 
 
 class _LossModule(nn.Module):
     """Wraps a method so that DistributedDataParallel's forward is ``training_losses``."""
 
-    def __init__(self, method: nn.Module):
+    def __init__(self, method: SynthesisMethod):
         super().__init__()
         self.method = method
 
-    def forward(self, batch: dict, generator: torch.Generator | None = None, group: str | None = None):
-        if group is None:
-            return self.method.training_losses(batch, generator)
+    def forward(self, batch: dict, generator: torch.Generator | None = None, group: str = MAIN):
         return self.method.training_losses(batch, generator, group=group)
 
 
@@ -361,12 +338,13 @@ class Trainer:
             raise ConfigError(f"method '{cfg.method}' returned no optimiser groups")
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.grad_clip: dict[str, float | None] = {}
+        optim_configs = method_optim_configs(self.method)
         for name, params in self.groups.items():
-            oc = method_optim(self.method, name)
+            oc = optim_configs[name]
             self.optimizers[name] = torch.optim.Adam(params, lr=oc.lr, betas=tuple(oc.betas),
                                                      weight_decay=oc.weight_decay)
             self.grad_clip[name] = cfg.grad_clip if cfg.grad_clip is not None else oc.grad_clip
-        self.ema_cfg = cfg.ema if cfg.ema is not None else method_ema(self.method)
+        self.ema_cfg = cfg.ema if cfg.ema is not None else self.method.ema_config()
         self.ema = EMA(self.method, self.ema_cfg) if self.ema_cfg is not None else None
         seed = int(np.random.SeedSequence([cfg.seed, self.info.rank, 17]).generate_state(1)[0])
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
@@ -470,8 +448,7 @@ class Trainer:
             for o in self.optimizers.values():
                 o.zero_grad(set_to_none=True)
             with self._autocast():
-                losses = self.loss_module(batch, self.generator, name) if multi else \
-                    self.loss_module(batch, self.generator)
+                losses = self.loss_module(batch, self.generator, name)
             if "loss" not in losses:
                 raise KeyError(f"method '{self.cfg.method}'.training_losses returned {sorted(losses)}; it must "
                                "contain 'loss' (the scalar to back-propagate)")
@@ -545,11 +522,11 @@ class Trainer:
         with isolated_rng():
             self.method.eval()
             gen = torch.Generator(device=self.device).manual_seed(self.cfg.seed)
-            kw = {"group": next(iter(self.optimizers))} if len(self.optimizers) > 1 else {}
+            group = next(iter(self.optimizers))
             for i in range(0, min(len(ds), self.cfg.val_batches * self.cfg.batch_size), self.cfg.batch_size):
                 b = _to_device(_collate([ds[j] for j in range(i, min(i + self.cfg.batch_size, len(ds)))]),
                                self.device)
-                for k, v in self.method.training_losses(b, gen, **kw).items():
+                for k, v in self.method.training_losses(b, gen, group=group).items():
                     sums[k] = sums.get(k, 0.0) + float(v)
                 n += 1
             self.method.train()
@@ -658,5 +635,5 @@ def load_train_config(path: str | Path, overrides: dict[str, Any] | None = None)
 
 
 __all__ = ["EMA", "EMAConfig", "RUNTIME_KEYS", "TrainConfig", "Trainer", "build_method_from_config",
-           "check_run_dir", "epoch_batches", "load_train_config", "method_factory", "steps_per_epoch", "train",
+           "check_run_dir", "epoch_batches", "load_train_config", "method_factory", "method_optim_configs", "steps_per_epoch", "train",
            "window_panel"]

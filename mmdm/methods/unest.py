@@ -25,16 +25,13 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from mmdm.config import ConfigError
-from mmdm.methods import METHODS
-from mmdm.methods.base import OptimConfig
-from mmdm.methods.base import assemble_config
+from mmdm.methods.base import OptimConfig, register_method
 from mmdm.methods.pix2pix import ConditionalGAN, validate_gan_fields
 from mmdm.nets.gating import GatingConfig, ModalityGating
 from mmdm.nets.patchgan import PatchGAN, PatchGANConfig
@@ -122,15 +119,6 @@ def small_config() -> UNestConfig:
     return cfg
 
 
-NAMED_CONFIGS = {"paper": paper_config, "small": small_config}
-
-
-def unest_config(config: str | UNestConfig | dict = "paper", sources: tuple[str, ...] | list[str] | None = None,
-                 **overrides: Any) -> UNestConfig:
-    """Assemble a :class:`UNestConfig` from a named config / object / dict, ``sources`` and overrides."""
-    return assemble_config(UNestConfig, NAMED_CONFIGS, config, sources, overrides, "UNest")
-
-
 def foreground_mask(window: Tensor, threshold: float, dilation: int) -> Tensor:
     """(B, 1, H, W) float mask: 1 where any slice of the (B, K, H, W) window exceeds ``threshold``,
     dilated by ``dilation`` pixels (square structuring element)."""
@@ -140,10 +128,12 @@ def foreground_mask(window: Tensor, threshold: float, dilation: int) -> Tensor:
     return mask
 
 
+@register_method("unest")
 class UNest(ConditionalGAN):
     """Gated sources -> structural-attention UNETR -> K-slice window (+ foreground mask logits)."""
 
-    name = "unest"
+    config_class = UNestConfig
+    named_configs = {"paper": paper_config, "small": small_config}
 
     def __init__(self, cfg: UNestConfig | None = None):
         super().__init__()
@@ -186,11 +176,3 @@ class UNest(ConditionalGAN):
         cond = self.gating(self.source_list(sources))
         return torch.sigmoid(self.net.mask_head(self.net.patch_embed(cond)))
 
-
-def build_unest(config: str | UNestConfig | dict = "paper", sources: tuple[str, ...] | list[str] | None = None,
-                **overrides: Any) -> UNest:
-    """Registry factory: ``build_method("unest", config="small", sources=("T1w", "T2w"))``."""
-    return UNest(unest_config(config, sources, **overrides))
-
-
-METHODS.register("unest")(build_unest)
