@@ -408,7 +408,8 @@ def test_trains_through_the_engine_with_two_optimiser_groups(name, tmp_path):
     from helpers import make_dataset
 
     from mmdm.data.dataset import DataConfig
-    from mmdm.engine.train import Trainer, TrainConfig
+    from mmdm.engine.spec import TrainConfig
+    from mmdm.engine.train import Trainer
 
     make_dataset(tmp_path / "data", n=4, shape=(32, 32, 8))
     cfg = TrainConfig(method=name, method_kwargs={"config": "small"},

@@ -17,7 +17,8 @@ from helpers import make_dataset
 from mmdm.config import from_dict, to_dict
 from mmdm.data.dataset import DataConfig
 from mmdm.engine.checkpoint import CheckpointManager, load_checkpoint
-from mmdm.engine.train import TrainConfig, train
+from mmdm.engine.spec import TrainConfig
+from mmdm.engine.train import train
 from mmdm.methods.base import OptimConfig, SynthesisMethod
 
 

@@ -1,4 +1,5 @@
-"""Tests of whole-volume synthesis (mmdm.engine.infer), run records (mmdm.engine.runs) and the engine CLI."""
+"""Tests of whole-volume synthesis (mmdm.engine.infer), run evaluation and records (mmdm.engine.evaluate,
+mmdm.engine.rundir) and the engine CLI."""
 
 from __future__ import annotations
 
@@ -19,8 +20,10 @@ from mmdm.data.layout import DatasetError
 from mmdm.data.volumes import NormConfig, normalise
 from mmdm.engine import cli as engine_cli
 from mmdm.engine.infer import std_path, synthesize_files, synthesize_volume
-from mmdm.engine.runs import evaluate_run, load_summary, run_status
-from mmdm.engine.train import TrainConfig, train
+from mmdm.engine.evaluate import evaluate_run
+from mmdm.engine.rundir import load_summary, run_status
+from mmdm.engine.spec import TrainConfig
+from mmdm.engine.train import train
 from mmdm.methods.base import OptimConfig, SynthesisMethod
 from mmdm.metrics import METRIC_KEYS, evaluate_files
 
@@ -281,7 +284,7 @@ def test_mmdm_small_on_the_tiny_phantom(tmp_path):
     """Integration on the phantom cohort: train a few steps, evaluate every test subject."""
     from mmdm.data.layout import Layout
     from mmdm.data.phantom import build_cohort
-    from mmdm.engine.runs import read_metrics_csv
+    from mmdm.engine.rundir import read_metrics_csv
 
     data = build_cohort(tmp_path / "phantom", "tiny", progress=False)
     cfg = TrainConfig(method="mmdm", method_kwargs={"variant": "full", "config": "small"},

@@ -20,8 +20,12 @@ from mmdm.config import ConfigError, from_dict, load_yaml, save_yaml, to_dict
 from mmdm.data.dataset import DataConfig
 from mmdm.engine import checkpoint as ckpt_mod
 from mmdm.engine.checkpoint import CheckpointManager, capture_rng, load_checkpoint, restore_rng
-from mmdm.engine.runs import run_status
-from mmdm.engine.train import EMAConfig, TrainConfig, Trainer, epoch_batches, train, window_panel
+from mmdm.engine.batches import epoch_batches
+from mmdm.engine.panels import window_panel
+from mmdm.engine.rundir import run_status
+from mmdm.engine.spec import TrainConfig
+from mmdm.engine.train import Trainer, train
+from mmdm.optim import EMAConfig
 from mmdm.methods.base import OptimConfig, SynthesisMethod
 
 TESTS = Path(__file__).resolve().parent

@@ -25,10 +25,10 @@ def test_parallel_gpu_jobs_get_one_gpu_each_and_the_users_threads_are_kept(monke
 def test_invocation_is_a_papermill_command_that_reproduces_the_parameters(monkeypatch):
     import shlex
 
-    from mmdm.study.runner import invocation
+    from mmdm.study.runner import notebook_invocation
 
     monkeypatch.setattr("sys.argv", ["/some/bin/mmdm", "study", "--profile", "standard"])
-    cmd = invocation("02_train", {"profile": "standard", "variant": "", "sources": "T1w,T2w", "seed": 2})
+    cmd = notebook_invocation("02_train", {"profile": "standard", "variant": "", "sources": "T1w,T2w", "seed": 2})
     papermill, run_by = cmd.split(" (run by: ")
     args = shlex.split(papermill)
     assert args[:3] == ["papermill", "notebooks/02_train.ipynb", "OUT.ipynb"]
@@ -40,7 +40,7 @@ def test_invocation_is_a_papermill_command_that_reproduces_the_parameters(monkey
 def test_run_provenance_records_the_drivers_invocation(tmp_path, monkeypatch):
     import json
 
-    from mmdm.engine.runs import INVOCATION_ENV, start_session
+    from mmdm.engine.rundir import INVOCATION_ENV, start_session
 
     monkeypatch.setenv(INVOCATION_ENV, "papermill notebooks/02_train.ipynb OUT.ipynb -p seed 1")
     start_session(tmp_path / "a", profile="smoke", seed=1, device="cpu")

@@ -55,6 +55,18 @@ class SynthesisMethod(nn.Module):
     window: int | None = None
     #: Height and width must be multiples of this (network down-sampling).
     spatial_multiple: int = 1
+    #: Sampling modes :attr:`sampling_mode` can take (MMDM: coupled, independent); empty: none.
+    sampling_modes: tuple[str, ...] = ()
+
+    @property
+    def sampling_mode(self) -> str | None:
+        """The current sampling mode, or None for a method with one way to sample."""
+        return None
+
+    @sampling_mode.setter
+    def sampling_mode(self, mode: str | None) -> None:
+        if mode is not None:
+            raise ValueError(f"{self.name} has one way to sample; it cannot switch to mode {mode!r}")
 
     @classmethod
     def make_config(cls, config: Any = "paper", sources: Sequence[str] | None = None, **overrides: Any) -> Any:

@@ -185,9 +185,22 @@ class MMDM(SynthesisMethod):
         self.spatial_multiple = math.lcm(2 ** (len(cfg.branch.mult) - 1), 2 ** (len(cfg.fusion.unet.mult) - 1))
         self._last: dict[str, Tensor] = {}
 
+    sampling_modes = SAMPLING_MODES
+
     @property
     def variant(self) -> str:
         return self.cfg.variant
+
+    @property
+    def sampling_mode(self) -> str:
+        """``cfg.sampling``: ``"coupled"`` (the paper, Fig. 1b) or ``"independent"``."""
+        return self.cfg.sampling
+
+    @sampling_mode.setter
+    def sampling_mode(self, mode: str) -> None:
+        if mode not in SAMPLING_MODES:
+            raise ValueError(f"unknown MMDM sampling mode {mode!r}; use one of {SAMPLING_MODES}")
+        self.cfg.sampling = mode
 
     def branch_x0(self, modality: str, x_t: Tensor, y: Tensor, t: Tensor) -> Tensor:
         """``x0_hat^m`` of one branch: network output -> x0 (``x^m - eps_theta^m`` for "ysubx")."""

@@ -22,10 +22,17 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Sequence
 
+from mmdm.engine.rundir import INVOCATION_ENV
+from mmdm.io import write_text
+from mmdm.methods import deviations_markdown
 from mmdm.paths import project_path, repo_root
+from mmdm.study import api
+from mmdm.study.frontier import ensure_frontier
 from mmdm.study.profiles import StudyProfile, get_profile
-from mmdm.study.records import record_complete
+from mmdm.study.records import load_records, record_complete
 from mmdm.study.runs import RunSpec, study_runs
+from mmdm.study.seeds import resolve_seed_runs, seed_specs, split_seed
+from mmdm.study.uncertainty import ensure_uncertainty
 
 #: analyses of MMDM full's trained model, after the runs (names usable with ``--only``)
 ANALYSES = ("uncertainty", "frontier")
@@ -40,7 +47,7 @@ def notebook(name: str) -> Path:
     return path
 
 
-def invocation(name: str, parameters: dict) -> str:
+def notebook_invocation(name: str, parameters: dict) -> str:
     """The papermill command that reproduces one notebook execution, and the command that ran it."""
     args = " ".join(f"-p {k} {shlex.quote(str(v))}" for k, v in parameters.items())
     return (f"papermill notebooks/{name}.ipynb OUT.ipynb {args}".rstrip()
@@ -65,10 +72,8 @@ def execute(name: str, out: Path, parameters: dict, log: Callable[[str], None] =
             env: dict | None = None) -> Path:
     """Execute one notebook with papermill (in a subprocess when ``env`` is given, e.g. to pin a GPU).
     The kernel sees ``MMDM_INVOCATION``, which run provenance records as its command."""
-    from mmdm.engine.runs import INVOCATION_ENV
-
     out.parent.mkdir(parents=True, exist_ok=True)
-    command = invocation(name, parameters)
+    command = notebook_invocation(name, parameters)
     if env is None:
         import papermill as pm
 
@@ -95,8 +100,6 @@ def run_parameters(spec: RunSpec, profile: StudyProfile, seed: int, device: str 
 def select_runs(profile: StudyProfile, only: Sequence[str] | None = None) -> list[RunSpec]:
     """The profile's seed-0 runs (all, or those named in ``only``). Names in ``only`` may also be
     seed runs (``mmdm-full-s1``) of the profile's seeds; those are run by the seed stage."""
-    from mmdm.study.seeds import split_seed
-
     runs = study_runs(profile.sources)
     if only:
         names = {r.name for r in runs}
@@ -113,13 +116,9 @@ def select_runs(profile: StudyProfile, only: Sequence[str] | None = None) -> lis
 def select_seed_runs(profile: StudyProfile, only: Sequence[str] | None = None,
                      log: Callable[[str], None] = print) -> list[tuple[RunSpec, int]]:
     """The seed runs (seed > 0) of ``profile.seed_runs``, resolved against the seed-0 records."""
-    from mmdm.study.api import results_dir
-    from mmdm.study.records import load_records
-    from mmdm.study.seeds import resolve_seed_runs, seed_specs
-
     if len(profile.seeds) < 2 or not profile.seed_runs:
         return []
-    per_subject, _ = load_records(results_dir(profile))
+    per_subject, _ = load_records(api.results_dir(profile))
     names, notes = resolve_seed_runs(profile.seed_runs, per_subject, profile.sources)
     for note in notes:
         log(f"[seeds] {note}")
@@ -154,8 +153,6 @@ def run_study(profile: str | StudyProfile = "quick", only: Sequence[str] | None 
 
     ``records_only``: train, evaluate and analyse nothing; the aggregate notebooks and the book
     show the records already under ``results/<profile>`` (missing ones as not yet measured)."""
-    from mmdm.study.api import ensure_data, results_dir, runs_dir
-
     profile = get_profile(profile, **profile_overrides)
     root = repo_root()
     os.environ["MMDM_ROOT"] = str(root)  # notebooks resolve paths against the same root
@@ -163,7 +160,7 @@ def run_study(profile: str | StudyProfile = "quick", only: Sequence[str] | None 
     t0 = time.time()
     log(f"study '{profile.name}' in {root}: {profile.description}")
     log("[data] building or checking the cohort")
-    ensure_data(profile)
+    api.ensure_data(profile)
     execute("01_data", generated / "01_data.ipynb",
             {"profile": profile.cohort, "data_dir": profile.data_dir, "build_if_missing": profile.dataset == "phantom"},
             log)
@@ -173,7 +170,7 @@ def run_study(profile: str | StudyProfile = "quick", only: Sequence[str] | None 
     def one(i: int, n: int, spec: RunSpec, seed: int) -> str:
         params = run_parameters(spec, profile, seed, device)
         env = job_env(i, jobs, n_gpu, root) if jobs > 1 else None
-        run_dir = runs_dir(profile) / spec.name
+        run_dir = api.runs_dir(profile) / spec.name
         log(f"[{i + 1}/{n}] {spec.name}: training")
         execute("02_train", run_dir / "02_train.ipynb", params, log, env)
         log(f"[{i + 1}/{n}] {spec.name}: evaluating")
@@ -184,7 +181,7 @@ def run_study(profile: str | StudyProfile = "quick", only: Sequence[str] | None 
     def stage(items: list[tuple[RunSpec, int]]) -> None:
         todo = []
         for spec, seed in items:
-            if record_complete(results_dir(profile) / spec.name):
+            if record_complete(api.results_dir(profile) / spec.name):
                 status[spec.name] = "skipped"
                 log(f"[skip] {spec.name}: record complete")
             else:
@@ -199,15 +196,13 @@ def run_study(profile: str | StudyProfile = "quick", only: Sequence[str] | None 
                 status[one(*c)] = "done"
 
     if records_only:
-        log(f"[records] the book shows the records in {results_dir(profile)}; nothing is trained")
+        log(f"[records] the book shows the records in {api.results_dir(profile)}; nothing is trained")
     else:
         stage([(r, 0) for r in select_runs(profile, only)])
         seed_items = select_seed_runs(profile, only, log)
         if seed_items:
             log(f"[seeds] {len(seed_items)} seed run(s): {', '.join(r.name for r, _ in seed_items)}")
         stage(seed_items)
-        from mmdm.study.frontier import ensure_frontier
-        from mmdm.study.uncertainty import ensure_uncertainty
 
         for name, ensure in (("uncertainty", ensure_uncertainty), ("frontier", ensure_frontier)):
             if not only or name in only:
@@ -223,9 +218,6 @@ def run_study(profile: str | StudyProfile = "quick", only: Sequence[str] | None 
 
 def build_book(root: Path | None = None, log: Callable[[str], None] = print) -> Path:
     """The deviations page, then `jupyter-book build` (warnings are errors)."""
-    from mmdm.io import write_text
-    from mmdm.methods import deviations_markdown
-
     root = root or repo_root()
     write_text(root / "book" / "generated" / "deviations.md", deviations_markdown())
     log("[book] jupyter-book build")
