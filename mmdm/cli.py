@@ -130,7 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("evaluate", help="PSNR/SSIM/RMSE on a volume and its axial MIP",
                         description="Compare a synthesised TOF-MRA with the real one: PSNR, SSIM and RMSE(%) "
-                        "on the volume and on the axial MIP, both scaled by the ground truth's max.")
+                        "on the volume and on the axial MIP, both scaled by the ground truth's max. A prediction "
+                        "written by `mmdm synthesize` or `mmdm evaluate-run` declares its scale (a fraction of the "
+                        "TOF maximum, times --scale) and is compared with the ground truth divided by its maximum, "
+                        "so the numbers equal evaluate-run's.")
     ev.add_argument("--pred", required=True, type=Path, help="synthesised volume (NIfTI)")
     ev.add_argument("--target", required=True, type=Path, help="ground-truth volume (NIfTI)")
     ev.add_argument("--mask", type=Path, default=None, help="optional brain mask (NIfTI)")

@@ -262,6 +262,39 @@ def test_cli_synthesize_and_evaluate_run(trained_run, tmp_path, capsys):
     assert "axial MIP" in out and "1 subject(s), split 'test'" in out
 
 
+def test_synthesize_then_evaluate_matches_evaluate_runs_row(trained_run, tmp_path, capsys):
+    """The README's two commands: `mmdm synthesize` on a subject's sources, then `mmdm evaluate` against
+    the subject's raw TOF (max ~400 here), give evaluate-run's row for that subject, at any --scale;
+    so does `mmdm evaluate` on evaluate-run's own prediction file."""
+    from mmdm.cli import main as mmdm_main
+    from mmdm.engine.rundir import read_metrics_csv
+
+    summary = evaluate_run(trained_run, split="test", device="cpu", progress=False)
+    sub = summary["subjects"][0]
+    row = read_metrics_csv(trained_run / "metrics.csv")[0]
+    anat = trained_run.parent / "data" / sub / "anat"
+    target = anat / f"{sub}_angio.nii.gz"
+    assert float(np.asarray(nib.load(str(target)).dataobj).max()) > 100  # a raw TOF, not a [0, 1] one
+    preds = [trained_run / "predictions" / f"{sub}_angio.nii.gz"]
+    for scale in ("1", "250"):
+        out = tmp_path / f"tof-x{scale}.nii.gz"
+        assert mmdm_main(["synthesize", "--run", str(trained_run), "--t1w", str(anat / f"{sub}_T1w.nii.gz"),
+                          "--t2w", str(anat / f"{sub}_T2w.nii.gz"), "--out", str(out), "--scale", scale,
+                          "--quiet", "--device", "cpu"]) == 0
+        preds.append(out)
+    capsys.readouterr()
+    for pred in preds:
+        assert mmdm_main(["evaluate", "--pred", str(pred), "--target", str(target), "--json"]) == 0
+        got = json.loads(capsys.readouterr().out)
+        for k in METRIC_KEYS:
+            assert got[k] == pytest.approx(row[k], rel=1e-5), (pred.name, k)  # float32 files
+    # the same values without the declaration are read in the target's units (the metrics' convention):
+    # a [0, 1] volume against a raw TOF, the mismatch the declaration removes
+    plain = _write(tmp_path / "plain.nii.gz", np.asarray(nib.load(str(preds[1])).dataobj),
+                   nib.load(str(target)).affine)
+    assert evaluate_files(plain, target)["psnr"] < row["psnr"] - 3
+
+
 def test_real_mmdm_small_trains_and_evaluates(tmp_path):
     """Integration: the registered MMDM ('small', full variant) through train + evaluate_run."""
     make_dataset(tmp_path / "data", n=5, shape=(16, 16, 8))  # few windows: keeps it fast (SSIM needs 7 slices)
