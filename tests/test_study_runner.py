@@ -264,3 +264,32 @@ def test_runs_without_vessels_are_those_with_no_component_in_any_subject():
                        "components_pred": [0, 3, 0, 0, 0]})
     assert runs_without_vessels(ps) == (["b", "c"], 3)
     assert runs_without_vessels(ps.drop(columns="components_pred")) is None
+
+
+def test_notebook_kernels_run_quietly_and_notebook_errors_stay_visible(monkeypatch, tmp_path, capfd):
+    """The kernel's transport warning and the shutdown's "KeyboardInterrupt caught in kernel" no longer
+    reach the study's output; a failing cell still raises with its traceback."""
+    import nbformat
+    from papermill.exceptions import PapermillExecutionError
+
+    import mmdm.study.runner as runner
+
+    def write(name: str, code: str) -> Path:
+        nb = nbformat.v4.new_notebook()
+        nb.cells = [nbformat.v4.new_code_cell("x = 1", metadata={"tags": ["parameters"]}),
+                    nbformat.v4.new_code_cell(code)]
+        nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+        path = tmp_path / f"{name}.ipynb"
+        nbformat.write(nb, str(path))
+        return path
+
+    books = {"ok": write("ok", "print(x + 1)"), "bad": write("bad", "raise ValueError('cell fails on purpose')")}
+    monkeypatch.setattr(runner, "notebook", lambda name: books[name])
+    capfd.readouterr()
+    runner.execute("ok", tmp_path / "out" / "ok.ipynb", {"x": 41}, log=lambda s: None)
+    err = capfd.readouterr().err
+    assert not any(noise in err for noise in runner.KERNEL_NOISE), err
+    assert "42" in (tmp_path / "out" / "ok.ipynb").read_text()  # it did run, with the parameter
+    with pytest.raises(PapermillExecutionError, match="cell fails on purpose"):
+        runner.execute("bad", tmp_path / "out" / "bad.ipynb", {"x": 1}, log=lambda s: None)
+    assert runner.without_kernel_noise("a\n[IPKernelApp] ERROR | KeyboardInterrupt caught in kernel\nb\n") == "a\nb\n"

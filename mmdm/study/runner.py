@@ -47,6 +47,21 @@ def notebook(name: str) -> Path:
     return path
 
 
+#: Arguments of every notebook kernel: the kernel's own log is silenced. Every run of it was noise: a
+#: local kernel warns that its TCP transport is unencrypted, and jupyter_client interrupts each kernel
+#: when shutting it down, which the kernel logs as "KeyboardInterrupt caught in kernel". An error in a
+#: notebook still raises papermill's PapermillExecutionError with the cell's traceback, and a kernel
+#: that dies raises DeadKernelError.
+KERNEL_ARGUMENTS = ["--IPKernelApp.log_level=CRITICAL"]
+#: Lines of a papermill subprocess's stderr that are this kernel noise (left out of error messages).
+KERNEL_NOISE = ("Kernel is running over TCP without encryption", "KeyboardInterrupt caught in kernel")
+
+
+def without_kernel_noise(text: str) -> str:
+    """``text`` without the lines of :data:`KERNEL_NOISE`."""
+    return "".join(line for line in text.splitlines(keepends=True) if not any(n in line for n in KERNEL_NOISE))
+
+
 def notebook_invocation(name: str, parameters: dict) -> str:
     """The papermill command that reproduces one notebook execution, and the command that ran it."""
     args = " ".join(f"-p {k} {shlex.quote(str(v))}" for k, v in parameters.items())
@@ -79,7 +94,7 @@ def execute(name: str, out: Path, parameters: dict, log: Callable[[str], None] =
 
         with _environ(INVOCATION_ENV, command):  # the kernel inherits this process's environment
             pm.execute_notebook(str(notebook(name)), str(out), parameters=parameters, cwd=str(repo_root()),
-                                progress_bar=False, kernel_name="python3")
+                                progress_bar=False, kernel_name="python3", extra_arguments=KERNEL_ARGUMENTS)
         return out
     env = {**env, INVOCATION_ENV: command}
     args = [sys.executable, "-m", "papermill", "--cwd", str(repo_root()), "--no-progress-bar", "-k", "python3",
@@ -88,7 +103,8 @@ def execute(name: str, out: Path, parameters: dict, log: Callable[[str], None] =
         args += ["-p", k, str(v)]
     proc = subprocess.run(args, env={**os.environ, **env}, capture_output=True, text=True)
     if proc.returncode != 0:
-        raise RuntimeError(f"notebook {name} failed for {parameters}; see {out}\n{proc.stderr[-3000:]}")
+        raise RuntimeError(f"notebook {name} failed for {parameters}; see {out}\n"
+                           f"{without_kernel_noise(proc.stderr)[-3000:]}")
     return out
 
 
