@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from helpers import make_dataset
+from mmdm.config import ConfigError
 from mmdm.data.dataset import DataConfig
 from mmdm.data.layout import DatasetError
 from mmdm.data.volumes import NormConfig, normalise
@@ -240,7 +241,7 @@ def test_cli_train_flags_build_the_config(tmp_path):
     assert cfg.data.root == "d" and cfg.data.sources == ("T1w", "T2w") and cfg.data.window == 3
     assert cfg.steps == 50 and cfg.epochs is None and cfg.ema.decay == 0.9 and cfg.ema.start_step == 30000
     bad = _parser().parse_args(["train", "--run-dir", "r", "--set", "steps"])
-    with pytest.raises(Exception, match="expected key=value"):
+    with pytest.raises(ConfigError, match="expected key=value"):
         engine_cli.config_from_args(bad)
 
 
