@@ -1,7 +1,7 @@
 """The engine shared by every method: training (single process, CUDA/bf16, torchrun + DDP),
 checkpoints with full RNG state, whole-volume sliding-window synthesis and run records.
 
-Modules, lowest first (each imports only modules on its left or in its own column)::
+Modules, lowest first (each imports only modules of its own row or the rows above it)::
 
     rundir, checkpoint, distributed, batches, ema, panels   run directory, RNG state, processes, data order
       -> spec                                                TrainConfig, building the method, run-dir guard
