@@ -20,6 +20,18 @@ import json
 import sys
 from pathlib import Path
 
+from mmdm import __version__
+from mmdm.config import ConfigError
+from mmdm.data.check import check_dataset
+from mmdm.data.ixi import add_ixi_parser
+from mmdm.data.layout import DatasetError
+from mmdm.data.phantom import PROFILES, build_cohort
+from mmdm.engine.cli import add_evaluate_run_parser, add_synthesize_parser, add_train_parser
+from mmdm.io import write_text
+from mmdm.methods import DISPLAY_NAMES, METHODS, deviations_markdown
+from mmdm.metrics import evaluate_files
+from mmdm.study.cli import add_study_parser
+
 EPILOG = """examples:
   mmdm data phantom --profile quick --out data/phantom-quick
   mmdm data check data/phantom-quick
@@ -31,8 +43,6 @@ EPILOG = """examples:
 
 
 def _cmd_phantom(args: argparse.Namespace) -> int:
-    from mmdm.data.phantom import PROFILES, build_cohort
-
     if args.profile not in PROFILES:
         print(f"error: unknown profile '{args.profile}'; choose one of {sorted(PROFILES)}", file=sys.stderr)
         return 2
@@ -44,16 +54,12 @@ def _cmd_phantom(args: argparse.Namespace) -> int:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    from mmdm.data.check import check_dataset
-
     report = check_dataset(args.dir, modalities=args.modalities, target=args.target)
     print(report.summary())
     return 0 if report.ok else 1
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from mmdm.metrics import evaluate_files
-
     try:
         res = evaluate_files(args.pred, args.target, args.mask)
     except (ValueError, FileNotFoundError) as e:
@@ -69,13 +75,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_methods(args: argparse.Namespace) -> int:
-    from mmdm.methods import DISPLAY_NAMES, METHODS, deviations_markdown
-
     if args.deviations:
         text = deviations_markdown()
         if args.out:
-            from mmdm.io import write_text
-
             write_text(args.out, text)
         else:
             print(text)
@@ -90,8 +92,6 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mmdm", description="A reproducible study of MMDM (multi-modal Brownian-bridge diffusion "
         "for TOF-MRA synthesis from T1W/T2W/FLAIR).", epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    from mmdm import __version__
-
     p.add_argument("--version", action="version", version=f"mmdm-study {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
@@ -126,13 +126,14 @@ def build_parser() -> argparse.ArgumentParser:
     ck.add_argument("--target", default="angio", help="target modality (default: angio = TOF-MRA)")
     ck.set_defaults(func=_cmd_check)
 
-    from mmdm.data.ixi import add_ixi_parser
-
     add_ixi_parser(dsub)
 
     ev = sub.add_parser("evaluate", help="PSNR/SSIM/RMSE on a volume and its axial MIP",
                         description="Compare a synthesised TOF-MRA with the real one: PSNR, SSIM and RMSE(%) "
-                        "on the volume and on the axial MIP, both scaled by the ground truth's max.")
+                        "on the volume and on the axial MIP, both scaled by the ground truth's max. A prediction "
+                        "written by `mmdm synthesize` or `mmdm evaluate-run` declares its scale (a fraction of the "
+                        "TOF maximum, times --scale) and is compared with the ground truth divided by its maximum, "
+                        "so the numbers equal evaluate-run's.")
     ev.add_argument("--pred", required=True, type=Path, help="synthesised volume (NIfTI)")
     ev.add_argument("--target", required=True, type=Path, help="ground-truth volume (NIfTI)")
     ev.add_argument("--mask", type=Path, default=None, help="optional brain mask (NIfTI)")
@@ -146,22 +147,15 @@ def build_parser() -> argparse.ArgumentParser:
     me.add_argument("--out", type=Path, default=None, help="with --deviations: write the page to this file")
     me.set_defaults(func=_cmd_methods)
 
-    from mmdm.engine.cli import add_evaluate_run_parser, add_synthesize_parser, add_train_parser
-
     add_train_parser(sub)
     add_synthesize_parser(sub)
     add_evaluate_run_parser(sub)
-
-    from mmdm.study.cli import add_study_parser
 
     add_study_parser(sub)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mmdm.config import ConfigError
-    from mmdm.data.layout import DatasetError
-
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)

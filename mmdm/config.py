@@ -17,6 +17,8 @@ from typing import Any, TypeVar
 
 import yaml
 
+from mmdm.io import write_text
+
 T = TypeVar("T")
 
 
@@ -125,6 +127,4 @@ def dump_yaml(obj: Any) -> str:
 
 
 def save_yaml(obj: Any, path: str | Path) -> Path:
-    from mmdm.io import write_text
-
     return write_text(path, dump_yaml(obj))

@@ -67,12 +67,36 @@ def write_json(path: PathLike, obj: Any, indent: int = 2) -> Path:
     return write_text(path, json.dumps(obj, indent=indent, default=default, sort_keys=False) + "\n")
 
 
+#: NIfTI ``descrip`` of a synthesised TOF-MRA (``mmdm synthesize``, ``mmdm evaluate-run``): its values
+#: are ``scale`` times the TOF intensity as a fraction of the volume's maximum.
+TOF_FRACTION_DESCRIP = "mmdm synthesis: TOF / TOF max x {scale!r}"
+_TOF_FRACTION_PREFIX = TOF_FRACTION_DESCRIP.split("{")[0]
+
+
+def tof_fraction_descrip(scale: float = 1.0) -> str:
+    """The ``descrip`` that declares a volume's values as ``scale`` x (TOF / TOF max)."""
+    return TOF_FRACTION_DESCRIP.format(scale=float(scale))
+
+
+def declared_tof_scale(descrip: str | bytes) -> float | None:
+    """The ``scale`` a NIfTI ``descrip`` declares (:data:`TOF_FRACTION_DESCRIP`), or None."""
+    text = descrip.decode("ascii", "replace") if isinstance(descrip, bytes) else str(descrip)
+    text = text.rstrip("\x00").strip()
+    if not text.startswith(_TOF_FRACTION_PREFIX):
+        return None
+    try:
+        return float(text[len(_TOF_FRACTION_PREFIX):])
+    except ValueError:
+        return None
+
+
 def save_nifti(path: PathLike, data: np.ndarray, affine: np.ndarray, header: Any | None = None,
-               dtype: Any = np.float32) -> Path:
+               dtype: Any = np.float32, descrip: str | None = None) -> Path:
     """Atomically save ``data`` as NIfTI-1 with ``affine`` (qform and sform both set).
 
     Setting both codes to 1 (scanner) makes 3D Slicer and ITK-SNAP place the
-    image exactly where nibabel says it is.
+    image exactly where nibabel says it is. ``descrip`` (at most 80 bytes)
+    goes into the header's description field.
     """
     import nibabel as nib
 
@@ -82,6 +106,10 @@ def save_nifti(path: PathLike, data: np.ndarray, affine: np.ndarray, header: Any
     img.set_sform(affine, code=1)
     img.header.set_xyzt_units("mm", "sec")
     img.set_data_dtype(dtype)
+    if descrip is not None:
+        if len(descrip.encode()) > 80:
+            raise ValueError(f"NIfTI descrip holds at most 80 bytes, got {descrip!r}")
+        img.header["descrip"] = descrip
     with atomic_path(path) as tmp:
         nib.save(img, str(tmp))
     return Path(path)

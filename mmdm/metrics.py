@@ -26,6 +26,10 @@ Convention (the authors' evaluation, made explicit)
   of MIPs is then scaled by the ground-truth MIP's maximum, which equals the
   ground-truth volume's maximum (a max of maxima), so the MIP metrics live on
   the same scale as the volume metrics. PSNR/SSIM (2D)/RMSE(%) as above.
+* **Files** (:func:`evaluate_files`, ``mmdm evaluate``): a prediction this
+  package wrote declares its scale (values = scale x TOF / TOF max) in its
+  NIfTI description; it is divided by that scale and compared with
+  ``target / target.max()``, the same numbers as ``mmdm evaluate-run``.
 
 The public code computes PSNR and 3D SSIM this way; RMSE and the MIP metrics are
 not in it, and are defined here as stated above.
@@ -70,6 +74,8 @@ from typing import Any, Callable, Iterator, TypeVar
 
 import numpy as np
 import torch
+
+from mmdm.io import declared_tof_scale
 
 ArrayLike = np.ndarray | torch.Tensor
 F = TypeVar("F", bound=Callable[..., Any])
@@ -551,11 +557,27 @@ def evaluate_files(pred_path: str | Path, target_path: str | Path, mask_path: st
                    **options: Any) -> dict[str, float]:
     """:func:`evaluate_volumes` on NIfTI files; shapes and affines must agree.
 
+    Intensity convention: a prediction written by this package (``mmdm synthesize``,
+    ``mmdm evaluate-run``) declares in its NIfTI description that its values are
+    ``scale x TOF / TOF max`` (:func:`mmdm.io.declared_tof_scale`); it is divided by
+    ``scale`` and compared with ``target / target.max()``, exactly as run evaluation
+    scores it. Any other prediction is taken to be in the target's units (both are
+    scaled by the target's maximum, the module's convention).
     ``options`` are the keyword options of :func:`evaluate_volumes` (see :class:`MetricsConfig`).
     """
+    import nibabel as nib
+
     pred = _load_nifti(pred_path, "prediction")
     target = _load_nifti(target_path, "target")
     _check_same_grid(pred_path, pred, "prediction", target_path, target, "target")
+    scale = declared_tof_scale(nib.load(str(pred_path)).header["descrip"].item())
+    if scale is not None:
+        if scale <= 0 or not np.isfinite(scale):
+            raise ValueError(f"prediction {pred_path} declares a non-positive intensity scale {scale}")
+        peak = float(target[0].max())
+        if peak <= 0:
+            raise ValueError(f"target {target_path} has no positive voxel: cannot scale it by its maximum")
+        pred, target = (pred[0] / scale, pred[1]), (target[0] / peak, target[1])
     mask = None
     if mask_path is not None:
         mask_img = _load_nifti(mask_path, "mask")

@@ -78,8 +78,8 @@ def _engine_step(model, batch, opts):
 
 
 def _adams(model, lr=None):
-    return {n: torch.optim.Adam(p, lr=lr or model.optim_config(n).lr, betas=model.optim_config(n).betas)
-            for n, p in model.optimizer_groups().items()}
+    oc = model.optim_configs()
+    return {n: torch.optim.Adam(p, lr=lr or oc[n].lr, betas=oc[n].betas) for n, p in model.optimizer_groups().items()}
 
 
 # ----------------------------------------------------------------------------
@@ -320,7 +320,7 @@ def test_sampling_shape_range_and_determinism(name, kw):
     torch.testing.assert_close(model.sample(batch["sources"]), x)
     if not model.paired:
         return  # the unpaired objective: test_unest_unpaired_losses_match_an_independent_computation
-    out = model.training_losses(batch)  # group=None: generator losses + D loss for logging
+    out = model.training_losses(batch)  # group "main", the whole model: generator losses + D loss for logging
     assert {"loss", "loss_g_gan", "loss_l1", "loss_d", "mse"} <= set(out)
     lam = model.cfg.lambda_l1
     extra = out.get("loss_mask", 0.0)
@@ -353,8 +353,8 @@ def test_missing_modality_and_bad_group_give_clear_errors(name):
         model.training_losses(partial, group="discriminator")
     with pytest.raises(ValueError, match="missing source modality"):
         model.sample(partial["sources"])
-    with pytest.raises(ValueError, match="unknown optimiser group 'main'"):
-        model.training_losses(batch, group="main")
+    with pytest.raises(ValueError, match="unknown optimiser group 'encoder'"):
+        model.training_losses(batch, group="encoder")
     with pytest.raises(ValueError, match="multiples of"):
         model.sample({m: v[..., :20] for m, v in batch["sources"].items()})
 
@@ -415,7 +415,8 @@ def test_trains_through_the_engine_with_two_optimiser_groups(name, kw, tmp_path)
     from helpers import make_dataset
 
     from mmdm.data.dataset import DataConfig
-    from mmdm.engine.train import Trainer, TrainConfig
+    from mmdm.engine.spec import TrainConfig
+    from mmdm.engine.train import Trainer
 
     make_dataset(tmp_path / "data", n=4, shape=(32, 32, 8))
     cfg = TrainConfig(method=name, method_kwargs={"config": "small", **kw},

@@ -80,3 +80,40 @@ def test_many_comparison_claims_count_the_claimed_direction_and_clear_cis():
     above, below_holds = rest.split(", below 0 in ")
     assert int(above) >= 2 * n_base and int(below_holds.split(")")[0]) >= n_base  # SSIM clearly worse
     assert text.endswith(f"holds in {int((c.verdict == 'holds').sum())}") and claims.verdict[0] == "contradicted"
+
+
+def test_claim_verdicts_on_the_committed_standard_records_follow_from_those_records():
+    """The claims page's table, computed from the committed standard records: every comparison's verdict
+    agrees with the paired differences read straight from the records' metrics files, and every
+    claim's verdict with its comparisons' (holds: all hold; contradicted: any contradicted)."""
+    from pathlib import Path
+
+    import pytest
+
+    from mmdm.study.records import load_records
+
+    root = Path(__file__).resolve().parents[1] / "results" / "standard"
+    per_subject, _ = load_records(root)
+    if per_subject.empty:
+        pytest.skip("no committed standard records in this checkout")
+    claims, comps = evaluate_claims(per_subject, n_boot=2000)
+    assert len(claims) == len(paper_claims()) and (comps.n > 0).any()
+    for _, c in comps[comps.n > 0].iterrows():
+        a = pd.read_csv(root / c.better / ("vessel_metrics.csv" if c.metric == "cldice" else "metrics.csv"))
+        b = pd.read_csv(root / c.worse / ("vessel_metrics.csv" if c.metric == "cldice" else "metrics.csv"))
+        d = a.set_index("subject")[c.metric] - b.set_index("subject")[c.metric]
+        d = d.dropna()
+        assert len(d) == c.n and d.mean() == pytest.approx(c["diff"], rel=1e-9, abs=1e-12)
+        higher = c.metric not in ("rmse", "mip_rmse")
+        claimed = d.mean() > 0 if higher else d.mean() < 0
+        clear = (c.ci_low > 0 or c.ci_high < 0) and c.p_holm < 0.05
+        if c.verdict == "holds":
+            assert claimed and clear, c.to_dict()
+        elif c.verdict == "contradicted":
+            assert not claimed and clear, c.to_dict()
+        else:
+            assert not clear or c.ci_low <= 0 <= c.ci_high, c.to_dict()
+    for key, verdict in zip([k.key for k in paper_claims()], claims.verdict):
+        v = comps[comps.claim == key].verdict
+        want = "contradicted" if (v == "contradicted").any() else "holds" if (v == "holds").all() else "not shown"
+        assert verdict == want, key

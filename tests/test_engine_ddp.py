@@ -6,7 +6,6 @@ import json
 import os
 import socket
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -18,7 +17,8 @@ from helpers import make_dataset
 from mmdm.config import from_dict, to_dict
 from mmdm.data.dataset import DataConfig
 from mmdm.engine.checkpoint import CheckpointManager, load_checkpoint
-from mmdm.engine.train import TrainConfig, train
+from mmdm.engine.spec import TrainConfig
+from mmdm.engine.train import train
 from mmdm.methods.base import OptimConfig, SynthesisMethod
 
 
@@ -32,11 +32,14 @@ class DetStub(SynthesisMethod):
         self.sources = tuple(sources)
         self.window = window
         self.conv = nn.Conv2d(len(self.sources) * window, window, 3, padding=1)
-        self.cfg = SimpleNamespace(optim=OptimConfig(lr=1e-2))
+        self.lr = 1e-2
 
-    def training_losses(self, batch, generator=None):
+    def training_losses(self, batch, generator=None, group="main"):
         x0, ys = self.check_batch(batch)
         return {"loss": (self.conv(torch.cat(ys, 1)) - x0).pow(2).mean()}
+
+    def optim_configs(self):
+        return {g: OptimConfig(lr=self.lr) for g in self.optimizer_groups()}
 
     @torch.no_grad()
     def sample(self, sources, steps=None, eta=None, generator=None, progress=False):

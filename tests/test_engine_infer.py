@@ -1,4 +1,5 @@
-"""Tests of whole-volume synthesis (mmdm.engine.infer), run records (mmdm.engine.runs) and the engine CLI."""
+"""Tests of whole-volume synthesis (mmdm.engine.infer), run evaluation and records (mmdm.engine.evaluate,
+mmdm.engine.rundir) and the engine CLI."""
 
 from __future__ import annotations
 
@@ -6,7 +7,6 @@ import argparse
 import csv
 import json
 from pathlib import Path
-from types import SimpleNamespace
 
 import nibabel as nib
 import numpy as np
@@ -15,13 +15,16 @@ import torch
 from torch import nn
 
 from helpers import make_dataset
+from mmdm.config import ConfigError
 from mmdm.data.dataset import DataConfig
 from mmdm.data.layout import DatasetError
 from mmdm.data.volumes import NormConfig, normalise
 from mmdm.engine import cli as engine_cli
 from mmdm.engine.infer import std_path, synthesize_files, synthesize_volume
-from mmdm.engine.runs import evaluate_run, load_summary, run_status
-from mmdm.engine.train import TrainConfig, train
+from mmdm.engine.evaluate import evaluate_run
+from mmdm.engine.rundir import load_summary, run_status
+from mmdm.engine.spec import TrainConfig
+from mmdm.engine.train import train
 from mmdm.methods.base import OptimConfig, SynthesisMethod
 from mmdm.metrics import METRIC_KEYS, evaluate_files
 
@@ -118,14 +121,17 @@ class TinyConv(SynthesisMethod):
         self.sources = tuple(sources)
         self.window = window
         self.conv = nn.Conv2d(len(self.sources) * window, window, 1)
-        self.cfg = SimpleNamespace(optim=OptimConfig(lr=1e-2))
+        self.lr = 1e-2
 
     def objective(self):
         return "MSE of a 1x1 convolution of the sources"
 
-    def training_losses(self, batch, generator=None):
+    def training_losses(self, batch, generator=None, group="main"):
         x0, ys = self.check_batch(batch)
         return {"loss": (self.conv(torch.cat(ys, 1)) - x0).pow(2).mean()}
+
+    def optim_configs(self):
+        return {g: OptimConfig(lr=self.lr) for g in self.optimizer_groups()}
 
     @torch.no_grad()
     def sample(self, sources, steps=None, eta=None, generator=None, progress=False):
@@ -239,7 +245,7 @@ def test_cli_train_flags_build_the_config(tmp_path):
     assert cfg.data.root == "d" and cfg.data.sources == ("T1w", "T2w") and cfg.data.window == 3
     assert cfg.steps == 50 and cfg.epochs is None and cfg.ema.decay == 0.9 and cfg.ema.start_step == 30000
     bad = _parser().parse_args(["train", "--run-dir", "r", "--set", "steps"])
-    with pytest.raises(Exception, match="expected key=value"):
+    with pytest.raises(ConfigError, match="expected key=value"):
         engine_cli.config_from_args(bad)
 
 
@@ -259,6 +265,39 @@ def test_cli_synthesize_and_evaluate_run(trained_run, tmp_path, capsys):
     assert args.func(args) == 0
     out = capsys.readouterr().out
     assert "axial MIP" in out and "1 subject(s), split 'test'" in out
+
+
+def test_synthesize_then_evaluate_matches_evaluate_runs_row(trained_run, tmp_path, capsys):
+    """The README's two commands: `mmdm synthesize` on a subject's sources, then `mmdm evaluate` against
+    the subject's raw TOF (max ~400 here), give evaluate-run's row for that subject, at any --scale;
+    so does `mmdm evaluate` on evaluate-run's own prediction file."""
+    from mmdm.cli import main as mmdm_main
+    from mmdm.engine.rundir import read_metrics_csv
+
+    summary = evaluate_run(trained_run, split="test", device="cpu", progress=False)
+    sub = summary["subjects"][0]
+    row = read_metrics_csv(trained_run / "metrics.csv")[0]
+    anat = trained_run.parent / "data" / sub / "anat"
+    target = anat / f"{sub}_angio.nii.gz"
+    assert float(np.asarray(nib.load(str(target)).dataobj).max()) > 100  # a raw TOF, not a [0, 1] one
+    preds = [trained_run / "predictions" / f"{sub}_angio.nii.gz"]
+    for scale in ("1", "250"):
+        out = tmp_path / f"tof-x{scale}.nii.gz"
+        assert mmdm_main(["synthesize", "--run", str(trained_run), "--t1w", str(anat / f"{sub}_T1w.nii.gz"),
+                          "--t2w", str(anat / f"{sub}_T2w.nii.gz"), "--out", str(out), "--scale", scale,
+                          "--quiet", "--device", "cpu"]) == 0
+        preds.append(out)
+    capsys.readouterr()
+    for pred in preds:
+        assert mmdm_main(["evaluate", "--pred", str(pred), "--target", str(target), "--json"]) == 0
+        got = json.loads(capsys.readouterr().out)
+        for k in METRIC_KEYS:
+            assert got[k] == pytest.approx(row[k], rel=1e-5), (pred.name, k)  # float32 files
+    # the same values without the declaration are read in the target's units (the metrics' convention):
+    # a [0, 1] volume against a raw TOF, the mismatch the declaration removes
+    plain = _write(tmp_path / "plain.nii.gz", np.asarray(nib.load(str(preds[1])).dataobj),
+                   nib.load(str(target)).affine)
+    assert evaluate_files(plain, target)["psnr"] < row["psnr"] - 3
 
 
 def test_real_mmdm_small_trains_and_evaluates(tmp_path):
@@ -283,7 +322,7 @@ def test_mmdm_small_on_the_tiny_phantom(tmp_path):
     """Integration on the phantom cohort: train a few steps, evaluate every test subject."""
     from mmdm.data.layout import Layout
     from mmdm.data.phantom import build_cohort
-    from mmdm.engine.runs import read_metrics_csv
+    from mmdm.engine.rundir import read_metrics_csv
 
     data = build_cohort(tmp_path / "phantom", "tiny", progress=False)
     cfg = TrainConfig(method="mmdm", method_kwargs={"variant": "full", "config": "small"},

@@ -9,7 +9,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -21,8 +20,12 @@ from mmdm.config import ConfigError, from_dict, load_yaml, save_yaml, to_dict
 from mmdm.data.dataset import DataConfig
 from mmdm.engine import checkpoint as ckpt_mod
 from mmdm.engine.checkpoint import CheckpointManager, capture_rng, load_checkpoint, restore_rng
-from mmdm.engine.runs import run_status
-from mmdm.engine.train import EMAConfig, TrainConfig, Trainer, epoch_batches, train, window_panel
+from mmdm.engine.batches import epoch_batches
+from mmdm.engine.panels import window_panel
+from mmdm.engine.rundir import run_status
+from mmdm.engine.spec import TrainConfig
+from mmdm.engine.train import Trainer, train
+from mmdm.optim import EMAConfig
 from mmdm.methods.base import OptimConfig, SynthesisMethod
 
 TESTS = Path(__file__).resolve().parent
@@ -40,16 +43,17 @@ class ConvStub(SynthesisMethod):
     name = "conv-stub"
 
     def __init__(self, sources=("T1w", "T2w"), window: int = 5, noisy: bool = True, delay: float = 0.0,
-                 lr: float = 1e-2):
+                 lr: float = 1e-2, grad_clip: float | None = None):
         super().__init__()
         self.sources = tuple(sources)
         self.window = window
         self.conv = nn.Conv2d(len(self.sources) * window, window, 3, padding=1)
-        self.cfg = SimpleNamespace(optim=OptimConfig(lr=lr))
+        self.lr = lr
+        self.grad_clip = grad_clip
         self.noisy = noisy
         self.delay = delay
 
-    def training_losses(self, batch, generator=None):
+    def training_losses(self, batch, generator=None, group="main"):
         x0, ys = self.check_batch(batch)
         pred = self.conv(torch.cat(ys, 1))
         target = x0
@@ -62,6 +66,9 @@ class ConvStub(SynthesisMethod):
             time.sleep(self.delay)
         loss = scale * (pred - target).pow(2).mean()
         return {"loss": loss, "mse": (pred.detach() - x0).pow(2).mean()}
+
+    def optim_configs(self):
+        return {g: OptimConfig(lr=self.lr, grad_clip=self.grad_clip) for g in self.optimizer_groups()}
 
     @torch.no_grad()
     def sample(self, sources, steps=None, eta=None, generator=None, progress=False):
@@ -86,13 +93,13 @@ class TwoGroupStub(SynthesisMethod):
         self.window = window
         self.a = nn.Conv2d(len(self.sources) * window, window, 1)
         self.b = nn.Conv2d(window, 1, 1)
-        self.cfg = SimpleNamespace(optim=OptimConfig(lr=1e-2))
+        self.lr = 1e-2
         self.calls: list[dict] = []
 
     def optimizer_groups(self):
         return {"gen": list(self.a.parameters()), "disc": list(self.b.parameters())}
 
-    def training_losses(self, batch, generator=None, group=None):
+    def training_losses(self, batch, generator=None, group="main"):
         self.calls.append({"group": group, "a": self.a.weight.detach().clone(), "b": self.b.weight.detach().clone(),
                            "grads": [p.grad for p in self.parameters()]})
         x0, ys = self.check_batch(batch)
@@ -102,6 +109,9 @@ class TwoGroupStub(SynthesisMethod):
         else:
             loss = self.b(fake).mean() - self.b(x0).mean() + self.b.weight.pow(2).sum()
         return {"loss": loss}
+
+    def optim_configs(self):
+        return {g: OptimConfig(lr=self.lr) for g in self.optimizer_groups()}
 
     @torch.no_grad()
     def sample(self, sources, steps=None, eta=None, generator=None, progress=False):
@@ -364,6 +374,7 @@ def test_sigkill_and_resume_gives_bit_identical_weights(tmp_path, dataset):
     killed_at = mgr.steps()[-1]
     assert 6 <= killed_at < total, mgr.steps()
     assert run_status(run) == "training" and not (run / "train_complete.json").exists()
+    mid = load_checkpoint(mgr.path(killed_at))  # read now: keep_last=2 removes it when the run goes on
 
     # the reference differs from the killed run's only in runtime keys and the stub's sleep
     final = stub_config(dataset, steps=total, checkpoint_every=3, keep_last=2, method_kwargs={"delay": 0.2})
@@ -373,18 +384,85 @@ def test_sigkill_and_resume_gives_bit_identical_weights(tmp_path, dataset):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    # and the killed run's checkpoint was really mid-run: its weights differ from the final ones
-    mid = load_checkpoint(mgr.path(killed_at)) if mgr.path(killed_at).exists() else None
-    if mid is not None:
-        assert not torch.equal(mid["model"]["conv.weight"], b["conv.weight"])
+    # and the killed run's checkpoint was really mid-run (its weights differ from the final ones), and
+    # the resumed session started from it
+    import json
+
+    assert not torch.equal(mid["model"]["conv.weight"], b["conv.weight"])
+    sessions = json.loads((run / "provenance.json").read_text())["sessions"]
+    assert [s["resumed_from_step"] for s in sessions] == [0, killed_at]
+
+
+def test_ema_follows_its_formula_and_inference_uses_the_average(tmp_path, dataset):
+    """shadow = weights before start_step; then shadow <- decay shadow + (1 - decay) weights every step;
+    a trained run is loaded with the shadow unless use_ema=False."""
+    from mmdm.engine.infer import load_run_method
+
+    run = tmp_path / "ema"
+    train(stub_config(dataset, steps=4, checkpoint_every=1, keep_last=4, ema=EMAConfig(decay=0.5, start_step=2)),
+          run, progress=False)
+    mgr = CheckpointManager(run / "checkpoints")
+    st = {s: load_checkpoint(mgr.path(s)) for s in (1, 2, 3, 4)}
+    for k, e4 in st[4]["ema"].items():
+        w = {s: st[s]["model"][k] for s in st}
+        e = {s: st[s]["ema"][k] for s in st}
+        assert torch.equal(e[1], w[1]), k  # step 1 < start_step 2: the average is the weights
+        for s in (2, 3, 4):
+            torch.testing.assert_close(e[s], 0.5 * e[s - 1] + 0.5 * w[s], rtol=0, atol=1e-7)
+        assert not torch.equal(e4, w[4]), k
+    with_ema, _, info = load_run_method(run, device="cpu")
+    plain, _, info_plain = load_run_method(run, device="cpu", use_ema=False)
+    assert info["ema_used"] and not info_plain["ema_used"]
+    assert torch.equal(with_ema.conv.weight, st[4]["ema"]["conv.weight"])
+    assert torch.equal(plain.conv.weight, st[4]["model"]["conv.weight"])
+
+
+def test_ema_updates_only_every_n_steps():
+    from mmdm.engine.ema import EMA
+
+    model = nn.Linear(2, 1)
+    ema = EMA(model, EMAConfig(decay=0.75, start_step=0, every=2))
+    start = ema.state_dict()["weight"].clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema.update(model, 1)  # not a multiple of 2: untouched
+    assert torch.equal(ema.state_dict()["weight"], start)
+    ema.update(model, 2)
+    torch.testing.assert_close(ema.state_dict()["weight"], 0.75 * start + 0.25 * model.weight.detach())
+
+
+@pytest.mark.parametrize("where", ["run", "method"])
+def test_grad_clip_bounds_the_gradient_the_optimiser_sees(tmp_path, dataset, where):
+    """``TrainConfig.grad_clip`` (or the method's ``OptimConfig.grad_clip``) clips the global gradient
+    norm before each optimiser step; the logged ``grad_norm`` is the norm before clipping."""
+    clip = 1e-3
+    kw = {"grad_clip": clip} if where == "run" else {"method_kwargs": {"grad_clip": clip}}
+    seen: dict[str, list[float]] = {}
+    for name, extra in (("clipped", kw), ("free", {})):
+        trainer = Trainer(stub_config(dataset, **extra), tmp_path / name)
+        params_ = trainer.groups["main"]
+        opt = trainer.optimizers["main"]
+        seen[name] = []
+
+        def record(*a, _opt_step=opt.step, _seen=seen[name], _params=params_, **k):
+            _seen.append(float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in _params]))))
+            return _opt_step(*a, **k)
+
+        opt.step = record
+        logs = trainer.train_step(next(trainer.batches(0)))
+        if name == "clipped":
+            assert float(logs["grad_norm"]) > 10 * clip  # the raw norm, well above the bound
+        else:
+            assert "grad_norm" not in logs
+    assert seen["clipped"][0] == pytest.approx(clip, rel=1e-4)
+    assert seen["free"][0] > 10 * clip
 
 
 def test_method_default_ema_is_used_unless_the_run_overrides_it():
-    from mmdm.engine.train import method_ema
     from mmdm.methods import build_method
 
     bbdm = build_method("bbdm", config="small")
-    ema = method_ema(bbdm)
-    assert isinstance(ema, EMAConfig) and ema.decay == pytest.approx(bbdm.cfg.ema["decay"])
-    assert method_ema(build_method("mmdm", variant="base", config="small")) is None  # the MMDM authors use none
-    assert method_ema(build_method("bbdm", config="small", ema=None)) is None
+    ema = bbdm.ema_config()
+    assert isinstance(ema, EMAConfig) and ema == EMAConfig(decay=0.995, start_step=100, every=1)
+    assert build_method("mmdm", variant="base", config="small").ema_config() is None  # the MMDM authors use none
+    assert build_method("bbdm", config="small", ema=None).ema_config() is None

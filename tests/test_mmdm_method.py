@@ -7,6 +7,7 @@ import torch
 import yaml
 
 from mmdm.config import ConfigError, dump_yaml, from_dict, to_dict
+from mmdm.diffusion import skip_timesteps
 from mmdm.methods import METHODS, MMDM, VARIANTS, MMDMConfig, build_method, mmdm_config
 
 #: Networks small enough for CPU tests; H, W must be multiples of 2.
@@ -56,12 +57,10 @@ def test_every_variant_trains_and_samples_with_2_and_3_modalities(variant, sourc
         assert any(g.abs().sum() > 0 for g in grads), f"zero gradient in {name}"
     use_mip, use_naws = VARIANTS[variant]
     assert (model.naws is not None) == use_naws
-    if use_naws:
-        assert model.naws.p0.grad is not None and set(model.log_scalars()) >= {"naws/w_fused", "naws/C"}
-    else:
-        # the paper's base: the plain sum of the (hybrid) losses of the M + 1 predictions
-        parts = out["loss_fused"] + sum(out[f"loss_{m}"] for m in sources)
-        torch.testing.assert_close(out["loss"].detach(), parts)
+    if use_naws:  # the learned variances are trained too (eq. (11) depends on them)
+        assert model.naws.p0.grad.abs() > 0 and bool((model.naws.pm.grad.abs() > 0).all())
+        assert set(model.log_scalars()) >= {"naws/w_fused", "naws/C"}
+    else:  # the total is checked against an independent recomputation in test_training_loss_recomputed_...
         assert model.log_scalars() == {}
     if not use_mip:  # without L_MIP the fused loss is the plain MSE
         torch.testing.assert_close(out["loss_fused"], out["mse_fused"])
@@ -232,3 +231,148 @@ def test_full_model_overfits_one_tiny_batch():
     after, mse_after = fixed_losses()
     assert after < before / 5, (before, after)
     assert mse_after < mse_before / 5, (mse_before, mse_after)
+
+
+# -- the training loss, recomputed from the paper -------------------------------------------------
+def _soft_mip_by_hand(x: torch.Tensor, g: torch.Tensor, tau: float, reverse: bool) -> torch.Tensor:
+    """Eq. (6) slice by slice: out_i = sum_{j in J_i} softmax_j((x_j + g_j) / tau) x_j, J_i = {j <= i}
+    ({j >= i} reversed), along dim 1."""
+    n = x.shape[1]
+    out = []
+    for i in range(n):
+        js = list(range(i, n)) if reverse else list(range(i + 1))
+        w = torch.softmax(torch.stack([(x[:, j] + g[:, j]) / tau for j in js]), dim=0)
+        out.append(sum(w[k] * x[:, j] for k, j in enumerate(js)))
+    return torch.stack(out, 1)
+
+
+def _hard_mip_by_hand(x: torch.Tensor, reverse: bool) -> torch.Tensor:
+    """Eq. (5): out_i = max over J_i of x_j, along dim 1."""
+    n = x.shape[1]
+    return torch.stack([x[:, i:].amax(1) if reverse else x[:, :i + 1].amax(1) for i in range(n)], 1)
+
+
+def _gumbel(shape, g: torch.Generator) -> torch.Tensor:
+    u = torch.rand(shape, generator=g)
+    return -torch.log(-torch.log(u + 1e-20) + 1e-20)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_training_loss_recomputed_from_the_paper_equations(variant):
+    """MMDM's total loss from eqs. (1), (4)-(7) and (11) written out here, drawing t, the shared noise
+    and the Gumbel noise from the same generator in the same order; the networks are the model's."""
+    torch.manual_seed(0)
+    model = build_method("mmdm", variant=variant, config="small", **TINY)
+    use_mip, use_naws = VARIANTS[variant]
+    if use_naws:  # learned variances away from their initial 1, so that every term of eq. (11) matters
+        with torch.no_grad():
+            model.naws.p0.fill_(0.8)
+            model.naws.pm.copy_(torch.tensor([1.3, 0.6, 1.1]))
+    batch = _batch(ALL, b=3)
+    got = model.training_losses(batch, generator=torch.Generator().manual_seed(7))["loss"]
+
+    g = torch.Generator().manual_seed(7)
+    x0 = batch["target"]
+    ys = [batch["sources"][m] for m in ALL]
+    T, tau = 1000, 0.75
+    t = torch.randint(0, T, (x0.shape[0],), generator=g)
+    eps = torch.randn(x0.shape, generator=g)  # one noise tensor shared by the branches (the authors' code)
+    m_t = torch.linspace(0.001, 0.999, T, dtype=torch.float64)[t]
+    delta = 2 * (m_t - m_t ** 2)  # eq. (1), max_var 1
+    col = lambda v: v.float().reshape(-1, 1, 1, 1)  # noqa: E731
+    with torch.no_grad():
+        preds = []
+        for m, y in zip(ALL, ys):
+            x_t = (1 - col(m_t)) * x0 + col(m_t) * y + col(delta).sqrt() * eps
+            preds.append(y - model.branches[m](torch.cat([x_t, y], 1), t))  # objective y - x0: x0_hat = y - out
+        fused = model.fusion(preds, ys, t)  # eq. (4)
+
+        def hybrid(pred):  # eq. (7): MSE + L_MIP (forward and reverse projections), per sample
+            loss = (pred - x0).pow(2).flatten(1).mean(1)
+            if use_mip:
+                for rev in (False, True):
+                    soft = _soft_mip_by_hand(pred, _gumbel(pred.shape, g), tau, rev)
+                    loss = loss + (soft - _hard_mip_by_hand(x0, rev)).pow(2).flatten(1).mean(1)
+            return loss
+
+        l0 = hybrid(fused)
+        lm = [hybrid(p) for p in preds]
+        if use_naws:  # eq. (11), per sample, then the batch mean
+            a0 = torch.tensor(0.8) ** 2
+            am = [torch.tensor(p) ** 2 + delta.float() for p in (1.3, 0.6, 1.1)]
+            total = (l0 / (2 * a0) + sum(l / (2 * a) for l, a in zip(lm, am))
+                     + torch.log(1 + a0) + sum(torch.log(1 + a) for a in am)).mean()
+        else:  # the base: the plain sum of the M + 1 losses
+            total = l0.mean() + sum(l.mean() for l in lm)
+    torch.testing.assert_close(got.detach(), total, rtol=2e-5, atol=1e-6)
+
+
+def test_exact_mip_loss_on_a_hand_computed_example():
+    """L_MIP of a 1-pixel, 3-slice window with zero Gumbel noise, computed on paper:
+    pred (0, 1, 0.5), target (1, 0, 0), tau = 1."""
+    import math
+
+    from mmdm.losses import mip_loss
+
+    pred = torch.tensor([0.0, 1.0, 0.5], dtype=torch.float64).reshape(1, 3, 1, 1)
+    target = torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64).reshape(1, 3, 1, 1)
+    e = math.exp
+
+    def soft(xs):  # softmax-weighted mean of the slices xs
+        w = [e(x) for x in xs]
+        return sum(wi * x for wi, x in zip(w, xs)) / sum(w)
+
+    fwd = [0.0, soft([0.0, 1.0]), soft([0.0, 1.0, 0.5])]  # j <= i
+    rev = [soft([0.0, 1.0, 0.5]), soft([1.0, 0.5]), 0.5]  # j >= i
+    hard_fwd, hard_rev = [1.0, 1.0, 1.0], [1.0, 0.0, 0.0]
+    want = (sum((a - b) ** 2 for a, b in zip(fwd, hard_fwd)) / 3
+            + sum((a - b) ** 2 for a, b in zip(rev, hard_rev)) / 3)
+    # on paper: fwd = (0, 0.73106, 0.66008), rev = (0.66008, 0.81123, 0.5);
+    # (1 + 0.07233 + 0.11555) / 3 + (0.11555 + 0.65809 + 0.25) / 3 = 0.39596 + 0.34121
+    assert want == pytest.approx(0.73717, abs=1e-5)
+    got = mip_loss(pred, target, tau=1.0, gumbel=False)
+    assert got.item() == pytest.approx(want, rel=1e-12)
+    assert mip_loss(pred, target, tau=1.0, gumbel=False, reduction="none").shape == (1,)
+
+
+class _OracleBranch(torch.nn.Module):
+    """A branch that knows x0: with the "ysubx" objective it outputs y - x0, so x0_hat^m = x0."""
+
+    def __init__(self, x0: torch.Tensor, k: int):
+        super().__init__()
+        self.x0, self.k = x0, k
+
+    def forward(self, inp: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return inp[:, self.k:] - self.x0
+
+
+class _RecordingFusion(torch.nn.Module):
+    """Fusion that returns the mean of the branch predictions and records what it was given."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]] = []
+
+    def forward(self, x0_hats, sources, t):
+        self.calls.append(([x.clone() for x in x0_hats], list(sources), t.clone()))
+        return torch.stack(list(x0_hats)).mean(0)
+
+
+@pytest.mark.parametrize("mode", ["coupled", "independent"])
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_sample_with_oracle_branches_and_fusion_recovers_x0(mode, eta):
+    """With branches that predict x0 exactly, MMDM's sampler (Fig. 1b) returns x0 for any eta; the fusion
+    sees the M branch predictions and the M sources at every step (coupled) or once at t = 0 (independent)."""
+    model = build_method("mmdm", variant="full", config="small", sampling=mode, **TINY).eval()
+    batch = _batch(ALL)
+    x0 = batch["target"] * 0.9  # inside [-1, 1]: clip_x0 leaves it alone
+    model.branches = torch.nn.ModuleDict({m: _OracleBranch(x0, model.window) for m in ALL})
+    model.fusion = _RecordingFusion()
+    out = model.sample(batch["sources"], steps=4, eta=eta, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(out, x0, atol=1e-5, rtol=0)
+    calls = model.fusion.calls
+    assert len(calls) == (4 if mode == "coupled" else 1)
+    assert [int(c[2][0]) for c in calls] == (skip_timesteps(1000, 4) if mode == "coupled" else [0])
+    for x0_hats, sources, _ in calls:
+        assert len(x0_hats) == 3 and all(torch.allclose(x, x0, atol=1e-5) for x in x0_hats)
+        assert all(s is batch["sources"][m] for s, m in zip(sources, ALL))

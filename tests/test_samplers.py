@@ -267,3 +267,73 @@ def test_per_sample_steps_match_scalar_steps():
         torch.testing.assert_close(batched[i:i + 1], single, atol=1e-12, rtol=0)
     with pytest.raises(ValueError, match="0 <= n < t"):
         bridge_step(bridge, xt, y, x0, t, torch.tensor([999, 0, 0]))
+
+
+# -- the one reverse loop ---------------------------------------------------------
+def test_reverse_loop_visits_the_schedule_and_reports_every_step_to_the_callback():
+    from mmdm.diffusion import reverse_loop
+
+    ts = skip_timesteps(100, 6)
+    seen, calls = [], []
+
+    def step(x, t, n):
+        calls.append((t, n))
+        return (None if n is None else x + 1), x * 10
+
+    out = reverse_loop(step, 0, ts, callback=seen.append)
+    assert calls == list(zip(ts, ts[1:] + [None]))
+    assert [s["i"] for s in seen] == list(range(6)) and [s["t"] for s in seen] == ts
+    assert [s["x0_hat"] for s in seen] == [0, 10, 20, 30, 40, 50] and out == 50  # the last estimate
+    assert seen[-1]["x"] is None and seen[-1]["n"] is None
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_every_sampler_returns_its_callbacks_last_estimate_and_the_callback_changes_nothing(eta):
+    from mmdm.diffusion.ddpm import GaussianConfig, GaussianDiffusion, sample_ddim
+    from mmdm.diffusion.rddm import ResidualConfig, ResidualDiffusion, sample_residual
+
+    x0, y = _pair(dtype=torch.float32)
+    bridge = BrownianBridge(BridgeConfig(num_timesteps=100, sample_steps=5))
+    gauss = GaussianDiffusion(GaussianConfig(num_timesteps=100, sample_steps=5))
+    resid = ResidualDiffusion(ResidualConfig(num_timesteps=100, sample_steps=5))
+    runs = {
+        "bridge": lambda **kw: sample_bridge(lambda x, t: 0.5 * x, y, bridge, eta=eta, **kw),
+        "coupled": lambda **kw: sample_multibranch(lambda xs, t: [0.5 * x for x in xs], [y, -y], bridge, eta=eta,
+                                                   **kw),
+        "ddim": lambda **kw: sample_ddim(lambda x, t: 0.1 * x, y, gauss, eta=eta, **kw),
+        "rddm": lambda **kw: sample_residual(lambda x, t: (0.1 * x, 0.2 * x), y, resid, eta=eta, **kw),
+    }
+    for name, run in runs.items():
+        plain = run(generator=torch.Generator().manual_seed(4))
+        seen = []
+        hooked = run(generator=torch.Generator().manual_seed(4), callback=seen.append)
+        assert torch.equal(plain, hooked), name
+        assert len(seen) == 5 and [s["t"] for s in seen] == skip_timesteps(100, 5), name
+        assert torch.equal(seen[-1]["x0_hat"], hooked), name
+
+
+def test_process_configs_share_the_sampler_settings_and_their_checks():
+    from mmdm.config import ConfigError
+    from mmdm.diffusion import SamplerConfig, resolve_sampler
+    from mmdm.diffusion.ddpm import GaussianConfig
+    from mmdm.diffusion.rddm import ResidualConfig
+
+    for cls in (BridgeConfig, GaussianConfig, ResidualConfig):
+        assert issubclass(cls, SamplerConfig)
+        with pytest.raises(ConfigError, match=rf"{cls.__name__}\.sample_steps must be >= 2"):
+            cls(sample_steps=1)
+        with pytest.raises(ConfigError, match=rf"{cls.__name__}\.spacing: unknown spacing 'log'"):
+            cls(spacing="log")
+        with pytest.raises(ConfigError, match=rf"{cls.__name__}\.eta must be >= 0"):
+            cls(eta=-0.5)
+    cfg = BridgeConfig(num_timesteps=100, sample_steps=7, eta=0.3, clip_x0=False)
+    sc, ts = resolve_sampler(cfg, 100)
+    assert type(sc) is SamplerConfig and sc == SamplerConfig(sample_steps=7, spacing="linear", eta=0.3, clip_x0=False)
+    assert ts == skip_timesteps(100, 7)
+    sc, ts = resolve_sampler(cfg, 100, steps=3, eta=0.0, spacing="cosine", clip_x0=True)
+    assert sc == SamplerConfig(sample_steps=3, spacing="cosine", eta=0.0, clip_x0=True)
+    assert ts == skip_timesteps(100, 3, "cosine")
+    with pytest.raises(ValueError, match="eta must be >= 0"):
+        resolve_sampler(cfg, 100, eta=-1.0)
+    with pytest.raises(ValueError, match="must lie in"):
+        resolve_sampler(cfg, 100, steps=101)

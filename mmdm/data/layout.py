@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from mmdm.io import write_json
+
 #: Modality suffixes known to the study. ``angio`` is TOF-MRA (BIDS suffix).
 KNOWN_MODALITIES = ("T1w", "T2w", "FLAIR", "PDw", "angio")
 TARGET_MODALITY = "angio"
@@ -141,8 +143,6 @@ class Layout:
 
 def write_dataset_description(root: str | Path, name: str, description: str,
                               generated_by: Iterable[dict] | None = None, **extra) -> Path:
-    from mmdm.io import write_json
-
     obj = {"Name": name, "BIDSVersion": "1.9.0", "DatasetType": "raw", "Description": description}
     if generated_by:
         obj["GeneratedBy"] = list(generated_by)

@@ -41,15 +41,15 @@ from torch import Tensor
 
 from mmdm.config import ConfigError
 from mmdm.diffusion.process import ScheduledProcess
+from mmdm.diffusion.sampling import SPACINGS, SamplerConfig
 
 SCHEDULES = ("linear", "t_over_T", "paper", "sin")
 OBJECTIVES = ("ysubx", "grad", "noise")
-SPACINGS = ("linear", "cosine")
 
 
 @dataclass
-class BridgeConfig:
-    """Settings of the Brownian bridge and of its sampler.
+class BridgeConfig(SamplerConfig):
+    """Settings of the Brownian bridge and of its sampler (the :class:`SamplerConfig` fields).
 
     ``sample_steps``: network evaluations at inference (paper: 200; the
     authors' config: 50). ``eta`` scales only the noise added in each reverse
@@ -64,29 +64,20 @@ class BridgeConfig:
     m_max: float = 0.999
     max_var: float = 1.0
     objective: str = "ysubx"
-    sample_steps: int = 200
-    spacing: str = "linear"
     eta: float = 1.0
-    clip_x0: bool = True
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"BridgeConfig.schedule: unknown schedule {self.schedule!r}; use one of {SCHEDULES}")
         if self.objective not in OBJECTIVES:
             raise ConfigError(f"BridgeConfig.objective: unknown objective {self.objective!r}; use one of {OBJECTIVES}")
-        if self.spacing not in SPACINGS:
-            raise ConfigError(f"BridgeConfig.spacing: unknown spacing {self.spacing!r}; use one of {SPACINGS}")
         if self.num_timesteps < 2:
             raise ConfigError(f"BridgeConfig.num_timesteps must be >= 2, got {self.num_timesteps}")
-        if self.sample_steps < 2:  # the upper bound (num_timesteps) is checked when sampling
-            raise ConfigError(f"BridgeConfig.sample_steps must be >= 2 (first step T-1, last 0), "
-                              f"got {self.sample_steps}")
         if not 0.0 <= self.m_min < self.m_max < 1.0:
             raise ConfigError(f"BridgeConfig: need 0 <= m_min < m_max < 1, got m_min={self.m_min}, m_max={self.m_max}")
         if self.max_var <= 0:
             raise ConfigError(f"BridgeConfig.max_var must be > 0, got {self.max_var}")
-        if self.eta < 0:
-            raise ConfigError(f"BridgeConfig.eta must be >= 0, got {self.eta}")
 
 
 def make_m_schedule(cfg: BridgeConfig) -> Tensor:

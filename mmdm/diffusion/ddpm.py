@@ -36,8 +36,7 @@ import torch
 from torch import Tensor
 
 from mmdm.config import ConfigError
-from mmdm.diffusion.bridge import SPACINGS
-from mmdm.diffusion.samplers import _progress, randn_like, skip_timesteps
+from mmdm.diffusion.sampling import Callback, SamplerConfig, randn_like, resolve_sampler, reverse_loop, timestep_batch
 from mmdm.diffusion.process import ScheduledProcess
 
 EpsFn = Callable[[Tensor, Tensor], Tensor]
@@ -45,7 +44,7 @@ BETA_SCHEDULES = ("linear",)
 
 
 @dataclass
-class GaussianConfig:
+class GaussianConfig(SamplerConfig):
     """Settings of the Gaussian diffusion and of its DDIM sampler (defaults: Ho et al.;
     200 deterministic steps as the MMDM paper's sampling budget)."""
 
@@ -53,12 +52,9 @@ class GaussianConfig:
     beta_schedule: str = "linear"
     beta_start: float = 1e-4
     beta_end: float = 0.02
-    sample_steps: int = 200
-    spacing: str = "linear"
-    eta: float = 0.0
-    clip_x0: bool = True
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.beta_schedule not in BETA_SCHEDULES:
             raise ConfigError(f"GaussianConfig.beta_schedule: unknown schedule {self.beta_schedule!r}; "
                               f"use one of {BETA_SCHEDULES}")
@@ -67,13 +63,6 @@ class GaussianConfig:
         if not 0.0 < self.beta_start <= self.beta_end < 1.0:
             raise ConfigError(f"GaussianConfig: need 0 < beta_start <= beta_end < 1, got "
                               f"beta_start={self.beta_start}, beta_end={self.beta_end}")
-        if self.sample_steps < 2:
-            raise ConfigError(f"GaussianConfig.sample_steps must be >= 2 (first step T-1, last 0), "
-                              f"got {self.sample_steps}")
-        if self.spacing not in SPACINGS:
-            raise ConfigError(f"GaussianConfig.spacing: unknown spacing {self.spacing!r}; use one of {SPACINGS}")
-        if self.eta < 0:
-            raise ConfigError(f"GaussianConfig.eta must be >= 0, got {self.eta}")
 
 
 def linear_beta_schedule(num_timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> Tensor:
@@ -141,32 +130,28 @@ def ddim_step(diffusion: GaussianDiffusion, x0_hat: Tensor, eps_hat: Tensor, t: 
 
 def sample_ddim(eps_fn: EpsFn, x_T: Tensor, diffusion: GaussianDiffusion, steps: int | None = None,
                 eta: float | None = None, generator: torch.Generator | None = None, progress: bool = False,
-                spacing: str | None = None, clip_x0: bool | None = None) -> Tensor:
+                spacing: str | None = None, clip_x0: bool | None = None, callback: Callback | None = None) -> Tensor:
     """Run the DDIM sampler from ``x_T`` (standard Gaussian noise) to an x0 estimate.
 
     ``eps_fn(x_t, t)`` returns the predicted noise (``t``: integer tensor (B,)).
     At each visited timestep the x0 prediction is formed (and clamped if
     ``clip_x0``, with ``eps_hat`` re-derived), then :func:`ddim_step` moves to
     the next one; the prediction at ``t = 0`` is returned. ``None`` arguments
-    take their value from ``diffusion.cfg``.
+    take their value from ``diffusion.cfg``; ``callback`` see
+    :func:`~mmdm.diffusion.sampling.reverse_loop`.
     """
-    cfg = diffusion.cfg
-    steps = cfg.sample_steps if steps is None else int(steps)
-    eta = cfg.eta if eta is None else float(eta)
-    if eta < 0:
-        raise ValueError(f"eta must be >= 0, got {eta}")
-    clip = cfg.clip_x0 if clip_x0 is None else bool(clip_x0)
-    ts = skip_timesteps(cfg.num_timesteps, steps, cfg.spacing if spacing is None else spacing)
-    x = x_T
-    for i, t in _progress(ts, progress, "DDIM sampling"):
-        tt = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
+    sc, ts = resolve_sampler(diffusion.cfg, diffusion.cfg.num_timesteps, steps, eta, spacing, clip_x0)
+
+    def step(x: Tensor, t: int, n: int | None) -> tuple[Tensor | None, Tensor]:
+        tt = timestep_batch(t, x)
         eps_hat = eps_fn(x, tt)
         x0_hat = diffusion.predict_x0(x, tt, eps_hat)
-        if clip:
+        if sc.clip_x0:
             x0_hat = x0_hat.clamp(-1.0, 1.0)
             eps_hat = diffusion.predict_eps(x, tt, x0_hat)
-        if i == len(ts) - 1:
-            return x0_hat
-        noise = randn_like(x, generator) if eta > 0 else None
-        x = ddim_step(diffusion, x0_hat, eps_hat, t, ts[i + 1], eta, noise)
-    raise AssertionError("unreachable: skip_timesteps always ends at 0")
+        if n is None:
+            return None, x0_hat
+        noise = randn_like(x, generator) if sc.eta > 0 else None
+        return ddim_step(diffusion, x0_hat, eps_hat, t, n, sc.eta, noise), x0_hat
+
+    return reverse_loop(step, x_T, ts, callback, progress, "DDIM sampling")

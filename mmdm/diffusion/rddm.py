@@ -45,8 +45,7 @@ import torch
 from torch import Tensor
 
 from mmdm.config import ConfigError
-from mmdm.diffusion.bridge import SPACINGS
-from mmdm.diffusion.samplers import _progress, randn_like, skip_timesteps
+from mmdm.diffusion.sampling import Callback, SamplerConfig, randn_like, resolve_sampler, reverse_loop, timestep_batch
 from mmdm.diffusion.process import ScheduledProcess
 
 #: ``model_fn(I_t, t) -> (res_hat, eps_hat)``
@@ -55,7 +54,7 @@ COEFFICIENT_SCHEDULES = ("increased", "decreased", "average")
 
 
 @dataclass
-class ResidualConfig:
+class ResidualConfig(SamplerConfig):
     """Settings of the residual diffusion and its sampler (defaults: the official
     image-restoration setting with the MMDM paper's T = 1000 and 200 steps).
 
@@ -67,13 +66,10 @@ class ResidualConfig:
     alpha_schedule: str = "decreased"
     beta2_schedule: str = "increased"
     beta2_total: float = 0.01
-    sample_steps: int = 200
-    spacing: str = "linear"
-    eta: float = 0.0
-    clip_x0: bool = True
     clip_residual: bool = False
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         for name in ("alpha_schedule", "beta2_schedule"):
             if getattr(self, name) not in COEFFICIENT_SCHEDULES:
                 raise ConfigError(f"ResidualConfig.{name}: unknown schedule {getattr(self, name)!r}; "
@@ -82,13 +78,6 @@ class ResidualConfig:
             raise ConfigError(f"ResidualConfig.num_timesteps must be >= 2, got {self.num_timesteps}")
         if self.beta2_total <= 0:
             raise ConfigError(f"ResidualConfig.beta2_total (betabar_T^2) must be > 0, got {self.beta2_total}")
-        if self.sample_steps < 2:
-            raise ConfigError(f"ResidualConfig.sample_steps must be >= 2 (first step T-1, last 0), "
-                              f"got {self.sample_steps}")
-        if self.spacing not in SPACINGS:
-            raise ConfigError(f"ResidualConfig.spacing: unknown spacing {self.spacing!r}; use one of {SPACINGS}")
-        if self.eta < 0:
-            raise ConfigError(f"ResidualConfig.eta must be >= 0, got {self.eta}")
 
 
 def coefficient_schedule(num_timesteps: int, kind: str, total: float = 1.0) -> Tensor:
@@ -171,28 +160,27 @@ def residual_step(process: ResidualDiffusion, x_t: Tensor, res_hat: Tensor, eps_
 
 def sample_residual(model_fn: ResNoiseFn, x_in: Tensor, process: ResidualDiffusion, steps: int | None = None,
                     eta: float | None = None, generator: torch.Generator | None = None, progress: bool = False,
-                    spacing: str | None = None, clip_x0: bool | None = None) -> Tensor:
+                    spacing: str | None = None, clip_x0: bool | None = None,
+                    callback: Callback | None = None) -> Tensor:
     """Reverse RDDM from ``I_T = I_in + betabar_T eps`` to an ``I_0`` estimate.
 
     ``model_fn(I_t, t)`` returns ``(res_hat, eps_hat)``. ``None`` arguments
-    take their value from ``process.cfg``.
+    take their value from ``process.cfg``; ``callback`` see
+    :func:`~mmdm.diffusion.sampling.reverse_loop` (its ``x0_hat`` is ``I0_hat``, unclamped
+    before the last step).
     """
-    cfg = process.cfg
-    steps = cfg.sample_steps if steps is None else int(steps)
-    eta = cfg.eta if eta is None else float(eta)
-    if eta < 0:
-        raise ValueError(f"eta must be >= 0, got {eta}")
-    clip = cfg.clip_x0 if clip_x0 is None else bool(clip_x0)
-    ts = skip_timesteps(cfg.num_timesteps, steps, cfg.spacing if spacing is None else spacing)
-    x = process.start(x_in, randn_like(x_in, generator))
-    for i, t in _progress(ts, progress, "RDDM sampling"):
-        tt = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
+    sc, ts = resolve_sampler(process.cfg, process.cfg.num_timesteps, steps, eta, spacing, clip_x0)
+
+    def step(x: Tensor, t: int, n: int | None) -> tuple[Tensor | None, Tensor]:
+        tt = timestep_batch(t, x)
         res_hat, eps_hat = model_fn(x, tt)
-        if cfg.clip_residual:
+        if process.cfg.clip_residual:
             res_hat = res_hat.clamp(-1.0, 1.0)
-        if i == len(ts) - 1:
-            x0_hat = process.predict_x0(x, tt, res_hat, eps_hat)
-            return x0_hat.clamp(-1.0, 1.0) if clip else x0_hat
-        noise = randn_like(x, generator) if eta > 0 else None
-        x = residual_step(process, x, res_hat, eps_hat, t, ts[i + 1], eta, noise)
-    raise AssertionError("unreachable: skip_timesteps always ends at 0")
+        x0_hat = process.predict_x0(x, tt, res_hat, eps_hat)
+        if n is None:
+            return None, x0_hat.clamp(-1.0, 1.0) if sc.clip_x0 else x0_hat
+        noise = randn_like(x, generator) if sc.eta > 0 else None
+        return residual_step(process, x, res_hat, eps_hat, t, n, sc.eta, noise), x0_hat
+
+    return reverse_loop(step, process.start(x_in, randn_like(x_in, generator)), ts, callback, progress,
+                        "RDDM sampling")

@@ -2,7 +2,8 @@
 
 The samplers are plain functions that never see a network: the caller passes
 ``x0_fn(x_t, t) -> x0_hat`` (k-diffusion style), so the same code samples
-MMDM, single-modality BBDM and the oracle used in the tests.
+MMDM, single-modality BBDM and the oracle used in the tests. Each builds a step
+function for the shared loop :func:`mmdm.diffusion.sampling.reverse_loop`.
 
 The reverse step from ``t`` to an earlier ``n < t`` (not necessarily ``t-1``)
 is the posterior of the bridge, ``q(x_n | x_t, x0, y)``. With
@@ -35,41 +36,13 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from mmdm.diffusion.bridge import SPACINGS, BrownianBridge
+from mmdm.diffusion.bridge import BrownianBridge
+from mmdm.diffusion.sampling import Callback, randn_like, resolve_sampler, reverse_loop, timestep_batch
 
 X0Fn = Callable[[Tensor, Tensor], Tensor]
 MultiX0Fn = Callable[[Sequence[Tensor], Tensor], Sequence[Tensor]]
 FuseFn = Callable[[Sequence[Tensor], Sequence[Tensor], Tensor], Tensor]
 SAMPLING_MODES = ("coupled", "independent")
-
-
-def skip_timesteps(T: int, steps: int, spacing: str = "linear") -> list[int]:
-    """The ``steps`` timesteps the sampler visits: strictly decreasing from T-1 to 0.
-
-    ``"linear"`` (BBDM's default): T-1, then evenly spaced values down to 1,
-    then 0 -- i.e. ``round(linspace(T-1, 1, steps-1)) + [0]``. ``"cosine"``
-    (this project's definition): ``(T-1) (1 + cos(pi u)) / 2`` for ``u`` evenly
-    spaced in [0, 1], which puts more steps near both ends of the bridge.
-    After rounding, ties are pushed apart so that every step is distinct.
-    The network is evaluated once per entry (the last one at t = 0, as BBDM).
-    """
-    if spacing not in SPACINGS:
-        raise ValueError(f"unknown step spacing {spacing!r}; use one of {SPACINGS}")
-    if not 2 <= steps <= T:
-        raise ValueError(f"number of sampling steps must lie in [2, T={T}], got {steps}")
-    if spacing == "linear":
-        if steps == 2:
-            ts = [float(T - 1)]
-        else:
-            ts = [T - 1 - k * (T - 2) / (steps - 2) for k in range(steps - 1)]
-        ts = ts + [0.0]
-    else:
-        ts = [(T - 1) * (1 + math.cos(math.pi * k / (steps - 1))) / 2 for k in range(steps)]
-    out = [int(math.floor(v + 0.5)) for v in ts]
-    out[0], out[-1] = T - 1, 0
-    for k in range(1, steps):  # keep strictly decreasing and leave room below
-        out[k] = max(min(out[k], out[k - 1] - 1), steps - 1 - k)
-    return out
 
 
 def step_coefficients(bridge: BrownianBridge, t: int, n: int) -> tuple[float, float, float, float]:
@@ -138,58 +111,32 @@ def bridge_step(bridge: BrownianBridge, x_t: Tensor, y: Tensor, x0_hat: Tensor, 
     return torch.where(at_end, x0_hat, x_n)
 
 
-def randn_like(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """Standard Gaussian noise shaped like ``x``; drawn on ``generator``'s device, then moved."""
-    device = generator.device if generator is not None else x.device
-    return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
-
-
-def _resolve(bridge: BrownianBridge, steps: int | None, eta: float | None, spacing: str | None,
-             clip_x0: bool | None) -> tuple[list[int], float, bool]:
-    cfg = bridge.cfg
-    steps = cfg.sample_steps if steps is None else int(steps)
-    eta = cfg.eta if eta is None else float(eta)
-    if eta < 0:
-        raise ValueError(f"eta must be >= 0, got {eta}")
-    ts = skip_timesteps(cfg.num_timesteps, steps, cfg.spacing if spacing is None else spacing)
-    return ts, eta, cfg.clip_x0 if clip_x0 is None else bool(clip_x0)
-
-
-def _progress(ts: list[int], progress: bool, desc: str):
-    if not progress:
-        return enumerate(ts)
-    from tqdm.auto import tqdm
-
-    return enumerate(tqdm(ts, desc=desc, leave=False))
-
-
 def _clip(x: Tensor, clip: bool) -> Tensor:
     return x.clamp(-1.0, 1.0) if clip else x
 
 
 def sample_bridge(x0_fn: X0Fn, y: Tensor, bridge: BrownianBridge, steps: int | None = None,
                   eta: float | None = None, generator: torch.Generator | None = None, progress: bool = False,
-                  spacing: str | None = None, clip_x0: bool | None = None) -> Tensor:
+                  spacing: str | None = None, clip_x0: bool | None = None, callback: Callback | None = None) -> Tensor:
     """Reverse the bridge from ``x_T = y`` to an x0 estimate (single branch).
 
     At each visited timestep ``t`` (see :func:`skip_timesteps`) the sampler
     asks ``x0_fn(x_t, t)`` for ``x0_hat`` (``t`` is an integer tensor (B,)),
     clamps it to [-1, 1] if ``clip_x0``, and takes :func:`bridge_step` to the
     next visited timestep; the prediction at t = 0 is returned. ``None``
-    arguments take their value from ``bridge.cfg``.
+    arguments take their value from ``bridge.cfg``; ``callback`` see
+    :func:`~mmdm.diffusion.sampling.reverse_loop`.
     """
-    ts, eta, clip = _resolve(bridge, steps, eta, spacing, clip_x0)
-    x = y
-    batch = y.shape[0]
-    for i, t in _progress(ts, progress, "bridge sampling"):
-        tt = torch.full((batch,), t, dtype=torch.long, device=y.device)
-        x0_hat = _clip(x0_fn(x, tt), clip)
-        if i == len(ts) - 1:
-            return x0_hat
-        n = ts[i + 1]
-        noise = randn_like(x, generator) if (eta > 0 and n > 0) else None
-        x = bridge_step(bridge, x, y, x0_hat, t, n, eta, noise)
-    raise AssertionError("unreachable: skip_timesteps always ends at 0")
+    sc, ts = resolve_sampler(bridge.cfg, bridge.num_timesteps, steps, eta, spacing, clip_x0)
+
+    def step(x: Tensor, t: int, n: int | None) -> tuple[Tensor | None, Tensor]:
+        x0_hat = _clip(x0_fn(x, timestep_batch(t, y)), sc.clip_x0)
+        if n is None:
+            return None, x0_hat
+        noise = randn_like(x, generator) if (sc.eta > 0 and n > 0) else None
+        return bridge_step(bridge, x, y, x0_hat, t, n, sc.eta, noise), x0_hat
+
+    return reverse_loop(step, y, ts, callback, progress, "bridge sampling")
 
 
 def mean_fusion(x0_hats: Sequence[Tensor], ys: Sequence[Tensor], t: Tensor) -> Tensor:
@@ -201,7 +148,7 @@ def sample_multibranch(x0_fn: MultiX0Fn, ys: Sequence[Tensor], bridge: BrownianB
                        eta: float | None = None, mode: str = "coupled", fuse_fn: FuseFn | None = None,
                        generator: torch.Generator | None = None, progress: bool = False,
                        shared_noise: bool = False, spacing: str | None = None,
-                       clip_x0: bool | None = None) -> Tensor:
+                       clip_x0: bool | None = None, callback: Callback | None = None) -> Tensor:
     """Sample M coupled bridges, one per source ``ys[m]`` (MMDM inference, Fig. 1b).
 
     ``x0_fn(x_ts, t)`` returns the M branch predictions ``x0_hat^m`` from the
@@ -217,7 +164,9 @@ def sample_multibranch(x0_fn: MultiX0Fn, ys: Sequence[Tensor], bridge: BrownianB
     The branch predictions given to the fusion are not clamped (as in
     training); what drives a step, and the result, are clamped if ``clip_x0``.
     ``shared_noise=True`` reuses one noise tensor for all branches (the
-    authors' code); the default draws independent noise per branch.
+    authors' code); the default draws independent noise per branch. ``callback``
+    (:func:`~mmdm.diffusion.sampling.reverse_loop`) sees the M states and the fused
+    prediction (coupled) or the M clamped branch predictions (independent).
     """
     if mode not in SAMPLING_MODES:
         raise ValueError(f"unknown multi-branch sampling mode {mode!r}; use one of {SAMPLING_MODES}")
@@ -228,11 +177,11 @@ def sample_multibranch(x0_fn: MultiX0Fn, ys: Sequence[Tensor], bridge: BrownianB
     if len(shapes) != 1:
         raise ValueError(f"all sources must have one shape, got {sorted(shapes)}")
     fuse = fuse_fn or mean_fusion
-    ts, eta, clip = _resolve(bridge, steps, eta, spacing, clip_x0)
-    xs = list(ys)
-    batch = ys[0].shape[0]
-    for i, t in _progress(ts, progress, f"{mode} multi-branch sampling"):
-        tt = torch.full((batch,), t, dtype=torch.long, device=ys[0].device)
+    sc, ts = resolve_sampler(bridge.cfg, bridge.num_timesteps, steps, eta, spacing, clip_x0)
+    clip = sc.clip_x0
+
+    def step(xs: list[Tensor], t: int, n: int | None) -> tuple[list[Tensor] | None, Tensor | list[Tensor]]:
+        tt = timestep_batch(t, ys[0])
         preds = list(x0_fn(xs, tt))
         if len(preds) != len(ys):
             raise ValueError(f"x0_fn returned {len(preds)} predictions for {len(ys)} branches")
@@ -241,15 +190,16 @@ def sample_multibranch(x0_fn: MultiX0Fn, ys: Sequence[Tensor], bridge: BrownianB
             drivers = [fused] * len(ys)
         else:
             drivers = [_clip(p, clip) for p in preds]
-        if i == len(ts) - 1:
-            return fused if mode == "coupled" else _clip(fuse(preds, ys, tt), clip)
-        n = ts[i + 1]
-        if eta > 0 and n > 0:
+        if n is None:
+            return None, fused if mode == "coupled" else _clip(fuse(preds, ys, tt), clip)
+        if sc.eta > 0 and n > 0:
             if shared_noise:
                 noises = [randn_like(xs[0], generator)] * len(xs)
             else:
                 noises = [randn_like(x, generator) for x in xs]
         else:
             noises = [None] * len(xs)
-        xs = [bridge_step(bridge, x, y, d, t, n, eta, e) for x, y, d, e in zip(xs, ys, drivers, noises)]
-    raise AssertionError("unreachable: skip_timesteps always ends at 0")
+        xs = [bridge_step(bridge, x, y, d, t, n, sc.eta, e) for x, y, d, e in zip(xs, ys, drivers, noises)]
+        return xs, fused if mode == "coupled" else drivers
+
+    return reverse_loop(step, list(ys), ts, callback, progress, f"{mode} multi-branch sampling")

@@ -15,10 +15,11 @@ CUDA is initialised) and any ``torch.Generator`` the caller owns.
 
 from __future__ import annotations
 
+import contextlib
 import random
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -148,3 +149,13 @@ class CheckpointManager:
         if errors:
             raise RuntimeError("no readable checkpoint in " + str(self.dir) + ":\n" + "\n".join(errors))
         return None
+
+
+@contextlib.contextmanager
+def isolated_rng() -> Iterator[None]:
+    """Run a block without touching any global RNG stream (Python, numpy, torch CPU and CUDA)."""
+    state = capture_rng()
+    try:
+        yield
+    finally:
+        restore_rng(state)

@@ -17,7 +17,13 @@ from typing import Any
 
 import yaml
 
-from mmdm.config import ConfigError
+from mmdm.config import ConfigError, _deep_merge, from_dict, load_yaml, to_dict
+from mmdm.data.layout import DatasetError
+from mmdm.engine.distributed import env_ranks
+from mmdm.engine.evaluate import evaluate_run
+from mmdm.engine.infer import synthesize_files
+from mmdm.engine.spec import TrainConfig
+from mmdm.engine.train import train
 
 #: convenience flags of `mmdm synthesize` (modality names as in the dataset layout)
 MODALITY_FLAGS = ("T1w", "T2w", "FLAIR", "PDw")
@@ -45,13 +51,7 @@ def parse_set(items: list[str] | None) -> dict[str, Any]:
 
 def config_from_args(args: argparse.Namespace):
     """The TrainConfig of ``mmdm train``: YAML (or the defaults), then the convenience flags, then ``--set``."""
-    from mmdm.config import from_dict, to_dict
-    from mmdm.config import _deep_merge  # noqa: PLC2701 - same package
-    from mmdm.engine.train import TrainConfig
-
     if args.config is not None:
-        from mmdm.config import load_yaml
-
         base = to_dict(load_yaml(TrainConfig, args.config))
     else:
         base = to_dict(TrainConfig())
@@ -87,12 +87,8 @@ def config_from_args(args: argparse.Namespace):
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from mmdm.engine.train import train
-
     cfg = config_from_args(args)
     run = train(cfg, args.run_dir, resume=args.resume, progress=not args.quiet, profile=args.profile)
-    from mmdm.engine.distributed import env_ranks
-
     if env_ranks()[0] == 0:
         print(f"training complete: {run}")
     return 0
@@ -151,8 +147,6 @@ def collect_inputs(args: argparse.Namespace) -> dict[str, Path]:
 
 
 def _cmd_synthesize(args: argparse.Namespace) -> int:
-    from mmdm.engine.infer import synthesize_files
-
     try:
         res = synthesize_files(args.run, collect_inputs(args), args.out, steps=args.steps, eta=args.eta,
                                n_samples=args.samples, batch_size=args.batch_size, scale=args.scale,
@@ -171,7 +165,9 @@ def add_synthesize_parser(subparsers) -> argparse.ArgumentParser:
         "synthesize", help="synthesise a TOF-MRA volume from source NIfTI files with a trained run",
         description="Whole-volume synthesis with a 2.5D sliding window (stride from the run's config, overlaps "
         "averaged). Give every source modality the run was trained on. The output has the first source's "
-        "affine and header and values in [0, 1] (fraction of the TOF maximum) times --scale.",
+        "affine and header and values in [0, 1] (fraction of the TOF maximum) times --scale, a scale its "
+        "NIfTI description declares: `mmdm evaluate` reads it and compares the file with a raw TOF volume "
+        "divided by its maximum, as `mmdm evaluate-run` does.",
         epilog="example:\n  mmdm synthesize --run runs/mmdm-small --t1w T1.nii.gz --t2w T2.nii.gz "
         "--flair FLAIR.nii.gz --out tof.nii.gz --steps 20",
         formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -195,8 +191,6 @@ def add_synthesize_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _cmd_evaluate_run(args: argparse.Namespace) -> int:
-    from mmdm.engine.runs import evaluate_run
-
     try:
         summary = evaluate_run(args.run_dir, split=args.split, steps=args.steps, eta=args.eta,
                                n_samples=args.samples, batch_size=args.batch_size, device=args.device,
@@ -244,8 +238,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mmdm.data.layout import DatasetError
-
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)

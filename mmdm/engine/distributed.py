@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from mmdm.config import ConfigError
+from mmdm.engine.rundir import device_name  # noqa: F401  (re-exported: it names the device)
 
 
 @dataclass(frozen=True)
@@ -130,18 +131,3 @@ def cleanup(info: DistInfo) -> None:
         dist.destroy_process_group()
 
 
-def device_name(device: torch.device | str | None = None) -> str:
-    """Human-readable device name: the CUDA device's name or the CPU model."""
-    device = torch.device(device) if device is not None else torch.device("cpu")
-    if device.type == "cuda" and torch.cuda.is_available():
-        return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine() or "cpu"

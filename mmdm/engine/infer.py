@@ -12,24 +12,40 @@ volume to [-1, 1]); the model's output in [-1, 1] is clamped (``clip``) and
 mapped to [0, 1] by ``(x + 1) / 2`` -- TOF intensity as a fraction of the
 volume's maximum, the scale on which the metrics compare it with
 ``target / target.max()``. :func:`synthesize_files` writes that [0, 1] volume
-(times ``scale``) with the first source's affine and header.
+(times ``scale``) with the first source's affine and header, and declares the
+scale in the NIfTI description (:func:`mmdm.io.tof_fraction_descrip`), as
+run evaluation does for its predictions, so ``mmdm evaluate`` scores such a
+file against a raw TOF volume exactly as ``mmdm evaluate-run`` does.
+
+:func:`synthesize_subjects` is the one loop over a dataset's subjects (load
+the sources, synthesise) that run evaluation and the study's analyses share.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator, Sequence
 
+import nibabel as nib
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
+from tqdm.auto import tqdm
 
-from mmdm.data.dataset import window_starts
-from mmdm.data.volumes import NormConfig, check_same_grid, load_volume, normalise
+from mmdm.config import load_yaml
+from mmdm.data.dataset import DataConfig, load_subject_volumes, window_starts
+from mmdm.data.layout import Layout
+from mmdm.data.volumes import NormConfig, Volume, check_same_grid, load_volume, normalise
+from mmdm.engine.checkpoint import CheckpointManager, load_checkpoint
+from mmdm.engine.distributed import resolve_device
+from mmdm.engine.rundir import run_paths
+from mmdm.engine.spec import TrainConfig, build_method_from_config
+from mmdm.io import save_nifti, tof_fraction_descrip
+from mmdm.methods.base import SynthesisMethod
 
 
-def _method_device(method: nn.Module) -> torch.device:
+def _method_device(method: SynthesisMethod) -> torch.device:
     for p in method.parameters():
         return p.device
     for b in method.buffers():
@@ -37,8 +53,8 @@ def _method_device(method: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def _check_modalities(method: nn.Module, sources: dict[str, Any]) -> list[str]:
-    needed = list(getattr(method, "sources", ()) or sources)
+def _check_modalities(method: SynthesisMethod, sources: dict[str, Any]) -> list[str]:
+    needed = list(method.sources or sources)
     missing = [m for m in needed if m not in sources]
     if missing:
         raise ValueError(f"missing source modality(ies) {missing}: this model needs {needed} "
@@ -51,7 +67,7 @@ def _check_modalities(method: nn.Module, sources: dict[str, Any]) -> list[str]:
 
 
 @torch.no_grad()
-def synthesize_volume(method: nn.Module, sources: dict[str, np.ndarray], window: int = 5, stride: int = 1,
+def synthesize_volume(method: SynthesisMethod, sources: dict[str, np.ndarray], window: int = 5, stride: int = 1,
                       batch_size: int = 8, steps: int | None = None, eta: float | None = None,
                       n_samples: int = 1, norm: NormConfig = NormConfig(),
                       generator: torch.Generator | None = None, progress: bool = True, clip: bool = True,
@@ -74,7 +90,7 @@ def synthesize_volume(method: nn.Module, sources: dict[str, np.ndarray], window:
         generator = torch.Generator(device=device).manual_seed(0)
     vols = {m: torch.from_numpy(normalise(np.asarray(sources[m], dtype=np.float32), norm)[0]) for m in mods}
     x, y, depth = next(iter(vols.values())).shape
-    f = int(getattr(method, "spatial_multiple", 1) or 1)
+    f = int(method.spatial_multiple or 1)
     px, py = (-x) % f, (-y) % f
     starts = window_starts(depth, window, stride)
     was_training = method.training
@@ -82,8 +98,6 @@ def synthesize_volume(method: nn.Module, sources: dict[str, np.ndarray], window:
     draws = []
     bar = None
     if progress:
-        from tqdm.auto import tqdm
-
         bar = tqdm(total=len(starts) * n_samples, desc=desc, unit="win", leave=False, dynamic_ncols=True)
     try:
         for _ in range(n_samples):
@@ -124,19 +138,13 @@ def synthesize_volume(method: nn.Module, sources: dict[str, np.ndarray], window:
 
 
 def load_run_method(run_dir: str | Path, checkpoint: str = "latest", device: str | torch.device = "cpu",
-                    use_ema: bool = True):
+                    use_ema: bool = True) -> tuple[SynthesisMethod, TrainConfig, dict[str, Any]]:
     """Rebuild a run's method from ``config.yaml`` and load a checkpoint.
 
     ``checkpoint``: ``"latest"`` (the newest in ``checkpoints/``), a step
     number, or a path. EMA weights are used when the run kept them and
     ``use_ema``. Returns ``(method in eval mode, TrainConfig, info dict)``.
     """
-    from mmdm.config import load_yaml
-    from mmdm.engine.checkpoint import CheckpointManager, load_checkpoint
-    from mmdm.engine.distributed import resolve_device
-    from mmdm.engine.runs import run_paths
-    from mmdm.engine.train import TrainConfig, build_method_from_config
-
     p = run_paths(run_dir)
     if not p.config.is_file():
         raise FileNotFoundError(f"{run_dir} is not a run directory (no config.yaml); train one with `mmdm train`")
@@ -187,12 +195,9 @@ def synthesize_files(run_dir: str | Path, inputs: dict[str, str | Path], out_pat
     ``n_samples > 1`` and ``save_std``, ``<out>_std.nii.gz`` holds the
     per-voxel standard deviation over the samples (same scale).
     """
-    from mmdm.engine.distributed import resolve_device
-    from mmdm.io import save_nifti
-
     dev = resolve_device(device)
     method, cfg, info = load_run_method(run_dir, checkpoint=checkpoint, device=dev, use_ema=use_ema)
-    needed = list(getattr(method, "sources", cfg.data.sources))
+    needed = list(method.sources or cfg.data.sources)
     missing = [m for m in needed if m not in inputs]
     if missing:
         flags = ", ".join(f"--{m.lower()} PATH" for m in needed)
@@ -200,15 +205,59 @@ def synthesize_files(run_dir: str | Path, inputs: dict[str, str | Path], out_pat
                          f"give all of them ({flags}, or --source NAME=PATH)")
     vols = {m: load_volume(inputs[m]) for m in needed}
     check_same_grid(vols, "input")
-    import nibabel as nib
-
     ref_img = nib.load(str(inputs[needed[0]]))
     gen = torch.Generator(device=dev).manual_seed(seed)
     res = synthesize_volume(method, {m: v.data for m, v in vols.items()}, window=cfg.data.window,
                             stride=stride or cfg.data.eval_stride, batch_size=batch_size, steps=steps, eta=eta,
                             n_samples=n_samples, norm=cfg.data.norm, generator=gen, progress=progress)
     header = ref_img.header.copy()
-    out = {"mean": save_nifti(out_path, res["mean"] * scale, ref_img.affine, header), "checkpoint": info}
+    descrip = tof_fraction_descrip(scale)
+    out = {"mean": save_nifti(out_path, res["mean"] * scale, ref_img.affine, header, descrip=descrip),
+           "checkpoint": info}
     if "std" in res and save_std:
-        out["std"] = save_nifti(std_path(out_path), res["std"] * scale, ref_img.affine, header.copy())
+        out["std"] = save_nifti(std_path(out_path), res["std"] * scale, ref_img.affine, header.copy(),
+                                descrip=descrip)
     return out
+
+
+# ----------------------------------------------------------------------------
+# the subjects of a dataset
+
+
+@dataclass
+class SubjectSynthesis:
+    """One subject's synthesis: raw ``sources``, the ``target`` volume (if loaded) and the
+    :func:`synthesize_volume` result (``mean`` in [0, 1], ``std`` for several samples)."""
+
+    subject: str
+    sources: dict[str, np.ndarray]
+    target: Volume | None
+    result: dict[str, Any] | None
+
+
+def subject_sources(data: DataConfig, subjects: Sequence[str], root: str | Path | None = None,
+                    with_target: bool = False) -> Iterator[SubjectSynthesis]:
+    """Load each subject's source volumes (``data.sources``; and ``data.target`` if ``with_target``)
+    from the dataset at ``root`` (default ``data.root``); ``result`` is None."""
+    layout = Layout(root if root is not None else data.root)
+    modalities = list(data.sources) + ([data.target] if with_target else [])
+    for s in subjects:
+        vols = load_subject_volumes(layout, s, modalities)
+        target = vols.pop(data.target) if with_target else None
+        yield SubjectSynthesis(s, {m: v.data for m, v in vols.items()}, target, None)
+
+
+def synthesize_subjects(method: SynthesisMethod, data: DataConfig, subjects: Sequence[str],
+                        generator_for: Callable[[int, str], torch.Generator], *, root: str | Path | None = None,
+                        with_target: bool = False, stride: int | None = None, steps: int | None = None,
+                        eta: float | None = None, n_samples: int = 1, batch_size: int = 8, progress: bool = True,
+                        desc: Callable[[str], str] = str) -> Iterator[SubjectSynthesis]:
+    """Synthesise every subject in turn with the run's data settings (window, ``stride`` or
+    ``data.eval_stride``, normalisation); ``generator_for(i, subject)`` gives the sampling RNG
+    of the i-th subject (one shared generator, or one seeded per subject)."""
+    for i, item in enumerate(subject_sources(data, subjects, root, with_target)):
+        item.result = synthesize_volume(method, item.sources, window=data.window, stride=stride or data.eval_stride,
+                                        batch_size=batch_size, steps=steps, eta=eta, n_samples=n_samples,
+                                        norm=data.norm, generator=generator_for(i, item.subject), progress=progress,
+                                        desc=desc(item.subject))
+        yield item

@@ -1,4 +1,4 @@
-"""Training engine shared by every synthesis method.
+"""The trainer shared by every synthesis method.
 
 ``train(cfg, run_dir)`` trains the registered method ``cfg.method`` on 2.5D
 windows of ``cfg.data`` with Adam (the method's :class:`OptimConfig`; paper:
@@ -18,325 +18,61 @@ because
   generators, and the DataLoader gets its own generator, so none of them
   changes the training stream.
 
-Optimiser groups: a method whose ``optimizer_groups()`` returns several groups
-(GANs) is stepped group by group, in dict order: all gradients are zeroed,
+Optimiser groups: the trainer steps the groups of ``method.optimizer_groups()``
+in dict order (one, ``"main"``, for most methods; two for GANs), each with Adam
+set from ``method.optim_configs()[group]``: all gradients are zeroed,
 ``training_losses(batch, generator, group=name)`` is called, its ``"loss"`` is
-back-propagated and only that group's optimiser steps.
+back-propagated and only that group's optimiser steps. The weight average is
+``TrainConfig.ema`` or else ``method.ema_config()``. The trainer talks to the
+method only through :class:`~mmdm.methods.base.SynthesisMethod`.
+
+The run's config and method (:mod:`mmdm.engine.spec`), its directory and
+provenance (:mod:`mmdm.engine.rundir`), data order (:mod:`mmdm.engine.batches`),
+EMA (:mod:`mmdm.engine.ema`) and checkpoints with RNG state
+(:mod:`mmdm.engine.checkpoint`) live in their own modules.
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib
+import os
 import random
 import sys
 import time
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
-from mmdm.config import ConfigError, from_dict, load_yaml, save_yaml, to_dict
-from mmdm.data.dataset import DataConfig, WindowDataset
-from mmdm.engine.checkpoint import CheckpointManager, capture_rng, restore_rng
+from mmdm.config import ConfigError, save_yaml, to_dict
+from mmdm.data.dataset import WindowDataset
+from mmdm.engine.batches import collate, epoch_batches, steps_per_epoch, to_device
+from mmdm.engine.checkpoint import CheckpointManager, capture_rng, isolated_rng, restore_rng
 from mmdm.engine.distributed import DistInfo, barrier, broadcast_object, cleanup, gather_objects, init_distributed
-from mmdm.engine.runs import end_session, run_paths, start_session, utc_now
+from mmdm.engine.ema import EMA
+from mmdm.engine.panels import window_panel
+from mmdm.engine.rundir import end_session, run_paths, start_session, utc_now
+from mmdm.engine.spec import TrainConfig, build_method_from_config, check_run_dir, method_optim_configs
 from mmdm.io import write_json
-
-#: Keys that may differ between the stored config and the one given on resume
-#: (they change how a run is executed or logged, never its numbers).
-RUNTIME_KEYS = frozenset({"device", "num_workers", "log_every", "image_every", "image_steps", "checkpoint_every",
-                          "keep_last", "val_every", "val_batches", "deterministic"})
-
-
-@dataclass
-class EMAConfig:
-    """Exponential moving average of the weights (BBDM: decay 0.995 from step 30k;
-    MMDM's authors: none). Before ``start_step`` the average is reset to the weights."""
-
-    decay: float = 0.995
-    start_step: int = 30000
-    every: int = 1
-
-
-@dataclass
-class TrainConfig:
-    """One training run (YAML-loadable with :func:`mmdm.config.load_yaml`).
-
-    ``batch_size`` is per process (paper: 4). Exactly one of ``steps`` (total
-    optimiser steps) and ``epochs`` is used; ``steps`` wins when both are set.
-    ``method_kwargs`` go to the method's factory (e.g. ``variant``, ``config``,
-    overrides); ``sources`` defaults to ``data.sources``. ``method`` is a
-    registry name (``mmdm``) or ``"module:factory"`` for a method defined
-    outside the package. ``amp="bf16"`` autocasts on CUDA only.
-    ``image_every``/``val_every``/``checkpoint_every`` = 0 disables them.
-    """
-
-    method: str = "mmdm"
-    method_kwargs: dict[str, Any] = field(default_factory=lambda: {"variant": "full", "config": "paper"})
-    data: DataConfig = field(default_factory=DataConfig)
-    steps: int | None = None
-    epochs: int | None = 200
-    batch_size: int = 4
-    num_workers: int = 0
-    seed: int = 0
-    device: str = "auto"
-    amp: str = "none"
-    grad_clip: float | None = None
-    ema: EMAConfig | None = None  # None: the method's own default (method.cfg.ema)
-    deterministic: bool = False
-    checkpoint_every: int = 1000
-    keep_last: int = 3
-    log_every: int = 10
-    image_every: int = 1000
-    image_steps: int = 10
-    val_every: int = 0
-    val_batches: int = 8
-
-    def validate(self) -> None:
-        if self.steps is None and self.epochs is None:
-            raise ConfigError("TrainConfig: set steps (total optimiser steps) or epochs")
-        for k in ("steps", "epochs"):
-            v = getattr(self, k)
-            if v is not None and v < 1:
-                raise ConfigError(f"TrainConfig.{k} must be >= 1, got {v}")
-        if self.batch_size < 1:
-            raise ConfigError(f"TrainConfig.batch_size must be >= 1, got {self.batch_size}")
-        if self.amp not in ("none", "bf16"):
-            raise ConfigError(f"TrainConfig.amp: unknown value {self.amp!r}; use 'none' or 'bf16'")
-        if self.keep_last < 1:
-            raise ConfigError(f"TrainConfig.keep_last must be >= 1, got {self.keep_last}")
-        if self.grad_clip is not None and self.grad_clip <= 0:
-            raise ConfigError(f"TrainConfig.grad_clip must be > 0 or null, got {self.grad_clip}")
-        if self.ema is not None and not 0.0 < self.ema.decay < 1.0:
-            raise ConfigError(f"TrainConfig.ema.decay must be in (0, 1), got {self.ema.decay}")
-
-
-# ----------------------------------------------------------------------------
-# methods
-
-
-def method_factory(name: str) -> Callable[..., nn.Module]:
-    """Registry name -> factory; ``"package.module:function"`` imports the function."""
-    if ":" in name:
-        mod, attr = name.split(":", 1)
-        try:
-            return getattr(importlib.import_module(mod), attr)
-        except (ImportError, AttributeError) as e:
-            raise ConfigError(f"method '{name}': cannot import {attr} from module {mod} ({e}); check the "
-                              "module is on PYTHONPATH or use a registered method name") from e
-    from mmdm.methods import METHODS
-
-    try:
-        return METHODS.get(name)
-    except KeyError as e:
-        raise ConfigError(str(e.args[0])) from None
-
-
-def build_method_from_config(cfg: TrainConfig) -> nn.Module:
-    """Build ``cfg.method`` with ``cfg.method_kwargs`` (``sources`` defaulting to ``cfg.data.sources``)
-    and check it against the data (sources available, window size)."""
-    kw = dict(cfg.method_kwargs)
-    kw.setdefault("sources", tuple(cfg.data.sources))
-    method = method_factory(cfg.method)(**kw)
-    missing = [m for m in getattr(method, "sources", ()) if m not in cfg.data.sources]
-    if missing:
-        raise ConfigError(f"method '{cfg.method}' expects source modality(ies) {missing} that data.sources "
-                          f"{list(cfg.data.sources)} does not provide; add them to data.sources or change "
-                          "method_kwargs.sources")
-    win = getattr(method, "window", None)
-    if win is not None and win != cfg.data.window:
-        raise ConfigError(f"method '{cfg.method}' is built for {win}-slice windows but data.window is "
-                          f"{cfg.data.window}; make them equal")
-    return method
-
-
-def method_optim(method: nn.Module, group: str):
-    """The :class:`OptimConfig` of one optimiser group: ``method.optim_config(group)`` if defined,
-    else ``method.cfg.optim`` (a dict per group or one config), else the defaults."""
-    from mmdm.methods.base import OptimConfig
-
-    if hasattr(method, "optim_config"):
-        return method.optim_config(group)
-    optim = getattr(getattr(method, "cfg", None), "optim", None)
-    if isinstance(optim, dict):
-        optim = optim.get(group)
-    return optim or OptimConfig()
-
-
-def method_ema(method: nn.Module) -> "EMAConfig | None":
-    """The method's own EMA default (``method.cfg.ema``: BBDM, DDPM and RDDM follow their
-    official code; MMDM has none). ``TrainConfig.ema`` overrides it when set."""
-    ema = getattr(getattr(method, "cfg", None), "ema", None)
-    if ema is None or isinstance(ema, EMAConfig):
-        return ema
-    return from_dict(EMAConfig, dict(ema), where=f"{type(method).__name__}.cfg.ema")
+from mmdm.methods.base import MAIN, SynthesisMethod
+from mmdm.optim import EMAConfig
 
 
 class _LossModule(nn.Module):
     """Wraps a method so that DistributedDataParallel's forward is ``training_losses``."""
 
-    def __init__(self, method: nn.Module):
+    def __init__(self, method: SynthesisMethod):
         super().__init__()
         self.method = method
 
-    def forward(self, batch: dict, generator: torch.Generator | None = None, group: str | None = None):
-        if group is None:
-            return self.method.training_losses(batch, generator)
+    def forward(self, batch: dict, generator: torch.Generator | None = None, group: str = MAIN):
         return self.method.training_losses(batch, generator, group=group)
-
-
-# ----------------------------------------------------------------------------
-# data order
-
-
-def steps_per_epoch(n_items: int, batch_size: int, world_size: int = 1) -> int:
-    """Global batches per epoch (the last incomplete one is dropped)."""
-    g = batch_size * world_size
-    if n_items < g:
-        raise ConfigError(f"the training split has {n_items} windows, fewer than one global batch of {g} "
-                          f"(batch_size {batch_size} x {world_size} process(es)); lower batch_size or add data")
-    return n_items // g
-
-
-def epoch_batches(n_items: int, batch_size: int, seed: int, epoch: int, world_size: int = 1,
-                  rank: int = 0) -> list[list[int]]:
-    """This rank's batches of one epoch: a pure function of ``(seed, epoch)``.
-
-    The epoch's permutation is drawn from ``numpy.random.default_rng([seed, epoch])``
-    and truncated to whole global batches; rank ``r`` takes every
-    ``world_size``-th index from ``r`` (DistributedSampler semantics), so the
-    union of the ranks' i-th batches is the i-th block of ``batch_size x
-    world_size`` indices of the permutation -- the batch a single process with
-    the combined batch size sees.
-    """
-    spe = steps_per_epoch(n_items, batch_size, world_size)
-    perm = np.random.default_rng([seed, epoch]).permutation(n_items)[: spe * batch_size * world_size]
-    mine = perm[rank::world_size]
-    return [mine[i * batch_size:(i + 1) * batch_size].tolist() for i in range(spe)]
-
-
-def _collate(items: list[dict]) -> dict:
-    return {"sources": {m: torch.stack([it["sources"][m] for it in items]) for m in items[0]["sources"]},
-            "target": torch.stack([it["target"] for it in items]),
-            "subject": [it["subject"] for it in items], "z0": torch.tensor([it["z0"] for it in items])}
-
-
-def _to_device(batch: dict, device: torch.device) -> dict:
-    nb = device.type == "cuda"
-    return {"sources": {m: v.to(device, non_blocking=nb) for m, v in batch["sources"].items()},
-            "target": batch["target"].to(device, non_blocking=nb)}
-
-
-# ----------------------------------------------------------------------------
-# EMA
-
-
-class EMA:
-    """Shadow copy of the floating-point parameters and buffers (BBDM-style).
-
-    A buffer whose shape changes during training (a growing history of fakes, e.g. UNest's
-    image pools) is copied, not averaged.
-    """
-
-    def __init__(self, model: nn.Module, cfg: EMAConfig):
-        self.cfg = cfg
-        self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
-
-    @torch.no_grad()
-    def update(self, model: nn.Module, step: int) -> None:
-        if step % self.cfg.every:
-            return
-        for k, v in model.state_dict().items():
-            if k not in self.shadow:
-                continue
-            if self.shadow[k].shape != v.shape:
-                self.shadow[k] = v.detach().clone()
-            elif step < self.cfg.start_step:
-                self.shadow[k].copy_(v)
-            else:
-                self.shadow[k].lerp_(v.detach(), 1.0 - self.cfg.decay)
-
-    def state_dict(self) -> dict[str, Tensor]:
-        return dict(self.shadow)
-
-    def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        for k, v in state.items():
-            if self.shadow[k].shape != v.shape:
-                self.shadow[k] = v.detach().clone().to(self.shadow[k].device)
-            else:
-                self.shadow[k].copy_(v)
-
-
-@contextlib.contextmanager
-def isolated_rng() -> Iterator[None]:
-    """Run a block without touching any global RNG stream (Python, numpy, torch CPU and CUDA)."""
-    state = capture_rng()
-    try:
-        yield
-    finally:
-        restore_rng(state)
-
-
-# ----------------------------------------------------------------------------
-# image panels
-
-
-def _to_unit(x: Tensor) -> Tensor:
-    return ((x.float().clamp(-1, 1) + 1) / 2).cpu()
-
-
-def window_panel(sources: dict[str, Tensor], prediction: Tensor, target: Tensor) -> Tensor:
-    """A (1, rows*H, 2*W) image in [0, 1]: one row per source, then the prediction and
-    the target; left the window's centre slice, right its MIP over the K slices."""
-    rows = []
-    for x in [*sources.values(), prediction, target]:
-        x = _to_unit(x)  # (K, H, W)
-        rows.append(torch.cat([x[x.shape[0] // 2], x.amax(0)], dim=1))
-    return torch.cat(rows, dim=0)[None]
-
-
-# ----------------------------------------------------------------------------
-# the trainer
-
-
-def _diff_configs(a: Any, b: Any, prefix: str = "") -> list[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        out = []
-        for k in sorted(set(a) | set(b), key=str):
-            out += _diff_configs(a.get(k), b.get(k), f"{prefix}{k}.")
-        return out
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        a, b = list(a), list(b)
-    return [] if a == b else [f"{prefix[:-1]}: stored {a!r} != given {b!r}"]
-
-
-def check_run_dir(run_dir: str | Path, cfg: TrainConfig, resume: bool) -> bool:
-    """Refuse to mix runs: returns True when ``run_dir`` already holds this run.
-
-    A stored config that differs (outside :data:`RUNTIME_KEYS`) raises; an
-    existing run with checkpoints and ``resume=False`` raises too.
-    """
-    p = run_paths(run_dir)
-    if not p.config.is_file():
-        return False
-    stored = load_yaml(TrainConfig, p.config)
-    a = {k: v for k, v in to_dict(stored).items() if k not in RUNTIME_KEYS}
-    b = {k: v for k, v in to_dict(cfg).items() if k not in RUNTIME_KEYS}
-    diff = _diff_configs(a, b)
-    if diff:
-        raise ConfigError(f"{run_dir} holds a run with a different config ({'; '.join(diff[:8])}). "
-                          "Use another --run-dir for a new run, or resume this one with its own config "
-                          f"(`mmdm train --config {p.config} --run-dir {run_dir} --resume`).")
-    has_ckpt = bool(CheckpointManager(p.checkpoints).steps()) or p.train_complete.is_file()
-    if has_ckpt and not resume:
-        raise ConfigError(f"{run_dir} already holds this run (checkpoints or train_complete.json). Pass --resume "
-                          "(resume=True) to continue it, or choose another --run-dir.")
-    return True
 
 
 class Trainer:
@@ -355,8 +91,6 @@ class Trainer:
             raise ConfigError("amp 'bf16' autocasts on CUDA only; this run is on the CPU. Set amp: none "
                               "(CPU training is fp32), or train on a GPU.")
         if cfg.deterministic:
-            import os
-
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True, warn_only=True)
             torch.backends.cudnn.benchmark = False
@@ -370,20 +104,19 @@ class Trainer:
             raise ConfigError(f"method '{cfg.method}' returned no optimiser groups")
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.grad_clip: dict[str, float | None] = {}
+        optim_configs = method_optim_configs(self.method)
         for name, params in self.groups.items():
-            oc = method_optim(self.method, name)
+            oc = optim_configs[name]
             self.optimizers[name] = torch.optim.Adam(params, lr=oc.lr, betas=tuple(oc.betas),
                                                      weight_decay=oc.weight_decay)
             self.grad_clip[name] = cfg.grad_clip if cfg.grad_clip is not None else oc.grad_clip
-        self.ema_cfg = cfg.ema if cfg.ema is not None else method_ema(self.method)
+        self.ema_cfg = cfg.ema if cfg.ema is not None else self.method.ema_config()
         self.ema = EMA(self.method, self.ema_cfg) if self.ema_cfg is not None else None
         seed = int(np.random.SeedSequence([cfg.seed, self.info.rank, 17]).generate_state(1)[0])
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.loss_module: nn.Module = _LossModule(self.method)
         if self.info.distributed:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            self.loss_module = DDP(self.loss_module, device_ids=[self.device.index] if self.device.type == "cuda"
+            self.loss_module = DistributedDataParallel(self.loss_module, device_ids=[self.device.index] if self.device.type == "cuda"
                                    else None, find_unused_parameters=len(self.groups) > 1)
         self.step = 0
         self.ckpt = CheckpointManager(self.paths.checkpoints, cfg.keep_last)
@@ -446,8 +179,6 @@ class Trainer:
     # -- data ---------------------------------------------------------------------
     def batches(self, start_step: int) -> Iterator[dict]:
         """Batches from ``start_step`` to the end, epoch by epoch (pure function of seed, epoch)."""
-        from torch.utils.data import DataLoader
-
         step = start_step
         while step < self.total_steps:
             epoch, pos = divmod(step, self.steps_per_epoch)
@@ -458,7 +189,7 @@ class Trainer:
             # (that draw would happen at a different point in a resumed run)
             loader_gen = torch.Generator().manual_seed(self.cfg.seed * 100003 + epoch)
             loader = DataLoader(self.dataset, batch_sampler=order, num_workers=self.cfg.num_workers,
-                                collate_fn=_collate, pin_memory=self.device.type == "cuda", generator=loader_gen)
+                                collate_fn=collate, pin_memory=self.device.type == "cuda", generator=loader_gen)
             for b in loader:
                 yield b
                 step += 1
@@ -471,7 +202,7 @@ class Trainer:
 
     def train_step(self, batch: dict) -> dict[str, Tensor]:
         """One optimiser step per group (see the module docstring); returns detached scalars."""
-        batch = _to_device(batch, self.device)
+        batch = to_device(batch, self.device)
         self.method.train()
         multi = len(self.optimizers) > 1
         logs: dict[str, Tensor] = {}
@@ -479,8 +210,7 @@ class Trainer:
             for o in self.optimizers.values():
                 o.zero_grad(set_to_none=True)
             with self._autocast():
-                losses = self.loss_module(batch, self.generator, name) if multi else \
-                    self.loss_module(batch, self.generator)
+                losses = self.loss_module(batch, self.generator, name)
             if "loss" not in losses:
                 raise KeyError(f"method '{self.cfg.method}'.training_losses returned {sorted(losses)}; it must "
                                "contain 'loss' (the scalar to back-propagate)")
@@ -518,7 +248,7 @@ class Trainer:
             ds = self._validation_dataset() or self.dataset
             first = ds.index[0][0]
             idx = [i for i, (s, _) in enumerate(ds.index) if s == first]
-            self._panel_batch = _collate([ds[idx[len(idx) // 2]]])
+            self._panel_batch = collate([ds[idx[len(idx) // 2]]])
         return self._panel_batch
 
     def _validation_dataset(self) -> WindowDataset | None:
@@ -534,7 +264,7 @@ class Trainer:
         """Source / prediction (``method.sample`` with ``image_steps`` steps) / target panel."""
         if self.writer is None:
             return
-        batch = _to_device(self._panel_source(), self.device)
+        batch = to_device(self._panel_source(), self.device)
         with isolated_rng():
             self.method.eval()
             gen = torch.Generator(device=self.device).manual_seed(self.cfg.seed)
@@ -544,7 +274,7 @@ class Trainer:
         self.writer.add_image("panel/sources_pred_target", panel, self.step)
 
     @torch.no_grad()
-    def validate(self) -> dict[str, float]:
+    def validation_losses(self) -> dict[str, float]:
         """Mean training losses on the first ``val_batches`` validation batches (fixed order and noise)."""
         ds = self._validation_dataset()
         if ds is None:
@@ -554,11 +284,11 @@ class Trainer:
         with isolated_rng():
             self.method.eval()
             gen = torch.Generator(device=self.device).manual_seed(self.cfg.seed)
-            kw = {"group": next(iter(self.optimizers))} if len(self.optimizers) > 1 else {}
+            group = next(iter(self.optimizers))
             for i in range(0, min(len(ds), self.cfg.val_batches * self.cfg.batch_size), self.cfg.batch_size):
-                b = _to_device(_collate([ds[j] for j in range(i, min(i + self.cfg.batch_size, len(ds)))]),
+                b = to_device(collate([ds[j] for j in range(i, min(i + self.cfg.batch_size, len(ds)))]),
                                self.device)
-                for k, v in self.method.training_losses(b, gen, **kw).items():
+                for k, v in self.method.training_losses(b, gen, group=group).items():
                     sums[k] = sums.get(k, 0.0) + float(v)
                 n += 1
             self.method.train()
@@ -594,15 +324,13 @@ class Trainer:
             del state
         start = self.step
         if main:
-            from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard import SummaryWriter  # lazy: tensorboard is heavy and only rank 0 logs
 
             start_session(p.root, profile=self.profile, seed=cfg.seed, device=self.device,
                           world_size=self.info.world_size, resumed_from_step=start)
             self.writer = SummaryWriter(str(p.tb), purge_step=start if start else None)
         bar = None
         if main and self.progress:
-            from tqdm.auto import tqdm
-
             bar = tqdm(total=self.total_steps, initial=start, desc=f"train {cfg.method}", unit="step",
                        dynamic_ncols=True)
         t0, n0 = time.time(), start
@@ -621,7 +349,7 @@ class Trainer:
                 if main and cfg.image_every and self.step % cfg.image_every == 0:
                     self.log_images()
                 if main and cfg.val_every and self.step % cfg.val_every == 0:
-                    self.validate()
+                    self.validation_losses()
                 if (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0) or self.step == self.total_steps:
                     if not self.last_losses:
                         self.last_losses = {k: float(v) for k, v in logs.items()}
@@ -656,16 +384,4 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = True, progress: 
         cleanup(info)
 
 
-def load_train_config(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
-    """Load a TrainConfig from YAML with optional nested overrides."""
-    cfg = load_yaml(TrainConfig, path)
-    if overrides:
-        from mmdm.config import replace
-
-        cfg = replace(cfg, overrides)
-    return cfg
-
-
-__all__ = ["EMA", "EMAConfig", "RUNTIME_KEYS", "TrainConfig", "Trainer", "build_method_from_config",
-           "check_run_dir", "epoch_batches", "load_train_config", "method_factory", "steps_per_epoch", "train",
-           "window_panel"]
+__all__ = ["EMAConfig", "TrainConfig", "Trainer", "train"]  # EMAConfig, TrainConfig: re-exported for callers

@@ -1,30 +1,30 @@
 """Synthesis methods behind one registry.
 
 ``build_method("mmdm", variant="full", sources=("T1w", "T2w"), config="small")``
-builds a method by name; each method module registers its factory in
-:data:`METHODS` when imported (import it below to make it available).
+builds a method by name. Each method class registers itself with
+``@register_method(name)`` (:mod:`mmdm.methods.base`, which holds
+:data:`METHODS`) when its module is imported; this package imports them all.
+A new method: a module here with a :class:`SynthesisMethod` subclass that
+declares ``config_class`` and ``named_configs``, plus one import line below.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from mmdm.registry import Registry
+from mmdm.methods import bbdm as _bbdm, ddpm as _ddpm, pix2pix as _pix2pix  # noqa: F401  (the Table 1 baselines)
+from mmdm.methods import rddm as _rddm, resvit as _resvit, unest as _unest  # noqa: F401
+from mmdm.methods.base import METHODS, Batch, OptimConfig, SynthesisMethod, register_method
+from mmdm.methods.mmdm import MMDM, VARIANTS, MMDMConfig, mmdm_config
 
-METHODS = Registry("method")
+#: MMDM's named configurations (``MMDM.named_configs``), kept under its former name.
+NAMED_CONFIGS = MMDM.named_configs
 
 
-def build_method(name: str, **kw: Any):
-    """Build the registered method ``name`` with its factory's keyword arguments."""
+def build_method(name: str, **kw: Any) -> SynthesisMethod:
+    """Build the registered method ``name`` with the keyword arguments of its class's
+    :meth:`~SynthesisMethod.make_config` (``config``, ``sources``, overrides; MMDM: ``variant``)."""
     return METHODS.get(name)(**kw)
-
-
-from mmdm.methods.base import Batch, OptimConfig, SynthesisMethod  # noqa: E402
-from mmdm.methods import mmdm as _mmdm  # noqa: E402,F401  (registers "mmdm")
-# The comparison methods of Table 1; each module registers itself on import.
-from mmdm.methods import bbdm as _bbdm, ddpm as _ddpm, pix2pix as _pix2pix  # noqa: E402,F401
-from mmdm.methods import rddm as _rddm, resvit as _resvit, unest as _unest  # noqa: E402,F401
-from mmdm.methods.mmdm import MMDM, NAMED_CONFIGS, VARIANTS, MMDMConfig, mmdm_config  # noqa: E402
 
 #: The paper's name of each registered method, in the order of its Table 1.
 DISPLAY_NAMES = {"pix2pix": "Pix2Pix", "ddpm": "DDPM", "resvit": "ResViT", "bbdm": "BBDM", "unest": "UNest",
@@ -55,5 +55,5 @@ def deviations_markdown() -> str:
     return "\n".join(lines)
 
 
-__all__ = ["DISPLAY_NAMES", "deviations_markdown", "method_deviations", "METHODS", "MMDM", "NAMED_CONFIGS", "VARIANTS", "Batch", "MMDMConfig", "OptimConfig",
-           "SynthesisMethod", "build_method", "mmdm_config"]
+__all__ = ["DISPLAY_NAMES", "deviations_markdown", "method_deviations", "METHODS", "MMDM", "NAMED_CONFIGS", "VARIANTS",
+           "Batch", "MMDMConfig", "OptimConfig", "SynthesisMethod", "build_method", "mmdm_config", "register_method"]

@@ -1,8 +1,17 @@
-"""The interface every synthesis method of the study implements.
+"""The interface every synthesis method of the study implements, and the method registry.
 
 A method is an ``nn.Module`` that turns a training batch into losses and
 source windows into a synthesised target window. The training engine, the
-evaluation code and the CLI only talk to this interface.
+evaluation code and the CLI only talk to this interface (:class:`SynthesisMethod`):
+``training_losses``, ``sample``, ``optimizer_groups``, ``optim_configs``,
+``ema_config``, ``log_scalars`` and the attributes ``sources``, ``window``,
+``spatial_multiple``; they never read a method's own config.
+
+A new method subclasses :class:`SynthesisMethod`, declares its config
+dataclass and named configurations once as class attributes
+(``config_class``, ``named_configs``) and registers with
+:func:`register_method`; :meth:`SynthesisMethod.build` is the one generic
+builder behind ``build_method(name, config=..., sources=..., **overrides)``.
 
 A batch is a dict::
 
@@ -13,45 +22,71 @@ with K adjacent axial slices (the 2.5D window) and intensities in [-1, 1].
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, ClassVar, Mapping, Sequence, TypeVar
 
 import torch
 from torch import Tensor, nn
 
 from mmdm.config import ConfigError, from_dict, replace
+from mmdm.nets.gating import ModalityGating
+from mmdm.optim import EMAConfig, OptimConfig
+from mmdm.registry import Registry
 
 Batch = dict  # {"sources": {modality: Tensor (B, K, H, W)}, "target": Tensor (B, K, H, W)}
+#: The optimiser group of a one-optimiser method; for any method, the losses of the whole model.
+MAIN = "main"
 
-
-@dataclass
-class OptimConfig:
-    """Optimiser settings of one method (Adam; defaults: the authors' MMDM code).
-
-    ``grad_clip``: maximum global gradient norm, or None for no clipping.
-    """
-
-    lr: float = 1e-4
-    betas: tuple[float, float] = (0.5, 0.999)
-    weight_decay: float = 0.0
-    grad_clip: float | None = None
+#: Registered method name -> factory ``(**kw) -> SynthesisMethod`` (see :func:`register_method`).
+METHODS: Registry[Callable[..., "SynthesisMethod"]] = Registry("method")
+M = TypeVar("M", bound=type)
 
 
 class SynthesisMethod(nn.Module):
-    """Base class: subclasses set ``name``, ``sources`` (and usually ``window``) and
-    implement :meth:`training_losses` and :meth:`sample`."""
+    """Base class: subclasses set ``sources`` (and usually ``window``) and implement
+    :meth:`training_losses` and :meth:`sample`; ``name`` is set by :func:`register_method`."""
 
     name: str = "method"
+    #: The method's config dataclass and its named configurations (e.g. ``paper``, ``small``).
+    config_class: ClassVar[type | None] = None
+    named_configs: ClassVar[dict[str, Callable[[], Any]]] = {}
     #: Source modality names this instance expects, in the order it uses them.
     sources: tuple[str, ...] = ()
     #: Slices per window K, or None if any K is accepted.
     window: int | None = None
     #: Height and width must be multiples of this (network down-sampling).
     spatial_multiple: int = 1
+    #: Sampling modes :attr:`sampling_mode` can take (MMDM: coupled, independent); empty: none.
+    sampling_modes: tuple[str, ...] = ()
 
-    def training_losses(self, batch: Batch, generator: torch.Generator | None = None) -> dict[str, Tensor]:
-        """Return ``{"loss": scalar to backpropagate, ...other scalars for logging}``."""
-        raise NotImplementedError(f"{type(self).__name__} must implement training_losses(batch, generator)")
+    @property
+    def sampling_mode(self) -> str | None:
+        """The current sampling mode, or None for a method with one way to sample."""
+        return None
+
+    @sampling_mode.setter
+    def sampling_mode(self, mode: str | None) -> None:
+        if mode is not None:
+            raise ValueError(f"{self.name} has one way to sample; it cannot switch to mode {mode!r}")
+
+    @classmethod
+    def make_config(cls, config: Any = "paper", sources: Sequence[str] | None = None, **overrides: Any) -> Any:
+        """The method's config: a name in :attr:`named_configs`, a ``config_class`` instance or
+        a dict, then ``sources`` and keyword ``overrides`` (:func:`assemble_config`)."""
+        if cls.config_class is None:
+            raise TypeError(f"{cls.__name__} declares no config_class")
+        return assemble_config(cls.config_class, cls.named_configs, config, sources, overrides,
+                               cls.__name__)
+
+    @classmethod
+    def build(cls, *args: Any, **kw: Any) -> "SynthesisMethod":
+        """The generic builder: ``cls(cls.make_config(*args, **kw))``."""
+        return cls(cls.make_config(*args, **kw))
+
+    def training_losses(self, batch: Batch, generator: torch.Generator | None = None,
+                        group: str = MAIN) -> dict[str, Tensor]:
+        """The losses of optimiser group ``group`` (a key of :meth:`optimizer_groups`; ``"main"``:
+        the whole model): ``{"loss": scalar to backpropagate, ...other scalars for logging}``."""
+        raise NotImplementedError(f"{type(self).__name__} must implement training_losses(batch, generator, group)")
 
     @torch.no_grad()
     def sample(self, sources: dict[str, Tensor], steps: int | None = None, eta: float | None = None,
@@ -66,8 +101,24 @@ class SynthesisMethod(nn.Module):
         return None
 
     def optimizer_groups(self) -> dict[str, list[nn.Parameter]]:
-        """Parameters per optimiser: ``{"main": all trainable parameters}`` (GANs override)."""
-        return {"main": [p for p in self.parameters() if p.requires_grad]}
+        """Parameters per optimiser: ``{"main": all trainable parameters}`` (GANs override).
+        The engine steps the groups in this order."""
+        return {MAIN: [p for p in self.parameters() if p.requires_grad]}
+
+    def optim_configs(self) -> dict[str, OptimConfig]:
+        """Optimiser settings keyed like :meth:`optimizer_groups` (default: Adam defaults for each)."""
+        return {g: OptimConfig() for g in self.optimizer_groups()}
+
+    def ema_config(self) -> EMAConfig | None:
+        """The weight average the engine keeps for this method by default (None: none)."""
+        return None
+
+    def check_group(self, group: str) -> None:
+        """Raise ``ValueError`` unless ``group`` is ``"main"`` or one of :meth:`optimizer_groups`."""
+        groups = list(self.optimizer_groups())
+        if group != MAIN and group not in groups:
+            raise ValueError(f"{self.name}: unknown optimiser group {group!r}; use one of "
+                             f"{sorted(set(groups) | {MAIN})}")
 
     def log_scalars(self) -> dict[str, float]:
         """Extra scalars to log after a training step (e.g. learned loss weights)."""
@@ -153,9 +204,7 @@ class GatedMethod(SynthesisMethod):
     (the paper's gating strategy, :mod:`mmdm.nets.gating`)."""
 
     def _setup_gated(self, cfg: Any) -> int:
-        """Validate ``cfg`` (fields sources, window, gating, unet), build the gating; returns K."""
-        from mmdm.nets.gating import ModalityGating
-
+        """Validate ``cfg`` (fields sources, window, gating, unet, optim, ema), build the gating; returns K."""
         cfg.validate()
         self.cfg = cfg
         self.sources = tuple(cfg.sources)
@@ -168,6 +217,28 @@ class GatedMethod(SynthesisMethod):
         """The gated source window (B, K, H, W)."""
         return self.gating(self.source_list(sources))
 
-    def check_group(self, group: str | None) -> None:
-        if group not in (None, "main"):
-            raise ValueError(f"{self.name} has one optimiser group 'main', got group={group!r}")
+    def optim_configs(self) -> dict[str, OptimConfig]:
+        """``{"main": cfg.optim}``."""
+        return {MAIN: self.cfg.optim}
+
+    def ema_config(self) -> EMAConfig | None:
+        """``cfg.ema`` (each baseline's official average)."""
+        return self.cfg.ema
+
+
+def register_method(name: str) -> Callable[[M], M]:
+    """Class decorator: register a :class:`SynthesisMethod` subclass as ``name`` (sets ``cls.name``);
+    its factory is the generic :meth:`SynthesisMethod.build`."""
+
+    def deco(cls: M) -> M:
+        cls.name = name
+
+        def factory(*args: Any, **kw: Any) -> SynthesisMethod:
+            return cls.build(*args, **kw)
+
+        factory.__module__, factory.__qualname__ = cls.__module__, f"{cls.__name__}.build"
+        factory.__doc__ = f"Build {cls.__name__}: ``build_method({name!r}, config=..., sources=..., **overrides)``."
+        METHODS.register(name)(factory)
+        return cls
+
+    return deco

@@ -31,7 +31,6 @@ combination of the sources, the endpoint cannot collapse to a constant.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -39,8 +38,8 @@ from torch import Tensor
 
 from mmdm.config import ConfigError
 from mmdm.diffusion import BridgeConfig, BrownianBridge, randn_like, sample_bridge
-from mmdm.methods import METHODS
-from mmdm.methods.base import Batch, GatedMethod, OptimConfig, assemble_config
+from mmdm.methods.base import MAIN, Batch, GatedMethod, OptimConfig, register_method
+from mmdm.optim import EMAConfig
 from mmdm.nets import TimeUNet, UNetConfig
 from mmdm.nets.gating import GatingConfig
 
@@ -73,7 +72,7 @@ class BBDMConfig:
     """Everything that defines one BBDM model (defaults: the official pixel-space template).
 
     ``ema``: the weight average the engine should keep (keys of
-    :class:`mmdm.engine.train.EMAConfig`: ``decay``, ``start_step``, ``every``)
+    :class:`mmdm.optim.EMAConfig`: ``decay``, ``start_step``, ``every``)
     or None. ``loss``: ``"l1"`` (official code) or ``"l2"`` (BBDM paper).
     """
 
@@ -84,7 +83,7 @@ class BBDMConfig:
                                                                 attention=True))
     gating: GatingConfig = field(default_factory=GatingConfig)
     loss: str = "l1"
-    ema: dict[str, Any] | None = field(default_factory=lambda: {"decay": 0.995, "start_step": 30000, "every": 8})
+    ema: EMAConfig | None = field(default_factory=lambda: EMAConfig(decay=0.995, start_step=30000, every=8))
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, betas=(0.9, 0.999)))
 
     def validate(self) -> None:
@@ -95,8 +94,8 @@ class BBDMConfig:
             raise ConfigError(f"BBDMConfig.window must be >= 1 slice, got {self.window}")
         if self.loss not in LOSSES:
             raise ConfigError(f"BBDMConfig.loss: unknown loss {self.loss!r}; use one of {LOSSES}")
-        if self.ema is not None and not 0.0 < float(self.ema.get("decay", 0.995)) < 1.0:
-            raise ConfigError(f"BBDMConfig.ema.decay must be in (0, 1), got {self.ema.get('decay')}")
+        if self.ema is not None:
+            self.ema.validate("BBDMConfig.ema")
         self.unet.validate()
 
 
@@ -112,25 +111,16 @@ def small_config() -> BBDMConfig:
         bridge=BridgeConfig(objective="grad", sample_steps=20, eta=1.0),
         unet=UNetConfig(base=16, mult=(1, 2, 4), num_res_blocks=1, attention=True),
         gating=GatingConfig(hidden=16),
-        ema={"decay": 0.995, "start_step": 100, "every": 1},
+        ema=EMAConfig(decay=0.995, start_step=100, every=1),
     )
 
 
-NAMED_CONFIGS = {"paper": paper_config, "small": small_config}
-
-
-def bbdm_config(config: str | BBDMConfig | dict = "paper", sources: tuple[str, ...] | list[str] | None = None,
-                **overrides: Any) -> BBDMConfig:
-    """Assemble a :class:`BBDMConfig` from a named configuration (``"paper"``,
-    ``"small"``), a config object or a dict; ``sources`` and keyword overrides
-    (nested dicts merge) are applied on top."""
-    return assemble_config(BBDMConfig, NAMED_CONFIGS, config, sources, overrides, "BBDM")
-
-
+@register_method("bbdm")
 class BBDM(GatedMethod):
     """Gated multi-modal input -> one Brownian bridge -> TOF-MRA window."""
 
-    name = "bbdm"
+    config_class = BBDMConfig
+    named_configs = {"paper": paper_config, "small": small_config}
 
     def __init__(self, cfg: BBDMConfig | None = None):
         super().__init__()
@@ -144,7 +134,7 @@ class BBDM(GatedMethod):
         return self.bridge.predict_x0(x_t, y, t, self.net(torch.cat([x_t, y], dim=1), t))
 
     def training_losses(self, batch: Batch, generator: torch.Generator | None = None,
-                        group: str | None = None) -> dict[str, Tensor]:
+                        group: str = MAIN) -> dict[str, Tensor]:
         """BBDM's loss: ``|| objective - net(cat(x_t, y), t) ||`` (L1 or L2; eq. (3) for "grad"),
         one uniform t per sample, ``x_t`` from eq. (1)."""
         self.check_group(group)
@@ -166,10 +156,6 @@ class BBDM(GatedMethod):
         b = self.cfg.bridge
         return f"Brownian bridge, '{b.objective}' prediction, {self.cfg.loss.upper()} loss, T = {b.num_timesteps}"
 
-    def optim_configs(self) -> dict[str, OptimConfig]:
-        """Optimiser settings keyed like :meth:`optimizer_groups`."""
-        return {"main": self.cfg.optim}
-
     @torch.no_grad()
     def sample(self, sources: dict[str, Tensor], steps: int | None = None, eta: float | None = None,
                generator: torch.Generator | None = None, progress: bool = False) -> Tensor:
@@ -182,11 +168,3 @@ class BBDM(GatedMethod):
     def extra_repr(self) -> str:
         return f"sources={list(self.sources)}, window={self.window}, loss={self.cfg.loss}"
 
-
-def build_bbdm(config: str | BBDMConfig | dict = "paper", sources: tuple[str, ...] | list[str] | None = None,
-               **overrides: Any) -> BBDM:
-    """Registry factory: ``build_method("bbdm", config="small", sources=("T1w", "T2w"))``."""
-    return BBDM(bbdm_config(config, sources, **overrides))
-
-
-METHODS.register("bbdm")(build_bbdm)

@@ -22,7 +22,6 @@ extension (e.g. SR3/Palette).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -31,8 +30,8 @@ from torch import Tensor
 from mmdm.config import ConfigError
 from mmdm.diffusion import randn_like
 from mmdm.diffusion.ddpm import GaussianConfig, GaussianDiffusion, sample_ddim
-from mmdm.methods import METHODS
-from mmdm.methods.base import Batch, GatedMethod, OptimConfig, assemble_config
+from mmdm.methods.base import MAIN, Batch, GatedMethod, OptimConfig, register_method
+from mmdm.optim import EMAConfig
 from mmdm.nets import TimeUNet, UNetConfig
 from mmdm.nets.gating import GatingConfig
 
@@ -57,7 +56,7 @@ class DDPMConfig:
     """Everything that defines one conditional DDPM (defaults: Ho et al. + the paper's sampling).
 
     ``ema``: the weight average the engine should keep (keys of
-    :class:`mmdm.engine.train.EMAConfig`) or None.
+    :class:`mmdm.optim.EMAConfig`) or None.
     """
 
     sources: tuple[str, ...] = ("T1w", "T2w", "FLAIR")
@@ -66,7 +65,7 @@ class DDPMConfig:
     unet: UNetConfig = field(default_factory=lambda: UNetConfig(base=128, mult=(1, 2, 2, 2), num_res_blocks=2,
                                                                 dropout=0.1, attention=True))
     gating: GatingConfig = field(default_factory=GatingConfig)
-    ema: dict[str, Any] | None = field(default_factory=lambda: {"decay": 0.9999, "start_step": 0, "every": 1})
+    ema: EMAConfig | None = field(default_factory=lambda: EMAConfig(decay=0.9999, start_step=0, every=1))
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, betas=(0.9, 0.999), grad_clip=1.0))
 
     def validate(self) -> None:
@@ -75,8 +74,8 @@ class DDPMConfig:
             raise ConfigError(f"DDPMConfig.sources: give one or more distinct modality names, got {list(self.sources)}")
         if self.window < 1:
             raise ConfigError(f"DDPMConfig.window must be >= 1 slice, got {self.window}")
-        if self.ema is not None and not 0.0 < float(self.ema.get("decay", 0.9999)) < 1.0:
-            raise ConfigError(f"DDPMConfig.ema.decay must be in (0, 1), got {self.ema.get('decay')}")
+        if self.ema is not None:
+            self.ema.validate("DDPMConfig.ema")
         self.unet.validate()
 
 
@@ -92,25 +91,16 @@ def small_config() -> DDPMConfig:
         diffusion=GaussianConfig(sample_steps=20),
         unet=UNetConfig(base=16, mult=(1, 2, 2), num_res_blocks=1, dropout=0.0, attention=True),
         gating=GatingConfig(hidden=16),
-        ema={"decay": 0.995, "start_step": 100, "every": 1},
+        ema=EMAConfig(decay=0.995, start_step=100, every=1),
     )
 
 
-NAMED_CONFIGS = {"paper": paper_config, "small": small_config}
-
-
-def ddpm_config(config: str | DDPMConfig | dict = "paper", sources: tuple[str, ...] | list[str] | None = None,
-                **overrides: Any) -> DDPMConfig:
-    """Assemble a :class:`DDPMConfig` from a named configuration (``"paper"``,
-    ``"small"``), a config object or a dict; ``sources`` and keyword overrides
-    (nested dicts merge) are applied on top."""
-    return assemble_config(DDPMConfig, NAMED_CONFIGS, config, sources, overrides, "DDPM")
-
-
+@register_method("ddpm")
 class DDPM(GatedMethod):
     """Gated multi-modal condition -> eps-prediction UNet -> DDIM from noise."""
 
-    name = "ddpm"
+    config_class = DDPMConfig
+    named_configs = {"paper": paper_config, "small": small_config}
 
     def __init__(self, cfg: DDPMConfig | None = None):
         super().__init__()
@@ -124,7 +114,7 @@ class DDPM(GatedMethod):
         return self.net(torch.cat([x_t, cond], dim=1), t)
 
     def training_losses(self, batch: Batch, generator: torch.Generator | None = None,
-                        group: str | None = None) -> dict[str, Tensor]:
+                        group: str = MAIN) -> dict[str, Tensor]:
         """Ho et al.'s L_simple: ``|| eps - eps_theta(sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, c, t) ||^2``,
         one uniform t per sample."""
         self.check_group(group)
@@ -144,10 +134,6 @@ class DDPM(GatedMethod):
         """The objective in one line (the run record keeps it)."""
         return f"eps prediction, MSE (L_simple), T = {self.cfg.diffusion.num_timesteps}"
 
-    def optim_configs(self) -> dict[str, OptimConfig]:
-        """Optimiser settings keyed like :meth:`optimizer_groups`."""
-        return {"main": self.cfg.optim}
-
     @torch.no_grad()
     def sample(self, sources: dict[str, Tensor], steps: int | None = None, eta: float | None = None,
                generator: torch.Generator | None = None, progress: bool = False) -> Tensor:
@@ -161,11 +147,3 @@ class DDPM(GatedMethod):
     def extra_repr(self) -> str:
         return f"sources={list(self.sources)}, window={self.window}"
 
-
-def build_ddpm(config: str | DDPMConfig | dict = "paper", sources: tuple[str, ...] | list[str] | None = None,
-               **overrides: Any) -> DDPM:
-    """Registry factory: ``build_method("ddpm", config="small", sources=("T1w", "T2w"))``."""
-    return DDPM(ddpm_config(config, sources, **overrides))
-
-
-METHODS.register("ddpm")(build_ddpm)

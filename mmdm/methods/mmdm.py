@@ -33,7 +33,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -41,8 +41,7 @@ from torch import Tensor, nn
 from mmdm.config import ConfigError
 from mmdm.diffusion import SAMPLING_MODES, BridgeConfig, BrownianBridge, randn_like, sample_multibranch
 from mmdm.losses import NAWS, hybrid_loss
-from mmdm.methods import METHODS
-from mmdm.methods.base import Batch, OptimConfig, SynthesisMethod, assemble_config
+from mmdm.methods.base import MAIN, Batch, OptimConfig, SynthesisMethod, register_method
 from mmdm.nets import (
     CrossModalFusion,
     FusionConfig,
@@ -228,29 +227,37 @@ NAMED_CONFIGS = {"paper": paper_config, "small": small_config, "depthwise": dept
 
 def mmdm_config(variant: str | None = None, config: str | MMDMConfig | dict = "paper",
                 sources: tuple[str, ...] | list[str] | None = None, **overrides: Any) -> MMDMConfig:
-    """Assemble an :class:`MMDMConfig`.
-
-    ``config``: a named configuration (``"paper"``, ``"small"``), a config
-    object or a plain dict (e.g. loaded from YAML). ``variant`` sets
-    ``use_mip``/``use_naws`` (default: ``"full"`` for a named config; a given
-    object or dict keeps its flags). ``sources`` selects the modalities
-    (Table 3); further keyword arguments override fields (nested dicts merge).
-    """
-    if isinstance(config, str):
-        variant = variant or "full"
-    elif isinstance(config, dict):
-        config = legacy_config_dict(config)
-    if variant is not None:
-        if variant not in VARIANTS:
-            raise ConfigError(f"unknown MMDM variant {variant!r}; known: {', '.join(VARIANTS)}")
-        overrides = {**overrides, "use_mip": VARIANTS[variant][0], "use_naws": VARIANTS[variant][1]}
-    return assemble_config(MMDMConfig, NAMED_CONFIGS, config, sources, overrides, "MMDM")
+    """Assemble an :class:`MMDMConfig` (:meth:`MMDM.make_config` with ``variant`` first)."""
+    return MMDM.make_config(config, sources, variant=variant, **overrides)
 
 
+@register_method("mmdm")
 class MMDM(SynthesisMethod):
     """The multi-modal diffusion model of the paper (Fig. 1) with all ablation switches."""
 
-    name = "mmdm"
+    config_class = MMDMConfig
+    named_configs = NAMED_CONFIGS
+
+    @classmethod
+    def make_config(cls, config: str | MMDMConfig | dict = "paper", sources: Sequence[str] | None = None,
+                    variant: str | None = None, **overrides: Any) -> MMDMConfig:
+        """Assemble an :class:`MMDMConfig`.
+
+        ``config``: a named configuration (``"paper"``, ``"small"``), a config
+        object or a plain dict (e.g. loaded from YAML). ``variant`` sets
+        ``use_mip``/``use_naws`` (default: ``"full"`` for a named config; a given
+        object or dict keeps its flags). ``sources`` selects the modalities
+        (Table 3); further keyword arguments override fields (nested dicts merge).
+        """
+        if isinstance(config, str):
+            variant = variant or "full"
+        elif isinstance(config, dict):
+            config = legacy_config_dict(config)
+        if variant is not None:
+            if variant not in VARIANTS:
+                raise ConfigError(f"unknown MMDM variant {variant!r}; known: {', '.join(VARIANTS)}")
+            overrides = {**overrides, "use_mip": VARIANTS[variant][0], "use_naws": VARIANTS[variant][1]}
+        return super().make_config(config, sources, **overrides)
 
     def __init__(self, cfg: MMDMConfig | None = None):
         super().__init__()
@@ -275,6 +282,8 @@ class MMDM(SynthesisMethod):
         self.spatial_multiple = math.lcm(2 ** (len(bc.mult) - 1), 2 ** (len(cfg.fusion.unet.mult) - 1))
         self._last: dict[str, Tensor] = {}
 
+    sampling_modes = SAMPLING_MODES
+
     @property
     def variant(self) -> str:
         return self.cfg.variant
@@ -286,19 +295,32 @@ class MMDM(SynthesisMethod):
         total = "NAWS-weighted (eq. 11)" if c.use_naws else "summed"
         return f"Brownian bridge per source, '{c.bridge.objective}' -> x0; {loss} on fused and branch x0, {total}"
 
+    @property
+    def sampling_mode(self) -> str:
+        """``cfg.sampling``: ``"coupled"`` (the paper, Fig. 1b) or ``"independent"``."""
+        return self.cfg.sampling
+
+    @sampling_mode.setter
+    def sampling_mode(self, mode: str) -> None:
+        if mode not in SAMPLING_MODES:
+            raise ValueError(f"unknown MMDM sampling mode {mode!r}; use one of {SAMPLING_MODES}")
+        self.cfg.sampling = mode
+
     def branch_x0(self, modality: str, x_t: Tensor, y: Tensor, t: Tensor) -> Tensor:
         """``x0_hat^m`` of one branch: network output -> x0 (``x^m - eps_theta^m`` for "ysubx")."""
         out = self.branches[modality](torch.cat([x_t, y], dim=1), t)
         return self.bridge.predict_x0(x_t, y, t, out)
 
-    def training_losses(self, batch: Batch, generator: torch.Generator | None = None) -> dict[str, Tensor]:
-        """One training step's losses (Fig. 1a).
+    def training_losses(self, batch: Batch, generator: torch.Generator | None = None,
+                        group: str = MAIN) -> dict[str, Tensor]:
+        """One training step's losses (Fig. 1a); MMDM has one optimiser group, ``"main"``.
 
         One t per sample uniform over [0, T); ``x_t^m`` from eq. (1) with one
         shared noise tensor (or one per branch); ``x0_hat^m`` from each branch,
         ``x0_hat`` from the fusion (eq. (4)); per prediction the hybrid loss
         (eq. (7)) or the MSE; total by NAWS (eq. (11)) or the plain sum.
         """
+        self.check_group(group)
         x0, ys = self.check_batch(batch)
         cfg = self.cfg
         t = self.bridge.sample_timesteps(x0.shape[0], x0.device, generator)
@@ -329,6 +351,10 @@ class MMDM(SynthesisMethod):
         out["mse_fused"] = (fused.detach() - x0).pow(2).mean()
         return out
 
+    def optim_configs(self) -> dict[str, OptimConfig]:
+        """``{"main": cfg.optim}`` (the authors': Adam lr 1e-4, betas (0.5, 0.999))."""
+        return {MAIN: self.cfg.optim}
+
     def log_scalars(self) -> dict[str, float]:
         """NAWS weights ``1/(2 a_i)``, ``C`` and ``sigma_i^2 = p_i^2`` of the last training step."""
         return {k: float(v) for k, v in self._last.items()}
@@ -350,11 +376,3 @@ class MMDM(SynthesisMethod):
     def extra_repr(self) -> str:
         return f"variant={self.variant}, sources={list(self.sources)}, window={self.window}"
 
-
-def build_mmdm(variant: str | None = None, config: str | MMDMConfig | dict = "paper",
-               sources: tuple[str, ...] | list[str] | None = None, **overrides: Any) -> MMDM:
-    """Registry factory: ``build_method("mmdm", variant="full", sources=("T1w", "T2w"), config="small")``."""
-    return MMDM(mmdm_config(variant, config, sources, **overrides))
-
-
-METHODS.register("mmdm")(build_mmdm)

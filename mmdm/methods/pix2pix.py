@@ -31,8 +31,7 @@ from torch import Tensor, nn
 
 from mmdm.config import ConfigError
 from mmdm.losses.adversarial import check_gan_mode, discriminator_loss, generator_adversarial_loss
-from mmdm.methods import METHODS
-from mmdm.methods.base import Batch, OptimConfig, SynthesisMethod, assemble_config
+from mmdm.methods.base import MAIN, Batch, OptimConfig, SynthesisMethod, register_method
 from mmdm.nets.gating import GatingConfig, ModalityGating
 from mmdm.nets.patchgan import PatchGAN, PatchGANConfig
 from mmdm.nets.pix2pix_unet import Pix2PixUNet, Pix2PixUNetConfig
@@ -117,14 +116,8 @@ class ConditionalGAN(SynthesisMethod):
                 "generator": self.generator_parameters()}
 
     def optim_configs(self) -> dict[str, OptimConfig]:
-        """Optimiser settings keyed like :meth:`optimizer_groups`."""
+        """Optimiser settings keyed like :meth:`optimizer_groups`: ``cfg.optim_d`` (D), ``cfg.optim`` (G)."""
         return {"discriminator": self.cfg.optim_d, "generator": self.cfg.optim}
-
-    def optim_config(self, group: str) -> OptimConfig:
-        configs = self.optim_configs()
-        if group not in configs:
-            raise KeyError(f"{self.name}: no optimiser group {group!r}; the groups are {list(configs)}")
-        return configs[group]
 
     # -- losses ---------------------------------------------------------------
     def _g_signature(self) -> tuple[int, ...]:
@@ -158,16 +151,17 @@ class ConditionalGAN(SynthesisMethod):
         return out
 
     def training_losses(self, batch: Batch, generator: torch.Generator | None = None,
-                        group: str | None = None) -> dict[str, Tensor]:
+                        group: str = MAIN) -> dict[str, Tensor]:
         """Losses of one optimiser group (``generator``, the RNG, is unused: GANs draw no noise).
 
         * ``"discriminator"``: ``(GAN(D(c, x0), real) + GAN(D(c, G(c)), fake)) / 2`` on the
           detached fake; also logs the L1 of the fake.
         * ``"generator"``: ``GAN(D(c, G(c)), real) + lambda_L1 * |G(c) - x0|_1`` + extras.
-        * ``None``: the generator losses, plus ``loss_d`` for logging (no graph through D).
+        * ``"main"`` (the whole model; no optimiser steps it): the generator losses, plus ``loss_d``
+          for logging (no graph through D).
         """
-        if group not in (None, *GROUPS):
-            raise ValueError(f"{self.name}: unknown optimiser group {group!r}; use one of {GROUPS} or None")
+        if group not in (MAIN, *GROUPS):
+            raise ValueError(f"{self.name}: unknown optimiser group {group!r}; use one of {GROUPS} or {MAIN!r}")
         target, ys = self.check_batch(batch)
         if group == "discriminator":
             fake, cond, extras = self._generate_for(batch, ys, target, reuse=False)
@@ -179,7 +173,7 @@ class ConditionalGAN(SynthesisMethod):
             return out
         fake, cond, extras = self._generate_for(batch, ys, target, reuse=group == "generator")
         out = self._g_loss(cond, fake, target, extras)
-        if group is None:
+        if group == MAIN:
             with torch.no_grad():
                 out["loss_d"] = self._d_loss(cond, fake, target, extras)["loss"]
         return out
@@ -258,19 +252,12 @@ def small_config() -> Pix2PixConfig:
     return cfg
 
 
-NAMED_CONFIGS = {"paper": paper_config, "small": small_config}
-
-
-def pix2pix_config(config: str | Pix2PixConfig | dict = "paper", sources: tuple[str, ...] | list[str] | None = None,
-                   **overrides: Any) -> Pix2PixConfig:
-    """Assemble a :class:`Pix2PixConfig` from a named config / object / dict, ``sources`` and overrides."""
-    return assemble_config(Pix2PixConfig, NAMED_CONFIGS, config, sources, overrides, "Pix2Pix")
-
-
+@register_method("pix2pix")
 class Pix2Pix(ConditionalGAN):
     """Gated sources -> U-Net -> K-slice TOF-MRA window; conditional PatchGAN on (gated sources, output)."""
 
-    name = "pix2pix"
+    config_class = Pix2PixConfig
+    named_configs = {"paper": paper_config, "small": small_config}
 
     def __init__(self, cfg: Pix2PixConfig | None = None):
         super().__init__()
@@ -288,11 +275,3 @@ class Pix2Pix(ConditionalGAN):
         cond = self.gating(ys)
         return self.net(cond), cond, {}
 
-
-def build_pix2pix(config: str | Pix2PixConfig | dict = "paper", sources: tuple[str, ...] | list[str] | None = None,
-                  **overrides: Any) -> Pix2Pix:
-    """Registry factory: ``build_method("pix2pix", config="small", sources=("T1w", "T2w"))``."""
-    return Pix2Pix(pix2pix_config(config, sources, **overrides))
-
-
-METHODS.register("pix2pix")(build_pix2pix)

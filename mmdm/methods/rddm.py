@@ -26,7 +26,6 @@ every 10 steps (after step 100); sampling with eta = 0 and 5-10 steps.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -35,8 +34,8 @@ from torch import Tensor, nn
 from mmdm.config import ConfigError
 from mmdm.diffusion import randn_like
 from mmdm.diffusion.rddm import ResidualConfig, ResidualDiffusion, sample_residual
-from mmdm.methods import METHODS
-from mmdm.methods.base import Batch, GatedMethod, OptimConfig, assemble_config
+from mmdm.methods.base import MAIN, Batch, GatedMethod, OptimConfig, register_method
+from mmdm.optim import EMAConfig
 from mmdm.nets import TimeUNet, UNetConfig
 from mmdm.nets.gating import GatingConfig
 
@@ -94,7 +93,7 @@ class RDDMConfig:
     ``separate_networks``: two UNets for residual and noise (official) or one
     UNet with two output halves. ``loss``: per-output loss, summed.
     ``ema``: the weight average the engine should keep (keys of
-    :class:`mmdm.engine.train.EMAConfig`) or None.
+    :class:`mmdm.optim.EMAConfig`) or None.
     """
 
     sources: tuple[str, ...] = ("T1w", "T2w", "FLAIR")
@@ -105,7 +104,7 @@ class RDDMConfig:
     separate_networks: bool = True
     gating: GatingConfig = field(default_factory=GatingConfig)
     loss: str = "l1"
-    ema: dict[str, Any] | None = field(default_factory=lambda: {"decay": 0.995, "start_step": 100, "every": 10})
+    ema: EMAConfig | None = field(default_factory=lambda: EMAConfig(decay=0.995, start_step=100, every=10))
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, betas=(0.9, 0.99), grad_clip=1.0))
 
     def validate(self) -> None:
@@ -116,8 +115,8 @@ class RDDMConfig:
             raise ConfigError(f"RDDMConfig.window must be >= 1 slice, got {self.window}")
         if self.loss not in LOSSES:
             raise ConfigError(f"RDDMConfig.loss: unknown loss {self.loss!r}; use one of {LOSSES}")
-        if self.ema is not None and not 0.0 < float(self.ema.get("decay", 0.995)) < 1.0:
-            raise ConfigError(f"RDDMConfig.ema.decay must be in (0, 1), got {self.ema.get('decay')}")
+        if self.ema is not None:
+            self.ema.validate("RDDMConfig.ema")
         self.unet.validate()
 
 
@@ -134,25 +133,16 @@ def small_config() -> RDDMConfig:
         unet=UNetConfig(base=16, mult=(1, 2, 4), num_res_blocks=1, attention=True),
         separate_networks=False,
         gating=GatingConfig(hidden=16),
-        ema={"decay": 0.995, "start_step": 100, "every": 1},
+        ema=EMAConfig(decay=0.995, start_step=100, every=1),
     )
 
 
-NAMED_CONFIGS = {"paper": paper_config, "small": small_config}
-
-
-def rddm_config(config: str | RDDMConfig | dict = "paper", sources: tuple[str, ...] | list[str] | None = None,
-                **overrides: Any) -> RDDMConfig:
-    """Assemble an :class:`RDDMConfig` from a named configuration (``"paper"``,
-    ``"small"``), a config object or a dict; ``sources`` and keyword overrides
-    (nested dicts merge) are applied on top."""
-    return assemble_config(RDDMConfig, NAMED_CONFIGS, config, sources, overrides, "RDDM")
-
-
+@register_method("rddm")
 class RDDM(GatedMethod):
     """Gated multi-modal input -> residual + noise diffusion -> TOF-MRA window."""
 
-    name = "rddm"
+    config_class = RDDMConfig
+    named_configs = {"paper": paper_config, "small": small_config}
 
     def __init__(self, cfg: RDDMConfig | None = None):
         super().__init__()
@@ -167,7 +157,7 @@ class RDDM(GatedMethod):
         return out[:, :self.window], out[:, self.window:]
 
     def training_losses(self, batch: Batch, generator: torch.Generator | None = None,
-                        group: str | None = None) -> dict[str, Tensor]:
+                        group: str = MAIN) -> dict[str, Tensor]:
         """``loss(res_hat, I_in - I_0) + loss(eps_hat, eps)`` at one uniform t per sample."""
         self.check_group(group)
         x0, _ = self.check_batch(batch)
@@ -191,10 +181,6 @@ class RDDM(GatedMethod):
         return (f"residual + noise prediction ({nets}), {self.cfg.loss.upper()} on each, "
                 f"T = {self.cfg.diffusion.num_timesteps}")
 
-    def optim_configs(self) -> dict[str, OptimConfig]:
-        """Optimiser settings keyed like :meth:`optimizer_groups`."""
-        return {"main": self.cfg.optim}
-
     @torch.no_grad()
     def sample(self, sources: dict[str, Tensor], steps: int | None = None, eta: float | None = None,
                generator: torch.Generator | None = None, progress: bool = False) -> Tensor:
@@ -207,11 +193,3 @@ class RDDM(GatedMethod):
     def extra_repr(self) -> str:
         return f"sources={list(self.sources)}, window={self.window}, separate_networks={self.cfg.separate_networks}"
 
-
-def build_rddm(config: str | RDDMConfig | dict = "paper", sources: tuple[str, ...] | list[str] | None = None,
-               **overrides: Any) -> RDDM:
-    """Registry factory: ``build_method("rddm", config="small", sources=("T1w", "T2w"))``."""
-    return RDDM(rddm_config(config, sources, **overrides))
-
-
-METHODS.register("rddm")(build_rddm)

@@ -18,15 +18,12 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import Tensor
 
 from mmdm.config import ConfigError
-from mmdm.methods import METHODS
-from mmdm.methods.base import OptimConfig
-from mmdm.methods.base import assemble_config
+from mmdm.methods.base import OptimConfig, register_method
 from mmdm.methods.pix2pix import ConditionalGAN, validate_gan_fields
 from mmdm.nets.patchgan import PatchGAN, PatchGANConfig
 from mmdm.nets.resvit import ResViTGenerator, ResViTNetConfig
@@ -83,19 +80,12 @@ def small_config() -> ResViTConfig:
     return cfg
 
 
-NAMED_CONFIGS = {"paper": paper_config, "small": small_config}
-
-
-def resvit_config(config: str | ResViTConfig | dict = "paper", sources: tuple[str, ...] | list[str] | None = None,
-                  **overrides: Any) -> ResViTConfig:
-    """Assemble a :class:`ResViTConfig` from a named config / object / dict, ``sources`` and overrides."""
-    return assemble_config(ResViTConfig, NAMED_CONFIGS, config, sources, overrides, "ResViT")
-
-
+@register_method("resvit")
 class ResViT(ConditionalGAN):
     """cat(all source windows) -> ResViT generator -> K-slice window; PatchGAN on (sources, output)."""
 
-    name = "resvit"
+    config_class = ResViTConfig
+    named_configs = {"paper": paper_config, "small": small_config}
     spatial_multiple = ResViTGenerator.spatial_multiple
 
     def __init__(self, cfg: ResViTConfig | None = None):
@@ -113,11 +103,3 @@ class ResViT(ConditionalGAN):
         cond = torch.cat(ys, dim=1)
         return self.net(cond), cond, {}
 
-
-def build_resvit(config: str | ResViTConfig | dict = "paper", sources: tuple[str, ...] | list[str] | None = None,
-                 **overrides: Any) -> ResViT:
-    """Registry factory: ``build_method("resvit", config="small", sources=("T1w", "T2w"))``."""
-    return ResViT(resvit_config(config, sources, **overrides))
-
-
-METHODS.register("resvit")(build_resvit)

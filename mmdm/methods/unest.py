@@ -54,9 +54,7 @@ from torch import Tensor, nn
 
 from mmdm.config import ConfigError, replace
 from mmdm.losses.adversarial import discriminator_loss, generator_adversarial_loss
-from mmdm.methods import METHODS
-from mmdm.methods.base import OptimConfig
-from mmdm.methods.base import assemble_config
+from mmdm.methods.base import MAIN, OptimConfig, assemble_config, register_method
 from mmdm.methods.pix2pix import ConditionalGAN, validate_gan_fields
 from mmdm.nets.gating import GatingConfig, ModalityGating
 from mmdm.nets.patchgan import PatchGAN, PatchGANConfig
@@ -260,6 +258,7 @@ class ImagePool(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
+@register_method("unest")
 class UNest(ConditionalGAN):
     """Gated sources -> structural-attention UNETR -> K-slice window (+ foreground mask logits).
 
@@ -268,7 +267,15 @@ class UNest(ConditionalGAN):
     windows. Paired variant: ``net`` and one conditional ``discriminator``.
     """
 
-    name = "unest"
+    config_class = UNestConfig
+    named_configs = NAMED_CONFIGS
+
+    @classmethod
+    def make_config(cls, config: str | UNestConfig | dict = "paper", sources: tuple[str, ...] | list[str] | None = None,
+                    variant: str | None = None, **overrides: Any) -> UNestConfig:
+        """:func:`unest_config`: ``build_method("unest", config="small", variant="paired")``; no variant
+        (or ``"unpaired"``) is the published unpaired objective."""
+        return unest_config(config, sources, variant, **overrides)
 
     def __init__(self, cfg: UNestConfig | None = None):
         super().__init__()
@@ -382,7 +389,7 @@ class UNest(ConditionalGAN):
         return out
 
     def training_losses(self, batch, generator: torch.Generator | None = None,
-                        group: str | None = None) -> dict[str, Tensor]:
+                        group: str = MAIN) -> dict[str, Tensor]:
         """See :meth:`ConditionalGAN.training_losses`; ``generator`` draws the image pools' choices."""
         self._rng = generator
         try:
@@ -397,12 +404,3 @@ class UNest(ConditionalGAN):
         cond = self.gating(self.source_list(sources))
         return torch.sigmoid(self.net.mask_head(self.net.patch_embed(cond)))
 
-
-def build_unest(config: str | UNestConfig | dict = "paper", sources: tuple[str, ...] | list[str] | None = None,
-                variant: str | None = None, **overrides: Any) -> UNest:
-    """Registry factory: ``build_method("unest", config="small", variant="paired")``; no variant
-    (or ``"unpaired"``) is the published unpaired objective."""
-    return UNest(unest_config(config, sources, variant, **overrides))
-
-
-METHODS.register("unest")(build_unest)

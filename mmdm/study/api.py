@@ -6,14 +6,24 @@ runs in ``runs/<profile>/<run>``, records in ``results/<profile>/<run>``.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Sequence
 
 from mmdm.config import ConfigError
 from mmdm.data.dataset import DataConfig
+from mmdm.data.layout import DatasetError, Layout
+from mmdm.data.phantom import ensure_cohort
+from mmdm.engine.evaluate import evaluate_run
+from mmdm.engine.rundir import is_finished, run_paths, run_status
+from mmdm.engine.spec import TrainConfig
+from mmdm.engine.train import train
+from mmdm.io import write_text
 from mmdm.paths import project_path
 from mmdm.study.profiles import StudyProfile, get_profile
-from mmdm.study.runs import RunSpec, run_name
+from mmdm.study.records import export_record, record_complete
+from mmdm.study.runs import REFERENCE_RUN, RunSpec, run_name
+from mmdm.study.vessel_eval import cohort_segmentation, vessel_metrics
 
 
 def runs_dir(profile: StudyProfile | str) -> Path:
@@ -32,9 +42,6 @@ def analysis_dir(profile: StudyProfile | str) -> Path:
 def analysis_target(profile: StudyProfile, analysis: str, log=print) -> tuple[Path, Path | None]:
     """(record folder of ``analysis``, MMDM full's run folder to analyse, or None when the record
     is complete or no trained model is here -- said in ``log``)."""
-    from mmdm.engine.runs import run_paths
-    from mmdm.study.runs import REFERENCE_RUN
-
     out = analysis_dir(profile) / analysis
     if (out / "summary.json").is_file():
         log(f"[skip] {analysis}: record complete ({out})")
@@ -72,8 +79,6 @@ def make_spec(method: str, variant: str | None, sources: str | Sequence[str] | N
 
 def train_config(spec: RunSpec, profile: StudyProfile, seed: int = 0, device: str | None = None):
     """The engine's TrainConfig of one run under ``profile``."""
-    from mmdm.engine.train import TrainConfig
-
     sources = tuple(spec.sources or profile.sources)
     kw = spec.method_kwargs(profile.method_config, profile.sources)
     kw.update(profile.method_overrides.get(spec.method, {}))
@@ -86,13 +91,9 @@ def train_config(spec: RunSpec, profile: StudyProfile, seed: int = 0, device: st
 
 def ensure_data(profile: StudyProfile | str, progress: bool = True) -> Path:
     """The profile's dataset: the phantom cohort is built if missing; another dataset must exist."""
-    from mmdm.data.layout import DatasetError
-
     profile = get_profile(profile)
     root = project_path(profile.data_dir)
     if profile.dataset == "phantom":
-        from mmdm.data.phantom import ensure_cohort
-
         return ensure_cohort(root, profile.cohort, n_subjects=profile.cohort_subjects,
                              resolution=profile.cohort_resolution, progress=progress)
     if not (root / "splits.json").is_file():
@@ -104,9 +105,6 @@ def ensure_data(profile: StudyProfile | str, progress: bool = True) -> Path:
 def train_study_run(spec: RunSpec, profile: StudyProfile | str, seed: int = 0, device: str | None = None,
                     run_dir: str | Path | None = None, progress: bool = True) -> Path:
     """Train (or resume, or skip if trained) one run of the study."""
-    from mmdm.engine.runs import run_status
-    from mmdm.engine.train import train
-
     profile = get_profile(profile)
     ensure_data(profile, progress=progress)
     run_dir = Path(run_dir) if run_dir else runs_dir(profile) / spec.name
@@ -121,10 +119,6 @@ def evaluate_study_run(spec: RunSpec, profile: StudyProfile | str, device: str |
                        run_dir: str | Path | None = None, record_dir: str | Path | None = None,
                        progress: bool = True) -> Path:
     """Evaluate a trained run on the test split with the profile's settings and export its record."""
-    from mmdm.data.layout import Layout
-    from mmdm.engine.runs import evaluate_run, is_finished
-    from mmdm.study.records import export_record, record_complete
-
     profile = get_profile(profile)
     run_dir = Path(run_dir) if run_dir else runs_dir(profile) / spec.name
     record_dir = Path(record_dir) if record_dir else results_dir(profile) / spec.name
@@ -136,11 +130,6 @@ def evaluate_study_run(spec: RunSpec, profile: StudyProfile | str, device: str |
                      device=device or profile.device, progress=progress)
     vessel_csv = run_dir / "vessel_metrics.csv"
     if not vessel_csv.is_file():
-        import json
-
-        from mmdm.io import write_text
-        from mmdm.study.vessel_eval import cohort_segmentation, vessel_metrics
-
         seg = cohort_segmentation(project_path(profile.data_dir), results_dir(profile) / "vessel_segmentation.yaml")
         subjects = json.loads((run_dir / "summary.json").read_text())["subjects"]
         table = vessel_metrics(run_dir, project_path(profile.data_dir), seg, subjects)

@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 
+from mmdm.study.profiles import PROFILES
+from mmdm.study.runner import build_book, run_study
+
 
 def _cmd_study(args: argparse.Namespace) -> int:
-    from mmdm.study.runner import build_book, run_study
-
     if args.book_only:
         build_book()
         return 0
@@ -27,8 +28,6 @@ def _cmd_study(args: argparse.Namespace) -> int:
 
 
 def add_study_parser(subparsers) -> argparse.ArgumentParser:
-    from mmdm.study.profiles import PROFILES
-
     profiles = "\n".join(f"  {p.name:9s} {p.description}" for p in PROFILES.values())
     p = subparsers.add_parser(
         "study", help="run the whole study (13 trainings, evaluation, notebooks, book) for a profile",

@@ -28,8 +28,23 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import pandas as pd
+import torch
+from tqdm.auto import tqdm
 
-from mmdm.io import write_json, write_text
+from mmdm.data.layout import Layout
+from mmdm.data.volumes import NormConfig
+from mmdm.engine.distributed import resolve_device
+from mmdm.engine.infer import load_run_method, subject_sources, synthesize_volume
+from mmdm.engine.rundir import RecordWriter
+from mmdm.io import write_text
+from mmdm.methods.base import SynthesisMethod
+from mmdm.metrics import evaluate_volumes
+from mmdm.paths import project_path, repo_root
+from mmdm.study.api import analysis_target, results_dir
+from mmdm.study.profiles import get_profile
+from mmdm.study.records import portable
+from mmdm.study.vessel_eval import cohort_segmentation, reference_volumes
+from mmdm.vessels import evaluate_vessels
 
 SETTING = ["mode", "stride", "steps"]
 QUALITY = ("psnr", "mip_psnr", "ssim", "cldice", "dice")
@@ -111,26 +126,11 @@ def run_frontier(run_dir: str | Path, out_dir: str | Path, subjects: Sequence[st
                  device: str = "auto", seg_cache: str | Path | None = None, profile: str | None = None,
                  progress: bool = True) -> Path:
     """Synthesise every subject with every setting of the grid; resumable, ``summary.json`` last."""
-    import torch
-
-    from mmdm.data.dataset import load_subject_volumes
-    from mmdm.data.layout import Layout
-    from mmdm.engine.distributed import resolve_device
-    from mmdm.engine.infer import load_run_method, synthesize_volume
-    from mmdm.engine.runs import environment_info, git_info, utc_now
-    from mmdm.metrics import evaluate_volumes
-    from mmdm.paths import project_path, repo_root
-    from mmdm.study.records import portable
-    from mmdm.study.vessel_eval import cohort_segmentation, reference_volumes
-    from mmdm.vessels import evaluate_vessels
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "summary.json").unlink(missing_ok=True)
+    record = RecordWriter(out_dir)
+    out_dir = record.root
     dev = resolve_device(device)
     method, cfg, ckpt = load_run_method(run_dir, device=dev)
-    mcfg = getattr(method, "cfg", None)
-    if not hasattr(mcfg, "sampling"):
+    if not method.sampling_modes:
         modes = ("default",)
     settings = grid(steps, strides, modes)
     root = project_path(cfg.data.root)
@@ -139,66 +139,57 @@ def run_frontier(run_dir: str | Path, out_dir: str | Path, subjects: Sequence[st
     done = pd.read_csv(csv) if csv.is_file() else pd.DataFrame(columns=["subject", *SETTING])
     rows = done.to_dict("records")
     have = {(r["subject"], r["mode"], int(r["stride"]), int(r["steps"])) for r in rows}
-    todo = [(s, g) for s in subjects for g in settings if (s, g["mode"], g["stride"], g["steps"]) not in have]
-    t0, started = time.time(), utc_now()
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(todo), desc="frontier", unit="setting", dynamic_ncols=True)
-    cache: dict[str, Any] = {}
+    todo = {s: [g for g in settings if (s, g["mode"], g["stride"], g["steps"]) not in have] for s in subjects}
+    record.start_clock()  # the timed part: syntheses, not loading the model or fitting the segmentation
+    bar = tqdm(total=sum(map(len, todo.values())), desc="frontier", unit="setting", dynamic_ncols=True) \
+        if progress else None
     warmed: dict[str, float] = {}
-    original_mode = getattr(mcfg, "sampling", None)
+    original_mode = method.sampling_mode
     try:
-        for s, g in todo:
-            if s not in cache:
-                vols = load_subject_volumes(Layout(root), s, list(cfg.data.sources))
-                cache.clear()
-                cache[s] = ({m: v.data for m, v in vols.items()}, reference_volumes(root, s, seg))
-            srcs, (target, gt, brain, _, _) = cache[s]
-            if g["mode"] != "default":
-                mcfg.sampling = g["mode"]
-            if g["mode"] not in warmed:
-                warmed[g["mode"]] = _warm_up(method, srcs, cfg.data.window, cfg.data.norm, dev)
-            gen = torch.Generator(device=dev).manual_seed(seed)
-            if dev.type == "cuda":
-                torch.cuda.synchronize(dev)
-            tic = time.perf_counter()
-            res = synthesize_volume(method, srcs, window=cfg.data.window, stride=g["stride"], steps=g["steps"],
-                                    norm=cfg.data.norm, generator=gen, progress=False)
-            if dev.type == "cuda":
-                torch.cuda.synchronize(dev)
-            wall = time.perf_counter() - tic
-            q = evaluate_volumes(res["mean"], target)
-            v = evaluate_vessels(res["mean"], gt, seg, brain_mask=brain, subject=s)
-            rows.append({"subject": s, **g, "windows": res["windows"], "wall_s": wall,
-                         **{k: q[k] for k in ("psnr", "mip_psnr", "ssim")}, "cldice": v["cldice"], "dice": v["dice"]})
-            write_text(csv, pd.DataFrame(rows).to_csv(index=False))
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix_str(f"{s} {g['mode']} stride {g['stride']} steps {g['steps']}: {wall:.1f} s")
+        for item in subject_sources(cfg.data, [s for s in subjects if todo[s]], root=root):
+            s, srcs = item.subject, item.sources
+            target, gt, brain, _, _ = reference_volumes(root, s, seg)
+            for g in todo[s]:
+                if g["mode"] != "default":
+                    method.sampling_mode = g["mode"]
+                if g["mode"] not in warmed:
+                    warmed[g["mode"]] = _warm_up(method, srcs, cfg.data.window, cfg.data.norm, dev)
+                gen = torch.Generator(device=dev).manual_seed(seed)
+                if dev.type == "cuda":
+                    torch.cuda.synchronize(dev)
+                tic = time.perf_counter()
+                res = synthesize_volume(method, srcs, window=cfg.data.window, stride=g["stride"], steps=g["steps"],
+                                        norm=cfg.data.norm, generator=gen, progress=False)
+                if dev.type == "cuda":
+                    torch.cuda.synchronize(dev)
+                wall = time.perf_counter() - tic
+                q = evaluate_volumes(res["mean"], target)
+                v = evaluate_vessels(res["mean"], gt, seg, brain_mask=brain, subject=s)
+                rows.append({"subject": s, **g, "windows": res["windows"], "wall_s": wall,
+                             **{k: q[k] for k in ("psnr", "mip_psnr", "ssim")}, "cldice": v["cldice"],
+                             "dice": v["dice"]})
+                write_text(csv, pd.DataFrame(rows).to_csv(index=False))
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix_str(f"{s} {g['mode']} stride {g['stride']} steps {g['steps']}: {wall:.1f} s")
     finally:
         if bar is not None:
             bar.close()
         if original_mode is not None:
-            mcfg.sampling = original_mode
-    write_json(out_dir / "summary.json", portable({
+            method.sampling_mode = original_mode
+    record.finish(portable({
         "analysis": "frontier", "run": str(run_dir), "profile": profile, "subjects": list(subjects),
         "grid": {"steps": sorted(int(x) for x in steps), "strides": sorted(int(x) for x in strides),
                  "modes": list(modes)},
         "seed": seed, "warmup_s": {m: round(w, 3) for m, w in warmed.items()}, "checkpoint_step": ckpt.get("step"),
-        "start": started, "end": utc_now(),
-        "wall_s": round(time.time() - t0, 3), "git": git_info(repo_root()), **environment_info(dev)}))
+        **record.session(dev, git_root=repo_root())}))
     return out_dir
 
 
-def _warm_up(method, sources: dict[str, np.ndarray], window: int, norm, dev) -> float:
+def _warm_up(method: SynthesisMethod, sources: dict[str, np.ndarray], window: int, norm: NormConfig,
+             dev: torch.device) -> float:
     """One untimed two-step synthesis (the fewest a sampler takes) of about a batch of windows; returns
     its seconds."""
-    import torch
-
-    from mmdm.engine.infer import synthesize_volume
-
     depth = next(iter(sources.values())).shape[-1]
     tic = time.perf_counter()
     synthesize_volume(method, sources, window=window, stride=max(1, (depth - window) // 8), steps=2, norm=norm,
@@ -220,11 +211,6 @@ def ensure_frontier(profile, device: str | None = None, log: Callable[[str], Non
                     progress: bool = True) -> Path | None:
     """The profile's frontier record: measured with MMDM full's checkpoint unless complete.
     Returns None (and says why) when the profile skips it or the checkpoint is not here."""
-    from mmdm.data.layout import Layout
-    from mmdm.paths import project_path
-    from mmdm.study.api import analysis_target, results_dir
-    from mmdm.study.profiles import get_profile
-
     profile = get_profile(profile)
     if not profile.frontier_steps:
         return None

@@ -18,9 +18,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from mmdm.engine.runs import run_paths
+from mmdm.data.layout import Layout
+from mmdm.engine.rundir import run_paths
 from mmdm.io import atomic_path, write_json, write_text
 from mmdm.metrics import axial_mip
+from mmdm.paths import repo_root
 
 METRICS = ("psnr", "ssim", "rmse", "mip_psnr", "mip_ssim", "mip_rmse")
 HIGHER_IS_BETTER = {"psnr": True, "ssim": True, "rmse": False, "mip_psnr": True, "mip_ssim": True, "mip_rmse": False}
@@ -71,8 +73,6 @@ def export_record(run_dir: str | Path, record_dir: str | Path) -> Path:
     """Copy a finished run's record into ``record_dir`` (``summary.json`` last)."""
     import nibabel as nib
 
-    from mmdm.data.layout import Layout
-
     run_dir, record_dir = Path(run_dir), Path(record_dir)
     p = run_paths(run_dir)
     if not p.summary.is_file():
@@ -106,8 +106,6 @@ def export_record(run_dir: str | Path, record_dir: str | Path) -> Path:
 def portable(obj):
     """``obj`` with every absolute path inside the repository rewritten relative to it, so a
     committed record does not carry the directory layout of the machine that ran it."""
-    from mmdm.paths import repo_root
-
     root = str(repo_root()).rstrip("/") + "/"
 
     def strip(o):

@@ -22,10 +22,17 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Sequence
 
+from mmdm.engine.rundir import INVOCATION_ENV
+from mmdm.io import write_text
+from mmdm.methods import deviations_markdown
 from mmdm.paths import project_path, repo_root
+from mmdm.study import api
+from mmdm.study.frontier import ensure_frontier
 from mmdm.study.profiles import StudyProfile, get_profile
-from mmdm.study.records import record_complete
+from mmdm.study.records import load_records, record_complete
 from mmdm.study.runs import RunSpec, study_runs
+from mmdm.study.seeds import resolve_seed_runs, seed_specs, split_seed
+from mmdm.study.uncertainty import ensure_uncertainty
 
 #: analyses of MMDM full's trained model, after the runs (names usable with ``--only``)
 ANALYSES = ("uncertainty", "frontier")
@@ -42,7 +49,22 @@ def notebook(name: str) -> Path:
     return path
 
 
-def invocation(name: str, parameters: dict) -> str:
+#: Arguments of every notebook kernel: the kernel's own log is silenced. Every run of it was noise: a
+#: local kernel warns that its TCP transport is unencrypted, and jupyter_client interrupts each kernel
+#: when shutting it down, which the kernel logs as "KeyboardInterrupt caught in kernel". An error in a
+#: notebook still raises papermill's PapermillExecutionError with the cell's traceback, and a kernel
+#: that dies raises DeadKernelError.
+KERNEL_ARGUMENTS = ["--IPKernelApp.log_level=CRITICAL"]
+#: Lines of a papermill subprocess's stderr that are this kernel noise (left out of error messages).
+KERNEL_NOISE = ("Kernel is running over TCP without encryption", "KeyboardInterrupt caught in kernel")
+
+
+def without_kernel_noise(text: str) -> str:
+    """``text`` without the lines of :data:`KERNEL_NOISE`."""
+    return "".join(line for line in text.splitlines(keepends=True) if not any(n in line for n in KERNEL_NOISE))
+
+
+def notebook_invocation(name: str, parameters: dict) -> str:
     """The papermill command that reproduces one notebook execution, and the command that ran it."""
     args = " ".join(f"-p {k} {shlex.quote(str(v))}" for k, v in parameters.items())
     return (f"papermill notebooks/{name}.ipynb OUT.ipynb {args}".rstrip()
@@ -69,17 +91,17 @@ def execute(name: str, out: Path, parameters: dict, log: Callable[[str], None] =
     The kernel sees ``MMDM_INVOCATION``, which run provenance records as its command. The executed
     notebook is then tidied for the book (:func:`mmdm.study.executed.tidy_notebook`: parameters
     cells tagged ``remove-cell``, paths relative to the repository root)."""
-    from mmdm.engine.runs import INVOCATION_ENV
     from mmdm.study.executed import tidy_notebook
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    command = invocation(name, parameters)
+    command = notebook_invocation(name, parameters)
     if env is None:
         import papermill as pm
 
         with _environ(INVOCATION_ENV, command):  # the kernel inherits this process's environment
             pm.execute_notebook(str(notebook(name)), str(out), parameters=parameters, cwd=str(repo_root()),
-                                progress_bar=False, kernel_name="python3", start_timeout=KERNEL_START_TIMEOUT)
+                                progress_bar=False, kernel_name="python3", start_timeout=KERNEL_START_TIMEOUT,
+                                extra_arguments=KERNEL_ARGUMENTS)
         return tidy_notebook(out, repo_root())
     env = {**env, INVOCATION_ENV: command}
     args = [sys.executable, "-m", "papermill", "--cwd", str(repo_root()), "--no-progress-bar", "-k", "python3",
@@ -89,7 +111,8 @@ def execute(name: str, out: Path, parameters: dict, log: Callable[[str], None] =
         args += ["-p", k, str(v)]
     proc = subprocess.run(args, env={**os.environ, **env}, capture_output=True, text=True)
     if proc.returncode != 0:
-        raise RuntimeError(f"notebook {name} failed for {parameters}; see {out}\n{proc.stderr[-3000:]}")
+        raise RuntimeError(f"notebook {name} failed for {parameters}; see {out}\n"
+                           f"{without_kernel_noise(proc.stderr)[-3000:]}")
     return tidy_notebook(out, repo_root())
 
 
@@ -101,8 +124,6 @@ def run_parameters(spec: RunSpec, profile: StudyProfile, seed: int, device: str 
 def select_runs(profile: StudyProfile, only: Sequence[str] | None = None) -> list[RunSpec]:
     """The profile's seed-0 runs (all, or those named in ``only``). Names in ``only`` may also be
     seed runs (``mmdm-full-s1``) of the profile's seeds; those are run by the seed stage."""
-    from mmdm.study.seeds import split_seed
-
     runs = study_runs(profile.sources)
     if only:
         names = {r.name for r in runs}
@@ -119,13 +140,9 @@ def select_runs(profile: StudyProfile, only: Sequence[str] | None = None) -> lis
 def select_seed_runs(profile: StudyProfile, only: Sequence[str] | None = None,
                      log: Callable[[str], None] = print) -> list[tuple[RunSpec, int]]:
     """The seed runs (seed > 0) of ``profile.seed_runs``, resolved against the seed-0 records."""
-    from mmdm.study.api import results_dir
-    from mmdm.study.records import load_records
-    from mmdm.study.seeds import resolve_seed_runs, seed_specs
-
     if len(profile.seeds) < 2 or not profile.seed_runs:
         return []
-    per_subject, _ = load_records(results_dir(profile))
+    per_subject, _ = load_records(api.results_dir(profile))
     names, notes = resolve_seed_runs(profile.seed_runs, per_subject, profile.sources)
     for note in notes:
         log(f"[seeds] {note}")
@@ -178,7 +195,7 @@ def run_study(profile: str | StudyProfile = "quick", only: Sequence[str] | None 
     t0 = time.time()
     log(f"study '{profile.name}' in {root}: {profile.description}")
     log("[data] building or checking the cohort")
-    ensure_data(profile)
+    api.ensure_data(profile)
     execute("01_data", generated / "01_data.ipynb",
             {"profile": profile.cohort, "data_dir": profile.data_dir, "build_if_missing": profile.dataset == "phantom"},
             log)
@@ -188,7 +205,7 @@ def run_study(profile: str | StudyProfile = "quick", only: Sequence[str] | None 
     def one(i: int, n: int, spec: RunSpec, seed: int) -> str:
         params = run_parameters(spec, profile, seed, device)
         env = job_env(i, jobs, n_gpu, root) if jobs > 1 else None
-        run_dir = runs_dir(profile) / spec.name
+        run_dir = api.runs_dir(profile) / spec.name
         log(f"[{i + 1}/{n}] {spec.name}: training")
         execute("02_train", run_dir / "02_train.ipynb", params, log, env)
         log(f"[{i + 1}/{n}] {spec.name}: evaluating")
@@ -199,7 +216,7 @@ def run_study(profile: str | StudyProfile = "quick", only: Sequence[str] | None 
     def stage(items: list[tuple[RunSpec, int]]) -> None:
         todo = []
         for spec, seed in items:
-            if record_complete(results_dir(profile) / spec.name):
+            if record_complete(api.results_dir(profile) / spec.name):
                 status[spec.name] = "skipped"
                 log(f"[skip] {spec.name}: record complete")
             else:
@@ -231,15 +248,13 @@ def run_study(profile: str | StudyProfile = "quick", only: Sequence[str] | None 
                                f"the same command retries the failed ones):\n{lines}")
 
     if records_only:
-        log(f"[records] the book shows the records in {results_dir(profile)}; nothing is trained")
+        log(f"[records] the book shows the records in {api.results_dir(profile)}; nothing is trained")
     else:
         stage([(r, 0) for r in select_runs(profile, only)])
         seed_items = select_seed_runs(profile, only, log)
         if seed_items:
             log(f"[seeds] {len(seed_items)} seed run(s): {', '.join(r.name for r, _ in seed_items)}")
         stage(seed_items)
-        from mmdm.study.frontier import ensure_frontier
-        from mmdm.study.uncertainty import ensure_uncertainty
 
         for name, ensure in (("uncertainty", ensure_uncertainty), ("frontier", ensure_frontier)):
             if not only or name in only:
@@ -255,9 +270,6 @@ def run_study(profile: str | StudyProfile = "quick", only: Sequence[str] | None 
 
 def build_book(root: Path | None = None, log: Callable[[str], None] = print) -> Path:
     """The deviations page, then `jupyter-book build` (warnings are errors)."""
-    from mmdm.io import write_text
-    from mmdm.methods import deviations_markdown
-
     root = root or repo_root()
     write_text(root / "book" / "generated" / "deviations.md", deviations_markdown())
     log("[book] jupyter-book build")

@@ -19,15 +19,25 @@ from __future__ import annotations
 
 import io
 import json
-import time
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 import pandas as pd
+import torch
+from scipy.stats import spearmanr
 
-from mmdm.io import atomic_path, write_json, write_text
+from mmdm.data.layout import Layout
+from mmdm.engine.distributed import resolve_device
+from mmdm.engine.infer import load_run_method, synthesize_subjects
+from mmdm.engine.rundir import RecordWriter
+from mmdm.io import atomic_path, write_text
+from mmdm.paths import project_path, repo_root
+from mmdm.study.api import analysis_target
+from mmdm.study.profiles import get_profile
+from mmdm.study.records import portable
+from mmdm.study.vessel_eval import reference_volumes
 
 N_BINS = 10
 
@@ -41,8 +51,6 @@ def uncertainty_stats(mean: np.ndarray, std: np.ndarray, target: np.ndarray, mas
     ``n_bins`` equal-count bins of ``std`` (ascending) with the mean std and
     the mean absolute error of each. Correlations are NaN where either side is constant.
     """
-    from scipy.stats import spearmanr
-
     mean, std, target = (np.asarray(a, dtype=np.float64) for a in (mean, std, target))
     if not (mean.shape == std.shape == target.shape):
         raise ValueError(f"mean, std and target must have one shape, got {mean.shape}, {std.shape}, {target.shape}")
@@ -80,38 +88,24 @@ def run_uncertainty(run_dir: str | Path, out_dir: str | Path, subjects: Sequence
                     steps: int | None = None, stride: int | None = None, seed: int = 0, device: str = "auto",
                     profile: str | None = None, progress: bool = True) -> Path:
     """Sample every subject ``n_samples`` times with the run's model and write the record."""
-    import torch
-
-    from mmdm.data.dataset import load_subject_volumes
-    from mmdm.data.layout import Layout
-    from mmdm.engine.distributed import resolve_device
-    from mmdm.engine.infer import load_run_method, synthesize_volume
-    from mmdm.engine.runs import environment_info, git_info, utc_now
-    from mmdm.paths import project_path, repo_root
-    from mmdm.study.records import portable
-    from mmdm.study.vessel_eval import reference_volumes
-
     if n_samples < 2:
         raise ValueError(f"uncertainty needs at least 2 samples per subject, got {n_samples}")
     if not subjects:
         raise ValueError("no subjects to sample")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "summary.json").unlink(missing_ok=True)
-    t0, started = time.time(), utc_now()
+    record = RecordWriter(out_dir)
+    out_dir = record.root
     dev = resolve_device(device)
     method, cfg, ckpt = load_run_method(run_dir, device=dev)
     root = project_path(cfg.data.root)
-    layout = Layout(root)
     stride = stride or cfg.data.eval_stride
     rows, bins, panels = [], [], {}
-    for i, s in enumerate(subjects):
-        vols = load_subject_volumes(layout, s, list(cfg.data.sources))
+    draws = synthesize_subjects(method, cfg.data, subjects,
+                                lambda i, s: torch.Generator(device=dev).manual_seed(seed + i), root=root,
+                                stride=stride, steps=steps, n_samples=n_samples, progress=progress,
+                                desc=lambda s: f"{s} x{n_samples}")
+    for i, item in enumerate(draws):
+        s, res = item.subject, item.result
         target, _, brain, _, _ = reference_volumes(root, s)
-        gen = torch.Generator(device=dev).manual_seed(seed + i)
-        res = synthesize_volume(method, {m: v.data for m, v in vols.items()}, window=cfg.data.window, stride=stride,
-                                steps=steps, n_samples=n_samples, norm=cfg.data.norm, generator=gen,
-                                progress=progress, desc=f"{s} x{n_samples}")
         if not np.any(res["std"] > 0):
             warnings.warn(f"{s}: the {n_samples} draws are identical: the sampler injects no noise at this "
                           f"setting (eta = 0, or fewer than 3 sampling steps); the uncertainty is zero", stacklevel=2)
@@ -126,12 +120,11 @@ def run_uncertainty(run_dir: str | Path, out_dir: str | Path, subjects: Sequence
     np.savez_compressed(buf, subject=np.array(subjects[0]), **panels)
     with atomic_path(out_dir / "uncertainty.npz") as tmp:
         tmp.write_bytes(buf.getvalue())
-    write_json(out_dir / "summary.json", portable({
+    record.finish(portable({
         "analysis": "uncertainty", "run": str(run_dir), "profile": profile, "subjects": list(subjects),
         "sampling": {"n_samples": n_samples, "steps": steps, "stride": stride, "seed": seed,
-                     "mode": getattr(getattr(method, "cfg", None), "sampling", None)},
-        "checkpoint_step": ckpt.get("step"), "start": started, "end": utc_now(),
-        "wall_s": round(time.time() - t0, 3), "git": git_info(repo_root()), **environment_info(dev)}))
+                     "mode": method.sampling_mode},
+        "checkpoint_step": ckpt.get("step"), **record.session(dev, git_root=repo_root())}))
     return out_dir
 
 
@@ -150,11 +143,6 @@ def ensure_uncertainty(profile, device: str | None = None, log: Callable[[str], 
                        progress: bool = True) -> Path | None:
     """The profile's uncertainty record: computed from MMDM full's checkpoint unless complete.
     Returns None (and says why) when the profile skips it or the checkpoint is not here."""
-    from mmdm.data.layout import Layout
-    from mmdm.paths import project_path
-    from mmdm.study.api import analysis_target
-    from mmdm.study.profiles import get_profile
-
     profile = get_profile(profile)
     if profile.uncertainty_samples < 2:
         return None

@@ -19,6 +19,7 @@ import pandas as pd
 from mmdm.config import load_yaml, save_yaml
 from mmdm.data.dataset import load_subject_volumes
 from mmdm.data.layout import TARGET_MODALITY, Layout
+from mmdm.data.phantom import load_ground_truth
 from mmdm.data.volumes import load_volume
 from mmdm.vessels import VesselSegConfig, evaluate_vessels, fit_segmentation, phantom_vessel_mask, segment_vessels
 
@@ -32,8 +33,6 @@ def reference_volumes(root: Path, subject: str, cfg: VesselSegConfig | None = No
     vol = load_subject_volumes(root, subject, [TARGET_MODALITY])[TARGET_MODALITY]
     target = vol.data / float(vol.data.max())
     if _is_phantom(root):
-        from mmdm.data.phantom import load_ground_truth
-
         gt = load_ground_truth(root, subject)
         return target, phantom_vessel_mask(gt["vessel_fraction"]), gt["brain_mask"], gt["centerlines"], vol.affine
     brain = target > 0.05

@@ -32,6 +32,7 @@ from mmdm.data.ixi.naming import IXI_ARCHIVES, IXI_MODALITIES, IXI_SITES, Droppe
 from mmdm.data.ixi.registration import (RegistrationConfig, coverage, from_sitk, output_grid, reference_image,
                                         register, resample, to_sitk)
 from mmdm.data.layout import DatasetError, derivatives_dir, image_path, make_splits, write_dataset_description
+from mmdm.data.volumes import load_volume
 from mmdm.io import save_nifti, write_json, write_text
 
 PIPELINE = "ixi-import"
@@ -208,8 +209,6 @@ def process_subject(subject: IXISubject, out: str | Path, cfg: IXIConfig) -> dic
 
 def _process_subject(subject: IXISubject, out: Path, cfg: IXIConfig) -> dict:
     import nibabel as nib
-
-    from mmdm.data.volumes import load_volume
 
     sub = subject.participant_id
     record = _subject_record(cfg)

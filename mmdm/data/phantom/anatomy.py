@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from mmdm.data.phantom.physics import upsample_separable
+
 #: Brain bounding box of the MNI152 2009a 1 mm brain mask (mm, RAS).
 BRAIN_BOX_MM = (np.array([-72.0, -107.0, -72.0]), np.array([72.0, 73.0, 82.0]))
 BRAIN_CENTRE_MM = (BRAIN_BOX_MM[0] + BRAIN_BOX_MM[1]) / 2.0
@@ -177,8 +179,6 @@ class Deformation:
 
     def on_grid(self, grid: Grid) -> list[np.ndarray]:
         """Template coordinates of every voxel of ``grid`` (three float32 arrays)."""
-        from mmdm.data.phantom.physics import upsample_separable
-
         ax = grid.axes()
         pos = [(f - c[0]) / (c[1] - c[0]) for c, f in zip(self.lattice, ax)]
         xs = np.meshgrid(*[(a - c).astype(np.float32) for a, c in zip(ax, self.centre)], indexing="ij", sparse=True)

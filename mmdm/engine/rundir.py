@@ -1,4 +1,4 @@
-"""Run directories, provenance and the evaluation of a trained run.
+"""Run directories: paths, status, provenance and the record files (no other engine module is imported).
 
 One directory per run::
 
@@ -14,7 +14,9 @@ One directory per run::
 
 A directory "looks finished" only when ``summary.json`` exists
 (:func:`run_status`), so a run interrupted at any point is never mistaken for
-a result.
+a result. :class:`RecordWriter` keeps that promise for every record the
+package writes (a run's evaluation, the uncertainty and frontier analyses):
+it deletes ``summary.json`` when it starts and writes it, with provenance, last.
 """
 
 from __future__ import annotations
@@ -29,11 +31,14 @@ import sys
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from importlib import metadata
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+import torch
 
+from mmdm import __version__
 from mmdm.io import write_json, write_text
 
 #: Packages whose versions go into provenance.json.
@@ -142,8 +147,7 @@ def git_info(cwd: str | Path | None = None) -> dict[str, Any]:
 
 
 def package_versions(names: Sequence[str] = KEY_PACKAGES) -> dict[str, str | None]:
-    from importlib import metadata
-
+    """Installed version of each package (None where it is not installed)."""
     out: dict[str, str | None] = {}
     for n in names:
         try:
@@ -153,13 +157,23 @@ def package_versions(names: Sequence[str] = KEY_PACKAGES) -> dict[str, str | Non
     return out
 
 
+def device_name(device: torch.device | str | None = None) -> str:
+    """Human-readable device name: the CUDA device's name or the CPU model."""
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if device.type == "cuda" and torch.cuda.is_available():
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
+
+
 def environment_info(device: Any = None) -> dict[str, Any]:
     """Device name, Python/torch/CUDA/numpy versions, platform and key package versions."""
-    import torch
-
-    from mmdm import __version__
-    from mmdm.engine.distributed import device_name
-
     return {
         "mmdm_version": __version__,
         "device": str(device) if device is not None else "cpu",
@@ -181,7 +195,7 @@ def environment_info(device: Any = None) -> dict[str, Any]:
 INVOCATION_ENV = "MMDM_INVOCATION"
 
 
-def invocation() -> str:
+def run_invocation() -> str:
     """What started this run: the driver's description (``MMDM_INVOCATION``) if one set it, else the
     process's command line (inside a notebook kernel that is only the kernel launcher)."""
     return os.environ.get(INVOCATION_ENV) or " ".join(sys.argv)
@@ -194,7 +208,7 @@ def start_session(run_dir: str | Path, *, profile: str | None, seed: int, device
     prov: dict[str, Any] = json.loads(p.provenance.read_text()) if p.provenance.is_file() else {}
     if not prov:
         prov = {"created": utc_now(), "git": git_info(), "profile": profile, "seeds": {"train": seed},
-                "command": invocation(), "sessions": []}
+                "command": run_invocation(), "sessions": []}
     session = {"start": utc_now(), "end": None, "wall_s": None, "resumed_from_step": resumed_from_step,
                "world_size": world_size, "git": git_info(), **environment_info(device)}
     if profile is not None:
@@ -222,7 +236,7 @@ def end_session(run_dir: str | Path, **extra: Any) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------
-# evaluation of a trained run
+# record files
 
 METRIC_COLUMNS = ("psnr", "ssim", "rmse", "mip_psnr", "mip_ssim", "mip_rmse")
 
@@ -242,72 +256,42 @@ def read_metrics_csv(path: str | Path) -> list[dict[str, Any]]:
         return [{k: (v if k == "subject" else float(v)) for k, v in row.items()} for row in csv.DictReader(fh)]
 
 
-def evaluate_run(run_dir: str | Path, split: str = "test", steps: int | None = None, eta: float | None = None,
-                 n_samples: int = 1, batch_size: int = 8, device: str = "auto", checkpoint: str = "latest",
-                 use_ema: bool = True, seed: int = 0, subjects: Sequence[str] | None = None,
-                 require_complete: bool = True, progress: bool = True) -> dict[str, Any]:
-    """Synthesise every subject of ``split``, write predictions, metrics.csv, then summary.json.
+class RecordWriter:
+    """One record directory (a run's evaluation, an analysis): ``summary.json`` is deleted on
+    entry and written last, atomically, so an interrupted record never looks finished.
 
-    The data (root, modalities, window, normalisation) come from the run's
-    config. Each prediction is the sliding-window mean in [0, 1] (see
-    :func:`mmdm.engine.infer.synthesize_volume`); it is scored against
-    ``target / target.max()`` with :func:`mmdm.metrics.evaluate_volumes`.
-    ``summary.json`` is deleted first and written last, so an interrupted
-    evaluation never looks finished.
+    ``session(device)`` gives the wall-clock and environment fields of the work done since
+    the writer was created; :meth:`finish` writes the summary.
     """
-    import torch
 
-    from mmdm.data.dataset import load_subject_volumes
-    from mmdm.data.layout import Layout
-    from mmdm.engine.distributed import resolve_device
-    from mmdm.engine.infer import load_run_method, synthesize_volume
-    from mmdm.io import save_nifti
-    from mmdm.metrics import evaluate_volumes
+    def __init__(self, out_dir: str | Path, summary_name: str = "summary.json"):
+        self.root = Path(out_dir)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.summary_path = self.root / summary_name
+        self.summary_path.unlink(missing_ok=True)
+        self.start_clock()
 
+    def start_clock(self) -> None:
+        """(Re)start the session's clock (``start``, ``wall_s``); the writer starts it when created."""
+        self.t0 = time.time()
+        self.started = utc_now()
+
+    def session(self, device: Any, git_root: str | Path | None = None) -> dict[str, Any]:
+        """``start``, ``end``, ``wall_s`` (then ``git`` of ``git_root`` if given) and :func:`environment_info`."""
+        out: dict[str, Any] = {"start": self.started, "end": utc_now(), "wall_s": round(time.time() - self.t0, 3)}
+        if git_root is not None:
+            out["git"] = git_info(git_root)
+        return {**out, **environment_info(device)}
+
+    def finish(self, summary: dict[str, Any]) -> dict[str, Any]:
+        """Write ``summary`` (the record is now complete) and return it."""
+        write_json(self.summary_path, summary)
+        return summary
+
+
+def run_provenance(run_dir: str | Path) -> dict[str, Any]:
+    """The run's ``provenance.json`` without the in-session timer (``{}`` if there is none)."""
     p = run_paths(run_dir)
-    if require_complete and not p.train_complete.is_file():
-        raise RuntimeError(f"run {run_dir} has not finished training (no train_complete.json; state "
-                           f"'{run_status(run_dir)}'). Resume it with `mmdm train --resume --run-dir {run_dir}`, "
-                           "or pass require_complete=False to evaluate its latest checkpoint anyway.")
-    p.summary.unlink(missing_ok=True)
-    t0 = time.time()
-    started = utc_now()
-    dev = resolve_device(device)
-    method, cfg, ckpt = load_run_method(run_dir, checkpoint=checkpoint, device=dev, use_ema=use_ema)
-    layout = Layout(cfg.data.root)
-    subs = list(subjects) if subjects is not None else layout.split(split)
-    if not subs:
-        raise RuntimeError(f"split '{split}' of {layout.root} is empty: nothing to evaluate")
-    gen = torch.Generator(device=dev).manual_seed(seed)
-    rows = []
-    for s in subs:
-        vols = load_subject_volumes(layout, s, list(cfg.data.sources) + [cfg.data.target])
-        target = vols.pop(cfg.data.target)
-        out = synthesize_volume(method, {m: v.data for m, v in vols.items()}, window=cfg.data.window,
-                                stride=cfg.data.eval_stride, batch_size=batch_size, steps=steps, eta=eta,
-                                n_samples=n_samples, norm=cfg.data.norm, generator=gen, progress=progress,
-                                desc=s)
-        save_nifti(p.predictions / f"{s}_{cfg.data.target}.nii.gz", out["mean"], target.affine)
-        if "std" in out:
-            save_nifti(p.predictions / f"{s}_{cfg.data.target}_std.nii.gz", out["std"], target.affine)
-        tgt = target.data / float(target.data.max())
-        rows.append({"subject": s, **evaluate_volumes(out["mean"], tgt)})
-    write_metrics_csv(p.metrics, rows)
-    means = {k: float(np.mean([r[k] for r in rows])) for k in METRIC_COLUMNS}
-    stds = {k: float(np.std([r[k] for r in rows], ddof=1)) if len(rows) > 1 else 0.0 for k in METRIC_COLUMNS}
     prov = json.loads(p.provenance.read_text()) if p.provenance.is_file() else {}
     prov.pop("_t0", None)
-    summary = {
-        "run": str(Path(run_dir)), "method": cfg.method, "method_kwargs": cfg.method_kwargs,
-        "objective": method.objective(),
-        "split": split, "n_subjects": len(rows), "subjects": [r["subject"] for r in rows],
-        "metrics": means, "metrics_std": stds,
-        "sampling": {"steps": steps, "eta": eta, "n_samples": n_samples, "seed": seed,
-                     "window": cfg.data.window, "stride": cfg.data.eval_stride},
-        "checkpoint": {"file": ckpt.get("file"), "step": ckpt.get("step"), "ema": ckpt.get("ema_used")},
-        "evaluation": {"start": started, "end": utc_now(), "wall_s": round(time.time() - t0, 3),
-                       **environment_info(dev)},
-        "provenance": prov,
-    }
-    write_json(p.summary, summary)
-    return summary
+    return prov

@@ -1,0 +1,169 @@
+"""The run spec: :class:`TrainConfig` (one training run, YAML-loadable), the method it builds,
+and the guard that keeps two different runs out of one run directory.
+
+A run directory's ``config.yaml`` is a :class:`TrainConfig`; :func:`build_method_from_config`
+turns it into the :class:`~mmdm.methods.base.SynthesisMethod` both the trainer and
+whole-volume synthesis use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from mmdm.config import ConfigError, load_yaml, replace, to_dict
+from mmdm.data.dataset import DataConfig
+from mmdm.engine.checkpoint import CheckpointManager
+from mmdm.engine.rundir import run_paths
+from mmdm.methods import METHODS, SynthesisMethod
+from mmdm.optim import EMAConfig, OptimConfig
+
+#: Keys that may differ between the stored config and the one given on resume
+#: (they change how a run is executed or logged, never its numbers).
+RUNTIME_KEYS = frozenset({"device", "num_workers", "log_every", "image_every", "image_steps", "checkpoint_every",
+                          "keep_last", "val_every", "val_batches", "deterministic"})
+
+
+@dataclass
+class TrainConfig:
+    """One training run (YAML-loadable with :func:`mmdm.config.load_yaml`).
+
+    ``batch_size`` is per process (paper: 4). Exactly one of ``steps`` (total
+    optimiser steps) and ``epochs`` is used; ``steps`` wins when both are set.
+    ``method_kwargs`` go to the method's factory (e.g. ``variant``, ``config``,
+    overrides); ``sources`` defaults to ``data.sources``. ``method`` is a
+    registry name (``mmdm``) or ``"module:factory"`` for a method defined
+    outside the package. ``amp="bf16"`` autocasts on CUDA only.
+    ``image_every``/``val_every``/``checkpoint_every`` = 0 disables them.
+    """
+
+    method: str = "mmdm"
+    method_kwargs: dict[str, Any] = field(default_factory=lambda: {"variant": "full", "config": "paper"})
+    data: DataConfig = field(default_factory=DataConfig)
+    steps: int | None = None
+    epochs: int | None = 200
+    batch_size: int = 4
+    num_workers: int = 0
+    seed: int = 0
+    device: str = "auto"
+    amp: str = "none"
+    grad_clip: float | None = None
+    ema: EMAConfig | None = None  # None: the method's own default (method.ema_config())
+    deterministic: bool = False
+    checkpoint_every: int = 1000
+    keep_last: int = 3
+    log_every: int = 10
+    image_every: int = 1000
+    image_steps: int = 10
+    val_every: int = 0
+    val_batches: int = 8
+
+    def validate(self) -> None:
+        if self.steps is None and self.epochs is None:
+            raise ConfigError("TrainConfig: set steps (total optimiser steps) or epochs")
+        for k in ("steps", "epochs"):
+            v = getattr(self, k)
+            if v is not None and v < 1:
+                raise ConfigError(f"TrainConfig.{k} must be >= 1, got {v}")
+        if self.batch_size < 1:
+            raise ConfigError(f"TrainConfig.batch_size must be >= 1, got {self.batch_size}")
+        if self.amp not in ("none", "bf16"):
+            raise ConfigError(f"TrainConfig.amp: unknown value {self.amp!r}; use 'none' or 'bf16'")
+        if self.keep_last < 1:
+            raise ConfigError(f"TrainConfig.keep_last must be >= 1, got {self.keep_last}")
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            raise ConfigError(f"TrainConfig.grad_clip must be > 0 or null, got {self.grad_clip}")
+        if self.ema is not None:
+            self.ema.validate("TrainConfig.ema")
+
+
+def method_factory(name: str) -> Callable[..., SynthesisMethod]:
+    """Registry name -> factory; ``"package.module:function"`` imports the function."""
+    if ":" in name:
+        mod, attr = name.split(":", 1)
+        try:
+            return getattr(importlib.import_module(mod), attr)
+        except (ImportError, AttributeError) as e:
+            raise ConfigError(f"method '{name}': cannot import {attr} from module {mod} ({e}); check the "
+                              "module is on PYTHONPATH or use a registered method name") from e
+    try:
+        return METHODS.get(name)
+    except KeyError as e:
+        raise ConfigError(str(e.args[0])) from None
+
+
+def build_method_from_config(cfg: TrainConfig) -> SynthesisMethod:
+    """Build ``cfg.method`` with ``cfg.method_kwargs`` (``sources`` defaulting to ``cfg.data.sources``)
+    and check it against the data (sources available, window size)."""
+    kw = dict(cfg.method_kwargs)
+    kw.setdefault("sources", tuple(cfg.data.sources))
+    method = method_factory(cfg.method)(**kw)
+    if not isinstance(method, SynthesisMethod):
+        raise ConfigError(f"method '{cfg.method}' built a {type(method).__name__}, not a "
+                          "mmdm.methods.SynthesisMethod; subclass it (training_losses, sample, optim_configs, ...)")
+    missing = [m for m in method.sources if m not in cfg.data.sources]
+    if missing:
+        raise ConfigError(f"method '{cfg.method}' expects source modality(ies) {missing} that data.sources "
+                          f"{list(cfg.data.sources)} does not provide; add them to data.sources or change "
+                          "method_kwargs.sources")
+    win = method.window
+    if win is not None and win != cfg.data.window:
+        raise ConfigError(f"method '{cfg.method}' is built for {win}-slice windows but data.window is "
+                          f"{cfg.data.window}; make them equal")
+    return method
+
+
+def method_optim_configs(method: SynthesisMethod) -> dict[str, OptimConfig]:
+    """``method.optim_configs()``, checked to name exactly the groups of ``method.optimizer_groups()``."""
+    groups, configs = list(method.optimizer_groups()), method.optim_configs()
+    if sorted(configs) != sorted(groups):
+        raise ConfigError(f"method '{method.name}': optim_configs() names the groups {sorted(configs)} but "
+                          f"optimizer_groups() returns {sorted(groups)}; they must match")
+    return configs
+
+
+def load_train_config(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """Load a TrainConfig from YAML with optional nested overrides."""
+    cfg = load_yaml(TrainConfig, path)
+    return replace(cfg, overrides) if overrides else cfg
+
+
+def _diff_configs(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b), key=str):
+            out += _diff_configs(a.get(k), b.get(k), f"{prefix}{k}.")
+        return out
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        a, b = list(a), list(b)
+    return [] if a == b else [f"{prefix[:-1]}: stored {a!r} != given {b!r}"]
+
+
+def check_run_dir(run_dir: str | Path, cfg: TrainConfig, resume: bool) -> bool:
+    """Refuse to mix runs: returns True when ``run_dir`` already holds this run.
+
+    A stored config that differs (outside :data:`RUNTIME_KEYS`) raises; an
+    existing run with checkpoints and ``resume=False`` raises too.
+    """
+    p = run_paths(run_dir)
+    if not p.config.is_file():
+        return False
+    stored = load_yaml(TrainConfig, p.config)
+    a = {k: v for k, v in to_dict(stored).items() if k not in RUNTIME_KEYS}
+    b = {k: v for k, v in to_dict(cfg).items() if k not in RUNTIME_KEYS}
+    diff = _diff_configs(a, b)
+    if diff:
+        raise ConfigError(f"{run_dir} holds a run with a different config ({'; '.join(diff[:8])}). "
+                          "Use another --run-dir for a new run, or resume this one with its own config "
+                          f"(`mmdm train --config {p.config} --run-dir {run_dir} --resume`).")
+    has_ckpt = bool(CheckpointManager(p.checkpoints).steps()) or p.train_complete.is_file()
+    if has_ckpt and not resume:
+        raise ConfigError(f"{run_dir} already holds this run (checkpoints or train_complete.json). Pass --resume "
+                          "(resume=True) to continue it, or choose another --run-dir.")
+    return True
+
+
+__all__ = ["RUNTIME_KEYS", "TrainConfig", "build_method_from_config", "check_run_dir", "load_train_config",
+           "method_factory", "method_optim_configs"]
