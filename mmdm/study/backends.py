@@ -1,9 +1,9 @@
 """Where the study's runs execute: local processes (the default, in :mod:`mmdm.study.runner`)
 or the tasks of a Ray cluster (:class:`RayBackend`, ``mmdm study --backend ray``).
 
-A Ray task is one run: its training notebook (``02_train``) then its evaluation
-notebook (``03_evaluate``), executed by papermill in a subprocess on whichever
-node the task lands on. Every node must see the same repository checkout, data
+A Ray task is one run (:func:`mmdm.study.runner.run_job`): its training notebook
+(``02_train``) then its evaluation notebook (``03_evaluate``), executed by
+papermill in a subprocess on whichever node the task lands on. Every node must see the same repository checkout, data
 and ``runs/``/``results/`` folders (shared storage) under the same path: a run
 is skipped when its record is complete, and a task that dies with its worker
 (a node lost, a process killed) is retried by Ray and resumes from the last
@@ -15,11 +15,7 @@ Ray is optional: ``pip install -e .[cluster]``.
 
 from __future__ import annotations
 
-import os
-import platform
-import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 BACKENDS = ("local", "ray")
@@ -45,20 +41,6 @@ class Outcome:
     log: str | None = None       # where to look: the run's executed notebooks
     seconds: float | None = None
     node: str | None = None
-
-
-def run_job(name: str, params: dict, run_dir: str, env: dict[str, str]) -> dict[str, Any]:
-    """Train and evaluate one run (the body of a Ray task); returns where and how long it ran."""
-    from mmdm.study.runner import execute
-
-    t0 = time.time()
-    node = platform.node()
-    os.environ.update({k: v for k, v in env.items() if k == "MMDM_ROOT"})
-    print(f"[ray] {name}: training on {node}", flush=True)
-    execute("02_train", Path(run_dir) / "02_train.ipynb", params, env=env)
-    print(f"[ray] {name}: evaluating on {node}", flush=True)
-    execute("03_evaluate", Path(run_dir) / "03_evaluate.ipynb", params, env=env)
-    return {"node": node, "seconds": time.time() - t0}
 
 
 class RayBackend:

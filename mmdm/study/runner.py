@@ -13,6 +13,7 @@ in the run directory; the aggregate ones go to ``book/generated/``.
 from __future__ import annotations
 
 import os
+import platform
 import shlex
 import subprocess
 import sys
@@ -20,13 +21,15 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from mmdm.engine.rundir import INVOCATION_ENV
 from mmdm.io import write_text
 from mmdm.methods import deviations_markdown
 from mmdm.paths import project_path, repo_root
 from mmdm.study import api
+from mmdm.study.backends import BACKENDS, RayBackend, require_ray
+from mmdm.study.executed import tidy_notebook
 from mmdm.study.frontier import ensure_frontier
 from mmdm.study.profiles import StudyProfile, get_profile
 from mmdm.study.records import load_records, record_complete
@@ -91,8 +94,6 @@ def execute(name: str, out: Path, parameters: dict, log: Callable[[str], None] =
     The kernel sees ``MMDM_INVOCATION``, which run provenance records as its command. The executed
     notebook is then tidied for the book (:func:`mmdm.study.executed.tidy_notebook`: parameters
     cells tagged ``remove-cell``, paths relative to the repository root)."""
-    from mmdm.study.executed import tidy_notebook
-
     out.parent.mkdir(parents=True, exist_ok=True)
     command = notebook_invocation(name, parameters)
     if env is None:
@@ -114,6 +115,20 @@ def execute(name: str, out: Path, parameters: dict, log: Callable[[str], None] =
         raise RuntimeError(f"notebook {name} failed for {parameters}; see {out}\n"
                            f"{without_kernel_noise(proc.stderr)[-3000:]}")
     return tidy_notebook(out, repo_root())
+
+
+def run_job(name: str, params: dict, run_dir: str, env: dict[str, str]) -> dict[str, Any]:
+    """Train and evaluate one run (the body of a Ray task, :class:`mmdm.study.backends.RayBackend`);
+    returns where and how long it ran."""
+    t0 = time.time()
+    node = platform.node()
+    if "MMDM_ROOT" in env:
+        os.environ["MMDM_ROOT"] = env["MMDM_ROOT"]
+    print(f"[ray] {name}: training on {node}", flush=True)
+    execute("02_train", Path(run_dir) / "02_train.ipynb", params, env=env)
+    print(f"[ray] {name}: evaluating on {node}", flush=True)
+    execute("03_evaluate", Path(run_dir) / "03_evaluate.ipynb", params, env=env)
+    return {"node": node, "seconds": time.time() - t0}
 
 
 def run_parameters(spec: RunSpec, profile: StudyProfile, seed: int, device: str | None) -> dict:
@@ -179,14 +194,9 @@ def run_study(profile: str | StudyProfile = "quick", only: Sequence[str] | None 
     show the records already under ``results/<profile>`` (missing ones as not yet measured).
     ``backend``: ``"local"`` (processes on this machine, ``jobs`` at a time) or ``"ray"`` (each
     run a task of the Ray cluster at ``address``; see :mod:`mmdm.study.backends`)."""
-    from mmdm.study.api import ensure_data, results_dir, runs_dir
-    from mmdm.study.backends import BACKENDS, RayBackend
-
     if backend not in BACKENDS:
         raise KeyError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
     if backend == "ray":
-        from mmdm.study.backends import require_ray
-
         require_ray()  # before any work: say how to install it
     profile = get_profile(profile, **profile_overrides)
     root = repo_root()
@@ -234,15 +244,13 @@ def run_study(profile: str | StudyProfile = "quick", only: Sequence[str] | None 
                 status[one(*c)] = "done"
 
     def run_on_ray(todo: list[tuple[RunSpec, int]]) -> None:
-        from mmdm.study.backends import run_job
-
-        items = [(spec.name, (run_parameters(spec, profile, seed, device), str(runs_dir(profile) / spec.name),
+        items = [(spec.name, (run_parameters(spec, profile, seed, device), str(api.runs_dir(profile) / spec.name),
                               {"MMDM_ROOT": str(root)})) for spec, seed in todo]
         outcomes = RayBackend(address).map(run_job, items, log)
         failed = {n: o for n, o in outcomes.items() if not o.ok}
         status.update({n: "failed" if n in failed else "done" for n in outcomes})
         if failed:
-            lines = "\n".join(f"  {n}: {o.error} (executed notebooks in {runs_dir(profile) / n})"
+            lines = "\n".join(f"  {n}: {o.error} (executed notebooks in {api.runs_dir(profile) / n})"
                                for n, o in failed.items())
             raise RuntimeError(f"{len(failed)} of {len(outcomes)} run(s) failed on Ray (the others finished; "
                                f"the same command retries the failed ones):\n{lines}")

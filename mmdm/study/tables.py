@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import pandas as pd
 
+from mmdm.stats import compare_to_reference
 from mmdm.study.records import (METRIC_LABELS, METRIC_LABELS_VESSEL, METRICS, VESSEL_HIGHER_IS_BETTER,
                                 paper_results)
 from mmdm.study.runs import REFERENCE_RUN, study_runs
+from mmdm.study.seeds import seed_differences, seed_spread
 
 TABLE_TITLES = {"table1": "Table 1: comparison methods", "table2": "Table 2: ablation of the MIP loss and NAWS",
                 "table3": "Table 3: modality combinations"}
@@ -90,7 +92,6 @@ def paired_table(table: str, per_subject: pd.DataFrame, sources: tuple[str, ...]
     """MMDM full against every other row of ``table``, paired over test subjects
     (:func:`mmdm.stats.compare_to_reference`: bootstrap 95 % CI of the mean difference
     full - other, Wilcoxon signed-rank p, Holm-corrected within the table, verdict)."""
-    from mmdm.stats import compare_to_reference
 
     labels = dict((run, label) for label, run in table_rows(table, sources))
     sub = per_subject[per_subject.run.isin(labels)]
@@ -122,7 +123,6 @@ SEED_METRICS = ("psnr", "mip_psnr", "ssim", "cldice")
 
 def seed_table(per_subject: pd.DataFrame, metrics: tuple[str, ...] = SEED_METRICS) -> pd.DataFrame:
     """Runs trained with several seeds: mean ± seed-to-seed sd of the per-run means."""
-    from mmdm.study.seeds import seed_spread
 
     metrics = tuple(m for m in metrics if m in per_subject)
     spread = seed_spread(per_subject, metrics)
@@ -136,7 +136,6 @@ def seed_table(per_subject: pd.DataFrame, metrics: tuple[str, ...] = SEED_METRIC
 
 def seed_difference_table(per_subject: pd.DataFrame, metrics: tuple[str, ...] = SEED_METRICS) -> pd.DataFrame:
     """MMDM full minus each other multi-seed run: difference of seed means beside the seed spread."""
-    from mmdm.study.seeds import seed_differences
 
     metrics = tuple(m for m in metrics if m in per_subject)
     d = seed_differences(per_subject, metrics, REFERENCE_RUN)
@@ -159,7 +158,7 @@ def comparisons_by_claim(comparisons: pd.DataFrame,
     table per claim in the claims' order: ``(claim text, table)``, the table with one row per
     comparison (the claimed-better run A against B), the mean difference A − B with its bootstrap
     95 % CI and the Holm-adjusted Wilcoxon p in the metric's own digits, and the verdict."""
-    from mmdm.study.claims import paper_claims
+    from mmdm.study.claims import paper_claims  # lazy: claims imports this module (LABELS, fmt)
 
     cols = ["A vs B", "metric", "n", "A − B (95 % CI)", "p (Holm)", "verdict"]
     out = []
