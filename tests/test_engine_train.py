@@ -264,9 +264,64 @@ def test_train_config_yaml_round_trip(tmp_path, dataset):
         stub_config(dataset, amp="fp16").validate()
 
 
-def test_bf16_on_cpu_is_refused(tmp_path, dataset):
-    with pytest.raises(ConfigError, match="CUDA only"):
-        Trainer(stub_config(dataset, amp="bf16"), tmp_path / "run")
+def test_bf16_and_channels_last_on_cpu_train_in_bf16_and_say_so(tmp_path, dataset, monkeypatch):
+    """amp bf16 autocasts the forward on the CPU (the conv computes in bf16), weights and Adam's
+    state stay fp32, channels-last reaches the weights and the batches, provenance records both."""
+    import json
+
+    seen = []
+    real = ConvStub.training_losses
+
+    def spy(self, batch, generator=None, group="main"):
+        ys = self.source_list(batch["sources"])
+        seen.append((self.conv(torch.cat(ys, 1)).dtype, ys[0].is_contiguous(memory_format=torch.channels_last),
+                     self.conv.weight.is_contiguous(memory_format=torch.channels_last)))
+        return real(self, batch, generator, group)
+
+    monkeypatch.setattr(ConvStub, "training_losses", spy)
+    run = tmp_path / "run"
+    train(stub_config(dataset, steps=2, amp="bf16", channels_last=True), run, progress=False)
+    assert seen and all(s == (torch.bfloat16, True, True) for s in seen)
+    state = load_checkpoint(CheckpointManager(run / "checkpoints").latest())
+    assert all(v.dtype == torch.float32 for v in state["model"].values())
+    prov = json.loads((run / "provenance.json").read_text())
+    assert prov["amp"] == "bf16" and prov["channels_last"] is True
+    assert prov["sessions"][0]["amp"] == "bf16"
+    # bf16 changes the arithmetic: the same run in fp32 ends at other weights
+    fp32 = tmp_path / "fp32"
+    train(stub_config(dataset, steps=2), fp32, progress=False)
+    assert not torch.equal(params(fp32)["conv.weight"], state["model"]["conv.weight"])
+
+
+def test_progress_bar_shows_the_generator_loss_of_a_multi_group_method(tmp_path, dataset):
+    tr = Trainer(stub_config(dataset), tmp_path / "run", progress=False)
+    tr.last_losses = {"discriminator/loss": 0.5, "generator/loss": 2.0, "generator/loss_l1": 0.1}
+    assert tr.headline_loss() == 2.0
+    tr.last_losses = {"disc/loss": 0.5, "gen/loss": 2.0}
+    assert tr.headline_loss() == 0.5  # no generator group: the first group's, alphabetically
+    tr.last_losses = {"loss": 1.5, "gen/loss": 2.0}
+    assert tr.headline_loss() == 1.5
+
+
+def test_bf16_run_resumes_bit_identically_on_cpu(tmp_path, dataset, monkeypatch):
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    cfg = stub_config(dataset, steps=4, amp="bf16")
+    train(cfg, whole, progress=False)
+    real, calls = Trainer.train_step, []
+
+    def interrupted(self, batch):
+        calls.append(1)
+        if len(calls) == 3:  # after the step-2 checkpoint
+            raise KeyboardInterrupt
+        return real(self, batch)
+
+    monkeypatch.setattr(Trainer, "train_step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, split, progress=False)
+    monkeypatch.setattr(Trainer, "train_step", real)
+    train(cfg, split, resume=True, progress=False)
+    a, b = params(whole), params(split)
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_config_mismatch_and_missing_resume_flag_are_refused(tmp_path, dataset):

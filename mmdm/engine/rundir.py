@@ -202,19 +202,21 @@ def run_invocation() -> str:
 
 
 def start_session(run_dir: str | Path, *, profile: str | None, seed: int, device: Any, world_size: int = 1,
-                  resumed_from_step: int = 0) -> dict[str, Any]:
-    """Create or extend ``provenance.json`` with a new training session (rank 0 only)."""
+                  resumed_from_step: int = 0, precision: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Create or extend ``provenance.json`` with a new training session (rank 0 only).
+    ``precision``: how the session computed (e.g. ``{"amp": "bf16", "channels_last": False}``)."""
     p = run_paths(run_dir)
     prov: dict[str, Any] = json.loads(p.provenance.read_text()) if p.provenance.is_file() else {}
     if not prov:
         prov = {"created": utc_now(), "git": git_info(), "profile": profile, "seeds": {"train": seed},
                 "command": run_invocation(), "sessions": []}
     session = {"start": utc_now(), "end": None, "wall_s": None, "resumed_from_step": resumed_from_step,
-               "world_size": world_size, "git": git_info(), **environment_info(device)}
+               "world_size": world_size, "git": git_info(), **(precision or {}), **environment_info(device)}
     if profile is not None:
         prov["profile"] = profile
     prov["sessions"].append(session)
-    prov.update({k: session[k] for k in ("device", "device_name", "python", "torch", "cuda", "numpy")})
+    prov.update({k: session[k] for k in ("device", "device_name", "python", "torch", "cuda", "numpy",
+                                         *(precision or {}))})
     prov["_t0"] = time.time()
     write_json(p.provenance, prov)
     return prov

@@ -35,7 +35,9 @@ class TrainConfig:
     ``method_kwargs`` go to the method's factory (e.g. ``variant``, ``config``,
     overrides); ``sources`` defaults to ``data.sources``. ``method`` is a
     registry name (``mmdm``) or ``"module:factory"`` for a method defined
-    outside the package. ``amp="bf16"`` autocasts on CUDA only.
+    outside the package. ``amp="bf16"``: bf16 autocast of the forward pass and the losses
+    on the run's device (CUDA, or a CPU with bf16 support), fp32 weights, gradients and
+    optimiser state. ``channels_last``: the networks and batches in channels-last memory format.
     ``image_every``/``val_every``/``checkpoint_every`` = 0 disables them.
     """
 
@@ -49,6 +51,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     amp: str = "none"
+    channels_last: bool = False
     grad_clip: float | None = None
     ema: EMAConfig | None = None  # None: the method's own default (method.ema_config())
     deterministic: bool = False

@@ -87,9 +87,8 @@ class Trainer:
         self.device = self.info.device
         self.progress = progress
         self.profile = profile
-        if cfg.amp == "bf16" and self.device.type != "cuda":
-            raise ConfigError("amp 'bf16' autocasts on CUDA only; this run is on the CPU. Set amp: none "
-                              "(CPU training is fp32), or train on a GPU.")
+        if cfg.amp == "bf16" and self.device.type not in ("cuda", "cpu"):
+            raise ConfigError(f"amp 'bf16' autocasts on CUDA or the CPU; this run is on {self.device}. Set amp: none.")
         if cfg.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True, warn_only=True)
@@ -99,6 +98,8 @@ class Trainer:
         self.steps_per_epoch = steps_per_epoch(len(self.dataset), cfg.batch_size, self.info.world_size)
         self.total_steps = cfg.steps if cfg.steps is not None else cfg.epochs * self.steps_per_epoch
         self.method = build_method_from_config(cfg).to(self.device)
+        if cfg.channels_last:
+            self.method.to(memory_format=torch.channels_last)
         self.groups = {k: list(v) for k, v in self.method.optimizer_groups().items()}
         if not self.groups:
             raise ConfigError(f"method '{cfg.method}' returned no optimiser groups")
@@ -194,15 +195,38 @@ class Trainer:
                 yield b
                 step += 1
 
+    def headline_loss(self) -> float:
+        """The loss the progress bar shows: ``loss``, or for several optimiser groups the
+        generator's (else the first group's) ``<group>/loss``."""
+        logs = self.last_losses
+        if "loss" in logs:
+            return logs["loss"]
+        for key in ("generator/loss", *sorted(k for k in logs if k.endswith("/loss"))):
+            if key in logs:
+                return logs[key]
+        return float("nan")
+
     # -- one step -------------------------------------------------------------------
     def _autocast(self):
+        """bf16 autocast of the forward pass and the losses (CUDA or CPU); weights, gradients and
+        Adam's state stay fp32. Ops that must not run in bf16 opt out themselves (e.g. the
+        authors' channel attention, :func:`mmdm.nets.resunet.global_channel_attention`); the
+        losses compare bf16 predictions with fp32 targets, so their differences and means are
+        computed in fp32 by type promotion."""
         if self.cfg.amp == "bf16":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
+
+    def _memory_format(self, batch: dict) -> dict:
+        if not self.cfg.channels_last:
+            return batch
+        cl = torch.channels_last
+        return {"sources": {m: v.contiguous(memory_format=cl) for m, v in batch["sources"].items()},
+                "target": batch["target"].contiguous(memory_format=cl)}
 
     def train_step(self, batch: dict) -> dict[str, Tensor]:
         """One optimiser step per group (see the module docstring); returns detached scalars."""
-        batch = to_device(batch, self.device)
+        batch = self._memory_format(to_device(batch, self.device))
         self.method.train()
         multi = len(self.optimizers) > 1
         logs: dict[str, Tensor] = {}
@@ -327,7 +351,8 @@ class Trainer:
             from torch.utils.tensorboard import SummaryWriter  # lazy: tensorboard is heavy and only rank 0 logs
 
             start_session(p.root, profile=self.profile, seed=cfg.seed, device=self.device,
-                          world_size=self.info.world_size, resumed_from_step=start)
+                          world_size=self.info.world_size, resumed_from_step=start,
+                          precision={"amp": cfg.amp, "channels_last": cfg.channels_last})
             self.writer = SummaryWriter(str(p.tb), purge_step=start if start else None)
         bar = None
         if main and self.progress:
@@ -344,7 +369,7 @@ class Trainer:
                     self._log_scalars(logs)
                     if bar is not None:
                         rate = (self.step - n0) / max(time.time() - t0, 1e-9)
-                        bar.set_postfix(loss=f"{self.last_losses.get('loss', float('nan')):.4g}",
+                        bar.set_postfix(loss=f"{self.headline_loss():.4g}",
                                         steps_s=f"{rate:.2f}")
                 if main and cfg.image_every and self.step % cfg.image_every == 0:
                     self.log_images()

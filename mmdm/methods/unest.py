@@ -229,9 +229,10 @@ class ImagePool(nn.Module):
 
     def query(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """The (B, ...) batch D sees in place of ``images`` (detached); updates the history."""
-        images = images.detach()
+        dtype = images.dtype
+        images = images.detach().float()  # the history is kept in fp32 (fakes made under bf16 autocast too)
         if self.size == 0:
-            return images
+            return images.to(dtype)
         if len(self.images) and self.images.shape[1:] != images.shape[1:]:
             raise ValueError(f"image pool: stored images have shape {tuple(self.images.shape[1:])}, the new ones "
                              f"{tuple(images.shape[1:])}; train with one window size (or set pool_size = 0)")
@@ -249,7 +250,7 @@ class ImagePool(nn.Module):
                 self.images[j] = img
             else:
                 out.append(img)
-        return torch.stack(out)
+        return torch.stack(out).to(dtype)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001 - torch's signature
         stored = state_dict.get(prefix + "images")
