@@ -1,0 +1,194 @@
+"""Vessel emphasis: a per-voxel weight map from the target image and weighted reconstruction losses (issue #15).
+
+Why
+---
+Arteries fill 0.2-1 % of a 2.5D training window. With an unweighted
+per-pixel loss, a model at a CPU budget learns a smooth brain and no vessel
+(issue #15 measured ~10 % of the vessel contrast recovered after 600 steps);
+weighting each sample's brightest 1 % of target voxels x20 raised it to
+0.5-0.75 in the same budget. The field does the same on purpose: Olut et al.
+(2018, sGAN, T1+T2 -> MRA) add a loss on steerable-filter responses, Xia et
+al. (MedIA 87, 2023) match vascular feature statistics.
+
+What
+----
+:func:`emphasis_weights` turns the **target** image of every sample into a
+weight map (never a ground-truth vessel mask: the same code runs on IXI, which
+has none). Kinds (:class:`EmphasisConfig`):
+
+* ``"none"``: all weights 1 (the unweighted loss, bit for bit);
+* ``"top_fraction"``: the ``k = max(1, round(fraction * n))`` brightest voxels
+  of each sample (``n`` voxels per sample, all non-batch axes together) get
+  ``weight``, the rest 1. Ties at the cut are broken by the flat voxel index
+  (the lower index is emphasised first), so exactly ``k`` voxels are emphasised;
+* ``"smooth"``: ``w = 1 + weight * relu((x - q) / (max - q))`` with ``q`` the
+  value of the ``k``-th brightest voxel and ``max`` the sample's maximum: 1 at
+  and below the cut, rising linearly to ``1 + weight`` at the brightest voxel
+  (a flat sample, ``max == q``, gets all 1).
+
+``normalise=True`` divides each sample's map by its mean, so the loss keeps
+the scale of the unweighted one (relevant for NAWS, whose learnt variances
+absorb the loss scale, and for learning rates tuned without emphasis).
+
+The weights carry no gradient; :func:`weighted_mse` / :func:`weighted_l1`
+apply them. Their ``reduction="none"`` returns one value per sample, the
+mean over the other axes, like :func:`mmdm.losses.hybrid.hybrid_loss`; with
+all weights 1 both equal the unweighted losses exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from mmdm.config import ConfigError
+
+#: Weight-map kinds of :class:`EmphasisConfig`.
+EMPHASIS_KINDS = ("none", "top_fraction", "smooth")
+#: Reductions of :func:`weighted_mse` / :func:`weighted_l1`.
+REDUCTIONS = ("mean", "none", "sum")
+
+
+@dataclass
+class EmphasisConfig:
+    """How strongly the target's bright sparse structures weigh in a per-pixel loss (issue #15).
+
+    ``kind``: one of :data:`EMPHASIS_KINDS`. ``fraction``: the share of each
+    sample's voxels that counts as bright (0.01 = the brightest 1 %).
+    ``weight``: the weight of those voxels (``top_fraction``) or the extra
+    weight at the sample's maximum (``smooth``); the other voxels weigh 1.
+    ``normalise``: divide each sample's map by its mean. Checked on creation
+    (:meth:`validate`).
+    """
+
+    kind: str = "none"
+    fraction: float = 0.01
+    weight: float = 20.0
+    normalise: bool = False
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> "EmphasisConfig":
+        """Raise :class:`ConfigError` for a setting that cannot work; returns ``self``."""
+        if self.kind not in EMPHASIS_KINDS:
+            raise ConfigError(f"EmphasisConfig.kind is '{self.kind}'; choose one of {list(EMPHASIS_KINDS)} "
+                              "('none' keeps the unweighted loss)")
+        if isinstance(self.fraction, bool) or not isinstance(self.fraction, (int, float)) \
+                or not 0.0 < float(self.fraction) < 1.0:
+            raise ConfigError(f"EmphasisConfig.fraction must lie strictly between 0 and 1 (the share of each "
+                              f"sample's voxels to emphasise, e.g. 0.01), got {self.fraction!r}")
+        if isinstance(self.weight, bool) or not isinstance(self.weight, (int, float)) \
+                or not float(self.weight) >= 0.0 or float(self.weight) == float("inf"):
+            raise ConfigError(f"EmphasisConfig.weight must be a finite number >= 0 (e.g. 20: the bright voxels "
+                              f"weigh 20, the others 1), got {self.weight!r}")
+        if not isinstance(self.normalise, bool):
+            raise ConfigError(f"EmphasisConfig.normalise must be true or false, got {self.normalise!r}")
+        return self
+
+    @property
+    def active(self) -> bool:
+        """Whether the map can differ from all ones."""
+        return self.kind != "none"
+
+
+def n_emphasised(n_voxels: int, fraction: float) -> int:
+    """Voxels per sample that count as bright: ``max(1, round(fraction * n_voxels))`` (at most ``n_voxels``)."""
+    if n_voxels < 1:
+        raise ValueError(f"a sample needs at least one voxel, got {n_voxels}")
+    return int(min(n_voxels, max(1, round(fraction * n_voxels))))
+
+
+def _check_target(target: Tensor) -> Tensor:
+    if not isinstance(target, Tensor):
+        raise TypeError(f"emphasis_weights: target must be a torch.Tensor of shape (B, ...), got {type(target)}")
+    if target.ndim < 2:
+        raise ValueError(f"emphasis_weights: target must have a batch axis and at least one more axis, "
+                         f"(B, ...), got shape {tuple(target.shape)}")
+    if not target.is_floating_point():
+        raise TypeError(f"emphasis_weights: target must be a floating-point tensor, got {target.dtype}")
+    return target
+
+
+def emphasis_weights(target: Tensor, cfg: EmphasisConfig) -> Tensor:
+    """Per-voxel weights of shape ``target.shape`` from the target image only, per sample (see module doc).
+
+    The result is detached (no gradient flows into the weights) and has the
+    target's dtype and device.
+    """
+    t = _check_target(target).detach()
+    if not cfg.active:
+        return torch.ones_like(t)
+    flat = t.flatten(1)
+    k = n_emphasised(flat.shape[1], cfg.fraction)
+    # stable descending sort: among equal values the lower flat index comes first -> deterministic ties
+    vals, order = torch.sort(flat, dim=1, descending=True, stable=True)
+    w = torch.ones_like(flat)
+    if cfg.kind == "top_fraction":
+        w.scatter_(1, order[:, :k], float(cfg.weight))
+    else:  # smooth
+        q, mx = vals[:, k - 1:k], vals[:, :1]
+        span = mx - q
+        ramp = torch.where(span > 0, (flat - q) / torch.where(span > 0, span, torch.ones_like(span)),
+                           torch.zeros_like(flat))
+        w = 1.0 + float(cfg.weight) * ramp.clamp(min=0.0)
+    if cfg.normalise:
+        w = w / w.mean(dim=1, keepdim=True)
+    return w.view_as(t)
+
+
+def _reduce(err: Tensor, weights: Tensor | None, reduction: str, name: str) -> Tensor:
+    if weights is not None:
+        try:
+            fits = torch.broadcast_shapes(weights.shape, err.shape) == err.shape
+        except RuntimeError:
+            fits = False
+        if not fits:
+            raise ValueError(f"{name}: weights of shape {tuple(weights.shape)} do not broadcast to the "
+                             f"prediction's shape {tuple(err.shape)}; build them with emphasis_weights(target, cfg)")
+        if torch.any(weights < 0):
+            raise ValueError(f"{name}: negative weights; every voxel's weight must be >= 0")
+        err = err * weights
+    if reduction == "mean":
+        return err.mean()
+    if reduction == "sum":
+        return err.sum()
+    if reduction == "none":
+        return err.flatten(1).mean(1) if err.ndim > 1 else err
+    raise ValueError(f"{name}: unknown reduction {reduction!r}; use one of {list(REDUCTIONS)} "
+                     "('none': one value per sample, shape (B,))")
+
+
+def _check_pair(pred: Tensor, target: Tensor, name: str) -> None:
+    if pred.shape != target.shape:
+        raise ValueError(f"{name}: prediction {tuple(pred.shape)} and target {tuple(target.shape)} differ in shape")
+
+
+def weighted_mse(pred: Tensor, target: Tensor, weights: Tensor | None = None, reduction: str = "mean") -> Tensor:
+    """``mean(w * (pred - target)^2)``: over everything (``"mean"``), per sample (``"none"``, shape (B,)) or summed.
+
+    The mean divides by the number of voxels, not by the sum of the weights,
+    so ``weights=None`` or all ones is the plain MSE of
+    :func:`mmdm.losses.hybrid.hybrid_loss` exactly.
+    """
+    _check_pair(pred, target, "weighted_mse")
+    return _reduce((pred - target).pow(2), weights, reduction, "weighted_mse")
+
+
+def weighted_l1(pred: Tensor, target: Tensor, weights: Tensor | None = None, reduction: str = "mean") -> Tensor:
+    """``mean(w * |pred - target|)``, reductions as :func:`weighted_mse` (for the GANs' L1 term)."""
+    _check_pair(pred, target, "weighted_l1")
+    return _reduce((pred - target).abs(), weights, reduction, "weighted_l1")
+
+
+def emphasised_loss(pred: Tensor, target: Tensor, cfg: EmphasisConfig, base: str = "mse",
+                    reduction: str = "mean") -> Tensor:
+    """The per-pixel term with emphasis: :func:`weighted_mse` (``base="mse"``) or :func:`weighted_l1` (``"l1"``)
+    with :func:`emphasis_weights` of ``target``."""
+    fns = {"mse": weighted_mse, "l1": weighted_l1}
+    if base not in fns:
+        raise ValueError(f"emphasised_loss: base must be one of {sorted(fns)}, got {base!r}")
+    weights = emphasis_weights(target, cfg) if cfg.active else None
+    return fns[base](pred, target, weights, reduction)
