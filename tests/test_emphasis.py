@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -177,3 +179,57 @@ def test_bad_inputs_raise():
         weighted_mse(torch.ones(2, 3), torch.ones(2, 3), reduction="batchmean")
     with pytest.raises(ValueError, match="base must be one of"):
         emphasised_loss(torch.ones(2, 3), torch.ones(2, 3), cfg, base="huber")
+
+
+# -- steerable (Gaussian-derivative) feature matching, Olut et al. 2018 ---------------------------------------
+from mmdm.losses.emphasis import gaussian_derivative_kernels, steerable_loss, steerable_responses  # noqa: E402
+
+
+def test_derivative_filters_measure_slopes_and_curvatures():
+    k = gaussian_derivative_kernels(1.5, torch.float64)
+    assert k.shape == (5, 1, 11, 11)
+    torch.testing.assert_close(k.sum((1, 2, 3)), torch.zeros(5, dtype=torch.float64), rtol=0, atol=1e-12)
+    i = torch.arange(40, dtype=torch.float64)
+    ramp = (0.3 * i)[:, None].expand(40, 40)[None, None]      # f = 0.3 * h
+    quad = (0.5 * i * i)[:, None].expand(40, 40)[None, None]  # f = 0.5 * h^2 -> f'' = 1
+    r_ramp = steerable_responses(ramp, (1.5,))[0, :, 20, 20]
+    r_quad = steerable_responses(quad, (1.5,))[0, :, 20, 20]
+    assert r_ramp[0].item() == pytest.approx(-0.3, rel=1e-2)  # first order along H (sign of correlation)
+    assert r_ramp[1:].abs().max().item() < 1e-9               # nothing along W, no curvature
+    assert r_quad[2].item() == pytest.approx(1.0, rel=2e-2)   # d2/dH2
+    assert r_quad[3:].abs().max().item() < 1e-9
+
+
+def test_steerable_loss_ignores_offsets_and_sees_a_missing_vessel_that_mse_cannot_tell_apart():
+    target = torch.zeros(1, 5, 32, 32, dtype=torch.float64)
+    target[:, :, 8:24, 15:17] = 1.0  # a thin bright vessel: 5 x 16 x 2 = 160 voxels of 5120
+    missing = torch.zeros_like(target)  # the vessel is absent
+    mse_missing = weighted_mse(missing, target).item()
+    offset = target + math.sqrt(mse_missing)  # a uniform offset with exactly the same MSE
+    assert weighted_mse(offset, target).item() == pytest.approx(mse_missing)
+    assert steerable_loss(target, target).item() == 0.0
+    assert steerable_loss(offset, target).item() < 1e-12
+    assert steerable_loss(missing, target).item() > 1e-5
+    cfg = EmphasisConfig(kind="steerable", weight=1.0)
+    assert emphasised_loss(missing, target, cfg).item() > emphasised_loss(offset, target, cfg).item()
+    assert torch.equal(emphasis_weights(target, cfg), torch.ones_like(target))  # no weight map for this kind
+    # per-sample reduction
+    both = torch.cat([missing, offset])
+    per = steerable_loss(both, torch.cat([target, target]), reduction="none")
+    assert per.shape == (2,) and per[0] > 1e-5 and per[1] < 1e-12
+
+
+def test_steerable_loss_is_invariant_to_rotating_both_images_by_90_degrees():
+    p = torch.rand(2, 3, 24, 24, generator=_gen(9), dtype=torch.float64)
+    t = torch.rand(2, 3, 24, 24, generator=_gen(10), dtype=torch.float64)
+    a = steerable_loss(p, t, reduction="none")
+    b = steerable_loss(p.rot90(1, (-2, -1)), t.rot90(1, (-2, -1)), reduction="none")
+    torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("bad, match", [({"sigmas": ()}, "sigmas must be one or more"),
+                                        ({"sigmas": (1.0, -2.0)}, "sigmas must be one or more"),
+                                        ({"delta": 0.0}, "delta")])
+def test_bad_steerable_settings_raise(bad, match):
+    with pytest.raises(ConfigError, match=match):
+        EmphasisConfig(kind="steerable", **bad)
