@@ -233,3 +233,13 @@ def test_steerable_loss_is_invariant_to_rotating_both_images_by_90_degrees():
 def test_bad_steerable_settings_raise(bad, match):
     with pytest.raises(ConfigError, match=match):
         EmphasisConfig(kind="steerable", **bad)
+
+
+def test_separable_responses_equal_the_2d_kernels():
+    x = torch.rand(2, 3, 20, 17, generator=_gen(11), dtype=torch.float64)
+    for sigma in (0.7, 2.0):
+        k = gaussian_derivative_kernels(sigma, torch.float64)
+        r = k.shape[-1] // 2
+        planes = torch.nn.functional.pad(x.reshape(-1, 1, 20, 17), (r, r, r, r), mode="replicate")
+        ref = torch.nn.functional.conv2d(planes, k).reshape(2, -1, 20, 17)
+        torch.testing.assert_close(steerable_responses(x, (sigma,)), ref)

@@ -154,13 +154,16 @@ def emphasis_weights(target: Tensor, cfg: EmphasisConfig) -> Tensor:
         return torch.ones_like(t)
     flat = t.flatten(1)
     k = n_emphasised(flat.shape[1], cfg.fraction)
-    # stable descending sort: among equal values the lower flat index comes first -> deterministic ties
-    vals, order = torch.sort(flat, dim=1, descending=True, stable=True)
-    w = torch.ones_like(flat)
+    q = torch.topk(flat, k, dim=1).values[:, -1:]  # the k-th brightest value of each sample
     if cfg.kind == "top_fraction":
-        w.scatter_(1, order[:, :k], float(cfg.weight))
+        above = flat > q
+        tied = flat == q
+        # every voxel above the cut, then the tied ones in flat-index order until k are chosen
+        room = k - above.sum(1, keepdim=True)
+        chosen = above | (tied & (tied.cumsum(1) <= room))
+        w = torch.where(chosen, torch.full_like(flat, float(cfg.weight)), torch.ones_like(flat))
     else:  # smooth
-        q, mx = vals[:, k - 1:k], vals[:, :1]
+        mx = flat.amax(1, keepdim=True)
         span = mx - q
         ramp = torch.where(span > 0, (flat - q) / torch.where(span > 0, span, torch.ones_like(span)),
                            torch.zeros_like(flat))
@@ -214,6 +217,19 @@ def weighted_l1(pred: Tensor, target: Tensor, weights: Tensor | None = None, red
     return _reduce((pred - target).abs(), weights, reduction, "weighted_l1")
 
 
+def _derivative_taps(sigma: float) -> tuple[Tensor, Tensor, Tensor]:
+    """1D sampled Gaussian (sum 1) and its first and second derivatives (zero sum), float64."""
+    if not sigma > 0:
+        raise ValueError(f"sigma must be positive, got {sigma}")
+    r = max(1, math.ceil(3.0 * sigma))
+    x = torch.arange(-r, r + 1, dtype=torch.float64)
+    g = torch.exp(-x * x / (2 * sigma * sigma))
+    g = g / g.sum()
+    d1 = -x / sigma ** 2 * g
+    d2 = (x * x / sigma ** 4 - 1 / sigma ** 2) * g
+    return g, d1 - d1.mean(), d2 - d2.mean()  # exact zero sum after sampling
+
+
 def gaussian_derivative_kernels(sigma: float, dtype: torch.dtype = torch.float32,
                                 device: torch.device | str | None = None) -> Tensor:
     """In-plane Gaussian derivative filters ``(5, 1, n, n)``: d/dH, d/dW, d2/dH2, d2/dHdW, d2/dW2.
@@ -226,15 +242,7 @@ def gaussian_derivative_kernels(sigma: float, dtype: torch.dtype = torch.float32
     sum 1 and every derivative kernel has zero sum, so a constant image
     responds with 0.
     """
-    if not sigma > 0:
-        raise ValueError(f"sigma must be positive, got {sigma}")
-    r = max(1, math.ceil(3.0 * sigma))
-    x = torch.arange(-r, r + 1, dtype=torch.float64)
-    g = torch.exp(-x * x / (2 * sigma * sigma))
-    g = g / g.sum()
-    d1 = -x / sigma ** 2 * g
-    d2 = (x * x / sigma ** 4 - 1 / sigma ** 2) * g
-    d1, d2 = d1 - d1.mean(), d2 - d2.mean()  # exact zero sum after sampling
+    g, d1, d2 = _derivative_taps(sigma)
     outer = torch.outer
     k = torch.stack([outer(d1, g), outer(g, d1), outer(d2, g), outer(d1, d1), outer(g, d2)])
     return k[:, None].to(dtype=dtype, device=device)
@@ -244,7 +252,8 @@ def steerable_responses(x: Tensor, sigmas: tuple[float, ...] = (1.0, 2.0)) -> Te
     """Gaussian-derivative responses of every (H, W) plane of ``x`` (B, ..., H, W): (B, P * 5 * len(sigmas), H, W).
 
     Planes (e.g. the K slices of a window) are filtered independently with
-    replicate padding.
+    replicate padding; the filters of :func:`gaussian_derivative_kernels`,
+    applied separably (three 1D passes along H, five along W).
     """
     if x.ndim < 3:
         raise ValueError(f"steerable_responses: x must be (B, ..., H, W), got shape {tuple(x.shape)}")
@@ -252,12 +261,18 @@ def steerable_responses(x: Tensor, sigmas: tuple[float, ...] = (1.0, 2.0)) -> Te
     planes = x.reshape(-1, 1, h, w)
     out = []
     for s in sigmas:
-        k = gaussian_derivative_kernels(s, x.dtype, x.device)
-        r = k.shape[-1] // 2
+        g, d1, d2 = (v.to(dtype=x.dtype, device=x.device) for v in _derivative_taps(s))
+        n = g.numel()
+        r = n // 2
         if r >= h or r >= w:
             raise ValueError(f"steerable_responses: a filter of radius {r} (sigma {s}) does not fit planes of "
                              f"{h}x{w}; use smaller sigmas")
-        out.append(F.conv2d(F.pad(planes, (r, r, r, r), mode="replicate"), k))
+        padded = F.pad(planes, (r, r, r, r), mode="replicate")
+        along_h = F.conv2d(padded, torch.stack([g, d1, d2]).view(3, 1, n, 1))  # (P, [g, d1, d2], H, W + 2r)
+        # W pass: (d1, g), (g, d1), (d2, g), (d1, d1), (g, d2) as (H-filter, W-filter)
+        pick = along_h[:, [1, 0, 2, 1, 0]]
+        along_w = torch.stack([g, d1, g, d1, d2]).view(5, 1, 1, n)
+        out.append(F.conv2d(pick, along_w, groups=5))
     return torch.cat(out, 1).reshape(b, -1, h, w)
 
 
