@@ -122,6 +122,15 @@ def test_phantom_scores_use_fraction_above_a_half_and_exclude_any_lumen():
     assert s["mask_source"] == "ground_truth"
     # the rim and (2,2,2) are excluded -> background is exactly 0.2 / 0.3
     assert s["background_pred"] == pytest.approx(0.2) and s["contrast_recovery"] == pytest.approx(0.5)
+    # lumen outside the brain counts unless restricted: a lumen voxel outside the brain, predicted dark
+    vf[0, 0, 0] = 0.9
+    pred[0, 0, 0] = 0.2
+    target[0, 0, 0] = 0.9
+    full = phantom_vessel_scores(pred, target, vf, brain, margin=0)
+    inside = phantom_vessel_scores(pred, target, vf, brain, margin=0, lumen_in_brain=True)
+    assert full["lumen_voxels"] == 11 and inside["lumen_voxels"] == 10
+    assert inside["contrast_recovery"] == pytest.approx(0.5)
+    assert full["contrast_recovery"] == pytest.approx(((10 * 0.5 + 0.2) / 11 - 0.2) / (0.9 - 0.3))
 
 
 def test_torch_inputs_are_accepted():
