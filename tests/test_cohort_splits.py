@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from mmdm.config import ConfigError, from_dict, to_dict
-from mmdm.data.layout import Layout, make_splits, subject_id
+from mmdm.data.layout import DatasetError, Layout, make_splits, subject_id
 from mmdm.data.phantom import PROFILES, PhantomConfig, build_cohort
-from mmdm.data.phantom.cohort import _config_record, _streams, cohort_splits
+from mmdm.data.phantom.cohort import _config_record, _same_record, _streams, cohort_splits
 from mmdm.data.volumes import load_volume
 from mmdm.paths import repo_root
 
@@ -47,11 +47,14 @@ def test_the_first_40_subjects_have_identical_generation_inputs():
             assert np.array_equal(a[name].random(4), b[name].random(4)), (i, name)
 
 
-def test_a_cohort_without_extra_subjects_keeps_its_config_record():
-    """A quick cohort built before the field existed is still recognised as the same config by build_cohort."""
-    rec = _config_record(QUICK)["config"]
-    assert "extra_test_subjects" not in rec
-    assert set(rec) == {f.name for f in dataclasses.fields(PhantomConfig)} - {"extra_test_subjects"}
+def test_a_cohort_built_before_the_field_existed_is_still_recognised():
+    """A quick cohort's record written before extra_test_subjects existed describes the same config."""
+    new = json.loads(json.dumps(_config_record(QUICK)))
+    old = {**new, "config": {k: v for k, v in new["config"].items() if k != "extra_test_subjects"}}
+    assert _same_record(old, new)
+    assert not _same_record(old, json.loads(json.dumps(_config_record(STANDARD))))
+    changed = {**old, "config": {**old["config"], "seed": 5}}
+    assert not _same_record(changed, new)
     assert _config_record(STANDARD)["config"]["extra_test_subjects"] == STANDARD.extra_test_subjects
     assert from_dict(PhantomConfig, to_dict(STANDARD)) == STANDARD
 
@@ -90,6 +93,10 @@ def test_build_cohort_writes_test_only_subjects_identical_to_the_same_index(tiny
             b = load_volume(tiny_cohort / sub / "anat" / f"{sub}_{mod}.nii.gz")
             assert np.array_equal(a.data, b.data) and np.array_equal(a.affine, b.affine), (sub, mod)
     # a rebuild with the same config is recognised and skipped; the record carries the field
-    desc = json.loads((root / "dataset_description.json").read_text())
+    desc_path = root / "dataset_description.json"
+    desc = json.loads(desc_path.read_text())
     assert desc["GeneratedBy"][0]["Parameters"]["config"]["extra_test_subjects"] == 1
-    assert build_cohort(root, cfg, progress=False) == root
+    stamp = desc_path.stat().st_mtime_ns
+    assert build_cohort(root, cfg, progress=False) == root and desc_path.stat().st_mtime_ns == stamp
+    with pytest.raises(DatasetError, match="different configuration"):
+        build_cohort(root, dataclasses.replace(cfg, extra_test_subjects=2), progress=False)

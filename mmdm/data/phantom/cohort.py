@@ -333,10 +333,19 @@ def cohort_splits(cfg: PhantomConfig) -> dict[str, list[str]]:
 
 
 def _config_record(cfg: PhantomConfig) -> dict:
-    config = to_dict(cfg)
-    if not cfg.extra_test_subjects:  # cohorts built before the field existed keep their record
-        config.pop("extra_test_subjects")
-    return {"generator": GENERATOR, "version": GENERATOR_VERSION, "config": config}
+    return {"generator": GENERATOR, "version": GENERATOR_VERSION, "config": to_dict(cfg)}
+
+
+#: Config fields added after cohorts were built, with the value that reproduces those cohorts.
+_ADDED_FIELDS = {"extra_test_subjects": 0}
+
+
+def _same_record(old: Any, new: dict) -> bool:
+    """Whether a cohort's stored record describes the config ``new``; a record written before a field of
+    :data:`_ADDED_FIELDS` existed counts as having its default (the data it made is the same)."""
+    if isinstance(old, dict) and isinstance(old.get("config"), dict):
+        old = {**old, "config": {**_ADDED_FIELDS, **old["config"]}}
+    return old == new
 
 
 def _tsv(rows: list[dict]) -> str:
@@ -371,13 +380,13 @@ def build_cohort(out_dir: str | Path, cfg: PhantomConfig | str = "quick", n_subj
             old = json.loads(desc.read_text()).get("GeneratedBy", [{}])[0].get("Parameters")
         except (json.JSONDecodeError, IndexError, AttributeError):
             old = None
-        if old == record:
+        if _same_record(old, record):
             print(f"{root}: a complete phantom cohort with this config already exists; skipping "
                   "(pass overwrite=True / --overwrite to rebuild).")
             return root
         raise DatasetError(f"{root} already holds a dataset made with a different configuration. "
                            "Choose another output folder or pass overwrite=True (--overwrite) to replace it.")
-    elif state.exists() and json.loads(state.read_text()) != record:
+    elif state.exists() and not _same_record(json.loads(state.read_text()), record):
         raise DatasetError(f"{root} holds an unfinished phantom cohort made with a different configuration. "
                            "Choose another output folder or pass overwrite=True (--overwrite) to replace it.")
     write_json(state, record)
