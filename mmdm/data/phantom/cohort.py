@@ -13,6 +13,11 @@ change the others:
 4. contrast: each voxel's signal is the fraction-weighted sum of its tissues'
    signals from the sequence equations (``physics.py``), with flow effects for blood;
 5. a smooth multiplicative bias field and Rician noise per modality.
+
+The split (:func:`cohort_splits`) is drawn over the first ``n_subjects``;
+``extra_test_subjects`` appends test-only subjects with the next indices, so a
+cohort can gain test subjects while every existing subject and its split stay
+the same (the ``standard`` cohort: the ``quick`` one plus 8, issue #15).
 """
 
 from __future__ import annotations
@@ -47,6 +52,9 @@ class PhantomConfig:
 
     name: str = "quick"
     n_subjects: int = 40
+    #: test-only subjects appended after the ``n_subjects`` split ones (indices ``n_subjects ..``): they enlarge
+    #: the test split without changing any existing subject or the train/val/test split of the first ones
+    extra_test_subjects: int = 0
     resolution: float = 2.0  # mm, isotropic
     seed: int = 0
     split_seed: int = 0
@@ -87,16 +95,28 @@ class PhantomConfig:
     def __post_init__(self) -> None:
         if self.n_subjects < 1:
             raise ConfigError(f"PhantomConfig.n_subjects must be >= 1, got {self.n_subjects}")
+        if isinstance(self.extra_test_subjects, bool) or not isinstance(self.extra_test_subjects, int) \
+                or self.extra_test_subjects < 0:
+            raise ConfigError(f"PhantomConfig.extra_test_subjects must be an integer >= 0 (test-only subjects "
+                              f"added after the split ones), got {self.extra_test_subjects!r}")
         if self.resolution <= 0:
             raise ConfigError(f"PhantomConfig.resolution must be a positive number of mm, got {self.resolution}")
         missing = {"GM", "WM", "CSF", "blood", "lesion", "extracerebral"} - set(self.tissues)
         if missing:
             raise ConfigError(f"PhantomConfig.tissues lacks {sorted(missing)}; give T1/T2/PD for every tissue")
 
+    @property
+    def total_subjects(self) -> int:
+        """Subjects written: the ``n_subjects`` split ones plus the ``extra_test_subjects``."""
+        return self.n_subjects + self.extra_test_subjects
+
 
 PROFILES: dict[str, PhantomConfig] = {
     "tiny": PhantomConfig(name="tiny", n_subjects=6, resolution=4.0, r_min_mm=0.4),
     "quick": PhantomConfig(name="quick", n_subjects=40, resolution=2.0),
+    # the quick cohort's 40 subjects (same data, same 28/4/8 split) plus 8 test-only subjects: 16 test
+    # subjects, enough for a Wilcoxon/Holm family of comparisons to reach significance (issue #15)
+    "standard": PhantomConfig(name="standard", n_subjects=40, resolution=2.0, extra_test_subjects=8),
     "paper": PhantomConfig(name="paper", n_subjects=140, resolution=1.0),
 }
 
@@ -304,8 +324,28 @@ def _one(args: tuple[int, PhantomConfig, str]) -> dict[str, Any]:
     return subj.params
 
 
+def cohort_splits(cfg: PhantomConfig) -> dict[str, list[str]]:
+    """The cohort's split: :func:`make_splits` of the first ``n_subjects`` (seed ``split_seed``), then every
+    ``extra_test_subjects`` subject in ``test`` only, so adding them changes no existing assignment."""
+    split = make_splits([subject_id(i + 1) for i in range(cfg.n_subjects)], seed=cfg.split_seed)
+    split["test"] = sorted(split["test"] + [subject_id(i + 1) for i in range(cfg.n_subjects, cfg.total_subjects)])
+    return split
+
+
 def _config_record(cfg: PhantomConfig) -> dict:
     return {"generator": GENERATOR, "version": GENERATOR_VERSION, "config": to_dict(cfg)}
+
+
+#: Config fields added after cohorts were built, with the value that reproduces those cohorts.
+_ADDED_FIELDS = {"extra_test_subjects": 0}
+
+
+def _same_record(old: Any, new: dict) -> bool:
+    """Whether a cohort's stored record describes the config ``new``; a record written before a field of
+    :data:`_ADDED_FIELDS` existed counts as having its default (the data it made is the same)."""
+    if isinstance(old, dict) and isinstance(old.get("config"), dict):
+        old = {**old, "config": {**_ADDED_FIELDS, **old["config"]}}
+    return old == new
 
 
 def _tsv(rows: list[dict]) -> str:
@@ -340,21 +380,21 @@ def build_cohort(out_dir: str | Path, cfg: PhantomConfig | str = "quick", n_subj
             old = json.loads(desc.read_text()).get("GeneratedBy", [{}])[0].get("Parameters")
         except (json.JSONDecodeError, IndexError, AttributeError):
             old = None
-        if old == record:
+        if _same_record(old, record):
             print(f"{root}: a complete phantom cohort with this config already exists; skipping "
                   "(pass overwrite=True / --overwrite to rebuild).")
             return root
         raise DatasetError(f"{root} already holds a dataset made with a different configuration. "
                            "Choose another output folder or pass overwrite=True (--overwrite) to replace it.")
-    elif state.exists() and json.loads(state.read_text()) != record:
+    elif state.exists() and not _same_record(json.loads(state.read_text()), record):
         raise DatasetError(f"{root} holds an unfinished phantom cohort made with a different configuration. "
                            "Choose another output folder or pass overwrite=True (--overwrite) to replace it.")
     write_json(state, record)
-    todo = [i for i in range(cfg.n_subjects)
+    todo = [i for i in range(cfg.total_subjects)
             if not subject_files(root, subject_id(i + 1))["centerlines"].exists()
             or not (root / "derivatives" / PIPELINE / subject_id(i + 1) / f"{subject_id(i + 1)}_params.json").exists()]
     jobs = [(i, cfg, str(root)) for i in todo]
-    bar = tqdm(total=cfg.n_subjects, initial=cfg.n_subjects - len(todo), desc=f"phantom {cfg.name}",
+    bar = tqdm(total=cfg.total_subjects, initial=cfg.total_subjects - len(todo), desc=f"phantom {cfg.name}",
                unit="subject", disable=not progress)
     if workers > 1 and len(jobs) > 1:
         import multiprocessing as mp
@@ -368,12 +408,11 @@ def build_cohort(out_dir: str | Path, cfg: PhantomConfig | str = "quick", n_subj
             bar.update()
     bar.close()
     rows = []
-    for i in range(cfg.n_subjects):
+    for i in range(cfg.total_subjects):
         sub = subject_id(i + 1)
         rows.append(json.loads((root / "derivatives" / PIPELINE / sub / f"{sub}_params.json").read_text()))
     write_text(root / "participants.tsv", _tsv(rows))
-    subjects = [r["participant_id"] for r in rows]
-    write_json(root / "splits.json", make_splits(subjects, seed=cfg.split_seed))
+    write_json(root / "splits.json", cohort_splits(cfg))
     write_dataset_description(
         root, name=f"MMDM-study digital phantom ({cfg.name})",
         description=("SIMULATED data, not patient data: a digital phantom cohort built on the MNI152 2009a "
