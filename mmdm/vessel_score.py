@@ -40,7 +40,6 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from mmdm.losses.emphasis import n_emphasised
 
 #: The phantom's lumen: voxels whose vessel (partial-volume) fraction exceeds this.
 LUMEN_FRACTION = 0.5
@@ -51,6 +50,13 @@ VESSEL_SCORE_KEYS = ("contrast_recovery", "vessel_psnr", "lumen_pred", "lumen_ta
                      "background_target", "lumen_voxels", "background_voxels")
 MASK_SOURCES = ("ground_truth", "bright_target")
 
+
+
+def n_emphasised(n_voxels: int, fraction: float) -> int:
+    """Voxels per sample that count as bright: ``max(1, round(fraction * n_voxels))`` (at most ``n_voxels``)."""
+    if n_voxels < 1:
+        raise ValueError(f"a sample needs at least one voxel, got {n_voxels}")
+    return int(min(n_voxels, max(1, round(fraction * n_voxels))))
 
 def _volume(x: Any, name: str) -> np.ndarray:
     if hasattr(x, "detach"):  # torch tensor
@@ -100,7 +106,7 @@ def bright_mask(target: Any, brain_mask: Any = None, fraction: float = DEFAULT_B
     """The brightest ``fraction`` of the target's voxels inside ``brain_mask`` (whole volume without one).
 
     Exactly ``max(1, round(fraction * n_brain))`` voxels (the rule of
-    :func:`mmdm.losses.emphasis.n_emphasised`); ties at the cut go to the lower
+    :func:`n_emphasised`); ties at the cut go to the lower
     flat index. For data without vessel ground truth: pass the **real** TOF.
     """
     t = _volume(target, "target")

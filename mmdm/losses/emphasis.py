@@ -56,6 +56,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mmdm.config import ConfigError
+from mmdm.vessel_score import n_emphasised
 
 #: Weight-map kinds of :class:`EmphasisConfig`.
 EMPHASIS_KINDS = ("none", "top_fraction", "smooth", "steerable")
@@ -123,13 +124,6 @@ class EmphasisConfig:
     def has_map(self) -> bool:
         """Whether :func:`emphasis_weights` can differ from all ones."""
         return self.kind in MAP_KINDS
-
-
-def n_emphasised(n_voxels: int, fraction: float) -> int:
-    """Voxels per sample that count as bright: ``max(1, round(fraction * n_voxels))`` (at most ``n_voxels``)."""
-    if n_voxels < 1:
-        raise ValueError(f"a sample needs at least one voxel, got {n_voxels}")
-    return int(min(n_voxels, max(1, round(fraction * n_voxels))))
 
 
 def _check_target(target: Tensor) -> Tensor:
