@@ -4,6 +4,7 @@ import os
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 import pytest
+import torch
 
 
 @pytest.fixture(scope="session")
@@ -12,3 +13,13 @@ def tiny_cohort(tmp_path_factory):
     from mmdm.data.phantom import build_cohort
 
     return build_cohort(tmp_path_factory.mktemp("tiny-cohort") / "phantom", "tiny", n_subjects=3, progress=False)
+
+
+@pytest.fixture()
+def one_thread():
+    """Single-threaded torch for the test: small models gain nothing from threads, and thread
+    oversubscription makes them many times slower when other processes share the cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

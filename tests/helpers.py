@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import shutil
 from pathlib import Path
+from typing import Iterator
 
 import nibabel as nib
 import numpy as np
@@ -35,3 +39,30 @@ def make_dataset(root: Path, n: int = 5, shape=(16, 16, 12)) -> dict:
     splits = {"train": subjects[:-2], "val": subjects[-2:-1], "test": subjects[-1:]}
     (root / "splits.json").write_text(json.dumps(splits))
     return data
+
+
+#: what a study needs from the checkout (the package itself is installed)
+STUDY_SOURCES = ("_config.yml", "_toc.yml", "book", "data_cards", "notebooks", "pyproject.toml")
+
+
+@contextlib.contextmanager
+def study_copy(work: Path, repo: Path, cohorts: dict[str, Path] | None = None) -> Iterator[Path]:
+    """A copy of the repository's study sources in ``work``, each of ``cohorts`` linked as
+    ``data/<name>`` (e.g. ``{"phantom-tiny": path}``), and ``MMDM_ROOT`` pointing at the copy
+    for the duration of the block."""
+    for name in STUDY_SOURCES:
+        src = repo / name
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, work / name)
+    shutil.rmtree(work / "book" / "generated", ignore_errors=True)
+    for name, path in (cohorts or {}).items():
+        (work / "data").mkdir(exist_ok=True)
+        os.symlink(path, work / "data" / name)
+    old = os.environ.get("MMDM_ROOT")
+    os.environ["MMDM_ROOT"] = str(work)
+    try:
+        yield work
+    finally:
+        if old is None:
+            os.environ.pop("MMDM_ROOT", None)
+        else:
+            os.environ["MMDM_ROOT"] = old

@@ -36,13 +36,7 @@ TINY = dict(unet={"base": 8, "mult": [1, 2], "num_res_blocks": 1, "attention": F
 T = 1000
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Single-threaded torch: tiny models gain nothing from threads on shared cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _batch(sources=ALL, b=2, k=K, h=16, w=16, seed=0) -> dict:

@@ -32,13 +32,7 @@ CONFIGS = {"pix2pix": Pix2PixConfig, "resvit": ResViTConfig, "unest": UNestConfi
 ALL = ("T1w", "T2w", "FLAIR")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Single-threaded torch: these tiny models gain nothing from threads on shared cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _batch(b=2, k=5, h=32, w=32, seed=0):

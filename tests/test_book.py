@@ -18,6 +18,7 @@ from pathlib import Path
 import pandas as pd
 import papermill as pm
 import pytest
+from helpers import study_copy
 
 ROOT = Path(__file__).resolve().parents[1]
 #: the smoke study (~3.5 min idle, several times that on a busy machine) plus what the test itself does
@@ -61,25 +62,12 @@ def smoke_study(tmp_path_factory, tiny_cohort):
     from mmdm.study.runner import run_study
 
     work = tmp_path_factory.mktemp("study")
-    for name in ("_config.yml", "_toc.yml", "book", "data_cards", "notebooks", "pyproject.toml"):
-        src = ROOT / name
-        (shutil.copytree if src.is_dir() else shutil.copy)(src, work / name)
-    shutil.rmtree(work / "book" / "generated", ignore_errors=True)
-    (work / "data").mkdir()
-    os.symlink(tiny_cohort, work / "data" / "phantom-tiny")
-    old = os.environ.get("MMDM_ROOT")
-    os.environ["MMDM_ROOT"] = str(work)
-    try:
+    with study_copy(work, ROOT, {"phantom-tiny": tiny_cohort}):
         # two runs in parallel (the --jobs path: papermill in subprocesses), then "interrupted"
         first = run_study("smoke", only=["mmdm-full", "pix2pix"], jobs=2, book=False, log=lambda s: None)
         ckpt = sorted((work / "runs" / "smoke" / "mmdm-full" / "checkpoints").glob("*.pt"))[-1]
         stamp = ckpt.stat().st_mtime_ns
         second = run_study("smoke", log=lambda s: None)
-    finally:
-        if old is None:
-            os.environ.pop("MMDM_ROOT", None)
-        else:
-            os.environ["MMDM_ROOT"] = old
     return work, first, second, ckpt, stamp
 
 
@@ -314,24 +302,10 @@ def test_published_book_from_the_committed_records_in_a_real_browser(tmp_path):
         pytest.skip(message)
     work = tmp_path / "repo"
     work.mkdir()
-    for name in ("_config.yml", "_toc.yml", "book", "data_cards", "notebooks", "pyproject.toml"):
-        src = ROOT / name
-        (shutil.copytree if src.is_dir() else shutil.copy)(src, work / name)
-    shutil.rmtree(work / "book" / "generated", ignore_errors=True)
-    shutil.copytree(ROOT / "results" / "standard", work / "results" / "standard")
     cohort = ROOT / "data" / "phantom-quick"
-    if (cohort / "splits.json").is_file():
-        (work / "data").mkdir()
-        os.symlink(cohort, work / "data" / "phantom-quick")
-    old = os.environ.get("MMDM_ROOT")
-    os.environ["MMDM_ROOT"] = str(work)
-    try:
+    with study_copy(work, ROOT, {"phantom-quick": cohort} if (cohort / "splits.json").is_file() else {}):
+        shutil.copytree(ROOT / "results" / "standard", work / "results" / "standard")
         status = run_study("standard", records_only=True, log=lambda s: None)
-    finally:
-        if old is None:
-            os.environ.pop("MMDM_ROOT", None)
-        else:
-            os.environ["MMDM_ROOT"] = old
     assert status == {}  # nothing trained
     html = work / "_build" / "html"
     reports = check_book(html, sorted({str(work), str(ROOT), str(cohort.resolve()), str(Path.home()) + "/"}))

@@ -28,14 +28,7 @@ def _batch(sources=ALL, b=2, k=5, h=16, w=16, seed=0):
     return {"sources": srcs, "target": target}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Single-threaded torch: these small models gain nothing from threads, and thread
-    oversubscription makes them many times slower when other processes share the cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))

@@ -34,12 +34,7 @@ def _t(*values: int) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.long)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------- sizes of the paper configuration

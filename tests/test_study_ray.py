@@ -3,12 +3,12 @@ the same records as the local backend."""
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from helpers import study_copy as copy_of_study
 
 pytest.importorskip("ray")
 
@@ -18,19 +18,8 @@ RUNS = ["mmdm-full", "pix2pix"]
 
 @pytest.fixture()
 def study_copy(tmp_path, tiny_cohort):
-    for name in ("_config.yml", "_toc.yml", "book", "data_cards", "notebooks", "pyproject.toml"):
-        src = ROOT / name
-        (shutil.copytree if src.is_dir() else shutil.copy)(src, tmp_path / name)
-    shutil.rmtree(tmp_path / "book" / "generated", ignore_errors=True)
-    (tmp_path / "data").mkdir()
-    os.symlink(tiny_cohort, tmp_path / "data" / "phantom-tiny")
-    old = os.environ.get("MMDM_ROOT")
-    os.environ["MMDM_ROOT"] = str(tmp_path)
-    yield tmp_path
-    if old is None:
-        os.environ.pop("MMDM_ROOT", None)
-    else:
-        os.environ["MMDM_ROOT"] = old
+    with copy_of_study(tmp_path, ROOT, {"phantom-tiny": tiny_cohort}) as work:
+        yield work
 
 
 @pytest.mark.slow
