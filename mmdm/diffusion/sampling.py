@@ -131,7 +131,7 @@ def reverse_loop(step_fn: StepFn, x_T: S, timesteps: list[int], callback: Callba
         raise ValueError("reverse_loop needs at least one timestep")
     steps = timesteps
     if progress:
-        from tqdm.auto import tqdm
+        from tqdm import tqdm  # not tqdm.auto: in a kernel without ipywidgets it warns with a path on import
 
         steps = tqdm(timesteps, desc=desc, leave=False)
     x: Any = x_T

@@ -31,7 +31,7 @@ import nibabel as nib
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from tqdm import tqdm  # not tqdm.auto: in a kernel without ipywidgets it warns with a path on import
 
 from mmdm.config import load_yaml
 from mmdm.data.dataset import DataConfig, load_subject_volumes, window_starts

@@ -48,7 +48,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
+from tqdm import tqdm  # not tqdm.auto: in a kernel without ipywidgets it warns with a path on import
 
 from mmdm.config import ConfigError, save_yaml, to_dict
 from mmdm.data.dataset import WindowDataset

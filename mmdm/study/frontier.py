@@ -29,7 +29,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm  # not tqdm.auto: in a kernel without ipywidgets it warns with a path on import
 
 from mmdm.data.layout import Layout
 from mmdm.data.volumes import NormConfig
