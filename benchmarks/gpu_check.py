@@ -325,7 +325,7 @@ def synth(c: Check, method, depth: int, steps: int, stride: int, mode: str, bf16
     s, d = c.sizes, c.device
     rng = np.random.default_rng(0)
     vols = {m: rng.random((*s.hw, depth), dtype=np.float32) for m in method.sources}
-    method.cfg.sampling = mode
+    method.sampling_mode = mode
     reset_peak(d)
     with autocast(d, bf16):
         sync(d)
