@@ -52,7 +52,7 @@ if str(ROOT) not in sys.path:
 from mmdm.io import write_json  # noqa: E402
 from mmdm.methods import build_method  # noqa: E402
 from mmdm.methods.mmdm import NAMED_CONFIGS  # noqa: E402
-from mmdm.nets import count_unique_parameters  # noqa: E402
+from mmdm.nets import count_parameters  # noqa: E402
 
 #: MMDM's source modalities, in the order the method uses them
 MODALITIES = ("T1w", "T2w", "FLAIR")
@@ -145,16 +145,16 @@ def bench_one(name: str, size: tuple[int, int], args: argparse.Namespace, device
 
     fwd = fwd_counter.get_total_flops()
     fwd_bwd = 3 * fwd  # estimate; see the module docstring
-    shared = count_unique_parameters(model.time_embed) if model.time_embed is not None else 0
-    branch_params = count_unique_parameters(model.branches[0]) - shared
+    shared = count_parameters(model.time_embed) if model.time_embed is not None else 0
+    branch_params = count_parameters(model.branches[0]) - shared
     tag = f"{name}|{h}x{w}"
     result: dict[str, Any] = {
         "key": f"{tag}|bf16={args.bf16}|channels_last={args.channels_last}|compile={args.compile}",
         "model": name, "height": h, "width": w, "batch": b, "window": win, "n_modalities": m,
         "bf16": args.bf16, "channels_last": args.channels_last, "compile": args.compile,
         "params": {"branch": branch_params, "branches": m * branch_params, "shared_time_embedding": shared,
-                   "fusion": count_unique_parameters(model.fusion) - shared,
-                   "total": count_unique_parameters(model)},
+                   "fusion": count_parameters(model.fusion) - shared,
+                   "total": count_parameters(model)},
         "fwd_gflop_per_window": fwd / b / 1e9,
         "fwd_gflop_per_window_parts": flops_parts,
         "fwd_bwd_gflop_per_window_est": fwd_bwd / b / 1e9,

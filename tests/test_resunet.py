@@ -22,7 +22,7 @@ from mmdm.nets import (
     ResUNet,
     ResUNetConfig,
     channel_attention,
-    count_unique_parameters,
+    count_parameters,
 )
 from mmdm.nets import resunet as resunet_mod
 from mmdm.nets.resunet import global_channel_attention, row_channel_attention
@@ -40,21 +40,21 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 # ---------------------------------------------------------------- sizes of the paper configuration
 def test_paper_configuration_has_the_authors_parameter_counts() -> None:
     model = build_method("mmdm", variant="full", config="paper")
-    total = count_unique_parameters(model)
+    total = count_parameters(model)
     assert abs(total - 19_454_196) <= 0.005 * 19_454_196, total
     assert total == 19_454_196  # the layout is the authors' to the parameter
     for m, branch in model.branches.items():
         assert isinstance(branch, ResUNet)
-        own = count_unique_parameters(branch) - count_unique_parameters(branch.time_embed)
+        own = count_parameters(branch) - count_parameters(branch.time_embed)
         assert own == 2_368_709, (m, own)
-        assert count_unique_parameters(branch.encoder_modules()) == 1_897_368
-        assert count_unique_parameters(branch.head_modules()) == 471_341
+        assert count_parameters(branch.encoder_modules()) == 1_897_368
+        assert count_parameters(branch.head_modules()) == 471_341
     unet = model.fusion.unet
-    assert count_unique_parameters(unet) - count_unique_parameters(unet.time_embed) == 12_293_349
+    assert count_parameters(unet) - count_parameters(unet.time_embed) == 12_293_349
     for block in [*model.fusion.per_modality, model.fusion.mix]:
-        assert count_unique_parameters(block) == 8_495
-    assert count_unique_parameters(model.time_embed) == 20_736
-    assert count_unique_parameters(model.naws) == 4
+        assert count_parameters(block) == 8_495
+    assert count_parameters(model.time_embed) == 20_736
+    assert count_parameters(model.naws) == 4
 
 
 def test_paper_configuration_forward_costs_47_gflop_per_window() -> None:
@@ -74,15 +74,15 @@ def test_small_configuration_is_the_paper_structure_narrower() -> None:
     paper, small = build_method("mmdm", config="paper"), build_method("mmdm", config="small")
     assert [type(b) for b in small.branches.values()] == [type(b) for b in paper.branches.values()]
     assert type(small.fusion.mix) is type(paper.fusion.mix) is DenseRestormerBlock
-    assert count_unique_parameters(small) < count_unique_parameters(paper) / 10
+    assert count_parameters(small) < count_parameters(paper) / 10
     # the depthwise option is the study's earlier model: 13.8 M parameters
     depthwise = build_method("mmdm", config="depthwise")
-    assert count_unique_parameters(depthwise) == pytest.approx(13.8e6, rel=0.005)
+    assert count_parameters(depthwise) == pytest.approx(13.8e6, rel=0.005)
     assert depthwise.time_embed is None
     # the earlier `small` (the committed standard records before the authors' network): same keys and
     # shapes as that code built (checked against its commit once), 1,296,197 parameters
     old_small = build_method("mmdm", config="small-depthwise")
-    assert count_unique_parameters(old_small) == 1_296_197
+    assert count_parameters(old_small) == 1_296_197
     assert old_small.cfg.bridge.sample_steps == 20 and old_small.cfg.branch_net == "restormer"
 
 
@@ -108,7 +108,7 @@ def test_row_attention_is_the_original_restormer_attention() -> None:
 
 def test_blocks_use_dense_convolutions_and_group_norm() -> None:
     block = DenseRestormerBlock(15, 5, groups=5)
-    assert count_unique_parameters(block) == 8_495
+    assert count_parameters(block) == 8_495
     convs = [m for m in block.modules() if isinstance(m, torch.nn.Conv2d)]
     assert all(c.groups == 1 for c in convs)
     assert sum(c.kernel_size == (3, 3) for c in convs) == 3 + 2  # q, k, v; two GDFN paths

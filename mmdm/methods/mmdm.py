@@ -216,7 +216,7 @@ def legacy_config_dict(data: dict[str, Any]) -> dict[str, Any]:
     data = {**data, "branch_net": "restormer", "shared_time_embedding": False}
     fusion = dict(data.get("fusion") or {})
     fusion.setdefault("mixer", "restormer")
-    fusion.setdefault("unet", dataclasses.asdict(UNetConfig(base=32, mult=(1, 4, 8), num_res_blocks=2)))
+    fusion.setdefault("unet", dataclasses.asdict(depthwise_config().fusion.unet))
     data["fusion"] = fusion
     return data
 

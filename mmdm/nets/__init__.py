@@ -23,20 +23,22 @@ from mmdm.nets.resunet import (
     ResUNet,
     ResUNetConfig,
     TimeResBlock,
-    count_unique_parameters,
     global_channel_attention,
 )
 from mmdm.nets.unet import ResBlock, SelfAttention, TimeUNet, UNetConfig
 
 __all__ = [
     "CrossModalFusion", "DenseGDFN", "DenseMDTA", "DenseRestormerBlock", "FusionConfig", "GDFN", "ResUNet",
-    "ResUNetConfig", "TimeResBlock", "count_unique_parameters", "global_channel_attention", "LayerNorm2d", "MDTA", "ResBlock", "RestormerMixer",
+    "ResUNetConfig", "TimeResBlock", "global_channel_attention", "LayerNorm2d", "MDTA", "ResBlock", "RestormerMixer",
     "RestormerUNet", "RestormerUNetConfig", "SelfAttention", "TimeEmbedding", "TimeUNet", "TransformerBlock",
     "UNetConfig", "broadcast_timesteps", "channel_attention", "check_spatial_size", "count_parameters",
     "timestep_embedding",
 ]
 
 
-def count_parameters(module: nn.Module) -> int:
-    """Number of trainable parameters of ``module``."""
-    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+def count_parameters(modules: nn.Module | list[nn.Module]) -> int:
+    """Trainable parameters of a module (or of several), each counted once even where
+    modules share it (e.g. MMDM's one time embedding)."""
+    modules = modules if isinstance(modules, list) else [modules]
+    unique = {id(p): p for m in modules for p in m.parameters() if p.requires_grad}
+    return sum(p.numel() for p in unique.values())

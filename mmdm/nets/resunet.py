@@ -245,10 +245,3 @@ class ResUNet(nn.Module):
                 h = torch.cat([h, skips.pop()], dim=1)
         return self.conv_out(self.final_block(h))
 
-
-def count_unique_parameters(modules: list[nn.Module] | nn.Module) -> int:
-    """Trainable parameters of ``modules`` counted once each (shared modules included once)."""
-    modules = modules if isinstance(modules, list) else [modules]
-    seen = {id(p): p for m in modules for p in m.parameters() if p.requires_grad}
-    return sum(p.numel() for p in seen.values())
-
