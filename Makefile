@@ -9,7 +9,7 @@ PROFILE ?= quick
 # parallel runs of the study (one per GPU; on a CPU the cores are shared out)
 JOBS ?= 1
 # the phantom cohort each study profile uses (mmdm/study/profiles.py)
-COHORT = $(if $(filter smoke,$(PROFILE)),tiny,$(if $(filter paper,$(PROFILE)),paper,quick))
+COHORT = $(if $(filter smoke,$(PROFILE)),tiny,$(if $(filter paper,$(PROFILE)),paper,$(if $(filter standard,$(PROFILE)),standard,quick)))
 DATA ?= data/phantom-$(COHORT)
 WORKERS ?= 2
 

@@ -9,6 +9,7 @@
     mmdm synthesize --run RUN --t1w T1.nii.gz --t2w T2.nii.gz --flair FLAIR.nii.gz --out tof.nii.gz
     mmdm evaluate-run RUN
     mmdm study --profile quick [--only RUN ...] [--device D] [--jobs N]
+    mmdm sweep list | run NAME [--jobs N] | show NAME
 
 Run any subcommand with --help for its options.
 """
@@ -30,7 +31,7 @@ from mmdm.engine.cli import add_evaluate_run_parser, add_synthesize_parser, add_
 from mmdm.io import write_text
 from mmdm.methods import DISPLAY_NAMES, METHODS, deviations_markdown
 from mmdm.metrics import evaluate_files
-from mmdm.study.cli import add_study_parser
+from mmdm.study.cli import add_study_parser, add_sweep_parser
 
 EPILOG = """examples:
   mmdm data phantom --profile quick --out data/phantom-quick
@@ -152,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_evaluate_run_parser(sub)
 
     add_study_parser(sub)
+    add_sweep_parser(sub)
     return p
 
 

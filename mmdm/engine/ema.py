@@ -11,6 +11,9 @@ the trainer state, so a resumed run's average is bit-identical (tested).
 
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 import torch
 from torch import Tensor, nn
 
@@ -43,6 +46,22 @@ class EMA:
                 self.shadow[k].copy_(v)
             else:
                 self.shadow[k].lerp_(v.detach(), 1.0 - self.cfg.decay)
+
+    @contextlib.contextmanager
+    def swapped(self, model: nn.Module) -> Iterator[nn.Module]:
+        """``model`` with the averaged weights inside the block and its own weights restored after
+        (bit for bit), e.g. to validate what evaluation will use (it loads the average)."""
+        state = model.state_dict()
+        saved = {k: state[k].detach().clone() for k in self.shadow if k in state and state[k].shape == self.shadow[k].shape}
+        with torch.no_grad():
+            for k, v in saved.items():
+                state[k].copy_(self.shadow[k])
+        try:
+            yield model
+        finally:
+            with torch.no_grad():
+                for k, v in saved.items():
+                    state[k].copy_(v)
 
     def state_dict(self) -> dict[str, Tensor]:
         return dict(self.shadow)

@@ -14,16 +14,18 @@ from pathlib import Path
 from typing import Any, Callable
 
 from mmdm.config import ConfigError, load_yaml, replace, to_dict
+from mmdm.data.crops import CropConfig
 from mmdm.data.dataset import DataConfig
 from mmdm.engine.checkpoint import CheckpointManager
 from mmdm.engine.rundir import run_paths
+from mmdm.losses.emphasis import EmphasisConfig
 from mmdm.methods import METHODS, SynthesisMethod
 from mmdm.optim import EMAConfig, OptimConfig
 
 #: Keys that may differ between the stored config and the one given on resume
 #: (they change how a run is executed or logged, never its numbers).
 RUNTIME_KEYS = frozenset({"device", "num_workers", "log_every", "image_every", "image_steps", "checkpoint_every",
-                          "keep_last", "val_every", "val_batches", "deterministic"})
+                          "keep_last", "val_every", "val_batches", "val_windows", "deterministic"})
 
 
 @dataclass
@@ -39,6 +41,14 @@ class TrainConfig:
     on the run's device (CUDA, or a CPU with bf16 support), fp32 weights, gradients and
     optimiser state. ``channels_last``: the networks and batches in channels-last memory format.
     ``image_every``/``val_every``/``checkpoint_every`` = 0 disables them.
+
+    ``emphasis``: the vessel emphasis of every method's per-pixel terms (issue #15;
+    :class:`mmdm.losses.emphasis.EmphasisConfig`, kind ``none`` = the published objective).
+    ``crops``: 2.5D training crops (:class:`mmdm.data.crops.CropConfig`; their
+    ``multiple`` is raised to the network's spatial multiple) instead of whole-slice
+    windows (null). ``val_every``: validation losses on ``val_batches`` batches and the
+    vessel score (:mod:`mmdm.engine.validation`) on ``val_windows`` windows sampled with
+    ``image_steps`` steps (0 windows: losses only).
     """
 
     method: str = "mmdm"
@@ -62,6 +72,9 @@ class TrainConfig:
     image_steps: int = 10
     val_every: int = 0
     val_batches: int = 8
+    val_windows: int = 8
+    emphasis: EmphasisConfig = field(default_factory=EmphasisConfig)
+    crops: CropConfig | None = None
 
     def validate(self) -> None:
         if self.steps is None and self.epochs is None:
@@ -80,6 +93,11 @@ class TrainConfig:
             raise ConfigError(f"TrainConfig.grad_clip must be > 0 or null, got {self.grad_clip}")
         if self.ema is not None:
             self.ema.validate("TrainConfig.ema")
+        if self.val_windows < 0:
+            raise ConfigError(f"TrainConfig.val_windows must be >= 0, got {self.val_windows}")
+        self.emphasis.validate()
+        if self.crops is not None:
+            self.crops.validate()
 
 
 def method_factory(name: str) -> Callable[..., SynthesisMethod]:

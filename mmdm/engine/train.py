@@ -35,6 +35,9 @@ EMA (:mod:`mmdm.engine.ema`) and checkpoints with RNG state
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
+import math
 import os
 import random
 import sys
@@ -51,6 +54,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm  # not tqdm.auto: in a kernel without ipywidgets it warns with a path on import
 
 from mmdm.config import ConfigError, save_yaml, to_dict
+from mmdm.data.crops import CropSampler
 from mmdm.data.dataset import WindowDataset
 from mmdm.engine.batches import collate, epoch_batches, steps_per_epoch, to_device
 from mmdm.engine.checkpoint import CheckpointManager, capture_rng, isolated_rng, restore_rng
@@ -59,7 +63,9 @@ from mmdm.engine.ema import EMA
 from mmdm.engine.panels import window_panel
 from mmdm.engine.rundir import end_session, run_paths, start_session, utc_now
 from mmdm.engine.spec import TrainConfig, build_method_from_config, check_run_dir, method_optim_configs
+from mmdm.engine.validation import ValidationVessels
 from mmdm.io import write_json
+from mmdm.losses.emphasis import emphasis_weights
 from mmdm.methods.base import MAIN, SynthesisMethod
 from mmdm.optim import EMAConfig
 
@@ -98,6 +104,12 @@ class Trainer:
         self.steps_per_epoch = steps_per_epoch(len(self.dataset), cfg.batch_size, self.info.world_size)
         self.total_steps = cfg.steps if cfg.steps is not None else cfg.epochs * self.steps_per_epoch
         self.method = build_method_from_config(cfg).to(self.device)
+        self.method.emphasis = cfg.emphasis
+        self.crops: CropSampler | None = None
+        if cfg.crops is not None:  # the crop sides must be multiples of what the network needs
+            multiple = math.lcm(cfg.crops.multiple, self.method.spatial_multiple)
+            self.crops = CropSampler.from_dataset(self.dataset, dataclasses.replace(cfg.crops, multiple=multiple),
+                                                  seed=cfg.seed)
         if cfg.channels_last:
             self.method.to(memory_format=torch.channels_last)
         self.groups = {k: list(v) for k, v in self.method.optimizer_groups().items()}
@@ -108,8 +120,8 @@ class Trainer:
         optim_configs = method_optim_configs(self.method)
         for name, params in self.groups.items():
             oc = optim_configs[name]
-            self.optimizers[name] = torch.optim.Adam(params, lr=oc.lr, betas=tuple(oc.betas),
-                                                     weight_decay=oc.weight_decay)
+            self.optimizers[name] = torch.optim.Adam(self.method.param_groups(name, params), lr=oc.lr,
+                                                     betas=tuple(oc.betas), weight_decay=oc.weight_decay)
             self.grad_clip[name] = cfg.grad_clip if cfg.grad_clip is not None else oc.grad_clip
         self.ema_cfg = cfg.ema if cfg.ema is not None else self.method.ema_config()
         self.ema = EMA(self.method, self.ema_cfg) if self.ema_cfg is not None else None
@@ -124,6 +136,7 @@ class Trainer:
         self.writer = None
         self._panel_batch: dict | None = None
         self._val_dataset: WindowDataset | None = None
+        self._val_vessels: ValidationVessels | None = None
         self.last_losses: dict[str, float] = {}
 
     # -- state ------------------------------------------------------------------
@@ -179,7 +192,13 @@ class Trainer:
 
     # -- data ---------------------------------------------------------------------
     def batches(self, start_step: int) -> Iterator[dict]:
-        """Batches from ``start_step`` to the end, epoch by epoch (pure function of seed, epoch)."""
+        """Batches from ``start_step`` to the end: whole-slice windows epoch by epoch (a pure function
+        of seed and epoch) or, with ``cfg.crops``, the crops of each step (a pure function of seed,
+        rank and step, :class:`mmdm.data.crops.CropSampler`)."""
+        if self.crops is not None:
+            for step in range(start_step, self.total_steps):
+                yield collate(self.crops.batch(step, self.cfg.batch_size, self.info.rank))
+            return
         step = start_step
         while step < self.total_steps:
             epoch, pos = divmod(step, self.steps_per_epoch)
@@ -221,12 +240,18 @@ class Trainer:
         if not self.cfg.channels_last:
             return batch
         cl = torch.channels_last
-        return {"sources": {m: v.contiguous(memory_format=cl) for m, v in batch["sources"].items()},
-                "target": batch["target"].contiguous(memory_format=cl)}
+        return {**batch, "sources": {m: v.contiguous(memory_format=cl) for m, v in batch["sources"].items()},
+                **{k: batch[k].contiguous(memory_format=cl) for k in ("target", "weights") if k in batch}}
+
+    def _with_weights(self, batch: dict) -> dict:
+        """Add the vessel-emphasis map of the target (fp32, outside autocast) once per batch."""
+        if self.cfg.emphasis.has_map and self.method.supports_emphasis:
+            batch["weights"] = emphasis_weights(batch["target"].float(), self.cfg.emphasis)
+        return batch
 
     def train_step(self, batch: dict) -> dict[str, Tensor]:
         """One optimiser step per group (see the module docstring); returns detached scalars."""
-        batch = self._memory_format(to_device(batch, self.device))
+        batch = self._memory_format(self._with_weights(to_device(batch, self.device)))
         self.method.train()
         multi = len(self.optimizers) > 1
         logs: dict[str, Tensor] = {}
@@ -322,6 +347,36 @@ class Trainer:
                 self.writer.add_scalar(f"val/{k}", v, self.step)
         return out
 
+    @torch.no_grad()
+    def validation_vessels(self) -> dict[str, Any]:
+        """The vessel score on ``val_windows`` fixed validation windows (:mod:`mmdm.engine.validation`),
+        sampled with ``image_steps`` steps and the EMA weights when the run keeps them."""
+        ds = self._validation_dataset()
+        if ds is None or not self.cfg.val_windows:
+            return {}
+        if self._val_vessels is None:
+            self._val_vessels = ValidationVessels(ds, self.cfg.val_windows)
+        with isolated_rng():
+            self.method.eval()
+            try:
+                with (self.ema.swapped(self.method) if self.ema is not None else contextlib.nullcontext()):
+                    out = self._val_vessels.score(self.method, self.device, self.cfg.image_steps, self.cfg.seed,
+                                                  self.cfg.batch_size)
+            finally:
+                self.method.train()
+        if self.writer is not None and out:
+            self.writer.add_scalar("val/vessel_recovery", out["recovery"], self.step)
+            self.writer.add_scalar("val/vessel_psnr", out["psnr"], self.step)
+        return out
+
+    def validate(self) -> None:
+        """Validation losses and vessel score; one line per validation in ``validation.jsonl``."""
+        losses = self.validation_losses()
+        vessel = self.validation_vessels()
+        line = json.dumps({"step": self.step, "losses": losses, "vessel": vessel})
+        with open(self.paths.root / "validation.jsonl", "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+
     # -- the loop -------------------------------------------------------------------
     def run(self, resume: bool = True) -> Path:
         """Train to ``total_steps`` (resuming from the latest checkpoint); returns the run directory."""
@@ -374,7 +429,7 @@ class Trainer:
                 if main and cfg.image_every and self.step % cfg.image_every == 0:
                     self.log_images()
                 if main and cfg.val_every and self.step % cfg.val_every == 0:
-                    self.validation_losses()
+                    self.validate()
                 if (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0) or self.step == self.total_steps:
                     if not self.last_losses:
                         self.last_losses = {k: float(v) for k, v in logs.items()}
@@ -393,6 +448,9 @@ class Trainer:
                 "steps": self.step, "epochs": self.step / self.steps_per_epoch,
                 "steps_per_epoch": self.steps_per_epoch, "world_size": self.info.world_size,
                 "checkpoint": str(self.ckpt.latest().relative_to(p.root)), "final_losses": self.last_losses,
+                "emphasis": {**to_dict(cfg.emphasis), "applied": bool(cfg.emphasis.active and
+                                                                      self.method.supports_emphasis)},
+                "crops": to_dict(cfg.crops) if cfg.crops is not None else None,
                 "finished": utc_now()})
         barrier(self.info)
         return p.root

@@ -94,7 +94,7 @@ def _mse(a: Tensor, b: Tensor, reduction: str) -> Tensor:
 
 
 def mip_loss(pred: Tensor, target: Tensor, tau: float = 0.75, dim: int = 1, reduction: str = "mean",
-             generator: torch.Generator | None = None, gumbel: bool = True) -> Tensor:
+             generator: torch.Generator | None = None, gumbel: bool = True, noise_scale: float = 1.0) -> Tensor:
     """``L_MIP`` (section 2.2): MSE of the forward plus MSE of the reverse cumulative MIP.
 
     The prediction is projected with :func:`gumbel_cumulative_mip` (independent
@@ -105,13 +105,21 @@ def mip_loss(pred: Tensor, target: Tensor, tau: float = 0.75, dim: int = 1, redu
     the noisy soft maximum often picks a slice that is not the brightest; hence
     ``L_MIP(x, x) > 0`` in expectation and its minimiser is not ``pred = target``
     exactly. ``gumbel=False`` drops the noise (plain softmax relaxation), an
-    option the paper does not have.
+    option the paper does not have; ``noise_scale`` multiplies the standard
+    Gumbel draw (1: the paper; 0 equals ``gumbel=False``), so the noise can be
+    set against the intensity range without changing ``tau`` (issue #15).
     """
+    if not noise_scale >= 0:
+        raise ValueError(f"mip_loss: noise_scale must be >= 0, got {noise_scale}")
     if pred.shape != target.shape:
         raise ValueError(f"mip_loss: prediction {tuple(pred.shape)} and target {tuple(target.shape)} differ in shape")
     total = None
     for rev in (False, True):
-        noise = None if gumbel else torch.zeros_like(pred)
+        if not gumbel or noise_scale == 0:
+            noise = torch.zeros_like(pred)
+        else:
+            noise = gumbel_noise(pred.shape, pred, generator)
+            noise = noise if noise_scale == 1 else noise * noise_scale
         soft = gumbel_cumulative_mip(pred, tau, dim, reverse=rev, generator=generator, noise=noise)
         hard = cumulative_max(target, dim, reverse=rev)
         term = _mse(soft, hard, reduction)

@@ -18,6 +18,16 @@ A batch is a dict::
     {"sources": {modality: Tensor (B, K, H, W)}, "target": Tensor (B, K, H, W)}
 
 with K adjacent axial slices (the 2.5D window) and intensities in [-1, 1].
+The engine may add ``"weights"`` (B, K, H, W): the vessel-emphasis map of the
+target (:attr:`SynthesisMethod.emphasis`, issue #15), computed once per batch.
+
+Vessel emphasis, the same for every method: each method's per-pixel
+reconstruction term goes through :meth:`SynthesisMethod.pixel_loss` with the
+map of :meth:`SynthesisMethod.emphasis_map` (weights from the **target** x0,
+whatever the term compares: x0, noise, residual or bridge gradient), and its
+image-space prediction of x0 through :meth:`SynthesisMethod.image_emphasis`
+(the ``steerable`` kind's feature term). With ``emphasis.kind == "none"`` (the
+default and the ``paper`` profile) both are the plain published objective.
 """
 
 from __future__ import annotations
@@ -27,7 +37,10 @@ from typing import Any, Callable, ClassVar, Mapping, Sequence, TypeVar
 import torch
 from torch import Tensor, nn
 
+import torch.nn.functional as F
+
 from mmdm.config import ConfigError, from_dict, replace
+from mmdm.losses.emphasis import EmphasisConfig, emphasis_weights, steerable_loss, weighted_l1, weighted_mse
 from mmdm.nets.gating import ModalityGating
 from mmdm.optim import EMAConfig, OptimConfig
 from mmdm.registry import Registry
@@ -57,6 +70,44 @@ class SynthesisMethod(nn.Module):
     spatial_multiple: int = 1
     #: Sampling modes :attr:`sampling_mode` can take (MMDM: coupled, independent); empty: none.
     sampling_modes: tuple[str, ...] = ()
+    #: Vessel emphasis of the per-pixel terms (issue #15); the engine sets it from ``TrainConfig.emphasis``.
+    emphasis: EmphasisConfig = EmphasisConfig()
+    #: Whether the objective has a per-pixel term against the target that the emphasis can weight
+    #: (False for UNest's unpaired objective: it never compares a prediction with its own target).
+    supports_emphasis: ClassVar[bool] = True
+
+    # -- vessel emphasis (issue #15) ---------------------------------------------------
+    def emphasis_map(self, batch: Batch, x0: Tensor) -> Tensor | None:
+        """The emphasis weights of this batch (``batch["weights"]`` when the engine computed them,
+        else from ``x0``), or None when :attr:`emphasis` builds no map (every weight 1)."""
+        if not self.emphasis.has_map:
+            return None
+        w = batch.get("weights") if isinstance(batch, Mapping) else None
+        return w if w is not None else emphasis_weights(x0, self.emphasis)
+
+    @staticmethod
+    def pixel_loss(pred: Tensor, ref: Tensor, weights: Tensor | None, base: str = "mse",
+                   reduction: str = "mean") -> Tensor:
+        """The per-pixel term ``mean(w * |pred - ref|^p)`` (p = 2 for ``"mse"``, 1 for ``"l1"``);
+        ``weights=None`` is the unweighted loss exactly (``F.mse_loss`` / ``F.l1_loss``)."""
+        if base not in ("mse", "l1"):
+            raise ValueError(f"pixel_loss: base must be 'mse' or 'l1', got {base!r}")
+        if weights is None and reduction == "mean":
+            return F.mse_loss(pred, ref) if base == "mse" else F.l1_loss(pred, ref)
+        return (weighted_mse if base == "mse" else weighted_l1)(pred, ref, weights, reduction)
+
+    def image_emphasis(self, x0_pred: Tensor, x0: Tensor, reduction: str = "mean") -> Tensor | None:
+        """``emphasis.weight x`` the steerable-feature loss between a prediction of x0 and x0 for the
+        ``steerable`` kind; None for every other kind (nothing to add)."""
+        e = self.emphasis
+        if e.kind != "steerable" or e.weight == 0:
+            return None
+        return float(e.weight) * steerable_loss(x0_pred, x0, e.sigmas, e.delta, reduction)
+
+    def param_groups(self, group: str, params: list[nn.Parameter]) -> list[dict[str, Any]]:
+        """Adam's parameter groups of optimiser group ``group`` (default: one, at the group's
+        learning rate); a method may give some parameters their own ``lr`` (MMDM's NAWS)."""
+        return [{"params": params}]
 
     @property
     def sampling_mode(self) -> str | None:

@@ -33,7 +33,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from mmdm.config import ConfigError
@@ -145,11 +144,17 @@ class BBDM(GatedMethod):
         x_t = self.bridge.q_sample(x0, y, t, noise)
         target = self.bridge.objective(x0, y, t, noise)
         out = self.net(torch.cat([x_t, y], dim=1), t)
-        loss = F.l1_loss(out, target) if self.cfg.loss == "l1" else F.mse_loss(out, target)
+        # the emphasis map of x0 weights the objective's pixels (issue #15; none: the published loss)
+        loss = self.pixel_loss(out, target, self.emphasis_map(batch, x0), "l1" if self.cfg.loss == "l1" else "mse")
+        logs: dict[str, Tensor] = {}
+        if self.emphasis.kind == "steerable":
+            steer = self.image_emphasis(self.bridge.predict_x0(x_t, y, t, out), x0)
+            if steer is not None:
+                loss, logs["loss_steerable"] = loss + steer, steer.detach()
         with torch.no_grad():
             x0_hat = self.bridge.predict_x0(x_t, y, t, out)
             mse_x0 = (x0_hat - x0).pow(2).mean()
-        return {"loss": loss, "mse_x0": mse_x0}
+        return {"loss": loss, "mse_x0": mse_x0, **logs}
 
     def objective(self) -> str:
         """The objective in one line (the run record keeps it)."""

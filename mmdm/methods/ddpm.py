@@ -24,7 +24,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from mmdm.config import ConfigError
@@ -124,11 +123,17 @@ class DDPM(GatedMethod):
         noise = randn_like(x0, generator)
         x_t = self.diffusion.q_sample(x0, t, noise)
         eps = self.predict_eps(x_t, cond, t)
-        loss = F.mse_loss(eps, noise)
+        # the emphasis map of x0 weights the noise error at its pixels (issue #15; none: L_simple)
+        loss = self.pixel_loss(eps, noise, self.emphasis_map(batch, x0), "mse")
+        logs: dict[str, Tensor] = {}
+        if self.emphasis.kind == "steerable":
+            steer = self.image_emphasis(self.diffusion.predict_x0(x_t, t, eps), x0)
+            if steer is not None:
+                loss, logs["loss_steerable"] = loss + steer, steer.detach()
         with torch.no_grad():
-            x0_hat = self.diffusion.predict_x0(x_t, t, eps).clamp(-1.0, 1.0)
+            x0_hat = self.diffusion.predict_x0(x_t, t, eps.detach()).clamp(-1.0, 1.0)
             mse_x0 = (x0_hat - x0).pow(2).mean()
-        return {"loss": loss, "mse_x0": mse_x0}
+        return {"loss": loss, "mse_x0": mse_x0, **logs}
 
     def objective(self) -> str:
         """The objective in one line (the run record keeps it)."""

@@ -93,7 +93,10 @@ class MMDMConfig:
     authors share it). ``sampling``: ``"coupled"`` (the paper, Fig. 1b) or
     ``"independent"`` (see :func:`mmdm.diffusion.sample_multibranch`).
     ``mip_gumbel``: Gumbel noise in the soft MIP (eq. (6); False is this
-    project's noise-free option). ``naws_per_sample``: delta_t of each sample in NAWS (the paper) instead of
+    project's noise-free option). ``mip_noise_scale``: the Gumbel draw's scale in the soft MIP
+    (1: the paper's standard Gumbel; issue #15 measures smaller ones, as the standard draw is
+    large next to intensities in [-1, 1]). ``naws_lr``: Adam's learning rate for NAWS's
+    ``p_i`` (None: the model's, as the authors' code; the paper is silent). ``naws_per_sample``: delta_t of each sample in NAWS (the paper) instead of
     the first sample's (the authors' code).
 
     ``branch_net``: ``"resunet"`` (the authors' network, sized by ``resunet``) or
@@ -114,10 +117,12 @@ class MMDMConfig:
     use_naws: bool = True
     mip_tau: float = 0.75
     mip_gumbel: bool = True
+    mip_noise_scale: float = 1.0
     sampling: str = "coupled"
     shared_noise: bool = True
     sampling_shared_noise: bool = False
     naws_per_sample: bool = True
+    naws_lr: float | None = None
     optim: OptimConfig = field(default_factory=OptimConfig)
 
     def validate(self) -> None:
@@ -133,6 +138,12 @@ class MMDMConfig:
             raise ConfigError(f"MMDMConfig.sampling: unknown mode {self.sampling!r}; use one of {SAMPLING_MODES}")
         if self.mip_tau <= 0:
             raise ConfigError(f"MMDMConfig.mip_tau must be > 0, got {self.mip_tau}")
+        if not self.mip_noise_scale >= 0:
+            raise ConfigError(f"MMDMConfig.mip_noise_scale must be >= 0 (1: the paper's Gumbel noise), "
+                              f"got {self.mip_noise_scale}")
+        if self.naws_lr is not None and not self.naws_lr > 0:
+            raise ConfigError(f"MMDMConfig.naws_lr must be > 0 or null (null: the model's learning rate), "
+                              f"got {self.naws_lr}")
         if self.branch_net not in BRANCH_NETS:
             raise ConfigError(f"MMDMConfig.branch_net: unknown {self.branch_net!r}; use one of {BRANCH_NETS}")
         if self.shared_time_embedding:
@@ -292,8 +303,21 @@ class MMDM(SynthesisMethod):
         """The objective in one line (the run record keeps it)."""
         c = self.cfg
         loss = "MSE + MIP (eq. 7)" if c.use_mip else "MSE"
+        if c.use_mip and (c.mip_tau != 0.75 or c.mip_noise_scale != 1 or not c.mip_gumbel):
+            loss += f" (tau {c.mip_tau:g}, Gumbel scale {c.mip_noise_scale if c.mip_gumbel else 0:g})"
         total = "NAWS-weighted (eq. 11)" if c.use_naws else "summed"
+        if c.use_naws and c.naws_lr is not None:
+            total += f", NAWS lr {c.naws_lr:g}"
         return f"Brownian bridge per source, '{c.bridge.objective}' -> x0; {loss} on fused and branch x0, {total}"
+
+    def param_groups(self, group: str, params: list[nn.Parameter]) -> list[dict[str, Any]]:
+        """NAWS's ``p_i`` in a group of their own at ``cfg.naws_lr`` when it is set."""
+        if self.naws is None or self.cfg.naws_lr is None:
+            return super().param_groups(group, params)
+        naws = {id(p) for p in self.naws.parameters()}
+        rest = [p for p in params if id(p) not in naws]
+        mine = [p for p in params if id(p) in naws]
+        return [{"params": rest}, {"params": mine, "lr": float(self.cfg.naws_lr)}] if mine else [{"params": rest}]
 
     @property
     def sampling_mode(self) -> str:
@@ -331,8 +355,14 @@ class MMDM(SynthesisMethod):
         preds = [self.branch_x0(m, self.bridge.q_sample(x0, y, t, e), y, t)
                  for m, y, e in zip(self.sources, ys, noises)]
         fused = self.fusion(preds, ys, t)
-        loss_fn = partial(hybrid_loss, use_mip=cfg.use_mip, tau=cfg.mip_tau, reduction="none", generator=generator,
-                          gumbel=cfg.mip_gumbel)
+        # the vessel emphasis (issue #15) weights the MSE part of every x0 loss; none: eq. (7) as published
+        hybrid = partial(hybrid_loss, use_mip=cfg.use_mip, tau=cfg.mip_tau, reduction="none", generator=generator,
+                         gumbel=cfg.mip_gumbel, weights=self.emphasis_map(batch, x0), noise_scale=cfg.mip_noise_scale)
+
+        def loss_fn(pred: Tensor, ref: Tensor) -> Tensor:
+            steer = self.image_emphasis(pred, ref, reduction="none")
+            return hybrid(pred, ref) if steer is None else hybrid(pred, ref) + steer
+
         l0 = loss_fn(fused, x0)  # (B,)
         lm = torch.stack([loss_fn(p, x0) for p in preds], dim=1)  # (B, M)
         out: dict[str, Tensor] = {}

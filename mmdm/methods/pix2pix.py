@@ -83,6 +83,12 @@ class ConditionalGAN(SynthesisMethod):
     def __init__(self) -> None:
         super().__init__()
         self._cache: tuple[Any, ...] | None = None
+        self._weights: Tensor | None = None  # the batch's vessel-emphasis map, set by training_losses
+
+    @property
+    def supports_emphasis(self) -> bool:  # type: ignore[override]
+        """The emphasis weights the paired L1; an unpaired objective has no term to weight."""
+        return self.paired
 
     # -- subclass API ---------------------------------------------------------
     def generate(self, ys: list[Tensor], target: Tensor | None = None) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
@@ -142,8 +148,11 @@ class ConditionalGAN(SynthesisMethod):
     def _g_loss(self, cond: Tensor, fake: Tensor, target: Tensor, extras: dict[str, Tensor]) -> dict[str, Tensor]:
         c = self.cfg
         adv = generator_adversarial_loss(self.discriminator(cond.detach(), fake), c.gan_mode, c.real_label)
-        l1 = F.l1_loss(fake, target)
+        l1 = self.pixel_loss(fake, target, self._weights, "l1")  # emphasis-weighted (issue #15) when set
         extra = self.extra_generator_losses(extras, target)
+        steer = self.image_emphasis(fake, target)
+        if steer is not None:
+            extra["loss_steerable"] = c.lambda_l1 * steer
         total = adv + c.lambda_l1 * l1 + sum(extra.values(), torch.zeros((), device=fake.device))
         out = {"loss": total, "loss_g_gan": adv.detach(), "loss_l1": l1.detach()}
         out.update({k: v.detach() for k, v in extra.items()})
@@ -163,6 +172,7 @@ class ConditionalGAN(SynthesisMethod):
         if group not in (MAIN, *GROUPS):
             raise ValueError(f"{self.name}: unknown optimiser group {group!r}; use one of {GROUPS} or {MAIN!r}")
         target, ys = self.check_batch(batch)
+        self._weights = self.emphasis_map(batch, target) if self.supports_emphasis else None
         if group == "discriminator":
             fake, cond, extras = self._generate_for(batch, ys, target, reuse=False)
             if self.cfg.reuse_fake and self.training and fake.requires_grad:

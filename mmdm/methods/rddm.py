@@ -28,7 +28,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmdm.config import ConfigError
@@ -167,13 +166,20 @@ class RDDM(GatedMethod):
         noise = randn_like(x0, generator)
         x_t = self.process.q_sample(x0, res, t, noise)
         res_hat, eps_hat = self.predict_res_noise(x_t, x_in, t)
-        loss_fn = F.l1_loss if self.cfg.loss == "l1" else F.mse_loss
-        loss_res, loss_eps = loss_fn(res_hat, res), loss_fn(eps_hat, noise)
+        # the emphasis map of x0 weights both terms at its pixels (issue #15; none: the published losses)
+        w, base = self.emphasis_map(batch, x0), "l1" if self.cfg.loss == "l1" else "mse"
+        loss_res, loss_eps = self.pixel_loss(res_hat, res, w, base), self.pixel_loss(eps_hat, noise, w, base)
+        loss = loss_res + loss_eps
+        logs: dict[str, Tensor] = {}
+        if self.emphasis.kind == "steerable":
+            steer = self.image_emphasis(self.process.predict_x0(x_t, t, res_hat, eps_hat), x0)
+            if steer is not None:
+                loss, logs["loss_steerable"] = loss + steer, steer.detach()
         with torch.no_grad():
-            x0_hat = self.process.predict_x0(x_t, t, res_hat, eps_hat).clamp(-1.0, 1.0)
+            x0_hat = self.process.predict_x0(x_t, t, res_hat.detach(), eps_hat.detach()).clamp(-1.0, 1.0)
             mse_x0 = (x0_hat - x0).pow(2).mean()
-        return {"loss": loss_res + loss_eps, "loss_res": loss_res.detach(), "loss_noise": loss_eps.detach(),
-                "mse_x0": mse_x0}
+        return {"loss": loss, "loss_res": loss_res.detach(), "loss_noise": loss_eps.detach(),
+                "mse_x0": mse_x0, **logs}
 
     def objective(self) -> str:
         """The objective in one line (the run record keeps it)."""

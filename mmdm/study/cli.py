@@ -7,6 +7,7 @@ import sys
 
 from mmdm.study.profiles import PROFILES
 from mmdm.study.runner import build_book, run_study
+from mmdm.study.sweep import SELECTION_RULE, SWEEPS, collect_sweep, run_sweep, sweep_summary
 
 
 def _cmd_study(args: argparse.Namespace) -> int:
@@ -57,4 +58,48 @@ def add_study_parser(subparsers) -> argparse.ArgumentParser:
                    "results/PROFILE and build the book (how the published book is rebuilt)")
     p.add_argument("--book-only", action="store_true", help="only rebuild the book from the executed notebooks")
     p.set_defaults(func=_cmd_study)
+    return p
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    try:
+        if args.action == "list":
+            for sw in SWEEPS.values():
+                print(f"{sw.name}: {sw.description}")
+                for pt in sw.points:
+                    print(f"  {pt.name}" + (f"  ({pt.note})" if pt.note else ""))
+            return 0
+        if args.name is None:
+            print(f"error: name a sweep ({', '.join(SWEEPS)})", file=sys.stderr)
+            return 2
+        if args.action == "run":
+            out = run_sweep(args.name, runs_root=args.runs, results_root=args.results, jobs=args.jobs,
+                            threads=args.threads, device=args.device, only=args.only)
+            print(f"sweep records: {out}")
+        elif args.action == "collect":
+            print(f"sweep records: {collect_sweep(args.name, args.runs, args.results)}")
+        print(f"ranked by: {SELECTION_RULE}")
+        print(sweep_summary(args.name, args.results).to_string(index=False))
+    except (KeyError, RuntimeError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def add_sweep_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "sweep", help="recorded sweeps on the validation split (how the training settings were chosen)",
+        description="Train the points of a named sweep (mmdm/study/sweep.py) with validation every few steps, "
+        "copy their configs and validation logs to results/sweeps/NAME and rank them on the validation split "
+        f"({SELECTION_RULE}). Finished points are skipped, interrupted ones resume.")
+    p.add_argument("action", choices=["list", "run", "collect", "show"],
+                   help="list the sweeps; run one (then collect and show); collect its records; show its ranking")
+    p.add_argument("name", nargs="?", default=None, help=f"the sweep ({', '.join(SWEEPS)})")
+    p.add_argument("--only", nargs="+", default=None, metavar="POINT", help="only these points")
+    p.add_argument("--jobs", type=int, default=1, help="points trained at once (default 1)")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads per point (default 1)")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
+    p.add_argument("--runs", default="runs/sweeps", help="where the run directories go (default runs/sweeps)")
+    p.add_argument("--results", default="results/sweeps", help="where the records go (default results/sweeps)")
+    p.set_defaults(func=_cmd_sweep)
     return p

@@ -85,7 +85,7 @@ PROFILES: dict[str, StudyProfile] = {
         "diffusion run (more for the fast GAN baselines), 10 sampling steps, windows every 2nd slice; 3 seeds "
         "of MMDM full, MMDM base and the strongest baseline; uncertainty (4 draws x 4 subjects) and the "
         "frontier (5-50 steps x stride 1/2/5 x coupled/independent, 1 subject)",
-        cohort="quick", steps=600, steps_per_method={"pix2pix": 3000, "resvit": 1500, "unest": 1500},
+        cohort="standard", steps=600, steps_per_method={"pix2pix": 3000, "resvit": 1500, "unest": 1500},
         checkpoint_every=100, image_every=200, eval_sample_steps=10, eval_stride=2, seeds=(0, 1, 2),
         seed_runs=("mmdm-full", "mmdm-base", "strongest-baseline"), uncertainty_samples=4, uncertainty_subjects=4,
         frontier_steps=(5, 10, 20, 50)),
