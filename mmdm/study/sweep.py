@@ -98,6 +98,15 @@ SWEEPS: dict[str, Sweep] = {
             SweepPoint("pix2pix-none", method="pix2pix", variant=None, train={"emphasis": {"kind": "none"}}),
             SweepPoint("pix2pix-top1-w20", method="pix2pix", variant=None),
         )),
+    "bf16": Sweep(
+        name="bf16",
+        description="bf16 autocast on the CPU against fp32 (issue #17): MMDM full (small) in the vessel regime "
+                    "(48x48 crops, brightest 1 % x20), 600 steps, 3 seeds each; the validation curves and the "
+                    "vessel score must agree within the seed spread before bf16 may become a CPU default",
+        steps=600, val_every=100,
+        base_train={"crops": CROPS, "emphasis": TOP20},
+        points=tuple(SweepPoint(f"{amp}-s{seed}", train={"amp": "none" if amp == "fp32" else "bf16", "seed": seed})
+                     for amp in ("fp32", "bf16") for seed in (0, 1, 2))),
     "paper-gpu": Sweep(
         name="paper-gpu",
         description="MMDM full in the paper configuration (the authors' network, lr 1e-4, whole-slice windows "
