@@ -11,13 +11,17 @@ from types import SimpleNamespace
 
 import nibabel as nib
 import numpy as np
+import pandas as pd
 import pytest
+import yaml
 
 import mmdm.engine.evaluate as evaluate_mod
 from mmdm.data.volumes import Volume
 from mmdm.engine.evaluate import evaluate_run, subject_vessel_scores, vessel_summary
 from mmdm.engine.infer import SubjectSynthesis
 from mmdm.engine.rundir import METRIC_COLUMNS, read_metrics_csv
+from mmdm.study.records import (VALIDATION_LOG, VESSEL_SCORES, export_record, load_records, read_validation_log,
+                                runs_without_learned_vessels, vessel_curves)
 
 SHAPE = (12, 12, 8)
 AFFINE = np.diag([2.0, 2.0, 2.0, 1.0])
@@ -149,3 +153,98 @@ def test_evaluate_run_writes_vessel_columns_and_their_means(tmp_path, monkeypatc
     assert v["psnr_std"] == pytest.approx(np.std(psnrs, ddof=1), rel=1e-6)
     assert v["n_scored"] == 3 and v["mask_source"] == ["ground_truth"] and "contrast" in v["definition"]
     assert set(summary["metrics"]) == set(METRIC_COLUMNS)  # the six paper metrics stay as they were
+
+
+# ----------------------------------------------------------------------------
+# records: the validation log and load_records
+
+
+def _entry(step: int, recovery: float, psnr: float = 20.0) -> str:
+    return json.dumps({"step": step, "losses": {"loss": 0.1}, "vessel": {"recovery": recovery, "psnr": psnr,
+                                                                         "n_windows": 8}})
+
+
+def _fake_run(root: Path, name: str, validation: str | None) -> Path:
+    """A finished run directory as export_record reads it (config, summary, one prediction, metrics)."""
+    data = root / "data"
+    run = root / "runs" / name
+    (run / "predictions").mkdir(parents=True)
+    target = np.random.default_rng(1).random(SHAPE).astype(np.float32)
+    (data / "sub-001" / "anat").mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(target, AFFINE), str(data / "sub-001" / "anat" / "sub-001_angio.nii.gz"))
+    nib.save(nib.Nifti1Image(target / target.max(), AFFINE), str(run / "predictions" / "sub-001_angio.nii.gz"))
+    (run / "config.yaml").write_text(yaml.safe_dump({"data": {"root": str(data), "target": "angio"}}))
+    (run / "metrics.csv").write_text("subject,psnr\nsub-001,20.0\n")
+    (run / "summary.json").write_text(json.dumps({"method": "mmdm", "subjects": ["sub-001"]}))
+    if validation is not None:
+        (run / VALIDATION_LOG).write_text(validation)
+    return run
+
+
+def test_export_copies_the_validation_log_and_the_loader_reads_it_back(tmp_path):
+    log = "\n".join([_entry(100, 0.05, 12.0), _entry(200, 0.3, 15.0),
+                     json.dumps({"step": 250, "losses": {"loss": 0.1}})]) + "\n" + _entry(300, 0.4)[:25]
+    results = tmp_path / "results"
+    export_record(_fake_run(tmp_path, "mmdm-full", log), results / "mmdm-full")
+    export_record(_fake_run(tmp_path, "pix2pix", None), results / "pix2pix")  # an old run: no log
+    assert (results / "mmdm-full" / VALIDATION_LOG).read_text() == log  # copied as it is
+    assert not (results / "pix2pix" / VALIDATION_LOG).exists()
+    curves = vessel_curves(results)
+    assert list(curves.columns) == ["run", "method", "step", "recovery", "psnr"]
+    # the cut-off last line is dropped, the entry without a vessel score skipped, the old record adds nothing
+    assert curves.run.tolist() == ["mmdm-full", "mmdm-full"] and curves.step.tolist() == [100, 200]
+    assert curves.recovery.tolist() == [0.05, 0.3] and curves.psnr.tolist() == [12.0, 15.0]
+    assert curves.method.tolist() == ["mmdm", "mmdm"]
+
+
+def test_validation_log_reader_only_forgives_the_last_line(tmp_path):
+    path = tmp_path / VALIDATION_LOG
+    assert read_validation_log(path) == []  # missing file
+    path.write_text(_entry(1, 0.1) + "\n{\"step\": 2, \"vess\n" + _entry(3, 0.3) + "\n")
+    with pytest.raises(ValueError, match="line 2 of 3.*only the last line may be cut off"):
+        read_validation_log(path)
+    path.write_text(_entry(1, 0.1) + "\n" + _entry(2, 0.2) + "\n\n")
+    assert [e["step"] for e in read_validation_log(path)] == [1, 2]
+
+
+def test_curves_keep_the_last_entry_of_a_repeated_step_and_name_runs_that_never_learn_vessels(tmp_path):
+    for run, lines in {"a": [_entry(100, 0.1), _entry(200, 0.15), _entry(200, 0.18)],
+                       "b": [_entry(100, 0.1), _entry(200, 0.25)],
+                       "c": [json.dumps({"step": 100, "vessel": {"recovery": None, "psnr": None}})]}.items():
+        (tmp_path / run).mkdir()
+        (tmp_path / run / "summary.json").write_text(json.dumps({"method": run}))
+        (tmp_path / run / VALIDATION_LOG).write_text("\n".join(lines) + "\n")
+    (tmp_path / "unfinished").mkdir()  # no summary.json: ignored
+    (tmp_path / "unfinished" / VALIDATION_LOG).write_text(_entry(100, 0.9) + "\n")
+    curves = vessel_curves(tmp_path)
+    assert curves[curves.run == "a"].recovery.tolist() == [0.1, 0.18]  # a resumed run's repeat: the latest
+    assert set(curves.run) == {"a", "b", "c"} and curves[curves.run == "c"].recovery.isna().all()
+    assert runs_without_learned_vessels(curves) == ["a"]  # b reaches 0.25; c has no score at all
+    assert runs_without_learned_vessels(curves.iloc[0:0]) == []
+    assert vessel_curves(tmp_path / "nothing-here").empty
+
+
+def _record(root: Path, name: str, metrics: pd.DataFrame, summary: dict) -> None:
+    (root / name).mkdir(parents=True)
+    metrics.to_csv(root / name / "metrics.csv", index=False)
+    (root / name / "summary.json").write_text(json.dumps(summary))
+
+
+def test_load_records_exposes_vessel_columns_and_the_objective(tmp_path):
+    six = {k: [1.0, 2.0] for k in METRIC_COLUMNS}
+    new = pd.DataFrame({"subject": ["sub-001", "sub-002"], **six, "vessel_recovery": [0.2, 0.6],
+                        "vessel_psnr": [10.0, 14.0]})
+    old = pd.DataFrame({"subject": ["sub-001", "sub-002"], **six})
+    _record(tmp_path, "mmdm-full", new, {"method": "mmdm", "objective": "x0 of the bridge, MSE"})
+    _record(tmp_path, "pix2pix", old, {"method": "pix2pix"})  # written before vessel scores and objectives
+    per_subject, runs = load_records(tmp_path)
+    full = per_subject[per_subject.run == "mmdm-full"]
+    assert full.vessel_recovery.tolist() == [0.2, 0.6] and full.vessel_psnr.tolist() == [10.0, 14.0]
+    assert per_subject[per_subject.run == "pix2pix"][list(VESSEL_SCORES)].isna().all().all()
+    r = runs.set_index("run")
+    assert r.at["mmdm-full", "objective"] == "x0 of the bridge, MSE" and pd.isna(r.at["pix2pix", "objective"])
+    assert r.at["mmdm-full", "vessel_recovery"] == pytest.approx(0.4) and r.at["mmdm-full", "vessel_psnr"] == 12.0
+    assert math.isnan(r.at["pix2pix", "vessel_recovery"])
+    # only old records: the columns still exist, all NaN
+    ps_old, _ = load_records(tmp_path / "none")
+    assert set(VESSEL_SCORES) <= set(ps_old.columns)
