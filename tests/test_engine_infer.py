@@ -265,6 +265,7 @@ def test_cli_synthesize_and_evaluate_run(trained_run, tmp_path, capsys):
     assert args.func(args) == 0
     out = capsys.readouterr().out
     assert "axial MIP" in out and "1 subject(s), split 'test'" in out
+    assert "vessel score (1 subject(s), lumen: bright_target): contrast recovery" in out
 
 
 def test_synthesize_then_evaluate_matches_evaluate_runs_row(trained_run, tmp_path, capsys):

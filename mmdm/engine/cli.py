@@ -203,6 +203,10 @@ def _cmd_evaluate_run(args: argparse.Namespace) -> int:
     print(f"{'':10s}{'PSNR (dB)':>12s}{'SSIM':>10s}{'RMSE (%)':>10s}")
     print(f"{'volume':10s}{m['psnr']:12.4f}{m['ssim']:10.4f}{m['rmse']:10.3f}")
     print(f"{'axial MIP':10s}{m['mip_psnr']:12.4f}{m['mip_ssim']:10.4f}{m['mip_rmse']:10.3f}")
+    v = summary.get("vessel") or {}
+    if v.get("recovery") is not None:
+        print(f"vessel score ({v['n_scored']} subject(s), lumen: {', '.join(v['mask_source'])}): contrast recovery "
+              f"{v['recovery']:.3f}, vessel PSNR {v['psnr']:.2f} dB")
     return 0
 
 

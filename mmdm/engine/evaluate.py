@@ -2,12 +2,15 @@
 
 The top of the engine: it rebuilds the run's method (:mod:`mmdm.engine.infer`),
 synthesises every subject of a split, scores each prediction with the six
-metrics of Tables 1-3 (:func:`mmdm.metrics.evaluate_volumes`) and writes the
+metrics of Tables 1-3 (:func:`mmdm.metrics.evaluate_volumes`) and the
+threshold-free vessel score (:func:`subject_vessel_scores`), and writes the
 record through :class:`mmdm.engine.rundir.RecordWriter`.
 """
 
 from __future__ import annotations
 
+import math
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -15,11 +18,74 @@ import numpy as np
 import torch
 
 from mmdm.data.layout import Layout
+from mmdm.data.phantom import load_ground_truth
 from mmdm.engine.distributed import resolve_device
 from mmdm.engine.infer import load_run_method, synthesize_subjects
-from mmdm.engine.rundir import METRIC_COLUMNS, RecordWriter, run_paths, run_provenance, run_status, write_metrics_csv
+from mmdm.engine.rundir import (METRIC_COLUMNS, VESSEL_SCORE_COLUMNS, RecordWriter, run_paths, run_provenance,
+                                run_status, write_metrics_csv)
 from mmdm.io import save_nifti, tof_fraction_descrip
 from mmdm.metrics import evaluate_volumes
+from mmdm.vessel_score import phantom_vessel_scores, vessel_scores
+
+#: Voxels of the target (scaled by its maximum) above this form the head mask of data without a
+#: brain mask (IXI), inside which the brightest 1 % are taken as vessels (the rule of
+#: :func:`mmdm.study.vessel_eval.reference_volumes`).
+HEAD_THRESHOLD = 0.05
+#: What summary.json says the vessel score is (key ``vessel``, ``definition``).
+VESSEL_SCORE_DEFINITION = (
+    "Threshold-free vessel score (mmdm.vessel_score), prediction and target both scaled by the target's maximum. "
+    "recovery: (mean prediction on the vessel lumen - mean prediction on vessel-free brain) / (the same for the "
+    "real TOF-MRA); 1 = the target's vessel contrast, 0 = vessels as dark as the brain. psnr: PSNR (dB, data "
+    "range 1) inside the lumen dilated by 1 voxel. Lumen: phantom vessel fraction > 0.5 (mask_source "
+    "'ground_truth'); without ground truth the brightest 1 % of the real TOF-MRA inside its head mask "
+    "(target > 0.05; 'bright_target'). Vessel-free brain: the brain (head) mask minus every vessel voxel dilated "
+    "by 1 voxel. Means and sample sd over the subjects that could be scored (n_scored).")
+
+
+def _is_phantom(root: Path) -> bool:
+    return (root / "derivatives" / "phantom").is_dir()
+
+
+def subject_vessel_scores(pred: np.ndarray, target: np.ndarray, data_root: str | Path,
+                          subject: str) -> dict[str, Any]:
+    """``vessel_recovery``, ``vessel_psnr`` and ``mask_source`` of one subject's prediction.
+
+    ``pred`` and ``target`` are both scaled by the target's maximum (evaluate_run's
+    convention). On a phantom cohort the lumen is the ground truth's vessel fraction > 0.5
+    (:func:`mmdm.vessel_score.phantom_vessel_scores`, inside the phantom's brain mask); on
+    other data the brightest 1 % of ``target`` inside its head mask (``target >``
+    :data:`HEAD_THRESHOLD`). A subject that cannot be scored (e.g. a target without vessel
+    contrast) gets NaN and a warning saying why, so one bad subject does not stop the evaluation.
+    """
+    root = Path(data_root)
+    try:
+        if _is_phantom(root):
+            gt = load_ground_truth(root, subject)
+            s = phantom_vessel_scores(pred, target, gt["vessel_fraction"], gt["brain_mask"], data_range=1.0)
+        else:
+            s = vessel_scores(pred, target, brain_mask=np.asarray(target) > HEAD_THRESHOLD, data_range=1.0)
+    except ValueError as err:
+        warnings.warn(f"{subject}: no vessel score ({err})", stacklevel=2)
+        return {"vessel_recovery": math.nan, "vessel_psnr": math.nan, "mask_source": None}
+    return {"vessel_recovery": float(s["contrast_recovery"]), "vessel_psnr": float(s["vessel_psnr"]),
+            "mask_source": s["mask_source"]}
+
+
+def vessel_summary(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The ``vessel`` entry of summary.json: mean and sample sd of each score over the subjects
+    with a score (None when no subject has one), how many, and the mask used."""
+    out: dict[str, Any] = {}
+    for col in VESSEL_SCORE_COLUMNS:
+        v = np.array([r[col] for r in rows], dtype=np.float64)
+        v = v[~np.isnan(v)]
+        key = col.removeprefix("vessel_")
+        out[key] = float(np.mean(v)) if len(v) else None
+        with np.errstate(invalid="ignore"):
+            out[f"{key}_std"] = float(np.std(v, ddof=1)) if len(v) > 1 else (0.0 if len(v) else None)
+    out["n_scored"] = int(sum(not math.isnan(r["vessel_recovery"]) for r in rows))
+    out["mask_source"] = sorted({r["mask_source"] for r in rows if r["mask_source"]})
+    out["definition"] = VESSEL_SCORE_DEFINITION
+    return out
 
 
 def evaluate_run(run_dir: str | Path, split: str = "test", steps: int | None = None, eta: float | None = None,
@@ -56,7 +122,9 @@ def evaluate_run(run_dir: str | Path, split: str = "test", steps: int | None = N
         if "std" in out:
             save_nifti(p.predictions / f"{s}_{cfg.data.target}_std.nii.gz", out["std"], target.affine,
                        descrip=descrip)
-        rows.append({"subject": s, **evaluate_volumes(out["mean"], target.data / float(target.data.max()))})
+        target01 = target.data / float(target.data.max())
+        rows.append({"subject": s, **evaluate_volumes(out["mean"], target01),
+                     **subject_vessel_scores(out["mean"], target01, cfg.data.root, s)})
     write_metrics_csv(p.metrics, rows)
     means = {k: float(np.mean([r[k] for r in rows])) for k in METRIC_COLUMNS}
     stds = {k: float(np.std([r[k] for r in rows], ddof=1)) if len(rows) > 1 else 0.0 for k in METRIC_COLUMNS}
@@ -64,7 +132,7 @@ def evaluate_run(run_dir: str | Path, split: str = "test", steps: int | None = N
         "run": str(Path(run_dir)), "method": cfg.method, "method_kwargs": cfg.method_kwargs,
         "objective": method.objective(),
         "split": split, "n_subjects": len(rows), "subjects": [r["subject"] for r in rows],
-        "metrics": means, "metrics_std": stds,
+        "metrics": means, "metrics_std": stds, "vessel": vessel_summary(rows),
         "sampling": {"steps": steps, "eta": eta, "n_samples": n_samples, "seed": seed,
                      "window": cfg.data.window, "stride": cfg.data.eval_stride},
         "checkpoint": {"file": ckpt.get("file"), "step": ckpt.get("step"), "ema": ckpt.get("ema_used")},
@@ -73,4 +141,4 @@ def evaluate_run(run_dir: str | Path, split: str = "test", steps: int | None = N
     })
 
 
-__all__ = ["evaluate_run"]
+__all__ = ["evaluate_run", "subject_vessel_scores", "vessel_summary", "VESSEL_SCORE_DEFINITION"]

@@ -9,7 +9,8 @@ One directory per run::
       tb/                      TensorBoard logs
       train_complete.json      written atomically after the last step -- training is done
       predictions/sub-XXX_angio.nii.gz   synthesised test volumes, [0, 1] TOF units
-      metrics.csv              one row per subject: the six metrics of the paper's tables
+      metrics.csv              one row per subject: the six metrics of the paper's tables, then the
+                               threshold-free vessel scores (VESSEL_SCORE_COLUMNS)
       summary.json             written LAST and atomically: means over the subjects + provenance
 
 A directory "looks finished" only when ``summary.json`` exists
@@ -241,15 +242,26 @@ def end_session(run_dir: str | Path, **extra: Any) -> dict[str, Any]:
 # record files
 
 METRIC_COLUMNS = ("psnr", "ssim", "rmse", "mip_psnr", "mip_ssim", "mip_rmse")
+#: Columns of metrics.csv after the six metrics: the threshold-free vessel score of each subject
+#: (:mod:`mmdm.vessel_score`: contrast recovery, PSNR inside the dilated vessel mask). Records
+#: written before they existed lack them.
+VESSEL_SCORE_COLUMNS = ("vessel_recovery", "vessel_psnr")
 
 
 def write_metrics_csv(path: str | Path, rows: list[dict[str, Any]]) -> Path:
-    """Atomically write per-subject metrics (columns: subject + the six metrics)."""
+    """Atomically write per-subject metrics: subject, the six metrics, then those of
+    :data:`VESSEL_SCORE_COLUMNS` that the rows carry (every row must carry the same ones)."""
+    extra = [k for k in VESSEL_SCORE_COLUMNS if rows and k in rows[0]]
+    if any(k not in r for r in rows for k in extra) or any(k in r for r in rows for k in VESSEL_SCORE_COLUMNS
+                                                          if k not in extra):
+        raise ValueError(f"rows disagree on the vessel score columns {VESSEL_SCORE_COLUMNS}: give every "
+                         "subject the same columns (NaN where a score could not be computed)")
+    cols = ["subject", *METRIC_COLUMNS, *extra]
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=["subject", *METRIC_COLUMNS], lineterminator="\n")
+    w = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n")
     w.writeheader()
     for r in rows:
-        w.writerow({k: (repr(float(r[k])) if k != "subject" else r[k]) for k in ["subject", *METRIC_COLUMNS]})
+        w.writerow({k: (repr(float(r[k])) if k != "subject" else r[k]) for k in cols})
     return write_text(path, buf.getvalue())
 
 

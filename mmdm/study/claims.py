@@ -19,11 +19,12 @@ import numpy as np
 import pandas as pd
 
 from mmdm.stats import holm, paired_comparison, smallest_holm_p, verdict
-from mmdm.study.records import HIGHER_IS_BETTER, METRICS, VESSEL_HIGHER_IS_BETTER, paper_results
+from mmdm.study.records import (HIGHER_IS_BETTER, METRICS, VESSEL_HIGHER_IS_BETTER, VESSEL_SCORE_HIGHER_IS_BETTER,
+                                paper_results)
 from mmdm.study.runs import BASELINES, REFERENCE_RUN
 from mmdm.study.tables import LABELS, fmt
 
-DIRECTION = {**HIGHER_IS_BETTER, **VESSEL_HIGHER_IS_BETTER}
+DIRECTION = {**HIGHER_IS_BETTER, **VESSEL_HIGHER_IS_BETTER, **VESSEL_SCORE_HIGHER_IS_BETTER}
 
 
 @dataclass(frozen=True)

@@ -4,8 +4,10 @@ A run directory (``runs/<profile>/<run>``) holds checkpoints and volumes. Its
 *record* (``results/<profile>/<run>``) holds only what the book needs:
 ``config.yaml``, ``provenance.json``, ``metrics.csv`` (per test subject),
 ``scalars.csv`` (the TensorBoard scalars), ``panels.npz`` (a few 2D images of
-one test subject for Fig. 3) and, written last, ``summary.json``. A record
-without ``summary.json`` is unfinished and the book ignores it.
+one test subject for Fig. 3), ``validation.jsonl`` (the trainer's validation
+log, one JSON object per validation, where the run has one) and, written last,
+``summary.json``. A record without ``summary.json`` is unfinished and the book
+ignores it.
 """
 
 from __future__ import annotations
@@ -28,13 +30,23 @@ METRICS = ("psnr", "ssim", "rmse", "mip_psnr", "mip_ssim", "mip_rmse")
 HIGHER_IS_BETTER = {"psnr": True, "ssim": True, "rmse": False, "mip_psnr": True, "mip_ssim": True, "mip_rmse": False}
 METRIC_LABELS = {"psnr": "PSNR", "ssim": "SSIM", "rmse": "RMSE(%)", "mip_psnr": "MIP PSNR", "mip_ssim": "MIP SSIM",
                  "mip_rmse": "MIP RMSE(%)"}
+#: The trainer's validation log in a run directory and in its record: one JSON object per line,
+#: ``{"step": 200, "losses": {...}, "vessel": {"recovery": ..., "psnr": ..., "n_windows": ...}}``.
+VALIDATION_LOG = "validation.jsonl"
 RECORD_FILES = ("config.yaml", "provenance.json", "metrics.csv", "vessel_metrics.csv", "scalars.csv", "panels.npz",
-                "summary.json")
+                VALIDATION_LOG, "summary.json")
 #: Vessel-continuity metrics (:mod:`mmdm.vessels`) shown in the book, and their direction.
 VESSEL_METRICS = ("cldice", "dice", "mip_dice", "betti0_error")
 VESSEL_HIGHER_IS_BETTER = {"cldice": True, "dice": True, "mip_dice": True, "betti0_error": False}
 METRIC_LABELS_VESSEL = {"cldice": "clDice", "dice": "vessel Dice", "mip_dice": "MIP Dice",
                         "betti0_error": "Betti-0 error"}
+#: The threshold-free vessel score of each test subject (metrics.csv; :mod:`mmdm.vessel_score`), both higher is
+#: better. Records written before it existed lack these columns.
+VESSEL_SCORES = ("vessel_recovery", "vessel_psnr")
+VESSEL_SCORE_LABELS = {"vessel_recovery": "contrast recovery", "vessel_psnr": "vessel PSNR"}
+VESSEL_SCORE_HIGHER_IS_BETTER = {"vessel_recovery": True, "vessel_psnr": True}
+#: A run whose validation contrast recovery never reaches this did not learn to draw vessels.
+VESSELS_LEARNED_RECOVERY = 0.2
 
 
 def record_complete(record_dir: str | Path) -> bool:
@@ -79,7 +91,7 @@ def export_record(run_dir: str | Path, record_dir: str | Path) -> Path:
         raise RuntimeError(f"run {run_dir} is not evaluated yet (no summary.json): nothing to export")
     record_dir.mkdir(parents=True, exist_ok=True)
     (record_dir / "summary.json").unlink(missing_ok=True)
-    for src in (p.provenance, p.metrics, run_dir / "vessel_metrics.csv"):
+    for src in (p.provenance, p.metrics, run_dir / "vessel_metrics.csv", run_dir / VALIDATION_LOG):
         if not src.is_file():
             continue
         with atomic_path(record_dir / src.name) as tmp:
@@ -121,10 +133,11 @@ def portable(obj):
 def load_records(results_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(per-subject metrics, one row per run) of every complete record under ``results_dir``.
 
-    The per-subject table has columns ``run, subject`` + the six metrics (+ the vessel
-    metrics where the record has them); the
-    run table has ``run, method, variant, sources, n_subjects, steps, device, commit,
-    train_wall_s, eval_wall_s`` and the six means.
+    The per-subject table has columns ``run, subject`` + the six metrics (+ the vessel scores
+    :data:`VESSEL_SCORES` and the vessel metrics where the record has them, NaN in the rows of
+    records without them); the run table has ``run, method, variant, sources, objective,
+    n_subjects, steps, device, commit, train_wall_s, eval_wall_s``, the six means and the
+    means of the vessel scores (NaN where the record has none).
     """
     results_dir = Path(results_dir)
     per_subject, runs = [], []
@@ -142,15 +155,82 @@ def load_records(results_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
         kw = summary.get("method_kwargs", {})
         runs.append({
             "run": rec.name, "method": summary.get("method"), "variant": kw.get("variant"),
-            "sources": "+".join(kw.get("sources", [])), "n_subjects": summary.get("n_subjects"),
+            "sources": "+".join(kw.get("sources", [])), "objective": summary.get("objective"),
+            "n_subjects": summary.get("n_subjects"),
             "steps": summary.get("checkpoint", {}).get("step"), "profile": prov.get("profile"),
             "device": summary.get("evaluation", {}).get("device_name", ""),
             "commit": (git.get("commit") or "")[:10] + ("-dirty" if git.get("dirty") else ""),
             "train_wall_s": prov.get("train_wall_s"),
             "eval_wall_s": summary.get("evaluation", {}).get("wall_s"),
-            **summary.get("metrics", {})})
+            **summary.get("metrics", {}),
+            **{c: m[c].mean() if c in m else float("nan") for c in VESSEL_SCORES}})
     ps = pd.concat(per_subject, ignore_index=True) if per_subject else pd.DataFrame(columns=["run", "subject", *METRICS])
+    for c in VESSEL_SCORES:
+        if c not in ps:
+            ps[c] = float("nan")
     return ps, pd.DataFrame(runs)
+
+
+def read_validation_log(path: str | Path) -> list[dict]:
+    """The entries of a validation log (:data:`VALIDATION_LOG`), in file order; [] when there is none.
+
+    A last line that is not valid JSON (a log cut off mid-write) is dropped; a bad line
+    before the last one is an error, as the file is then damaged rather than unfinished."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    out = []
+    for i, line in enumerate(lines):
+        try:
+            entry = json.loads(line)
+            if not isinstance(entry, dict):
+                raise ValueError(f"a JSON {type(entry).__name__}, not an object")
+        except ValueError as err:
+            if i == len(lines) - 1:
+                break
+            raise ValueError(f"{path}, line {i + 1} of {len(lines)}: not a validation entry ({err}); only the "
+                             "last line may be cut off") from err
+        out.append(entry)
+    return out
+
+
+def vessel_curves(results_dir: str | Path) -> pd.DataFrame:
+    """Validation vessel score against training step of every complete record under ``results_dir``.
+
+    Columns ``run, method, step, recovery, psnr``, one row per validation entry that has a
+    ``vessel`` score (read with :func:`read_validation_log`); records without a validation log
+    (written before the trainer kept one) contribute nothing."""
+    results_dir = Path(results_dir)
+    rows = []
+    for rec in sorted(p for p in results_dir.iterdir() if p.is_dir()) if results_dir.is_dir() else []:
+        if not record_complete(rec):
+            continue
+        method = json.loads((rec / "summary.json").read_text()).get("method")
+        for e in read_validation_log(rec / VALIDATION_LOG):
+            v = e.get("vessel")
+            if not isinstance(v, dict) or e.get("step") is None:
+                continue
+            rows.append({"run": rec.name, "method": method, "step": int(e["step"]),
+                         "recovery": _float(v.get("recovery")), "psnr": _float(v.get("psnr"))})
+    df = pd.DataFrame(rows, columns=["run", "method", "step", "recovery", "psnr"])
+    # a resumed training validates again at steps it had logged before it stopped: keep the latest
+    df = df.drop_duplicates(["run", "step"], keep="last")
+    return df.sort_values(["run", "step"], kind="stable").reset_index(drop=True)
+
+
+def _float(x) -> float:
+    return float("nan") if x is None else float(x)
+
+
+def runs_without_learned_vessels(curves: pd.DataFrame,
+                                 threshold: float = VESSELS_LEARNED_RECOVERY) -> list[str]:
+    """Runs of :func:`vessel_curves` whose validation contrast recovery stays below ``threshold``
+    at every validation (NaN entries ignored; a run with none at all is not listed)."""
+    if not len(curves):
+        return []
+    best = curves.groupby("run").recovery.max().dropna()
+    return sorted(best[best < threshold].index)
 
 
 def runs_without_vessels(per_subject: pd.DataFrame) -> tuple[list[str], int] | None:

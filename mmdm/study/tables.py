@@ -6,7 +6,7 @@ import pandas as pd
 
 from mmdm.stats import compare_to_reference
 from mmdm.study.records import (METRIC_LABELS, METRIC_LABELS_VESSEL, METRICS, VESSEL_HIGHER_IS_BETTER,
-                                paper_results)
+                                VESSEL_SCORE_HIGHER_IS_BETTER, VESSEL_SCORE_LABELS, paper_results)
 from mmdm.study.runs import REFERENCE_RUN, study_runs
 from mmdm.study.seeds import seed_differences, seed_spread
 
@@ -15,10 +15,10 @@ TABLE_TITLES = {"table1": "Table 1: comparison methods", "table2": "Table 2: abl
 #: digits shown after the decimal point: few enough that a table of Tables 1-3 fits a 1280 px screen
 #: (the paper's own numbers are shown rounded the same way beside ours)
 DECIMALS = {"psnr": 2, "ssim": 3, "rmse": 2, "mip_psnr": 2, "mip_ssim": 3, "mip_rmse": 2,
-            "cldice": 3, "dice": 3, "mip_dice": 3, "betti0_error": 1}
+            "cldice": 3, "dice": 3, "mip_dice": 3, "betti0_error": 1, "vessel_recovery": 2, "vessel_psnr": 2}
 #: the two metric families of Tables 1-3, shown as two tables (whole volume, axial MIP)
 METRIC_FAMILIES = {"volume": ("psnr", "ssim", "rmse"), "mip": ("mip_psnr", "mip_ssim", "mip_rmse")}
-LABELS = {**METRIC_LABELS, **METRIC_LABELS_VESSEL}
+LABELS = {**METRIC_LABELS, **METRIC_LABELS_VESSEL, **VESSEL_SCORE_LABELS}
 
 
 def fmt(value: float, metric: str) -> str:
@@ -99,7 +99,7 @@ def paired_table(table: str, per_subject: pd.DataFrame, sources: tuple[str, ...]
     if sub.run.nunique() < 2 or REFERENCE_RUN not in set(sub.run) or not metrics:
         return pd.DataFrame()
     cmp = compare_to_reference(sub, reference=REFERENCE_RUN, metrics=metrics, n_boot=n_boot, method_col="run",
-                               higher_is_better=VESSEL_HIGHER_IS_BETTER)
+                               higher_is_better={**VESSEL_HIGHER_IS_BETTER, **VESSEL_SCORE_HIGHER_IS_BETTER})
     cmp.insert(0, "row", cmp["method"].map(labels))
     return cmp
 

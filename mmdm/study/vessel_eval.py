@@ -21,6 +21,7 @@ from mmdm.data.dataset import load_subject_volumes
 from mmdm.data.layout import TARGET_MODALITY, Layout
 from mmdm.data.phantom import load_ground_truth
 from mmdm.data.volumes import load_volume
+from mmdm.engine.evaluate import HEAD_THRESHOLD
 from mmdm.vessels import VesselSegConfig, evaluate_vessels, fit_segmentation, phantom_vessel_mask, segment_vessels
 
 
@@ -35,7 +36,7 @@ def reference_volumes(root: Path, subject: str, cfg: VesselSegConfig | None = No
     if _is_phantom(root):
         gt = load_ground_truth(root, subject)
         return target, phantom_vessel_mask(gt["vessel_fraction"]), gt["brain_mask"], gt["centerlines"], vol.affine
-    brain = target > 0.05
+    brain = target > HEAD_THRESHOLD
     return target, segment_vessels(target, cfg or VesselSegConfig(), brain), brain, None, vol.affine
 
 
