@@ -7,6 +7,7 @@ One directory per run::
       provenance.json          git commit, versions, device, seeds, sessions (start/end, UTC)
       checkpoints/step-*.pt    the last k checkpoints (mmdm.engine.checkpoint)
       tb/                      TensorBoard logs
+      validation.jsonl         one JSON line per validation: step, losses, vessel score (mmdm.engine.validation)
       train_complete.json      written atomically after the last step -- training is done
       predictions/sub-XXX_angio.nii.gz   synthesised test volumes, [0, 1] TOF units
       metrics.csv              one row per subject: the six metrics of the paper's tables, then the
@@ -48,6 +49,10 @@ KEY_PACKAGES = ("torch", "numpy", "scipy", "nibabel", "torchio", "scikit-image",
 RUN_STATES = ("empty", "training", "trained", "evaluating", "finished")
 
 
+#: File name of a run's validation log (one JSON object per line).
+VALIDATION_LOG = "validation.jsonl"
+
+
 @dataclass(frozen=True)
 class RunPaths:
     """The files of one run directory."""
@@ -73,6 +78,10 @@ class RunPaths:
     @property
     def train_complete(self) -> Path:
         return self.root / "train_complete.json"
+
+    @property
+    def validation(self) -> Path:
+        return self.root / VALIDATION_LOG
 
     @property
     def predictions(self) -> Path:

@@ -374,7 +374,7 @@ class Trainer:
         losses = self.validation_losses()
         vessel = self.validation_vessels()
         line = json.dumps({"step": self.step, "losses": losses, "vessel": vessel})
-        with open(self.paths.root / "validation.jsonl", "a", encoding="utf-8") as f:
+        with open(self.paths.validation, "a", encoding="utf-8") as f:
             f.write(line + "\n")
 
     # -- the loop -------------------------------------------------------------------

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from mmdm.data.layout import Layout
-from mmdm.engine.rundir import run_paths
+from mmdm.engine.rundir import VALIDATION_LOG, run_paths
 from mmdm.io import atomic_path, write_json, write_text
 from mmdm.metrics import axial_mip
 from mmdm.paths import repo_root
@@ -30,9 +30,8 @@ METRICS = ("psnr", "ssim", "rmse", "mip_psnr", "mip_ssim", "mip_rmse")
 HIGHER_IS_BETTER = {"psnr": True, "ssim": True, "rmse": False, "mip_psnr": True, "mip_ssim": True, "mip_rmse": False}
 METRIC_LABELS = {"psnr": "PSNR", "ssim": "SSIM", "rmse": "RMSE(%)", "mip_psnr": "MIP PSNR", "mip_ssim": "MIP SSIM",
                  "mip_rmse": "MIP RMSE(%)"}
-#: The trainer's validation log in a run directory and in its record: one JSON object per line,
+#: The files a record keeps; the trainer's validation log (VALIDATION_LOG) holds one JSON object per line,
 #: ``{"step": 200, "losses": {...}, "vessel": {"recovery": ..., "psnr": ..., "n_windows": ...}}``.
-VALIDATION_LOG = "validation.jsonl"
 RECORD_FILES = ("config.yaml", "provenance.json", "metrics.csv", "vessel_metrics.csv", "scalars.csv", "panels.npz",
                 VALIDATION_LOG, "summary.json")
 #: Vessel-continuity metrics (:mod:`mmdm.vessels`) shown in the book, and their direction.
