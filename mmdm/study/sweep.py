@@ -36,8 +36,8 @@ from mmdm.study.profiles import get_profile
 from mmdm.study.records import read_validation_log
 
 #: How a sweep's points are ranked: validation only, fixed before the sweep ran.
-SELECTION_RULE = ("mean validation contrast recovery of the last two validations (higher is better); "
-                  "the validation loss breaks ties within 0.02")
+SELECTION_RULE = ("mean validation contrast recovery of the last two validations, to 0.01 (higher is better); "
+                  "equal ones are ordered by the last validation loss (lower is better)")
 #: Files of a point's run directory that its record keeps.
 RECORD_FILES = ("config.yaml", "provenance.json", "train_complete.json", VALIDATION_LOG)
 
@@ -268,7 +268,8 @@ def sweep_summary(name: str, results_root: str | Path = "results/sweeps") -> pd.
     table = pd.DataFrame(out)
     if table.empty:
         return table
-    return table.sort_values(["recovery", "val_loss"], ascending=[False, True]).reset_index(drop=True)
+    table["_rank"] = table["recovery"].round(2)
+    return table.sort_values(["_rank", "val_loss"], ascending=[False, True]).drop(columns="_rank").reset_index(drop=True)
 
 
 __all__ = ["SELECTION_RULE", "SWEEPS", "Sweep", "SweepPoint", "collect_sweep", "get_sweep", "point_config",
