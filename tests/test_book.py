@@ -29,7 +29,7 @@ AGG_PARAMS = {"profile", "results"}
 DOCUMENTED = {"01_data.ipynb": {"profile", "data_dir", "build_if_missing", "subject", "seed"},
               "02_train.ipynb": RUN_PARAMS, "03_evaluate.ipynb": RUN_PARAMS, "04_results.ipynb": AGG_PARAMS,
               "05_qualitative.ipynb": AGG_PARAMS, "06_training.ipynb": AGG_PARAMS, "07_claims.ipynb": AGG_PARAMS,
-              "08_uncertainty.ipynb": AGG_PARAMS, "09_frontier.ipynb": AGG_PARAMS}
+              "08_uncertainty.ipynb": AGG_PARAMS, "09_frontier.ipynb": AGG_PARAMS, "10_sweeps.ipynb": AGG_PARAMS}
 
 
 def test_every_notebook_is_tested():
@@ -134,7 +134,7 @@ def test_book_renders_every_page(smoke_study):
     html = work / "_build" / "html"
     assert "simulat" in (html / "data_cards" / "phantom.html").read_text().lower()
     for page in ("01_data", "04_results", "05_qualitative", "06_training", "07_claims", "08_uncertainty",
-                 "09_frontier", "deviations"):
+                 "09_frontier", "10_sweeps", "deviations"):
         assert (html / "book" / "generated" / f"{page}.html").is_file(), page
     data_page = (html / "book" / "generated" / "01_data.html").read_text()
     glued = _glued(work / "book" / "generated" / "01_data.ipynb")

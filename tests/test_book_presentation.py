@@ -21,7 +21,7 @@ from mmdm.study.tables import (DECIMALS, METRIC_FAMILIES, comparisons_by_claim, 
 
 ROOT = Path(__file__).resolve().parents[1]
 BOOK_NOTEBOOKS = ("01_data", "04_results", "05_qualitative", "06_training", "07_claims", "08_uncertainty",
-                  "09_frontier")
+                  "09_frontier", "10_sweeps")
 
 
 def _per_subject(rng: np.random.Generator, runs: list[str], n: int = 3) -> pd.DataFrame:

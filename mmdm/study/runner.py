@@ -41,7 +41,8 @@ from mmdm.study.uncertainty import ensure_uncertainty
 ANALYSES = ("uncertainty", "frontier")
 #: seconds a notebook's kernel may take to start (papermill's default, 60 s, is too short on a busy machine)
 KERNEL_START_TIMEOUT = 300
-AGGREGATE_NOTEBOOKS = ("04_results", "05_qualitative", "06_training", "07_claims", "08_uncertainty", "09_frontier")
+AGGREGATE_NOTEBOOKS = ("04_results", "05_qualitative", "06_training", "07_claims", "08_uncertainty", "09_frontier",
+                      "10_sweeps")
 
 
 def notebook(name: str) -> Path:

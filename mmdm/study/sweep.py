@@ -130,12 +130,13 @@ SWEEPS: dict[str, Sweep] = {
     "bf16": Sweep(
         name="bf16",
         description="bf16 autocast on the CPU against fp32 (issue #17): MMDM full (small) in the vessel regime "
-                    "(48x48 crops, brightest 1 % x20), 600 steps, 3 seeds each; the validation curves and the "
+                    "(48x48 crops, brightest 1 % x20, lr 3e-4), 600 steps, 3 seeds each; the validation curves and the "
                     "vessel score must agree within the seed spread before bf16 may become a CPU default",
         steps=600, val_every=100,
         base_train={"crops": CROPS, "emphasis": TOP20},
-        points=tuple(SweepPoint(f"{amp}-s{seed}", train={"amp": "none" if amp == "fp32" else "bf16", "seed": seed})
-                     for amp in ("fp32", "bf16") for seed in (0, 1, 2))),
+        points=tuple(SweepPoint(f"{amp}-s{seed}", train={"amp": "none" if amp == "fp32" else "bf16", "seed": seed},
+                                method_overrides=LR3)
+                     for seed in (0, 1, 2) for amp in ("fp32", "bf16"))),
     "paper-gpu": Sweep(
         name="paper-gpu",
         description="MMDM full in the paper configuration (the authors' network, lr 1e-4, whole-slice windows "
@@ -272,5 +273,18 @@ def sweep_summary(name: str, results_root: str | Path = "results/sweeps") -> pd.
     return table.sort_values(["_rank", "val_loss"], ascending=[False, True]).drop(columns="_rank").reset_index(drop=True)
 
 
-__all__ = ["SELECTION_RULE", "SWEEPS", "Sweep", "SweepPoint", "collect_sweep", "get_sweep", "point_config",
+def sweep_curves(name: str, results_root: str | Path = "results/sweeps") -> pd.DataFrame:
+    """Every validation of every point of a recorded sweep (``summary.csv``): point, step, val_loss,
+    recovery, vessel_psnr; empty when the sweep has no records."""
+    path = project_path(results_root) / name / "summary.csv"
+    return pd.read_csv(path) if path.is_file() else pd.DataFrame()
+
+
+def recorded_sweeps(results_root: str | Path = "results/sweeps") -> list[Sweep]:
+    """The sweeps of :data:`SWEEPS` that have records under ``results_root``, in definition order."""
+    root = project_path(results_root)
+    return [sw for sw in SWEEPS.values() if (root / sw.name / "summary.csv").is_file()]
+
+
+__all__ = ["SELECTION_RULE", "SWEEPS", "Sweep", "SweepPoint", "collect_sweep", "get_sweep", "point_config", "recorded_sweeps", "sweep_curves",
            "run_sweep", "sweep_summary"]
