@@ -260,6 +260,22 @@ def test_sweep_points_layer_their_settings_on_the_profiles_run():
         sweep_mod.get_sweep("nope")
 
 
+def test_a_profiles_own_training_set_up_does_not_leak_into_its_sweeps(monkeypatch):
+    import dataclasses
+
+    from mmdm.study import api, profiles
+
+    std = dataclasses.replace(profiles.PROFILES["standard"], train={"emphasis": {"kind": "smooth"}},
+                              method_overrides={"mmdm": {"optim": {"lr": 1e-3}}})
+    monkeypatch.setitem(profiles.PROFILES, "standard", std)
+    run = api.train_config(api.make_spec("mmdm", "full", None, std), std)
+    assert run.emphasis.kind == "smooth" and run.method_kwargs["optim"] == {"lr": 1e-3}  # the profile's runs
+    sw = sweep_mod.get_sweep("vessel")
+    pt = next(p for p in sw.points if p.name == "top1-w20-lr1e-4")
+    cfg = sweep_mod.point_config(sw, pt)
+    assert cfg.emphasis.kind == "top_fraction" and "optim" not in cfg.method_kwargs
+
+
 def test_collect_and_rank_a_sweep_on_validation_only(tmp_path, monkeypatch):
     pts = tuple(sweep_mod.SweepPoint(n) for n in "abcd")
     monkeypatch.setitem(sweep_mod.SWEEPS, "t", sweep_mod.Sweep("t", "test", pts))

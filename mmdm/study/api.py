@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Sequence
 
-from mmdm.config import ConfigError
+from mmdm.config import ConfigError, replace
 from mmdm.data.dataset import DataConfig
 from mmdm.data.layout import DatasetError, Layout
 from mmdm.data.phantom import ensure_cohort
@@ -83,10 +83,11 @@ def train_config(spec: RunSpec, profile: StudyProfile, seed: int = 0, device: st
     kw = spec.method_kwargs(profile.method_config, profile.sources)
     kw.update(profile.method_overrides.get(spec.method, {}))
     data = DataConfig(root=str(project_path(profile.data_dir)), sources=sources, eval_stride=profile.eval_stride)
-    return TrainConfig(method=spec.method, method_kwargs=kw, data=data, steps=profile.run_steps(spec.method),
-                       epochs=profile.epochs, batch_size=profile.batch_size, seed=seed,
-                       device=device or profile.device, checkpoint_every=profile.checkpoint_every,
-                       image_every=profile.image_every, log_every=profile.log_every)
+    cfg = TrainConfig(method=spec.method, method_kwargs=kw, data=data, steps=profile.run_steps(spec.method),
+                      epochs=profile.epochs, batch_size=profile.batch_size, seed=seed,
+                      device=device or profile.device, checkpoint_every=profile.checkpoint_every,
+                      image_every=profile.image_every, log_every=profile.log_every)
+    return replace(cfg, profile.train) if profile.train else cfg
 
 
 def ensure_data(profile: StudyProfile | str, progress: bool = True) -> Path:

@@ -34,6 +34,8 @@ class StudyProfile:
     sources: tuple[str, ...] = ("T1w", "T2w", "FLAIR")
     method_config: str = "small"  # named method configuration ("small" or "paper")
     method_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)  # per method name
+    #: TrainConfig overrides of every run (nested dicts), e.g. the vessel emphasis, crops, validation
+    train: dict[str, Any] = field(default_factory=dict)
     steps: int | None = 100  # optimiser steps per run (None: use epochs)
     epochs: int | None = None
     steps_per_method: dict[str, int] = field(default_factory=dict)

@@ -16,6 +16,7 @@ declares up front (:data:`SELECTION_RULE`).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -159,8 +160,10 @@ def get_sweep(name: str) -> Sweep:
 
 
 def point_config(sweep: Sweep, point: SweepPoint, device: str = "cpu"):
-    """The TrainConfig of one point: the profile's run, then the sweep's settings, then the point's."""
-    profile = get_profile(sweep.profile)
+    """The TrainConfig of one point: the profile's run (cohort, model size, batch) without the profile's
+    own training set-up (``train``, ``method_overrides``: often what a sweep chose, so a recorded sweep
+    stays repeatable), then the sweep's settings, then the point's."""
+    profile = dataclasses.replace(get_profile(sweep.profile), train={}, method_overrides={})
     spec = make_spec(point.method, point.variant, None, profile)
     cfg = train_config(spec, profile, 0, device)
     cfg.method_kwargs = {**cfg.method_kwargs, **point.method_overrides}
