@@ -293,3 +293,27 @@ def test_collect_and_rank_a_sweep_on_validation_only(tmp_path, monkeypatch):
     assert list(table["point"]) == ["d", "a", "b", "c"]
     assert table.set_index("point").loc["c", "recovery"] == pytest.approx(0.2)
     assert (tmp_path / "res" / "t" / "a" / "config.yaml").is_file()
+
+
+def test_precision_comparison_agrees_within_the_seed_spread(tmp_path, monkeypatch):
+    import pandas as pd
+
+    rows = []
+    finals = {"fp32": ([0.30, 0.40, 0.50], [2.0, 2.2, 2.1]), "bf16": ([0.35, 0.45, 0.42], [2.05, 2.15, 2.4])}
+    for amp, (rec, loss) in finals.items():
+        for seed, (r, v) in enumerate(zip(rec, loss)):
+            rows += [{"point": f"{amp}-s{seed}", "step": 100, "recovery": 0.0, "val_loss": 9.0, "complete": True},
+                     {"point": f"{amp}-s{seed}", "step": 200, "recovery": r, "val_loss": v, "complete": True}]
+    (tmp_path / "p").mkdir()
+    pd.DataFrame(rows).to_csv(tmp_path / "p" / "summary.csv", index=False)
+    out = sweep_mod.compare_precision("p", tmp_path)
+    rec = out["agree"]["recovery"]
+    assert rec["difference"] == pytest.approx(abs((0.35 + 0.45 + 0.42) / 3 - 0.4))
+    assert rec["spread"] == pytest.approx(0.2) and rec["agree"]  # fp32's spread 0.5 - 0.3
+    loss = out["agree"]["val_loss"]
+    assert loss["spread"] == pytest.approx(0.35) and loss["agree"] and out["steps"] == 200
+    # a shift larger than both spreads disagrees
+    shifted = pd.DataFrame(rows).assign(recovery=lambda d: d.recovery + d.point.str.startswith("bf16") * 0.5)
+    shifted.to_csv(tmp_path / "p" / "summary.csv", index=False)
+    assert not sweep_mod.compare_precision("p", tmp_path)["agree"]["recovery"]["agree"]
+    assert sweep_mod.compare_precision("missing", tmp_path) is None

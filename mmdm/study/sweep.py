@@ -128,6 +128,17 @@ SWEEPS: dict[str, Sweep] = {
             SweepPoint("pix2pix-none", method="pix2pix", variant=None, train={"emphasis": {"kind": "none"}}),
             SweepPoint("pix2pix-top1-w20", method="pix2pix", variant=None),
         )),
+    "vessel-round3": Sweep(
+        name="vessel-round3",
+        description="round 3, as round 2 (`vessel`): the two devices of the paper that each helped there (the MIP "
+                    "loss's Gumbel noise scaled to 0.1, NAWS's own learning rate 1e-2) together, with the two "
+                    "emphasis forms that tied (brightest 1 % and 3 %, x20)",
+        base_train={"crops": CROPS, "emphasis": TOP20},
+        points=(
+            SweepPoint("top1-w20-gumbel0.1-nawslr1e-2", method_overrides={**LR3, "mip_noise_scale": 0.1, "naws_lr": 1e-2}),
+            SweepPoint("top3-w20-gumbel0.1-nawslr1e-2", train={"emphasis": {"fraction": 0.03}},
+                       method_overrides={**LR3, "mip_noise_scale": 0.1, "naws_lr": 1e-2}),
+        )),
     "bf16": Sweep(
         name="bf16",
         description="bf16 autocast on the CPU against fp32 (issue #17): MMDM full (small) in the vessel regime "
@@ -283,11 +294,39 @@ def sweep_curves(name: str, results_root: str | Path = "results/sweeps") -> pd.D
     return pd.read_csv(path) if path.is_file() else pd.DataFrame()
 
 
+def compare_precision(name: str = "bf16", results_root: str | Path = "results/sweeps") -> dict[str, Any] | None:
+    """fp32 against bf16 from a sweep whose points are named ``<fp32|bf16>-s<seed>`` (issue #17).
+
+    For the last validation of every point: the mean and the seed spread (max - min over seeds)
+    of the vessel recovery and of the validation loss, per precision; the two precisions
+    *agree* on a quantity when their means differ by no more than the larger of the two seed
+    spreads. Returns None when the sweep has no records."""
+    curves = sweep_curves(name, results_root)
+    if curves.empty:
+        return None
+    parts = curves["point"].str.extract(r"^(?P<amp>fp32|bf16)-s(?P<seed>\d+)$")
+    curves = curves.assign(amp=parts["amp"], seed=pd.to_numeric(parts["seed"])).dropna(subset=["amp"])
+    last = curves.sort_values("step").groupby("point").tail(1)
+    rows, agree = [], {}
+    for q in ("recovery", "val_loss"):
+        stats = {}
+        for amp, g in last.groupby("amp"):
+            stats[amp] = {"mean": float(g[q].mean()), "spread": float(g[q].max() - g[q].min()), "n": len(g)}
+            rows.append({"quantity": q, "precision": amp, "seeds": len(g), "mean": stats[amp]["mean"],
+                         "min": float(g[q].min()), "max": float(g[q].max())})
+        if {"fp32", "bf16"} <= set(stats):
+            diff = abs(stats["bf16"]["mean"] - stats["fp32"]["mean"])
+            agree[q] = {"difference": diff, "spread": max(stats["fp32"]["spread"], stats["bf16"]["spread"]),
+                        "agree": bool(diff <= max(stats["fp32"]["spread"], stats["bf16"]["spread"]))}
+    return {"table": pd.DataFrame(rows), "agree": agree, "steps": int(last["step"].max()),
+            "curves": curves, "complete": bool(last["complete"].all())}
+
+
 def recorded_sweeps(results_root: str | Path = "results/sweeps") -> list[Sweep]:
     """The sweeps of :data:`SWEEPS` that have records under ``results_root``, in definition order."""
     root = project_path(results_root)
     return [sw for sw in SWEEPS.values() if (root / sw.name / "summary.csv").is_file()]
 
 
-__all__ = ["SELECTION_RULE", "SWEEPS", "Sweep", "SweepPoint", "collect_sweep", "get_sweep", "point_config", "recorded_sweeps", "sweep_curves",
+__all__ = ["SELECTION_RULE", "SWEEPS", "Sweep", "SweepPoint", "collect_sweep", "compare_precision", "get_sweep", "point_config", "recorded_sweeps", "sweep_curves",
            "run_sweep", "sweep_summary"]
