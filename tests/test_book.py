@@ -302,9 +302,10 @@ def test_published_book_from_the_committed_records_in_a_real_browser(tmp_path):
         pytest.skip(message)
     work = tmp_path / "repo"
     work.mkdir()
-    cohort = ROOT / "data" / "phantom-quick"
-    with study_copy(work, ROOT, {"phantom-quick": cohort} if (cohort / "splits.json").is_file() else {}):
+    cohort = ROOT / "data" / "phantom-standard"
+    with study_copy(work, ROOT, {"phantom-standard": cohort} if (cohort / "splits.json").is_file() else {}):
         shutil.copytree(ROOT / "results" / "standard", work / "results" / "standard")
+        shutil.copytree(ROOT / "results" / "sweeps", work / "results" / "sweeps")
         status = run_study("standard", records_only=True, log=lambda s: None)
     assert status == {}  # nothing trained
     html = work / "_build" / "html"
@@ -314,3 +315,7 @@ def test_published_book_from_the_committed_records_in_a_real_browser(tmp_path):
     by_page = {r.page: r for r in reports}
     assert by_page["book/generated/05_qualitative.html"].n_images == 5
     assert not [t for t in by_page["book/generated/04_results.html"].scrolled_tables if "paper" in t]
+    # the sweeps page: one figure per recorded sweep, plus the fp32/bf16 comparison
+    from mmdm.study.sweep import recorded_sweeps
+
+    assert by_page["book/generated/10_sweeps.html"].n_images == len(recorded_sweeps(ROOT / "results" / "sweeps")) + 1
