@@ -30,6 +30,7 @@ Writes ``benchmarks/results/cpu/sampling.json`` and ``sampling.md``.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -94,6 +95,42 @@ def _rounded(d: dict[str, float]) -> dict[str, float]:
     return {k: round(float(v), 5) for k, v in d.items()}
 
 
+def markdown(r: dict[str, Any]) -> str:
+    """The markdown of a result (``sampling.json``)."""
+
+    def over(n: str, t: dict[str, Any]) -> str:
+        load = t["fp32"]["load_1min_median"]
+        return " \\*" if int(n) > 1 and load is not None and load > r["cpu_count"] else ""
+
+    md = md_header("Whole-volume synthesis on the CPU: fp32 against bf16 autocast", r)
+    md += [f"MMDM full, `small` configuration, trained {r['model']['checkpoint_step']} steps on the quick phantom "
+           f"(`{r['model']['run']}`); test subject {r['subject']}, volume {'x'.join(map(str, r['volume_shape']))}, "
+           f"{r['setting']['steps']} sampler steps, stride {r['setting']['stride']}, {r['setting']['mode']} branches "
+           f"({r['windows']} windows, batch {r['batch_size']}; setting from {r['setting']['source']}). "
+           f"fp32 and bf16 alternated {r['repeats']} times in one process; medians.", "",
+           "| threads | fp32 s/volume | bf16 s/volume | fp32 windows/s | bf16 windows/s | bf16 speed-up | load (1 min) |",
+           "|---|---|---|---|---|---|---|"]
+    for n, t in r['timing'].items():
+        md.append(f"| {n} | {t['fp32']['median_s']:.2f} | {t['bf16']['median_s']:.2f} | "
+                  f"{t['fp32']['windows_per_s']:.2f} | {t['bf16']['windows_per_s']:.2f} | {t['speedup_bf16']:.2f}x | "
+                  f"{t['fp32']['load_1min_median']}{over(n, t)} |")
+    if any(over(n, t) for n, t in r["timing"].items()):
+        md += ["", "\\* oversubscribed: the load exceeded the cores, and with more than one thread OpenMP's barriers "
+               "wait for descheduled threads, so these times and their ratio say more about the other jobs than "
+               "about fp32 or bf16 (the single times are in the JSON)."]
+    md += ["", "| comparison | PSNR (dB) | SSIM | RMSE (%) | MIP PSNR (dB) | MIP SSIM |", "|---|---|---|---|---|---|"]
+    for k, label in (("bf16_vs_fp32", "bf16 against fp32 (reference)"), ("fp32_vs_target", "fp32 against target"),
+                     ("bf16_vs_target", "bf16 against target")):
+        m = r['images'][k]
+        md.append(f"| {label} | {m['psnr']:.2f} | {m['ssim']:.4f} | {m['rmse']:.3f} | {m['mip_psnr']:.2f} | "
+                  f"{m['mip_ssim']:.4f} |")
+    d = r["images"]["abs_diff"]
+    md += ["", f"Absolute difference bf16 - fp32 on the [0, 1] scale: mean {d['mean']:.2e}, 99th percentile {d['p99']:.2e}, "
+           f"max {d['max']:.2e}; without the {d['edge_slices']} slices at either end of the volume (the edge of the "
+           f"head, nearly constant windows): 99th percentile {d['p99_inner']:.2e}, max {d['max_inner']:.2e}.", ""]
+    return "\n".join(md)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", type=Path, default=ROOT / "data" / "phantom-quick")
@@ -106,7 +143,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=4)
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
     p.add_argument("--out", type=Path, default=RESULTS / "sampling.json")
+    p.add_argument("--render", action="store_true", help="only rewrite the markdown from --out's JSON")
     args = p.parse_args(argv)
+    if args.render:
+        write_text(args.out.with_suffix(".md"), markdown(json.loads(args.out.read_text())))
+        return 0
 
     info = machine()
     made = ensure_run(args.data, args.run, args.train_steps, args.train_threads)
@@ -157,29 +198,7 @@ def main(argv: list[str] | None = None) -> int:
               "batch_size": args.batch_size, "repeats": args.repeats, "timing": timing, "images": images}
     write_json(args.out, result)
 
-    md = md_header("Whole-volume synthesis on the CPU: fp32 against bf16 autocast", info)
-    md += [f"MMDM full, `small` configuration, trained {ckpt['step']} steps on the quick phantom "
-           f"(`{made['run']}`); test subject {subject}, volume {'x'.join(map(str, target.shape))}, "
-           f"{setting['steps']} sampler steps, stride {setting['stride']}, {setting['mode']} branches "
-           f"({windows[0]} windows, batch {args.batch_size}; setting from {setting['source']}). "
-           f"fp32 and bf16 alternated {args.repeats} times in one process; medians.", "",
-           "| threads | fp32 s/volume | bf16 s/volume | fp32 windows/s | bf16 windows/s | bf16 speed-up | load (1 min) |",
-           "|---|---|---|---|---|---|---|"]
-    for n, t in timing.items():
-        md.append(f"| {n} | {t['fp32']['median_s']:.2f} | {t['bf16']['median_s']:.2f} | "
-                  f"{t['fp32']['windows_per_s']:.2f} | {t['bf16']['windows_per_s']:.2f} | {t['speedup_bf16']:.2f}x | "
-                  f"{t['fp32']['load_1min_median']} |")
-    md += ["", "| comparison | PSNR (dB) | SSIM | RMSE (%) | MIP PSNR (dB) | MIP SSIM |", "|---|---|---|---|---|---|"]
-    for k, label in (("bf16_vs_fp32", "bf16 against fp32 (reference)"), ("fp32_vs_target", "fp32 against target"),
-                     ("bf16_vs_target", "bf16 against target")):
-        m = images[k]
-        md.append(f"| {label} | {m['psnr']:.2f} | {m['ssim']:.4f} | {m['rmse']:.3f} | {m['mip_psnr']:.2f} | "
-                  f"{m['mip_ssim']:.4f} |")
-    d = images["abs_diff"]
-    md += ["", f"|bf16 - fp32| on the [0, 1] scale: mean {d['mean']:.2e}, 99th percentile {d['p99']:.2e}, "
-           f"max {d['max']:.2e}; without the {d['edge_slices']} slices at either end of the volume (the edge of the "
-           f"head, nearly constant windows): 99th percentile {d['p99_inner']:.2e}, max {d['max_inner']:.2e}.", ""]
-    write_text(args.out.with_suffix(".md"), "\n".join(md))
+    write_text(args.out.with_suffix(".md"), markdown(result))
     print(f"wrote {args.out} and {args.out.with_suffix('.md')}")
     return 0
 
