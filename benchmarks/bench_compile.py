@@ -26,11 +26,13 @@ Break-even: compiling pays after ``compile_s / (eager median - compiled median)`
 steps (training) or windows (sampling), compared with the same precision and
 memory format in eager mode.
 
-Usage (each call well under 10 minutes on 2 cores, except ``paper`` with both parts)::
+Usage (one model and part per call stays under ~10 minutes on a loaded 2-core machine: one cold
+compile of the small networks' training step took 3.7 minutes there)::
 
-    python benchmarks/bench_compile.py --model small --part train sample
-    python benchmarks/bench_compile.py --model paper --part train
-    python benchmarks/bench_compile.py --model paper --part sample
+    python benchmarks/bench_compile.py --model small --part train --threads 1
+    python benchmarks/bench_compile.py --model small --part sample --threads 1
+    python benchmarks/bench_compile.py --model paper --part train --threads 1
+    python benchmarks/bench_compile.py --model paper --part sample --threads 1
 
 Results are merged (keyed by model, part and threads) into
 ``benchmarks/results/cpu/compile.json``; ``compile.md`` is rewritten from all of them.
@@ -70,6 +72,7 @@ from mmdm.io import write_json, write_text  # noqa: E402
 from mmdm.methods import build_method  # noqa: E402
 
 VARIANTS = [(bf16, cl, comp) for comp in (False, True) for bf16 in (False, True) for cl in (False, True)]
+DEFAULT_VARIANTS = ["fp32", "fp32+cl", "bf16", "bf16+cl", "fp32+compile", "bf16+compile"]
 
 
 def label(bf16: bool, cl: bool, comp: bool) -> str:
@@ -143,7 +146,7 @@ def sample_part(model: str, args: argparse.Namespace) -> tuple[float, dict[str, 
 
 
 def _wanted(v: tuple[bool, bool, bool], args: argparse.Namespace) -> bool:
-    return not (v[2] and args.no_compile)
+    return label(*v) in args.variants and not (v[2] and args.no_compile)
 
 
 def bench(model: str, part: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -228,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mode", default="independent", choices=["independent", "coupled"])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--no-compile", action="store_true", help="eager variants only")
+    p.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=[label(*v) for v in VARIANTS],
+                   help="default: the four eager ones and fp32/bf16 compiled (a cold compile takes minutes on 2 cores)")
     p.add_argument("--out", type=Path, default=RESULTS / "compile.json")
     args = p.parse_args(argv)
     res = json.loads(args.out.read_text()) if args.out.is_file() else {"results": {}}
@@ -239,10 +244,10 @@ def main(argv: list[str] | None = None) -> int:
                 r = bench(model, part, args)
                 r["machine"] = info
                 res["results"][f"{model}|{part}|threads={n}"] = r
-    info["load_average_end"] = load_average()
-    res["machine"] = info
-    write_json(args.out, res)
-    write_text(args.out.with_suffix(".md"), markdown(res))
+                info["load_average_end"] = load_average()
+                res["machine"] = info
+                write_json(args.out, res)  # after every part: a long run killed later keeps what it measured
+                write_text(args.out.with_suffix(".md"), markdown(res))
     print(f"wrote {args.out} and {args.out.with_suffix('.md')}")
     return 0
 
