@@ -201,7 +201,8 @@ def markdown(res: dict[str, Any]) -> str:
            "(sample) after which compiling has paid for itself against the same variant in eager mode.", ""]
     for key in sorted(res["results"]):
         r = res["results"][key]
-        md += [f"## {r['model']} / {r['part']} / {r['threads']} thread(s)", "",
+        md += [f"## {r['model']} / {r['part']} / {r['threads']} thread(s)" + (f" ({r['tag']})" if r.get("tag") else ""),
+               "",
                f"{r['gflop_per_window']:.1f} GFLOP per window ({r['work']}); {r['windows_per_call']} windows per call; "
                f"load average at the end {r['load_average_end']}.", "",
                "| variant | s per call | windows/s | GFLOP/s | vs fp32 eager | compile s | break-even |",
@@ -233,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-compile", action="store_true", help="eager variants only")
     p.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=[label(*v) for v in VARIANTS],
                    help="default: the four eager ones and fp32/bf16 compiled (a cold compile takes minutes on 2 cores)")
+    p.add_argument("--tag", default="", help="added to the result's key, so that runs of other variants of the same "
+                   "model and part (each with its own eager reference) sit side by side")
     p.add_argument("--out", type=Path, default=RESULTS / "compile.json")
     args = p.parse_args(argv)
     res = json.loads(args.out.read_text()) if args.out.is_file() else {"results": {}}
@@ -243,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
             for part in args.part:
                 r = bench(model, part, args)
                 r["machine"] = info
-                res["results"][f"{model}|{part}|threads={n}"] = r
+                r["tag"] = args.tag
+                res["results"][f"{model}|{part}|threads={n}" + (f"|{args.tag}" if args.tag else "")] = r
                 info["load_average_end"] = load_average()
                 res["machine"] = info
                 write_json(args.out, res)  # after every part: a long run killed later keeps what it measured
