@@ -194,6 +194,7 @@ def bench(model: str, part: str, args: argparse.Namespace) -> dict[str, Any]:
 
 def markdown(res: dict[str, Any]) -> str:
     md = md_header("MMDM's networks on the CPU: bf16, channels-last and torch.compile", res["machine"])
+    md[2] = md[2].replace("load average at the start", "last run's load average at the start")
     md += ["Random weights, 96x112 windows of 5 slices; `train`: one networks' step (forward, four MSEs, "
            "backward; no optimiser), batch 4; `sample`: `method.sample` of a batch of windows, 5 steps, independent "
            "branches, networks under `network_autocast`. Variants alternated in one process; medians. "
@@ -204,7 +205,13 @@ def markdown(res: dict[str, Any]) -> str:
         md += [f"## {r['model']} / {r['part']} / {r['threads']} thread(s)" + (f" ({r['tag']})" if r.get("tag") else ""),
                "",
                f"{r['gflop_per_window']:.1f} GFLOP per window ({r['work']}); {r['windows_per_call']} windows per call; "
-               f"load average at the end {r['load_average_end']}.", "",
+               f"commit {str(r['machine']['git'].get('commit'))[:10]}, {r['machine']['date']}; load average at the "
+               f"start {r['machine']['load_average_start']}, at the end {r['load_average_end']}.", ""]
+        loads = [la[0] for la in (r["machine"]["load_average_start"], r["load_average_end"]) if la]
+        if r["threads"] > 1 and loads and max(loads) > r["machine"]["cpu_count"]:
+            md += ["**Oversubscribed**: other jobs kept the cores busy, and with more than one thread OpenMP's "
+                   "barriers wait for descheduled threads; these times measure the contention, not the variants.", ""]
+        md += [
                "| variant | s per call | windows/s | GFLOP/s | vs fp32 eager | compile s | break-even |",
                "|---|---|---|---|---|---|---|"]
         ref = r["variants"].get("fp32", {}).get("median_s")
@@ -237,7 +244,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tag", default="", help="added to the result's key, so that runs of other variants of the same "
                    "model and part (each with its own eager reference) sit side by side")
     p.add_argument("--out", type=Path, default=RESULTS / "compile.json")
+    p.add_argument("--render", action="store_true", help="only rewrite the markdown from --out's JSON")
     args = p.parse_args(argv)
+    if args.render:
+        write_text(args.out.with_suffix(".md"), markdown(json.loads(args.out.read_text())))
+        return 0
     res = json.loads(args.out.read_text()) if args.out.is_file() else {"results": {}}
     info = machine()
     for n in args.threads:
