@@ -67,7 +67,7 @@ for p in (ROOT, ROOT / "benchmarks"):
 from bench_nets import MODALITIES, BranchesAndFusion, loss_fn  # noqa: E402
 from cpu_env import RESULTS, interleaved, load_average, machine, md_header  # noqa: E402
 
-from mmdm.engine.infer import _networks, network_autocast  # noqa: E402
+from mmdm.engine.infer import method_networks, network_autocast  # noqa: E402
 from mmdm.io import write_json, write_text  # noqa: E402
 from mmdm.methods import build_method  # noqa: E402
 
@@ -133,7 +133,7 @@ def sample_part(model: str, args: argparse.Namespace) -> tuple[float, dict[str, 
         if cl:
             method = method.to(memory_format=torch.channels_last)
         if comp:
-            for net in _networks(method):
+            for net in method_networks(method):
                 net.compile()
         ws = {m: _fmt(x, cl) for m, x in wins.items()}
 

@@ -103,7 +103,7 @@ def _to_fp32(out: Any) -> Any:
     return out
 
 
-def _networks(method: torch.nn.Module) -> list[torch.nn.Module]:
+def method_networks(method: torch.nn.Module) -> list[torch.nn.Module]:
     """The method's networks: its child modules that hold parameters (the members of a
     ``ModuleDict``/``ModuleList`` child one by one). Processes without parameters are left out."""
     nets = []
@@ -115,7 +115,7 @@ def _networks(method: torch.nn.Module) -> list[torch.nn.Module]:
 
 @contextlib.contextmanager
 def network_autocast(method: torch.nn.Module, amp: str = "none") -> Iterator[None]:
-    """Within the block, every network of ``method`` (:func:`_networks`) runs its forward under
+    """Within the block, every network of ``method`` (:func:`method_networks`) runs its forward under
     bf16 autocast on the method's device and returns fp32 tensors; everything outside the
     networks (the sampler's arithmetic) computes as without autocast. ``amp="none"``: a no-op.
 
@@ -147,7 +147,7 @@ def network_autocast(method: torch.nn.Module, amp: str = "none") -> Iterator[Non
 
     wrapped: list[tuple[torch.nn.Module, Any]] = []
     try:
-        for net in {id(n): n for n in _networks(method)}.values():  # a module under two names: once
+        for net in {id(n): n for n in method_networks(method)}.values():  # a module under two names: once
             wrapped.append((net, vars(net).get("forward")))
             net.forward = wrap(net.forward)
         yield
