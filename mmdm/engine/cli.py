@@ -21,7 +21,7 @@ from mmdm.config import ConfigError, _deep_merge, from_dict, load_yaml, to_dict
 from mmdm.data.layout import DatasetError
 from mmdm.engine.distributed import env_ranks
 from mmdm.engine.evaluate import evaluate_run
-from mmdm.engine.infer import synthesize_files
+from mmdm.engine.infer import AMP_MODES, synthesize_files
 from mmdm.engine.spec import TrainConfig
 from mmdm.engine.train import train
 
@@ -151,12 +151,18 @@ def _cmd_synthesize(args: argparse.Namespace) -> int:
         res = synthesize_files(args.run, collect_inputs(args), args.out, steps=args.steps, eta=args.eta,
                                n_samples=args.samples, batch_size=args.batch_size, scale=args.scale,
                                device=args.device, checkpoint=args.checkpoint, seed=args.seed,
-                               progress=not args.quiet)
+                               progress=not args.quiet, amp=args.amp)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {res['mean']}" + (f" and {res['std']}" if "std" in res else ""))
     return 0
+
+
+def _add_amp_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--amp", choices=AMP_MODES, default="none",
+                   help="precision of the networks while sampling: none (fp32, the default) or bf16 (autocast on "
+                   "CUDA or a CPU; the sampler's arithmetic, the window average and the output stay fp32)")
 
 
 def add_synthesize_parser(subparsers) -> argparse.ArgumentParser:
@@ -185,6 +191,7 @@ def add_synthesize_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default="latest", help="'latest', a step number, or a checkpoint path")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    _add_amp_flag(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_synthesize, inputs=None)
     return p
@@ -194,7 +201,7 @@ def _cmd_evaluate_run(args: argparse.Namespace) -> int:
     try:
         summary = evaluate_run(args.run_dir, split=args.split, steps=args.steps, eta=args.eta,
                                n_samples=args.samples, batch_size=args.batch_size, device=args.device,
-                               checkpoint=args.checkpoint, seed=args.seed, progress=not args.quiet)
+                               checkpoint=args.checkpoint, seed=args.seed, progress=not args.quiet, amp=args.amp)
     except (RuntimeError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -225,6 +232,7 @@ def add_evaluate_run_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default="latest", help="'latest', a step number, or a checkpoint path")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    _add_amp_flag(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_evaluate_run)
     return p

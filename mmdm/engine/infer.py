@@ -19,10 +19,18 @@ file against a raw TOF volume exactly as ``mmdm evaluate-run`` does.
 
 :func:`synthesize_subjects` is the one loop over a dataset's subjects (load
 the sources, synthesise) that run evaluation and the study's analyses share.
+
+Precision (``amp``): ``"none"`` samples in fp32; ``"bf16"`` runs every
+network forward under bf16 autocast (CUDA, or the CPU) and hands its outputs
+back to the sampler in fp32 (:func:`network_autocast`), so the sampler's
+arithmetic (bridge/DDIM steps, added noise), the sliding-window mean (float64)
+and the returned volume stay as in fp32 sampling.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -43,6 +51,9 @@ from mmdm.engine.rundir import run_paths
 from mmdm.engine.spec import TrainConfig, build_method_from_config
 from mmdm.io import save_nifti, tof_fraction_descrip
 from mmdm.methods.base import SynthesisMethod
+
+#: the precisions of sampling (``amp``): fp32, or bf16 autocast of the networks
+AMP_MODES = ("none", "bf16")
 
 
 def _method_device(method: SynthesisMethod) -> torch.device:
@@ -66,12 +77,94 @@ def _check_modalities(method: SynthesisMethod, sources: dict[str, Any]) -> list[
     return needed
 
 
+def check_amp(amp: str, device: torch.device) -> None:
+    """Raise ``ValueError`` unless ``amp`` is one of :data:`AMP_MODES` and ``device`` can autocast to it
+    (bf16: CUDA with bf16 support, or the CPU)."""
+    if amp not in AMP_MODES:
+        raise ValueError(f"unknown amp {amp!r}; use one of {AMP_MODES}")
+    if amp != "bf16":
+        return
+    if device.type == "cuda":
+        if not torch.cuda.is_bf16_supported():
+            raise ValueError(f"amp 'bf16': {device} ({torch.cuda.get_device_name(device)}) does not support bf16; "
+                             "use amp 'none'")
+    elif device.type != "cpu":
+        raise ValueError(f"amp 'bf16' autocasts on CUDA or the CPU; this model is on {device}. Use amp 'none'.")
+
+
+def _to_fp32(out: Any) -> Any:
+    """``out`` with every bf16/fp16 tensor (also inside tuples, lists and dicts) cast to fp32."""
+    if torch.is_tensor(out):
+        return out.float() if out.dtype in (torch.bfloat16, torch.float16) else out
+    if isinstance(out, (tuple, list)):
+        return type(out)(_to_fp32(o) for o in out)
+    if isinstance(out, dict):
+        return {k: _to_fp32(v) for k, v in out.items()}
+    return out
+
+
+def method_networks(method: torch.nn.Module) -> list[torch.nn.Module]:
+    """The method's networks: its child modules that hold parameters (the members of a
+    ``ModuleDict``/``ModuleList`` child one by one). Processes without parameters are left out."""
+    nets = []
+    for child in method.children():
+        members = child.children() if isinstance(child, (torch.nn.ModuleDict, torch.nn.ModuleList)) else [child]
+        nets.extend(m for m in members if any(True for _ in m.parameters()))
+    return nets
+
+
+@contextlib.contextmanager
+def network_autocast(method: torch.nn.Module, amp: str = "none") -> Iterator[None]:
+    """Within the block, every network of ``method`` (:func:`method_networks`) runs its forward under
+    bf16 autocast on the method's device and returns fp32 tensors; everything outside the
+    networks (the sampler's arithmetic) computes as without autocast. ``amp="none"``: a no-op.
+
+    A network called from inside another (MMDM's shared time embedding) is left to the outer
+    one's autocast. Layers that opt out of autocast themselves (``nets.resunet.no_autocast``)
+    still do. A method whose ``sample`` calls its networks other than through ``forward`` gets
+    no autocast there (no speed-up, same result).
+    """
+    device = _method_device(method)
+    check_amp(amp, device)
+    if amp == "none":
+        yield
+        return
+    depth = [0]
+
+    def wrap(forward: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(forward)
+        def run(*args: Any, **kwargs: Any) -> Any:
+            if depth[0]:
+                return forward(*args, **kwargs)
+            depth[0] += 1
+            try:
+                with torch.autocast(device.type, dtype=torch.bfloat16):
+                    out = forward(*args, **kwargs)
+            finally:
+                depth[0] -= 1
+            return _to_fp32(out)
+        return run
+
+    wrapped: list[tuple[torch.nn.Module, Any]] = []
+    try:
+        for net in {id(n): n for n in method_networks(method)}.values():  # a module under two names: once
+            wrapped.append((net, vars(net).get("forward")))
+            net.forward = wrap(net.forward)
+        yield
+    finally:
+        for net, own in reversed(wrapped):
+            if own is None:
+                del net.forward  # back to the class's forward
+            else:
+                net.forward = own
+
+
 @torch.no_grad()
 def synthesize_volume(method: SynthesisMethod, sources: dict[str, np.ndarray], window: int = 5, stride: int = 1,
                       batch_size: int = 8, steps: int | None = None, eta: float | None = None,
                       n_samples: int = 1, norm: NormConfig = NormConfig(),
                       generator: torch.Generator | None = None, progress: bool = True, clip: bool = True,
-                      pad_value: float = -1.0, desc: str = "synthesis") -> dict[str, Any]:
+                      pad_value: float = -1.0, desc: str = "synthesis", amp: str = "none") -> dict[str, Any]:
     """Synthesise a whole TOF-MRA volume from raw source volumes (X, Y, Z).
 
     Returns ``{"mean": (X, Y, Z) float32 in [0, 1], "windows": n, "n_samples": n}``
@@ -79,13 +172,15 @@ def synthesize_volume(method: SynthesisMethod, sources: dict[str, np.ndarray], w
     ``n_samples > 1``. Height/width that are not multiples of
     ``method.spatial_multiple`` are padded with ``pad_value`` (the normalised
     background, -1) and cropped back. ``generator`` defaults to one seeded with
-    0 on the method's device, so a call is reproducible.
+    0 on the method's device, so a call is reproducible. ``amp="bf16"``: the networks' forward
+    passes under bf16 autocast (:func:`network_autocast`); the result is fp32 as without it.
     """
     if stride < 1 or window < 1 or batch_size < 1 or n_samples < 1:
         raise ValueError(f"window, stride, batch_size and n_samples must be >= 1 (got {window}, {stride}, "
                          f"{batch_size}, {n_samples})")
     mods = _check_modalities(method, sources)
     device = _method_device(method)
+    check_amp(amp, device)
     if generator is None:
         generator = torch.Generator(device=device).manual_seed(0)
     vols = {m: torch.from_numpy(normalise(np.asarray(sources[m], dtype=np.float32), norm)[0]) for m in mods}
@@ -111,7 +206,8 @@ def synthesize_volume(method: SynthesisMethod, sources: dict[str, np.ndarray], w
                     if px or py:
                         w = F.pad(w, (0, py, 0, px), value=pad_value)
                     wins[m] = w
-                pred = method.sample(wins, steps=steps, eta=eta, generator=generator)
+                with network_autocast(method, amp):
+                    pred = method.sample(wins, steps=steps, eta=eta, generator=generator)
                 pred = pred[:, :, :x, :y].float()
                 if clip:
                     pred = pred.clamp(-1.0, 1.0)
@@ -185,7 +281,7 @@ def synthesize_files(run_dir: str | Path, inputs: dict[str, str | Path], out_pat
                      steps: int | None = None, eta: float | None = None, n_samples: int = 1, batch_size: int = 8,
                      scale: float = 1.0, save_std: bool = True, device: str = "auto", checkpoint: str = "latest",
                      use_ema: bool = True, seed: int = 0, stride: int | None = None,
-                     progress: bool = True) -> dict[str, Any]:
+                     progress: bool = True, amp: str = "none") -> dict[str, Any]:
     """Synthesise a TOF-MRA NIfTI from source NIfTI files with a trained run.
 
     ``inputs`` maps modality -> file (the run's ``data.sources``; extra ones are
@@ -193,9 +289,11 @@ def synthesize_files(run_dir: str | Path, inputs: dict[str, str | Path], out_pat
     its values are the [0, 1] synthesis times ``scale`` (default 1: a fraction
     of the TOF maximum; there is no absolute TOF intensity to recover). With
     ``n_samples > 1`` and ``save_std``, ``<out>_std.nii.gz`` holds the
-    per-voxel standard deviation over the samples (same scale).
+    per-voxel standard deviation over the samples (same scale). ``amp``: ``"none"`` or
+    ``"bf16"`` (autocast of the networks, see :func:`synthesize_volume`).
     """
     dev = resolve_device(device)
+    check_amp(amp, dev)
     method, cfg, info = load_run_method(run_dir, checkpoint=checkpoint, device=dev, use_ema=use_ema)
     needed = list(method.sources or cfg.data.sources)
     missing = [m for m in needed if m not in inputs]
@@ -209,7 +307,7 @@ def synthesize_files(run_dir: str | Path, inputs: dict[str, str | Path], out_pat
     gen = torch.Generator(device=dev).manual_seed(seed)
     res = synthesize_volume(method, {m: v.data for m, v in vols.items()}, window=cfg.data.window,
                             stride=stride or cfg.data.eval_stride, batch_size=batch_size, steps=steps, eta=eta,
-                            n_samples=n_samples, norm=cfg.data.norm, generator=gen, progress=progress)
+                            n_samples=n_samples, norm=cfg.data.norm, generator=gen, progress=progress, amp=amp)
     header = ref_img.header.copy()
     descrip = tof_fraction_descrip(scale)
     out = {"mean": save_nifti(out_path, res["mean"] * scale, ref_img.affine, header, descrip=descrip),
@@ -251,13 +349,15 @@ def synthesize_subjects(method: SynthesisMethod, data: DataConfig, subjects: Seq
                         generator_for: Callable[[int, str], torch.Generator], *, root: str | Path | None = None,
                         with_target: bool = False, stride: int | None = None, steps: int | None = None,
                         eta: float | None = None, n_samples: int = 1, batch_size: int = 8, progress: bool = True,
-                        desc: Callable[[str], str] = str) -> Iterator[SubjectSynthesis]:
+                        desc: Callable[[str], str] = str, amp: str = "none") -> Iterator[SubjectSynthesis]:
     """Synthesise every subject in turn with the run's data settings (window, ``stride`` or
     ``data.eval_stride``, normalisation); ``generator_for(i, subject)`` gives the sampling RNG
-    of the i-th subject (one shared generator, or one seeded per subject)."""
+    of the i-th subject (one shared generator, or one seeded per subject); ``amp`` as in
+    :func:`synthesize_volume`."""
+    check_amp(amp, _method_device(method))
     for i, item in enumerate(subject_sources(data, subjects, root, with_target)):
         item.result = synthesize_volume(method, item.sources, window=data.window, stride=stride or data.eval_stride,
                                         batch_size=batch_size, steps=steps, eta=eta, n_samples=n_samples,
                                         norm=data.norm, generator=generator_for(i, item.subject), progress=progress,
-                                        desc=desc(item.subject))
+                                        desc=desc(item.subject), amp=amp)
         yield item
