@@ -62,7 +62,7 @@ SETUP_DEVIATIONS = [
     "uses the model's): at the model's rate they move by at most that rate per step, so in a short run "
     "the learnt weighting stays at its start.",
     "**Precision.** The CPU profiles train in fp32: bf16 autocast agreed with fp32 within the seed "
-    "spread (the sweeps page) but was not faster for the small networks on crops. The `paper` profile "
+    "spread (the sweeps page) but was hardly faster for the small networks on crops. The `paper` profile "
     "uses bf16 autocast, the usual practice on GPUs.",
 ]
 
