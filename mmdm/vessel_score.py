@@ -43,6 +43,8 @@ from scipy import ndimage
 
 #: The phantom's lumen: voxels whose vessel (partial-volume) fraction exceeds this.
 LUMEN_FRACTION = 0.5
+#: Without a brain mask (IXI), voxels of the target scaled to [0, 1] above this form the head mask.
+HEAD_THRESHOLD = 0.05
 #: Share of the brain's voxels that :func:`bright_mask` takes as vessels when there is no ground truth.
 DEFAULT_BRIGHT_FRACTION = 0.01
 #: Keys of :func:`vessel_scores` (besides ``mask_source``).

@@ -18,19 +18,15 @@ import numpy as np
 import torch
 
 from mmdm.data.layout import Layout
-from mmdm.data.phantom import load_ground_truth
+from mmdm.data.phantom import has_ground_truth, load_ground_truth
 from mmdm.engine.distributed import resolve_device
 from mmdm.engine.infer import check_amp, load_run_method, synthesize_subjects
 from mmdm.engine.rundir import (METRIC_COLUMNS, VESSEL_SCORE_COLUMNS, RecordWriter, run_paths, run_provenance,
                                 run_status, write_metrics_csv)
 from mmdm.io import save_nifti, tof_fraction_descrip
 from mmdm.metrics import evaluate_volumes
-from mmdm.vessel_score import phantom_vessel_scores, vessel_scores
+from mmdm.vessel_score import HEAD_THRESHOLD, phantom_vessel_scores, vessel_scores
 
-#: Voxels of the target (scaled by its maximum) above this form the head mask of data without a
-#: brain mask (IXI), inside which the brightest 1 % are taken as vessels (the rule of
-#: :func:`mmdm.study.vessel_eval.reference_volumes`).
-HEAD_THRESHOLD = 0.05
 #: What summary.json says the vessel score is (key ``vessel``, ``definition``).
 VESSEL_SCORE_DEFINITION = (
     "Threshold-free vessel score (mmdm.vessel_score), prediction and target both scaled by the target's maximum. "
@@ -40,10 +36,6 @@ VESSEL_SCORE_DEFINITION = (
     "'ground_truth'); without ground truth the brightest 1 % of the real TOF-MRA inside its head mask "
     "(target > 0.05; 'bright_target'). Vessel-free brain: the brain (head) mask minus every vessel voxel dilated "
     "by 1 voxel. Means and sample sd over the subjects that could be scored (n_scored).")
-
-
-def _is_phantom(root: Path) -> bool:
-    return (root / "derivatives" / "phantom").is_dir()
 
 
 def subject_vessel_scores(pred: np.ndarray, target: np.ndarray, data_root: str | Path,
@@ -59,7 +51,7 @@ def subject_vessel_scores(pred: np.ndarray, target: np.ndarray, data_root: str |
     """
     root = Path(data_root)
     try:
-        if _is_phantom(root):
+        if has_ground_truth(root):
             gt = load_ground_truth(root, subject)
             s = phantom_vessel_scores(pred, target, gt["vessel_fraction"], gt["brain_mask"], data_range=1.0)
         else:

@@ -19,20 +19,17 @@ validation of a run and every run of a cohort scores the same windows.
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from mmdm.data.dataset import WindowDataset
-from mmdm.data.phantom import load_ground_truth
+from mmdm.data.phantom import has_ground_truth, load_ground_truth
 from mmdm.engine.batches import collate, to_device
 from mmdm.methods.base import SynthesisMethod
-from mmdm.vessel_score import phantom_lumen, vessel_scores
+from mmdm.vessel_score import HEAD_THRESHOLD, phantom_lumen, vessel_scores
 
-#: Foreground of a TOF window in [0, 1] when there is no brain mask (IXI).
-FOREGROUND_LEVEL = 0.05
 #: Share of each subject's axial extent the validation windows are drawn from (the middle).
 CENTRAL_SHARE = 0.5
 
@@ -44,11 +41,6 @@ def spread_indices(n_items: int, n: int) -> list[int]:
     if n >= n_items:
         return list(range(n_items))
     return sorted({int(round(x)) for x in np.linspace(0, n_items - 1, n + 2)[1:-1]})
-
-
-def is_phantom(root: str | Path) -> bool:
-    """Whether ``root`` is a phantom cohort with its ground truth (``derivatives/phantom``)."""
-    return (Path(root) / "derivatives" / "phantom").is_dir()
 
 
 def central_windows(dataset: WindowDataset, share: float = CENTRAL_SHARE) -> list[int]:
@@ -71,7 +63,7 @@ class ValidationVessels:
         central = central_windows(dataset)
         self.indices = [central[i] for i in spread_indices(len(central), n_windows)]
         k = dataset.cfg.window
-        phantom = is_phantom(dataset.cfg.root)
+        phantom = has_ground_truth(dataset.cfg.root)
         truth: dict[str, dict[str, np.ndarray]] = {}
         lumen, excl, brain = [], [], []
         for i in self.indices:
@@ -108,7 +100,7 @@ class ValidationVessels:
         # (N*K, X, Y) in [0, 1], the scale of the run records
         p = ((torch.cat(preds).flatten(0, 1) + 1) / 2).clamp(0, 1).numpy()
         t = ((torch.cat(targets).flatten(0, 1) + 1) / 2).numpy()
-        brain = self.brain if self.brain is not None else t > FOREGROUND_LEVEL
+        brain = self.brain if self.brain is not None else t > HEAD_THRESHOLD
         try:  # data range 1: the scale of the run records' test-split vessel PSNR
             s = vessel_scores(p, t, brain_mask=brain, lumen_mask=self.lumen, exclude_mask=self.exclude,
                               data_range=1.0)
@@ -120,4 +112,4 @@ class ValidationVessels:
                 "n_windows": len(self.indices), "mask_source": str(s["mask_source"])}
 
 
-__all__ = ["CENTRAL_SHARE", "FOREGROUND_LEVEL", "ValidationVessels", "central_windows", "is_phantom", "spread_indices"]
+__all__ = ["CENTRAL_SHARE", "ValidationVessels", "central_windows", "spread_indices"]

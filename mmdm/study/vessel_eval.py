@@ -19,21 +19,17 @@ import pandas as pd
 from mmdm.config import load_yaml, save_yaml
 from mmdm.data.dataset import load_subject_volumes
 from mmdm.data.layout import TARGET_MODALITY, Layout
-from mmdm.data.phantom import load_ground_truth
+from mmdm.data.phantom import has_ground_truth, load_ground_truth
 from mmdm.data.volumes import load_volume
-from mmdm.engine.evaluate import HEAD_THRESHOLD
+from mmdm.vessel_score import HEAD_THRESHOLD
 from mmdm.vessels import VesselSegConfig, evaluate_vessels, fit_segmentation, phantom_vessel_mask, segment_vessels
-
-
-def _is_phantom(root: Path) -> bool:
-    return (root / "derivatives" / "phantom").is_dir()
 
 
 def reference_volumes(root: Path, subject: str, cfg: VesselSegConfig | None = None):
     """(target volume scaled to [0, 1], ground-truth vessel mask, brain mask, centrelines, affine)."""
     vol = load_subject_volumes(root, subject, [TARGET_MODALITY])[TARGET_MODALITY]
     target = vol.data / float(vol.data.max())
-    if _is_phantom(root):
+    if has_ground_truth(root):
         gt = load_ground_truth(root, subject)
         return target, phantom_vessel_mask(gt["vessel_fraction"]), gt["brain_mask"], gt["centerlines"], vol.affine
     brain = target > HEAD_THRESHOLD
@@ -47,7 +43,7 @@ def cohort_segmentation(root: str | Path, cache: str | Path) -> VesselSegConfig:
         return load_yaml(VesselSegConfig, cache)
     root = Path(root)
     cfg = VesselSegConfig()
-    if _is_phantom(root):
+    if has_ground_truth(root):
         vols, gts, masks = {}, {}, {}
         for s in Layout(root).split("val"):
             target, gt, brain, _, _ = reference_volumes(root, s)

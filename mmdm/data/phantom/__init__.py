@@ -20,4 +20,4 @@ from mmdm.data.phantom.cohort import (  # noqa: F401
 )
 from mmdm.data.phantom.physics import SequenceParams, Tissue, default_tissues  # noqa: F401
 from mmdm.data.phantom.visibility import vessel_visibility  # noqa: F401
-from mmdm.data.phantom.groundtruth import load_ground_truth, subject_visibility  # noqa: F401
+from mmdm.data.phantom.groundtruth import has_ground_truth, load_ground_truth, subject_visibility  # noqa: F401

@@ -13,6 +13,11 @@ from mmdm.data.phantom.visibility import vessel_visibility
 from mmdm.data.volumes import load_volume
 
 
+def has_ground_truth(root: str | Path) -> bool:
+    """Whether ``root`` is a phantom cohort with its ground truth (``derivatives/phantom/``)."""
+    return (Path(root) / "derivatives" / "phantom").is_dir()
+
+
 def load_ground_truth(root: str | Path, subject: str) -> dict:
     """Vessel labels and fractions, tissue labels, brain mask, centreline graph and
     simulation parameters of one phantom subject (``derivatives/phantom/``)."""
