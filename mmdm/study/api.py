@@ -22,7 +22,7 @@ from mmdm.io import write_text
 from mmdm.paths import project_path
 from mmdm.study.profiles import StudyProfile, get_profile
 from mmdm.study.records import export_record, record_complete
-from mmdm.study.runs import REFERENCE_RUN, RunSpec, run_name
+from mmdm.study.runs import REFERENCE_RUN, RunSpec, get_option, run_name
 from mmdm.study.vessel_eval import cohort_segmentation, vessel_metrics
 
 
@@ -64,8 +64,9 @@ def parse_sources(sources: str | Sequence[str] | None, profile: StudyProfile) ->
 
 
 def make_spec(method: str, variant: str | None, sources: str | Sequence[str] | None,
-              profile: StudyProfile, seed: int = 0) -> RunSpec:
-    """The run of (method, variant, sources, seed) under ``profile``, named as the study names it."""
+              profile: StudyProfile, seed: int = 0, option: str | None = None) -> RunSpec:
+    """The run of (method, variant, sources, seed) under ``profile``, named as the study names it;
+    ``option``: a run option (:data:`mmdm.study.runs.RUN_OPTIONS`, e.g. ``"no-emphasis"``) or none."""
     if method != "mmdm" and variant:
         raise ConfigError(f"method '{method}' has no variants (only mmdm does: base, mip, naws, full)")
     variant = (variant or "full") if method == "mmdm" else None
@@ -73,8 +74,13 @@ def make_spec(method: str, variant: str | None, sources: str | Sequence[str] | N
     missing = [s for s in src if s not in profile.sources] if profile.dataset == "phantom" else []
     if missing:
         raise ConfigError(f"source modality {missing} is not in the profile's sources {list(profile.sources)}")
-    name = run_name(method, variant, src, profile.sources, seed)
-    return RunSpec(name, method, variant, None if src == tuple(profile.sources) else src)
+    if option:
+        try:
+            get_option(option)
+        except KeyError as err:
+            raise ConfigError(err.args[0]) from None
+    name = run_name(method, variant, src, profile.sources, seed, option or None)
+    return RunSpec(name, method, variant, None if src == tuple(profile.sources) else src, option=option or None)
 
 
 def train_config(spec: RunSpec, profile: StudyProfile, seed: int = 0, device: str | None = None):
@@ -82,12 +88,16 @@ def train_config(spec: RunSpec, profile: StudyProfile, seed: int = 0, device: st
     sources = tuple(spec.sources or profile.sources)
     kw = spec.method_kwargs(profile.method_config, profile.sources)
     kw.update(profile.method_overrides.get(spec.method, {}))
+    option = get_option(spec.option) if spec.option else None
+    if option:
+        kw.update(option.method)
     data = DataConfig(root=str(project_path(profile.data_dir)), sources=sources, eval_stride=profile.eval_stride)
     cfg = TrainConfig(method=spec.method, method_kwargs=kw, data=data, steps=profile.run_steps(spec.method),
                       epochs=profile.epochs, batch_size=profile.batch_size, seed=seed,
                       device=device or profile.device, checkpoint_every=profile.checkpoint_every,
                       image_every=profile.image_every, log_every=profile.log_every)
-    return replace(cfg, profile.train) if profile.train else cfg
+    cfg = replace(cfg, profile.train) if profile.train else cfg
+    return replace(cfg, option.train) if option and option.train else cfg
 
 
 def ensure_data(profile: StudyProfile | str, progress: bool = True) -> Path:

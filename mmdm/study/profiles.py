@@ -50,6 +50,9 @@ class StudyProfile:
     seeds: tuple[int, ...] = (0,)
     #: runs repeated with every seed; "strongest-baseline": the best Table 1 baseline (mean PSNR, seed 0)
     seed_runs: tuple[str, ...] = ()
+    #: extra runs (run, option of :data:`mmdm.study.runs.RUN_OPTIONS`), trained after the seed runs,
+    #: e.g. ``("mmdm-full", "no-emphasis")``; the run may be "strongest-baseline" as in ``seed_runs``
+    option_runs: tuple[tuple[str, str], ...] = ()
     #: repeated sampling of MMDM full for per-voxel uncertainty (0: skip); test subjects used (None: all)
     uncertainty_samples: int = 0
     uncertainty_subjects: int | None = None
@@ -86,6 +89,10 @@ VESSEL_METHODS: dict[str, dict[str, Any]] = {
     **{m: {"optim": {"lr": 3e-4}} for m in ("ddpm", "bbdm", "rddm")},
 }
 
+#: The ablation of the vessel emphasis (issue #15): MMDM full and the strongest baseline trained again
+#: without it, everything else equal.
+EMPHASIS_ABLATION: tuple[tuple[str, str], ...] = (("mmdm-full", "no-emphasis"), ("strongest-baseline", "no-emphasis"))
+
 PROFILES: dict[str, StudyProfile] = {
     "smoke": StudyProfile(
         name="smoke", description="every run, tiny: a 6-subject 4 mm phantom, 3 training steps on 32x32 crops "
@@ -96,7 +103,7 @@ PROFILES: dict[str, StudyProfile] = {
         uncertainty_subjects=1, uncertainty_steps=3, frontier_steps=(2, 3), frontier_strides=(2, 5),
         train={**VESSEL_TRAIN, "crops": {**VESSEL_TRAIN["crops"], "size": [32, 32]}, "val_every": 3,
                "val_windows": 2},
-        method_overrides=VESSEL_METHODS),
+        method_overrides=VESSEL_METHODS, option_runs=EMPHASIS_ABLATION),
     "quick": StudyProfile(
         name="quick", description="the CPU main job: 40-subject 2 mm phantom (28/4/8), small models with the "
         "vessel set-up of the standard profile (48x48 crops, emphasis), 120 steps per run (more for the fast GAN "
@@ -110,12 +117,14 @@ PROFILES: dict[str, StudyProfile] = {
         "subjects: 28/4/16), small models, the vessel set-up (48x48 crops, brightest 1 % x20, lr 3e-4 for the "
         "diffusion methods, NAWS lr 1e-2; chosen on validation by the recorded sweeps), 2000 steps per diffusion "
         "run (more for Pix2Pix), 10 sampling steps, windows every 2nd slice; 3 seeds of MMDM full, MMDM base and "
-        "the strongest baseline; uncertainty (4 draws x 4 subjects) and the frontier (5-50 steps x stride "
+        "the strongest baseline; MMDM full and the strongest baseline once more without the emphasis; uncertainty "
+        "(4 draws x 4 subjects) and the frontier (5-50 steps x stride "
         "1/2/5 x coupled/independent, 1 subject)",
         cohort="standard", steps=2000, steps_per_method={"pix2pix": 4000, "resvit": 2000, "unest": 2000},
         checkpoint_every=200, image_every=500, eval_sample_steps=10, eval_stride=2, seeds=(0, 1, 2),
         seed_runs=("mmdm-full", "mmdm-base", "strongest-baseline"), uncertainty_samples=4, uncertainty_subjects=4,
-        frontier_steps=(5, 10, 20, 50), train=VESSEL_TRAIN, method_overrides=VESSEL_METHODS),
+        frontier_steps=(5, 10, 20, 50), train=VESSEL_TRAIN, method_overrides=VESSEL_METHODS,
+        option_runs=EMPHASIS_ABLATION),
     "paper": StudyProfile(
         name="paper", description="the paper's settings: 140-subject 1 mm phantom, paper configurations, "
         "200 epochs, batch 4, 200 sampling steps, stride 1, each method's published objective (no emphasis, "

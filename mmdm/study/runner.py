@@ -33,7 +33,7 @@ from mmdm.study.executed import tidy_notebook
 from mmdm.study.frontier import ensure_frontier
 from mmdm.study.profiles import StudyProfile, get_profile
 from mmdm.study.records import load_records, record_complete
-from mmdm.study.runs import RunSpec, study_runs
+from mmdm.study.runs import RunSpec, option_spec, study_runs
 from mmdm.study.seeds import resolve_seed_runs, seed_specs, split_seed
 from mmdm.study.uncertainty import ensure_uncertainty
 
@@ -134,7 +134,8 @@ def run_job(name: str, params: dict, run_dir: str, env: dict[str, str]) -> dict[
 
 def run_parameters(spec: RunSpec, profile: StudyProfile, seed: int, device: str | None) -> dict:
     return {"profile": profile.name, "method": spec.method, "variant": spec.variant or "",
-            "sources": ",".join(spec.sources or ()), "seed": seed, "device": device or profile.device}
+            "sources": ",".join(spec.sources or ()), "seed": seed, "device": device or profile.device,
+            "option": spec.option or ""}
 
 
 def select_runs(profile: StudyProfile, only: Sequence[str] | None = None) -> list[RunSpec]:
@@ -143,12 +144,15 @@ def select_runs(profile: StudyProfile, only: Sequence[str] | None = None) -> lis
     runs = study_runs(profile.sources)
     if only:
         names = {r.name for r in runs}
-        unknown = [o for o in only if o not in names and o not in ANALYSES
+        options = {f"{n}-{o}" for n in names for _, o in profile.option_runs}
+        unknown = [o for o in only if o not in names and o not in ANALYSES and o not in options
                    and not (split_seed(o)[0] in names and split_seed(o)[1] in profile.seeds)]
         if unknown:
+            extra = f"; the profile's run options: {', '.join(sorted({o for _, o in profile.option_runs}))}" \
+                if profile.option_runs else ""
             raise KeyError(f"unknown run(s) {unknown}; the study's runs are: {', '.join(sorted(names))} "
                            f"(and NAME-sN for the profile's seeds {list(profile.seeds)}; the analyses "
-                           f"{' and '.join(ANALYSES)})")
+                           f"{' and '.join(ANALYSES)}{extra})")
         runs = [r for r in runs if r.name in only]
     return runs
 
@@ -164,6 +168,26 @@ def select_seed_runs(profile: StudyProfile, only: Sequence[str] | None = None,
         log(f"[seeds] {note}")
     specs = seed_specs(names, profile.seeds, profile.sources)
     return [(spec, seed) for spec, seed in specs if not only or spec.name in only]
+
+
+def select_option_runs(profile: StudyProfile, only: Sequence[str] | None = None,
+                       log: Callable[[str], None] = print) -> list[tuple[RunSpec, int]]:
+    """The extra runs of ``profile.option_runs`` (seed 0), "strongest-baseline" resolved against
+    the seed-0 records as for the seed runs."""
+    if not profile.option_runs:
+        return []
+    per_subject, _ = load_records(api.results_dir(profile))
+    by_name = {r.name: r for r in study_runs(profile.sources)}
+    out: list[tuple[RunSpec, int]] = []
+    for run, option in profile.option_runs:
+        names, notes = resolve_seed_runs([run], per_subject, profile.sources)
+        for note in notes:
+            log(f"[options] {note}")
+        for name in names:
+            spec = option_spec(by_name[name], option)
+            if not only or spec.name in only:
+                out.append((spec, 0))
+    return out
 
 
 def _gpu_count() -> int:
@@ -264,6 +288,11 @@ def run_study(profile: str | StudyProfile = "quick", only: Sequence[str] | None 
         if seed_items:
             log(f"[seeds] {len(seed_items)} seed run(s): {', '.join(r.name for r, _ in seed_items)}")
         stage(seed_items)
+        option_items = select_option_runs(profile, only, log)
+        if option_items:
+            log(f"[options] {len(option_items)} run(s) with a changed set-up: "
+                f"{', '.join(r.name for r, _ in option_items)}")
+        stage(option_items)
 
         for name, ensure in (("uncertainty", ensure_uncertainty), ("frontier", ensure_frontier)):
             if not only or name in only:

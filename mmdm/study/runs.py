@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from itertools import combinations
-from typing import Sequence
+from typing import Any, Sequence
 
 #: Table 1 rows in the paper's order.
 BASELINES = ("pix2pix", "ddpm", "resvit", "bbdm", "unest", "rddm")
@@ -31,6 +31,7 @@ class RunSpec:
     sources: tuple[str, ...] | None = None  # None: the profile's sources
     tables: tuple[str, ...] = ()
     labels: dict[str, str] = field(default_factory=dict, hash=False, compare=False)  # table -> row label
+    option: str | None = None  # a named change of the set-up (:data:`RUN_OPTIONS`), e.g. "no-emphasis"
 
     def method_kwargs(self, config: str, profile_sources: Sequence[str]) -> dict:
         kw: dict = {"config": config, "sources": list(self.sources or profile_sources)}
@@ -39,12 +40,50 @@ class RunSpec:
         return kw
 
 
+@dataclass(frozen=True)
+class RunOption:
+    """A named change of one run's training set-up, trained as an extra run beside the table row
+    (``<run>-<name>``) to show what the change does; it fills no row of Tables 1-3.
+
+    ``train``: overrides of the run's :class:`~mmdm.engine.spec.TrainConfig` (nested dicts),
+    applied after the profile's; ``method``: overrides of its method keyword arguments."""
+
+    name: str
+    label: str
+    train: dict[str, Any] = field(default_factory=dict, hash=False)
+    method: dict[str, Any] = field(default_factory=dict, hash=False)
+
+
+#: The run options a profile may train (``StudyProfile.option_runs``).
+RUN_OPTIONS: dict[str, RunOption] = {
+    "no-emphasis": RunOption("no-emphasis", "without the vessel emphasis (the published per-pixel loss)",
+                             train={"emphasis": {"kind": "none"}}),
+}
+
+
+def get_option(name: str) -> RunOption:
+    if name not in RUN_OPTIONS:
+        raise KeyError(f"unknown run option '{name}'; known: {', '.join(RUN_OPTIONS)}")
+    return RUN_OPTIONS[name]
+
+
+def option_spec(spec: RunSpec, option: str) -> RunSpec:
+    """``spec`` trained with run option ``option``: named ``<spec.name>-<option>``, in no table."""
+    get_option(option)
+    if spec.option:
+        raise ValueError(f"run '{spec.name}' already has the option '{spec.option}'")
+    return RunSpec(f"{spec.name}-{option}", spec.method, spec.variant, spec.sources, (), {}, option)
+
+
 def run_name(method: str, variant: str | None = None, sources: Sequence[str] | None = None,
-             all_sources: Sequence[str] | None = None, seed: int = 0) -> str:
-    """``mmdm-full``, ``bbdm``, ``mmdm-full-T1w+T2w`` (a subset), ``...-s1`` (seed 1)."""
+             all_sources: Sequence[str] | None = None, seed: int = 0, option: str | None = None) -> str:
+    """``mmdm-full``, ``bbdm``, ``mmdm-full-T1w+T2w`` (a subset), ``mmdm-full-no-emphasis`` (a run
+    option), ``...-s1`` (seed 1)."""
     name = method if variant is None else f"{method}-{variant}"
     if sources is not None and all_sources is not None and tuple(sources) != tuple(all_sources):
         name += "-" + "+".join(sources)
+    if option:
+        name += f"-{option}"
     return name if seed == 0 else f"{name}-s{seed}"
 
 
