@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pandas as pd
 
-from mmdm.stats import compare_to_reference
+from mmdm.stats import compare_to_reference, holm, paired_comparison
 from mmdm.study.records import (METRIC_LABELS, METRIC_LABELS_VESSEL, METRICS, VESSEL_HIGHER_IS_BETTER,
                                 VESSEL_SCORE_HIGHER_IS_BETTER, VESSEL_SCORE_LABELS, paper_results)
-from mmdm.study.runs import REFERENCE_RUN, study_runs
+from mmdm.study.runs import REFERENCE_RUN, get_option, study_runs
 from mmdm.study.seeds import seed_differences, seed_spread
 
 TABLE_TITLES = {"table1": "Table 1: comparison methods", "table2": "Table 2: ablation of the MIP loss and NAWS",
@@ -171,3 +171,49 @@ def comparisons_by_claim(comparisons: pd.DataFrame,
                 for r in c.itertuples()]
         out.append((claim.text, pd.DataFrame(rows, columns=cols).set_index("A vs B")))
     return out
+
+
+#: metrics of the run-option comparison (:func:`option_table`): the volume, its MIP, the vessels
+OPTION_METRICS = ("psnr", "ssim", "mip_psnr", "vessel_recovery", "vessel_psnr", "cldice")
+
+
+def option_pairs(per_subject: pd.DataFrame, option: str) -> list[tuple[str, str]]:
+    """(run, run trained with ``option``) for every run whose ``<run>-<option>`` has a record too."""
+    get_option(option)
+    runs = set(per_subject.run) if len(per_subject) else set()
+    suffix = f"-{option}"
+    return sorted((r[: -len(suffix)], r) for r in runs if r.endswith(suffix) and r[: -len(suffix)] in runs)
+
+
+def option_table(per_subject: pd.DataFrame, option: str, metrics: tuple[str, ...] = OPTION_METRICS,
+                 n_boot: int = 10000) -> pd.DataFrame:
+    """Each run beside the same run trained with run option ``option`` (e.g. without the vessel
+    emphasis), paired over test subjects: mean ± sd of both, the mean difference (run − with the
+    option) with its bootstrap 95 % CI, and the Wilcoxon signed-rank p Holm-corrected over all rows.
+
+    One row per (run, metric); empty (with the columns) while no pair has records."""
+    cols = ["as in Tables 1-3", f"{option} run", "difference (95 % CI)", "n", "p (Holm)"]
+    rows = []
+    for run, other in option_pairs(per_subject, option):
+        a = per_subject[per_subject.run == run].set_index("subject")
+        b = per_subject[per_subject.run == other].set_index("subject")
+        subjects = sorted(set(a.index) & set(b.index))
+        for m in metrics:
+            if m not in per_subject or a[m].isna().all() or b[m].isna().all():
+                continue
+            c = paired_comparison(a.loc[subjects, m].to_numpy(float), b.loc[subjects, m].to_numpy(float),
+                                  n_boot=n_boot)
+            rows.append({"run": run, "metric": LABELS[m], "m": m, "c": c,
+                         "sd_a": a.loc[subjects, m].std(ddof=1), "sd_b": b.loc[subjects, m].std(ddof=1)})
+    if not rows:
+        return pd.DataFrame(columns=["run", "metric", *cols]).set_index(["run", "metric"])
+    p_holm = holm([r["c"]["p_wilcoxon"] for r in rows])
+    out = pd.DataFrame({
+        "run": [r["run"] for r in rows], "metric": [r["metric"] for r in rows],
+        cols[0]: [f"{fmt(r['c']['mean_a'], r['m'])} ± {fmt(r['sd_a'], r['m'])}" for r in rows],
+        cols[1]: [f"{fmt(r['c']['mean_b'], r['m'])} ± {fmt(r['sd_b'], r['m'])}" for r in rows],
+        cols[2]: [f"{fmt(r['c']['mean_diff'], r['m'])} [{fmt(r['c']['ci_low'], r['m'])}, "
+                  f"{fmt(r['c']['ci_high'], r['m'])}]" for r in rows],
+        cols[3]: [r["c"]["n"] for r in rows],
+        cols[4]: ["–" if pd.isna(p) else f"{p:.3g}" for p in p_holm]})
+    return out.set_index(["run", "metric"])
