@@ -10,8 +10,20 @@ variance-preserving process with a linear beta schedule::
 Timesteps are integers ``t = 0..T-1`` (index ``t`` is Ho et al.'s step
 ``t + 1``). The network learns ``eps`` with an MSE loss ("L_simple").
 
+What the network outputs (``prediction``, :data:`PREDICTIONS`)::
+
+    "eps"  the noise eps (Ho et al. 2020, L_simple; the default)
+    "x0"   x0 itself (Ho et al. 2020, sec. 3.2, discuss predicting x0 directly)
+    "v"    v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0 (Salimans & Ho 2022, sec. 4)
+
+:meth:`GaussianDiffusion.prediction_target` gives the training target of each,
+:meth:`GaussianDiffusion.x0_eps_from_output` turns a network output into the
+pair ``(x0_hat, eps_hat)`` the sampler steps with.
+
 Sampling uses the DDIM update (Song et al. 2021) between any two visited
-timesteps ``t > n``: with ``x0_hat = (x_t - sqrt(1 - abar_t) eps_hat) / sqrt(abar_t)``,
+timesteps ``t > n``: with ``x0_hat = (x_t - sqrt(1 - abar_t) eps_hat) / sqrt(abar_t)``
+(for the eps prediction; the other predictions give ``x0_hat`` and ``eps_hat``
+by the relations above),
 
     sigma = eta sqrt((1 - abar_n) / (1 - abar_t)) sqrt(1 - abar_t / abar_n)
     x_n   = sqrt(abar_n) x0_hat + sqrt(1 - abar_n - sigma^2) eps_hat + sigma z
@@ -41,6 +53,15 @@ from mmdm.diffusion.process import ScheduledProcess
 
 EpsFn = Callable[[Tensor, Tensor], Tensor]
 BETA_SCHEDULES = ("linear",)
+#: What the network may output: the noise (Ho et al. 2020), x0 (ibid., sec. 3.2) or v (Salimans & Ho 2022).
+PREDICTIONS = ("eps", "x0", "v")
+
+
+def check_prediction(prediction: str, where: str = "prediction") -> str:
+    """Return ``prediction`` or raise :class:`ConfigError` naming :data:`PREDICTIONS`."""
+    if prediction not in PREDICTIONS:
+        raise ConfigError(f"{where}: unknown prediction {prediction!r}; use one of {PREDICTIONS}")
+    return prediction
 
 
 @dataclass
@@ -98,14 +119,56 @@ class GaussianDiffusion(ScheduledProcess):
         return a.sqrt() * x0 + (1 - a).sqrt() * noise
 
     def predict_x0(self, x_t: Tensor, t: Tensor | int, eps: Tensor) -> Tensor:
-        """Invert :meth:`q_sample` for ``x0`` given the noise."""
+        """Invert :meth:`q_sample` for ``x0`` given the noise:
+        ``x0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)`` (Ho et al. 2020, eq. (4))."""
         a = self.alpha_bar(t, like=x_t)
         return (x_t - (1 - a).sqrt() * eps) / a.sqrt()
 
     def predict_eps(self, x_t: Tensor, t: Tensor | int, x0: Tensor) -> Tensor:
-        """Invert :meth:`q_sample` for the noise given ``x0``."""
+        """Invert :meth:`q_sample` for the noise given ``x0``:
+        ``eps = (x_t - sqrt(abar_t) x0) / sqrt(1 - abar_t)`` (Ho et al. 2020, eq. (4))."""
         a = self.alpha_bar(t, like=x_t)
         return (x_t - a.sqrt() * x0) / (1 - a).sqrt()
+
+    def eps_from_x0(self, x_t: Tensor, t: Tensor | int, x0: Tensor) -> Tensor:
+        """The noise of an x0 prediction, ``eps = (x_t - sqrt(abar_t) x0) / sqrt(1 - abar_t)``
+        (:meth:`predict_eps` under the name of the conversion)."""
+        return self.predict_eps(x_t, t, x0)
+
+    def v_target(self, x0: Tensor, t: Tensor | int, eps: Tensor) -> Tensor:
+        """The v target of Salimans & Ho 2022 (sec. 4): ``v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0``."""
+        a = self.alpha_bar(t, like=x0)
+        return a.sqrt() * eps - (1 - a).sqrt() * x0
+
+    def predict_x0_from_v(self, x_t: Tensor, t: Tensor | int, v: Tensor) -> Tensor:
+        """x0 from a v prediction (Salimans & Ho 2022): ``x0 = sqrt(abar_t) x_t - sqrt(1 - abar_t) v``."""
+        a = self.alpha_bar(t, like=x_t)
+        return a.sqrt() * x_t - (1 - a).sqrt() * v
+
+    def predict_eps_from_v(self, x_t: Tensor, t: Tensor | int, v: Tensor) -> Tensor:
+        """The noise from a v prediction (Salimans & Ho 2022): ``eps = sqrt(1 - abar_t) x_t + sqrt(abar_t) v``."""
+        a = self.alpha_bar(t, like=x_t)
+        return (1 - a).sqrt() * x_t + a.sqrt() * v
+
+    def prediction_target(self, prediction: str, x0: Tensor, t: Tensor | int, eps: Tensor) -> Tensor:
+        """What a network with output ``prediction`` (:data:`PREDICTIONS`) learns for ``x_t = q_sample(x0, t, eps)``:
+        ``eps``, ``x0`` or :meth:`v_target`."""
+        check_prediction(prediction)
+        if prediction == "eps":
+            return eps
+        if prediction == "x0":
+            return x0
+        return self.v_target(x0, t, eps)
+
+    def x0_eps_from_output(self, prediction: str, x_t: Tensor, t: Tensor | int, out: Tensor) -> tuple[Tensor, Tensor]:
+        """``(x0_hat, eps_hat)`` from the network output ``out`` read as ``prediction``; the two satisfy
+        ``x_t = sqrt(abar_t) x0_hat + sqrt(1 - abar_t) eps_hat`` (up to rounding)."""
+        check_prediction(prediction)
+        if prediction == "eps":
+            return self.predict_x0(x_t, t, out), out
+        if prediction == "x0":
+            return out, self.eps_from_x0(x_t, t, out)
+        return self.predict_x0_from_v(x_t, t, out), self.predict_eps_from_v(x_t, t, out)
 
     def extra_repr(self) -> str:
         c = self.cfg
@@ -130,22 +193,24 @@ def ddim_step(diffusion: GaussianDiffusion, x0_hat: Tensor, eps_hat: Tensor, t: 
 
 def sample_ddim(eps_fn: EpsFn, x_T: Tensor, diffusion: GaussianDiffusion, steps: int | None = None,
                 eta: float | None = None, generator: torch.Generator | None = None, progress: bool = False,
-                spacing: str | None = None, clip_x0: bool | None = None, callback: Callback | None = None) -> Tensor:
+                spacing: str | None = None, clip_x0: bool | None = None, callback: Callback | None = None,
+                prediction: str = "eps") -> Tensor:
     """Run the DDIM sampler from ``x_T`` (standard Gaussian noise) to an x0 estimate.
 
-    ``eps_fn(x_t, t)`` returns the predicted noise (``t``: integer tensor (B,)).
-    At each visited timestep the x0 prediction is formed (and clamped if
-    ``clip_x0``, with ``eps_hat`` re-derived), then :func:`ddim_step` moves to
-    the next one; the prediction at ``t = 0`` is returned. ``None`` arguments
-    take their value from ``diffusion.cfg``; ``callback`` see
-    :func:`~mmdm.diffusion.sampling.reverse_loop`.
+    ``eps_fn(x_t, t)`` returns the network output (``t``: integer tensor (B,)):
+    the predicted noise, or x0 / v when ``prediction`` says so (:data:`PREDICTIONS`;
+    :meth:`GaussianDiffusion.x0_eps_from_output` converts it). At each visited
+    timestep the x0 prediction is formed (and clamped if ``clip_x0``, with
+    ``eps_hat`` re-derived), then :func:`ddim_step` moves to the next one; the
+    prediction at ``t = 0`` is returned. ``None`` arguments take their value
+    from ``diffusion.cfg``; ``callback`` see :func:`~mmdm.diffusion.sampling.reverse_loop`.
     """
+    check_prediction(prediction, "sample_ddim")
     sc, ts = resolve_sampler(diffusion.cfg, diffusion.cfg.num_timesteps, steps, eta, spacing, clip_x0)
 
     def step(x: Tensor, t: int, n: int | None) -> tuple[Tensor | None, Tensor]:
         tt = timestep_batch(t, x)
-        eps_hat = eps_fn(x, tt)
-        x0_hat = diffusion.predict_x0(x, tt, eps_hat)
+        x0_hat, eps_hat = diffusion.x0_eps_from_output(prediction, x, tt, eps_fn(x, tt))
         if sc.clip_x0:
             x0_hat = x0_hat.clamp(-1.0, 1.0)
             eps_hat = diffusion.predict_eps(x, tt, x0_hat)

@@ -161,6 +161,22 @@ SWEEPS: dict[str, Sweep] = {
                        note="the published objective"),
             SweepPoint("paper-top1-w20", method_overrides={"config": "paper"}, note="brightest 1 % x20"),
         )),
+    "ddpm-prediction": Sweep(
+        name="ddpm-prediction",
+        description="chooses, on the validation split, DDPM's prediction target for a second, labelled DDPM row "
+                    "of Table 1 (issue #13): Ho et al.'s eps (the Table 1 row), x0 (Ho et al. 2020 discuss "
+                    "predicting x0) and v (Salimans & Ho 2022), each in the standard profile's set-up (small, "
+                    "48x48 crops, brightest 1 % x20, lr 3e-4) with its DDPM budget of 2000 steps",
+        steps=2000, val_every=400,
+        base_train={"crops": CROPS, "emphasis": TOP20},
+        points=(
+            SweepPoint("eps", method="ddpm", variant=None, method_overrides=LR3,
+                       note="Ho et al.'s eps prediction (the Table 1 row)"),
+            SweepPoint("x0", method="ddpm", variant=None, method_overrides={**LR3, "prediction": "x0"},
+                       note="x0 prediction (Ho et al. 2020, sec. 3.2)"),
+            SweepPoint("v", method="ddpm", variant=None, method_overrides={**LR3, "prediction": "v"},
+                       note="v prediction (Salimans & Ho 2022)"),
+        )),
 }
 
 
