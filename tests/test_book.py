@@ -77,9 +77,9 @@ def test_interrupted_study_resumes_without_retraining(smoke_study):
     work, first, second, ckpt, stamp = smoke_study
     assert first == {"mmdm-full": "done", "pix2pix": "done"}
     assert second["mmdm-full"] == second["pix2pix"] == "skipped"
-    # the 11 other runs and the smoke profile's seed repeat of MMDM full
-    assert sum(v == "done" for v in second.values()) == 12 and len(second) == 14
-    assert second["mmdm-full-s1"] == "done"
+    # the 11 other runs, the smoke profile's seed repeat of MMDM full and its two runs without the emphasis
+    assert sum(v == "done" for v in second.values()) == 14 and len(second) == 16
+    assert second["mmdm-full-s1"] == "done" and second["mmdm-full-no-emphasis"] == "done"
     assert ckpt.stat().st_mtime_ns == stamp  # the completed run was not touched
     for run in second:
         assert (work / "results" / "smoke" / run / "summary.json").is_file()
@@ -187,6 +187,30 @@ def test_seed_repeat_is_trained_with_its_seed_and_shown_beside_seed_zero(smoke_s
     psnr = [pd.read_csv(rec / r / "metrics.csv").psnr.mean() for r in ("mmdm-full", "mmdm-full-s1")]
     cell = f"{fmt(sum(psnr) / 2, 'psnr')} ± {fmt(pd.Series(psnr).std(ddof=1), 'psnr')}"
     assert any("0,1" in cells and cell in cells for cells in rows["mmdm-full"]), rows["mmdm-full"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(STUDY_TIMEOUT)
+def test_runs_without_the_emphasis_are_trained_without_it_and_shown_beside_their_rows(smoke_study):
+    import yaml
+
+    from mmdm.study.records import load_records
+    from mmdm.study.seeds import strongest_baseline
+    from mmdm.study.tables import fmt
+
+    work = smoke_study[0]
+    rec = work / "results" / "smoke"
+    per_subject, _ = load_records(rec)
+    best = strongest_baseline(per_subject)
+    for run in ("mmdm-full", best):
+        plain = yaml.safe_load((rec / run / "config.yaml").read_text())
+        other = yaml.safe_load((rec / f"{run}-no-emphasis" / "config.yaml").read_text())
+        assert plain["emphasis"]["kind"] == "top_fraction" and other["emphasis"]["kind"] == "none"
+        assert {k for k in plain if plain[k] != other[k]} == {"emphasis"}
+    rows = _html_rows((work / "_build" / "html" / "book" / "generated" / "04_results.html").read_text())
+    psnr = pd.read_csv(rec / "mmdm-full-no-emphasis" / "metrics.csv").psnr.mean()
+    # one test subject: no sd, so the cell is "mean ± –"
+    assert any(f"{fmt(psnr, 'psnr')} ± –" in cells for cells in rows["mmdm-full"]), rows["mmdm-full"]
 
 
 @pytest.mark.slow

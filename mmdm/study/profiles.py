@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mmdm.config import ConfigError, replace
+from mmdm.study.runs import LABELLED_ROWS
 
 
 @dataclass
@@ -117,14 +118,15 @@ PROFILES: dict[str, StudyProfile] = {
         "subjects: 28/4/16), small models, the vessel set-up (48x48 crops, brightest 1 % x20, lr 3e-4 for the "
         "diffusion methods, NAWS lr 1e-2; chosen on validation by the recorded sweeps), 2000 steps per diffusion "
         "run (more for Pix2Pix), 10 sampling steps, windows every 2nd slice; 3 seeds of MMDM full, MMDM base and "
-        "the strongest baseline; MMDM full and the strongest baseline once more without the emphasis; uncertainty "
+        "the strongest baseline; MMDM full and the strongest baseline once more without the emphasis; DDPM with x0 "
+        "prediction as a labelled extra row; uncertainty "
         "(4 draws x 4 subjects) and the frontier (5-50 steps x stride "
         "1/2/5 x coupled/independent, 1 subject)",
         cohort="standard", steps=2000, steps_per_method={"pix2pix": 4000, "resvit": 2000, "unest": 2000},
         checkpoint_every=200, image_every=500, eval_sample_steps=10, eval_stride=2, seeds=(0, 1, 2),
         seed_runs=("mmdm-full", "mmdm-base", "strongest-baseline"), uncertainty_samples=4, uncertainty_subjects=4,
         frontier_steps=(5, 10, 20, 50), train=VESSEL_TRAIN, method_overrides=VESSEL_METHODS,
-        option_runs=EMPHASIS_ABLATION),
+        option_runs=EMPHASIS_ABLATION + LABELLED_ROWS),
     "paper": StudyProfile(
         name="paper", description="the paper's settings: 140-subject 1 mm phantom, paper configurations, "
         "200 epochs, batch 4, 200 sampling steps, stride 1, each method's published objective (no emphasis, "

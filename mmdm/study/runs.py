@@ -42,23 +42,36 @@ class RunSpec:
 
 @dataclass(frozen=True)
 class RunOption:
-    """A named change of one run's training set-up, trained as an extra run beside the table row
-    (``<run>-<name>``) to show what the change does; it fills no row of Tables 1-3.
+    """A named change of one run's training set-up, trained as an extra run ``<run>-<name>``.
 
-    ``train``: overrides of the run's :class:`~mmdm.engine.spec.TrainConfig` (nested dicts),
-    applied after the profile's; ``method``: overrides of its method keyword arguments."""
+    Either an ablation beside the table row, showing what the change does (``tables`` empty: it
+    fills no row), or a **labelled extra row** of the tables it names (``row_label`` added to the
+    run's own label), e.g. a faster-converging option of a baseline's original that is not the
+    published method; such a row is shown only where its record exists and never replaces the
+    published row. ``train``: overrides of the run's :class:`~mmdm.engine.spec.TrainConfig`
+    (nested dicts), applied after the profile's; ``method``: overrides of its method keyword
+    arguments."""
 
     name: str
     label: str
     train: dict[str, Any] = field(default_factory=dict, hash=False)
     method: dict[str, Any] = field(default_factory=dict, hash=False)
+    tables: tuple[str, ...] = ()
+    row_label: str = ""
 
 
 #: The run options a profile may train (``StudyProfile.option_runs``).
 RUN_OPTIONS: dict[str, RunOption] = {
     "no-emphasis": RunOption("no-emphasis", "without the vessel emphasis (the published per-pixel loss)",
                              train={"emphasis": {"kind": "none"}}),
+    "x0-prediction": RunOption(
+        "x0-prediction", "DDPM's network predicts x0 instead of the noise (Ho et al. 2020, sec. 3.2 discuss it); "
+        "chosen over eps and v on the validation split by the sweep ddpm-prediction",
+        method={"prediction": "x0"}, tables=("table1",), row_label="x0 prediction, not the published objective"),
 }
+
+#: The labelled extra rows of the tables: (run, option) pairs whose option has ``tables``.
+LABELLED_ROWS: tuple[tuple[str, str], ...] = (("ddpm", "x0-prediction"),)
 
 
 def get_option(name: str) -> RunOption:
@@ -68,11 +81,20 @@ def get_option(name: str) -> RunOption:
 
 
 def option_spec(spec: RunSpec, option: str) -> RunSpec:
-    """``spec`` trained with run option ``option``: named ``<spec.name>-<option>``, in no table."""
-    get_option(option)
+    """``spec`` trained with run option ``option``, named ``<spec.name>-<option>``: in no table, or,
+    for an option with ``tables``, a labelled extra row of those of ``spec``'s tables."""
+    opt = get_option(option)
     if spec.option:
         raise ValueError(f"run '{spec.name}' already has the option '{spec.option}'")
-    return RunSpec(f"{spec.name}-{option}", spec.method, spec.variant, spec.sources, (), {}, option)
+    tables = tuple(t for t in spec.tables if t in opt.tables)
+    labels = {t: f"{spec.labels[t]} ({opt.row_label})" for t in tables}
+    return RunSpec(f"{spec.name}-{option}", spec.method, spec.variant, spec.sources, tables, labels, option)
+
+
+def labelled_rows(sources: Sequence[str] = ("T1w", "T2w", "FLAIR")) -> list[RunSpec]:
+    """The runs of :data:`LABELLED_ROWS` (each a table row labelled as not the published method)."""
+    by_name = {r.name: r for r in study_runs(sources)}
+    return [option_spec(by_name[run], option) for run, option in LABELLED_ROWS]
 
 
 def run_name(method: str, variant: str | None = None, sources: Sequence[str] | None = None,

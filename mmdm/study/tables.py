@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Collection
+
 import pandas as pd
 
 from mmdm.stats import compare_to_reference, holm, paired_comparison
 from mmdm.study.records import (METRIC_LABELS, METRIC_LABELS_VESSEL, METRICS, VESSEL_HIGHER_IS_BETTER,
                                 VESSEL_SCORE_HIGHER_IS_BETTER, VESSEL_SCORE_LABELS, paper_results)
-from mmdm.study.runs import REFERENCE_RUN, get_option, study_runs
+from mmdm.study.runs import REFERENCE_RUN, get_option, labelled_rows, study_runs
 from mmdm.study.seeds import seed_differences, seed_spread
 
 TABLE_TITLES = {"table1": "Table 1: comparison methods", "table2": "Table 2: ablation of the MIP loss and NAWS",
@@ -25,10 +27,20 @@ def fmt(value: float, metric: str) -> str:
     return "–" if pd.isna(value) else f"{value:.{DECIMALS[metric]}f}"
 
 
-def table_rows(table: str, sources: tuple[str, ...] = ("T1w", "T2w", "FLAIR")) -> list[tuple[str, str]]:
-    """(row label, run name) of ``table`` in the paper's row order (MMDM full last, as in the paper)."""
+def table_rows(table: str, sources: tuple[str, ...] = ("T1w", "T2w", "FLAIR"),
+               present: Collection[str] | None = None) -> list[tuple[str, str]]:
+    """(row label, run name) of ``table`` in the paper's row order (MMDM full last, as in the paper).
+
+    A labelled extra row (:data:`mmdm.study.runs.LABELLED_ROWS`) follows its published row, and only
+    where its run is in ``present`` (the runs with records; None: never)."""
+    extra: dict[str, list] = {}
+    for spec in labelled_rows(sources):
+        if table in spec.tables and present is not None and spec.name in present:
+            base = spec.name[: -len(spec.option) - 1]
+            extra.setdefault(base, []).append(spec)
     runs = [s for s in study_runs(sources) if table in s.tables]
     runs = [s for s in runs if s.name != REFERENCE_RUN] + [s for s in runs if s.name == REFERENCE_RUN]
+    runs = [x for s in runs for x in (s, *extra.get(s.name, ()))]
     return [(s.labels[table], s.name) for s in runs]
 
 
@@ -41,7 +53,7 @@ def results_table(table: str, per_subject: pd.DataFrame, sources: tuple[str, ...
     paper = paper_results()
     paper = paper[paper.table == table].set_index("run")
     rows = []
-    for label, run in table_rows(table, sources):
+    for label, run in table_rows(table, sources, present=set(per_subject.run) if len(per_subject) else set()):
         vals = per_subject[per_subject.run == run]
         row = {"row": label, "run": run, "n": len(vals)}
         for m in metrics:
@@ -93,7 +105,7 @@ def paired_table(table: str, per_subject: pd.DataFrame, sources: tuple[str, ...]
     (:func:`mmdm.stats.compare_to_reference`: bootstrap 95 % CI of the mean difference
     full - other, Wilcoxon signed-rank p, Holm-corrected within the table, verdict)."""
 
-    labels = dict((run, label) for label, run in table_rows(table, sources))
+    labels = dict((run, label) for label, run in table_rows(table, sources, present=set(per_subject.run)))
     sub = per_subject[per_subject.run.isin(labels)]
     metrics = [m for m in metrics if m in sub and sub[m].notna().any()]
     if sub.run.nunique() < 2 or REFERENCE_RUN not in set(sub.run) or not metrics:
