@@ -54,17 +54,19 @@ def test_option_runs_resolve_the_strongest_baseline_from_seed_zero_records(monke
     monkeypatch.setattr(runner, "load_records", lambda _: (_per_subject(values), pd.DataFrame()))
     items = runner.select_option_runs(prof)
     assert [(s.name, s.option, seed) for s, seed in items] == [("mmdm-full-no-emphasis", "no-emphasis", 0),
-                                                              ("bbdm-no-emphasis", "no-emphasis", 0)]
+                                                              ("bbdm-no-emphasis", "no-emphasis", 0),
+                                                              ("ddpm-x0-prediction", "x0-prediction", 0)]
     assert runner.run_parameters(items[1][0], prof, 0, None)["option"] == "no-emphasis"
     assert [s.name for s, _ in runner.select_option_runs(prof, only=["bbdm-no-emphasis"])] == ["bbdm-no-emphasis"]
     # --only accepts option runs, and still rejects names that are none of the profile's runs
     assert runner.select_runs(prof, ["bbdm-no-emphasis"]) == []
-    with pytest.raises(KeyError, match="run options: no-emphasis"):
+    with pytest.raises(KeyError, match="run options: no-emphasis, x0-prediction"):
         runner.select_runs(prof, ["bbdm-no-such"])
     # while a baseline has no record, the strongest one is not decided: only MMDM full's extra run
     del values["rddm"]
     notes = []
-    assert [s.name for s, _ in runner.select_option_runs(prof, log=notes.append)] == ["mmdm-full-no-emphasis"]
+    assert [s.name for s, _ in runner.select_option_runs(prof, log=notes.append)] == ["mmdm-full-no-emphasis",
+                                                                                    "ddpm-x0-prediction"]
     assert "rddm" in notes[0]
 
 
@@ -101,3 +103,35 @@ def test_vessel_shortfalls_list_table_runs_below_the_threshold_with_their_curve_
     assert (short.loc["pix2pix", "best_step"], short.loc["pix2pix", "last_step"]) == (400, 600)
     assert short.loc["pix2pix", "why"] == NO_VESSELS_WHY["pix2pix"]
     assert np.isnan(short.loc["bbdm", "best_validation"]) and short.loc["bbdm", "why"] == ""
+
+
+def test_labelled_row_follows_its_published_row_only_where_its_record_exists():
+    from mmdm.study.runs import find_run, labelled_rows, option_spec
+    from mmdm.study.tables import results_table, table_rows
+
+    spec = option_spec(find_run("ddpm"), "x0-prediction")
+    assert spec.name == "ddpm-x0-prediction" and spec.tables == ("table1",)
+    assert spec.labels["table1"].startswith("DDPM (") and "not the published" in spec.labels["table1"]
+    assert option_spec(find_run("mmdm-base"), "x0-prediction").tables == ()  # only tables of its run
+    assert [r.name for r in labelled_rows()] == ["ddpm-x0-prediction"]
+    plain = [run for _, run in table_rows("table1")]
+    assert "ddpm-x0-prediction" not in plain and table_rows("table1", present={"bbdm"}) == table_rows("table1")
+    rows = [run for _, run in table_rows("table1", present={"ddpm-x0-prediction"})]
+    assert rows == plain[:2] + ["ddpm-x0-prediction"] + plain[2:] and plain[1] == "ddpm"
+    ps = _per_subject({"ddpm": [6.0, 7.0], "ddpm-x0-prediction": [20.0, 22.0], "mmdm-full": [25.0, 26.0]})
+    t = results_table("table1", ps, metrics=("psnr",), with_paper=True)
+    assert t.loc[spec.labels["table1"], "PSNR (ours)"] == "21.00 ± 1.41"
+    assert t.loc[spec.labels["table1"], "PSNR (paper)"] == "–"  # the paper has no such row
+
+
+def test_x0_prediction_option_trains_ddpm_on_x0_and_says_so():
+    from mmdm.methods import build_method
+
+    prof = get_profile("standard")
+    spec = api.make_spec("ddpm", None, "", prof, 0, "x0-prediction")
+    cfg = api.train_config(spec, prof)
+    assert cfg.method_kwargs["prediction"] == "x0" and cfg.emphasis.kind == "top_fraction"
+    method = build_method(cfg.method, **cfg.method_kwargs)
+    assert method.cfg.prediction == "x0" and method.objective().startswith("x0 prediction")
+    plain = build_method("ddpm", **api.train_config(api.make_spec("ddpm", None, "", prof), prof).method_kwargs)
+    assert plain.objective().startswith("eps prediction")
