@@ -135,3 +135,11 @@ def test_x0_prediction_option_trains_ddpm_on_x0_and_says_so():
     assert method.cfg.prediction == "x0" and method.objective().startswith("x0 prediction")
     plain = build_method("ddpm", **api.train_config(api.make_spec("ddpm", None, "", prof), prof).method_kwargs)
     assert plain.objective().startswith("eps prediction")
+
+
+def test_figure_labels_name_a_labelled_row_by_its_option():
+    from mmdm.study.tables import short_labels
+
+    labels = short_labels("table1", present={"ddpm-x0-prediction"})
+    assert labels["ddpm"] == "DDPM" and labels["ddpm-x0-prediction"] == "DDPM (x0-prediction)"
+    assert labels["mmdm-full"] == "MMDM" and "ddpm-x0-prediction" not in short_labels("table1")

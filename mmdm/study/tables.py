@@ -44,6 +44,15 @@ def table_rows(table: str, sources: tuple[str, ...] = ("T1w", "T2w", "FLAIR"),
     return [(s.labels[table], s.name) for s in runs]
 
 
+def short_labels(table: str, sources: tuple[str, ...] = ("T1w", "T2w", "FLAIR"),
+                 present: Collection[str] | None = None) -> dict[str, str]:
+    """Run -> a label for a figure panel: the row label without its parenthesis ("MMDM"), a labelled
+    extra row with its option's name ("DDPM (x0-prediction)")."""
+    options = {r.name: r.option for r in labelled_rows(sources)}
+    return {run: label.split(" (")[0] + (f" ({options[run]})" if run in options else "")
+            for label, run in table_rows(table, sources, present)}
+
+
 def results_table(table: str, per_subject: pd.DataFrame, sources: tuple[str, ...] = ("T1w", "T2w", "FLAIR"),
                   with_paper: bool = True, metrics: tuple[str, ...] = METRICS) -> pd.DataFrame:
     """One row per table row: ``ours`` as mean ± sd over test subjects, and the paper's value.
