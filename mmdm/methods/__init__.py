@@ -61,6 +61,10 @@ SETUP_DEVIATIONS = [
     "**NAWS's p_i at their own learning rate, 1e-2** (`naws_lr`; the paper is silent, the authors' code "
     "uses the model's): at the model's rate they move by at most that rate per step, so in a short run "
     "the learnt weighting stays at its start.",
+    "**Extra runs beside the tables (standard profile).** MMDM full and the strongest baseline are trained "
+    "once more without the emphasis, everything else equal (the emphasis ablation on the results page), and "
+    "DDPM with x0 prediction fills a labelled extra row of Table 1 after the published eps row (the sweep "
+    "ddpm-prediction chose x0 over v and eps on the validation split); `RUN_OPTIONS` in `mmdm/study/runs.py`.",
     "**Precision.** The CPU profiles train in fp32: bf16 autocast agreed with fp32 within the seed "
     "spread (the sweeps page) but was hardly faster for the small networks on crops. The `paper` profile "
     "uses bf16 autocast, the usual practice on GPUs.",
