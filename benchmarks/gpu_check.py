@@ -314,9 +314,9 @@ def frontier_recommendation() -> dict[str, Any]:
         from mmdm.study.frontier import recommend
 
         df = pd.read_csv(ROOT / "results" / "standard" / "analysis" / "frontier" / "frontier.csv")
-        rec = recommend(df)
-        return {"steps": int(rec["steps"]), "stride": int(rec["stride"]), "mode": str(rec["mode"]),
-                "source": "results/standard/analysis/frontier (recommend)"}
+        c = recommend(df)["choice"]  # recommend() returns the reference and the chosen setting
+        return {"steps": int(c["steps"]), "stride": int(c["stride"]), "mode": str(c["mode"]),
+                "source": "results/standard/analysis/frontier: recommend()['choice']"}
     except Exception as e:  # noqa: BLE001 - a missing or older record falls back to the documented default
         return {**DEFAULT_RECOMMENDATION, "source": f"default ({type(e).__name__}: {e})"}
 

@@ -84,3 +84,23 @@ def test_full_dry_run_includes_a_tiny_trained_and_evaluated_run(gpu_check, tmp_p
     assert run["ok"] and run["steps"] == gpu_check.Sizes.dry().run_steps
     assert set(run["summary"]["metrics"]) >= {"psnr", "ssim", "mip_psnr"}
     assert run["loss"]["logged"] >= 1
+
+
+def test_the_frontier_setting_is_the_recommended_choice_of_the_committed_frontier(gpu_check, tmp_path,
+                                                                                 monkeypatch) -> None:
+    import pandas as pd
+
+    from mmdm.study.frontier import recommend
+
+    rows = [{"subject": "sub-a", "mode": mode, "stride": stride, "steps": steps, "windows": 100 // stride,
+             "wall_s": steps / stride * (2 if mode == "independent" else 1), "psnr": 30 - 3 / steps - 0.01 * stride,
+             "mip_psnr": 25.0, "ssim": 0.9, "cldice": 0.5, "dice": 0.5}
+            for mode in ("coupled", "independent") for stride in (1, 2, 5) for steps in (5, 10, 50)]
+    path = tmp_path / "results" / "standard" / "analysis" / "frontier"
+    path.mkdir(parents=True)
+    pd.DataFrame(rows).to_csv(path / "frontier.csv", index=False)
+    monkeypatch.setattr(gpu_check, "ROOT", tmp_path)
+    got = gpu_check.frontier_recommendation()
+    choice = recommend(pd.DataFrame(rows))["choice"]
+    assert (got["steps"], got["stride"], got["mode"]) == (choice["steps"], choice["stride"], choice["mode"])
+    assert got["source"].startswith("results/standard")  # not the fallback default
