@@ -248,7 +248,8 @@ NO_VESSELS_WHY: dict[str, str] = {
     "ddpm": "It predicts the noise (Ho et al.'s eps objective) and samples from pure noise, so a vessel first has "
             "to emerge from the synthesis as a whole: at this budget its samples are still mostly noise (see its "
             "PSNR) while its validation curve is still rising at the last step; a budget limit rather than a "
-            "ceiling (the prediction sweep on the sweeps page tests faster-converging targets).",
+            "ceiling: the same network and budget trained to predict x0 (the labelled extra row of Table 1, "
+            "chosen on the sweeps page) is not held back this way.",
     "unest": "It is unpaired as published: it has no per-pixel term to emphasise (the emphasis is not applied), "
              "and cycle consistency only asks that the synthesis can be mapped back to the sources, which does "
              "not require vessels in the right place.",
