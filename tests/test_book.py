@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 #: the smoke study (~3.5 min idle, several times that on a busy machine) plus what the test itself does
 STUDY_TIMEOUT = 2400
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
-RUN_PARAMS = {"profile", "method", "variant", "sources", "seed", "device"}
+RUN_PARAMS = {"profile", "method", "variant", "sources", "seed", "device", "option"}
 AGG_PARAMS = {"profile", "results"}
 DOCUMENTED = {"01_data.ipynb": {"profile", "data_dir", "build_if_missing", "subject", "seed"},
               "02_train.ipynb": RUN_PARAMS, "03_evaluate.ipynb": RUN_PARAMS, "04_results.ipynb": AGG_PARAMS,
