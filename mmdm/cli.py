@@ -22,12 +22,10 @@ import sys
 from pathlib import Path
 
 from mmdm import __version__
-from mmdm.config import ConfigError
 from mmdm.data.check import check_dataset
 from mmdm.data.ixi import add_ixi_parser
-from mmdm.data.layout import DatasetError
 from mmdm.data.phantom import PROFILES, build_cohort
-from mmdm.engine.cli import add_evaluate_run_parser, add_synthesize_parser, add_train_parser
+from mmdm.engine.cli import add_evaluate_run_parser, add_synthesize_parser, add_train_parser, cli_warnings, user_errors
 from mmdm.io import write_text
 from mmdm.methods import DISPLAY_NAMES, METHODS, deviations_markdown
 from mmdm.metrics import evaluate_files
@@ -60,12 +58,9 @@ def _cmd_check(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+@user_errors
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    try:
-        res = evaluate_files(args.pred, args.target, args.mask)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    res = evaluate_files(args.pred, args.target, args.mask)
     if args.json:
         print(json.dumps(res, indent=2))
     else:
@@ -159,11 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except (DatasetError, ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cli_warnings()
+    return int(user_errors(args.func)(args) or 0)
 
 
 if __name__ == "__main__":  # pragma: no cover

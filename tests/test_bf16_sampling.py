@@ -111,19 +111,20 @@ def test_evaluate_run_records_amp_and_the_cli_passes_it(tmp_path, one_thread, ca
                       data=DataConfig(root=str(tmp_path / "data"), sources=("T1w", "T2w")), steps=2, epochs=None,
                       batch_size=2, device="cpu", checkpoint_every=0, image_every=0)
     run = train(cfg, tmp_path / "run", progress=False)
-    summary = evaluate_run(run, device="cpu", progress=False, amp="bf16")
+    summary = evaluate_run(run, device="cpu", progress=False, amp="bf16", allow_code=True)
     assert summary["sampling"]["amp"] == "bf16"
     assert np.isfinite(summary["metrics"]["psnr"])
-    assert evaluate_run(run, device="cpu", progress=False)["sampling"]["amp"] == "none"
+    assert evaluate_run(run, device="cpu", progress=False, allow_code=True)["sampling"]["amp"] == "none"
 
     parser = engine_cli.build_parser()
-    args = parser.parse_args(["evaluate-run", str(run), "--device", "cpu", "--amp", "bf16", "--quiet"])
+    args = parser.parse_args(["evaluate-run", str(run), "--device", "cpu", "--amp", "bf16", "--quiet",
+                              "--allow-code"])
     assert args.amp == "bf16" and args.func(args) == 0
     assert json.loads((run / "summary.json").read_text())["sampling"]["amp"] == "bf16"
     src = tmp_path / "data" / "sub-005" / "anat"
     args = parser.parse_args(["synthesize", "--run", str(run), "--t1w", str(src / "sub-005_T1w.nii.gz"),
                               "--t2w", str(src / "sub-005_T2w.nii.gz"), "--out", str(tmp_path / "tof.nii.gz"),
-                              "--device", "cpu", "--amp", "bf16", "--quiet"])
+                              "--device", "cpu", "--amp", "bf16", "--quiet", "--allow-code"])
     assert args.func(args) == 0 and (tmp_path / "tof.nii.gz").is_file()
     assert parser.parse_args(["synthesize", "--run", "r", "--out", "o"]).amp == "none"
     with pytest.raises(SystemExit):

@@ -166,25 +166,25 @@ def test_synthesize_files_keeps_the_source_affine(trained_run, tmp_path):
     vols = {m: rng.random((16, 16, 9)).astype(np.float32) * 100 for m in ("T1w", "T2w")}
     inputs = {m: _write(tmp_path / f"{m}.nii.gz", v, aff) for m, v in vols.items()}
     out = synthesize_files(trained_run, inputs, tmp_path / "tof.nii.gz", n_samples=2, scale=2.0, device="cpu",
-                           progress=False)
+                           progress=False, allow_code=True)
     img = nib.load(str(out["mean"]))
     np.testing.assert_allclose(img.affine, aff, atol=1e-5)
     assert img.shape == (16, 16, 9) and int(img.header["qform_code"]) == 1
     from mmdm.engine.infer import load_run_method
 
-    method, cfg, _ = load_run_method(trained_run)
+    method, cfg, _ = load_run_method(trained_run, allow_code=True)
     ref = synthesize_volume(method, vols, window=5, stride=cfg.data.eval_stride, progress=False)
     np.testing.assert_allclose(np.asarray(img.dataobj), 2.0 * ref["mean"], atol=1e-6)
     assert out["std"] == std_path(tmp_path / "tof.nii.gz") and out["std"].name == "tof_std.nii.gz"
     with pytest.raises(ValueError, match=r"missing input modality\(ies\) \['T2w'\].*--t1w PATH, --t2w PATH"):
-        synthesize_files(trained_run, {"T1w": inputs["T1w"]}, tmp_path / "x.nii.gz", progress=False)
+        synthesize_files(trained_run, {"T1w": inputs["T1w"]}, tmp_path / "x.nii.gz", progress=False, allow_code=True)
 
 
 def test_evaluate_run_writes_metrics_then_summary(trained_run, tmp_path, monkeypatch):
     assert run_status(trained_run) == "trained"
     with pytest.raises(RuntimeError, match="unfinished.*evaluate-run"):
         load_summary(trained_run)
-    summary = evaluate_run(trained_run, split="train", device="cpu", progress=False)
+    summary = evaluate_run(trained_run, split="train", device="cpu", progress=False, allow_code=True)
     assert run_status(trained_run) == "finished" and load_summary(trained_run) == json.loads(json.dumps(summary))
     with open(trained_run / "metrics.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
@@ -214,7 +214,7 @@ def test_evaluate_run_writes_metrics_then_summary(trained_run, tmp_path, monkeyp
 
     monkeypatch.setattr(infer_mod, "synthesize_volume", boom)
     with pytest.raises(KeyboardInterrupt):
-        evaluate_run(trained_run, split="train", device="cpu", progress=False)
+        evaluate_run(trained_run, split="train", device="cpu", progress=False, allow_code=True)
     assert run_status(trained_run) == "evaluating" and not (trained_run / "summary.json").exists()
 
 
@@ -255,13 +255,15 @@ def test_cli_synthesize_and_evaluate_run(trained_run, tmp_path, capsys):
     paths = {m: _write(tmp_path / f"{m}.nii.gz", rng.random((16, 16, 7)), aff) for m in ("T1w", "T2w")}
     p = _parser()
     args = p.parse_args(["synthesize", "--run", str(trained_run), "--t1w", str(paths["T1w"]), "--out",
-                         str(tmp_path / "o.nii.gz"), "--quiet"])
+                         str(tmp_path / "o.nii.gz"), "--quiet", "--allow-code"])
     assert args.func(args) == 2
     assert "--t2w PATH" in capsys.readouterr().err
     args = p.parse_args(["synthesize", "--run", str(trained_run), "--t1w", str(paths["T1w"]), "--source",
-                         f"T2w={paths['T2w']}", "--out", str(tmp_path / "o.nii.gz"), "--quiet", "--device", "cpu"])
+                         f"T2w={paths['T2w']}", "--out", str(tmp_path / "o.nii.gz"), "--quiet", "--device", "cpu",
+                         "--allow-code"])
     assert args.func(args) == 0 and (tmp_path / "o.nii.gz").is_file()
-    args = p.parse_args(["evaluate-run", str(trained_run), "--split", "test", "--quiet", "--device", "cpu"])
+    args = p.parse_args(["evaluate-run", str(trained_run), "--split", "test", "--quiet", "--device", "cpu",
+                          "--allow-code"])
     assert args.func(args) == 0
     out = capsys.readouterr().out
     assert "axial MIP" in out and "1 subject(s), split 'test'" in out
@@ -275,7 +277,7 @@ def test_synthesize_then_evaluate_matches_evaluate_runs_row(trained_run, tmp_pat
     from mmdm.cli import main as mmdm_main
     from mmdm.engine.rundir import read_metrics_csv
 
-    summary = evaluate_run(trained_run, split="test", device="cpu", progress=False)
+    summary = evaluate_run(trained_run, split="test", device="cpu", progress=False, allow_code=True)
     sub = summary["subjects"][0]
     row = read_metrics_csv(trained_run / "metrics.csv")[0]
     anat = trained_run.parent / "data" / sub / "anat"
@@ -286,7 +288,7 @@ def test_synthesize_then_evaluate_matches_evaluate_runs_row(trained_run, tmp_pat
         out = tmp_path / f"tof-x{scale}.nii.gz"
         assert mmdm_main(["synthesize", "--run", str(trained_run), "--t1w", str(anat / f"{sub}_T1w.nii.gz"),
                           "--t2w", str(anat / f"{sub}_T2w.nii.gz"), "--out", str(out), "--scale", scale,
-                          "--quiet", "--device", "cpu"]) == 0
+                          "--quiet", "--device", "cpu", "--allow-code"]) == 0
         preds.append(out)
     capsys.readouterr()
     for pred in preds:

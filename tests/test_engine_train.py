@@ -465,8 +465,8 @@ def test_ema_follows_its_formula_and_inference_uses_the_average(tmp_path, datase
         for s in (2, 3, 4):
             torch.testing.assert_close(e[s], 0.5 * e[s - 1] + 0.5 * w[s], rtol=0, atol=1e-7)
         assert not torch.equal(e4, w[4]), k
-    with_ema, _, info = load_run_method(run, device="cpu")
-    plain, _, info_plain = load_run_method(run, device="cpu", use_ema=False)
+    with_ema, _, info = load_run_method(run, device="cpu", allow_code=True)
+    plain, _, info_plain = load_run_method(run, device="cpu", use_ema=False, allow_code=True)
     assert info["ema_used"] and not info_plain["ema_used"]
     assert torch.equal(with_ema.conv.weight, st[4]["ema"]["conv.weight"])
     assert torch.equal(plain.conv.weight, st[4]["model"]["conv.weight"])

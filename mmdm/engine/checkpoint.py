@@ -16,8 +16,11 @@ CUDA is initialised) and any ``torch.Generator`` the caller owns.
 from __future__ import annotations
 
 import contextlib
+import errno
 import random
 import re
+import shutil
+import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -27,6 +30,9 @@ import torch
 from mmdm.io import atomic_path
 
 CHECKPOINT_PATTERN = re.compile(r"^step-(\d{8,})\.pt$")
+#: the temporary file of a checkpoint being written (:func:`mmdm.io.atomic_path`); one left behind
+#: by a process killed while writing is an orphan
+TEMP_PATTERN = re.compile(r"^\.step-\d{8,}\..+\.pt$")
 
 
 def checkpoint_name(step: int) -> str:
@@ -79,7 +85,13 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
     """Atomically ``torch.save`` ``state`` to ``path`` (the old file survives any failure)."""
     path = Path(path)
     with atomic_path(path, suffix=".pt") as tmp:
-        torch.save(state, tmp)
+        try:
+            torch.save(state, tmp)
+        except RuntimeError as e:  # torch's writer reports a full disk as "enforce fail ... unexpected pos"
+            free = shutil.disk_usage(path.parent).free
+            raise OSError(errno.ENOSPC, f"writing checkpoint {path} failed ({str(e).strip().splitlines()[-1]}); "
+                          f"{free / 2**20:.1f} MiB are free there, so the disk is most likely full. Free some "
+                          "space, then continue with `mmdm train --resume` (the previous checkpoint is intact)") from e
     return path
 
 
@@ -92,8 +104,10 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - re-raised with the path and what to do
-        raise RuntimeError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e}). Delete it so "
-                           "that the previous checkpoint is used, or retrain.") from e
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise RuntimeError(f"checkpoint {path} cannot be read ({type(e).__name__}: {first}). The file is "
+                           "damaged: use another checkpoint of the run ('latest' falls back to the previous "
+                           "readable one by itself) or retrain.") from e
 
 
 class CheckpointManager:
@@ -119,6 +133,31 @@ class CheckpointManager:
     def path(self, step: int) -> Path:
         return self.dir / checkpoint_name(step)
 
+    def remove_orphans(self) -> list[Path]:
+        """Delete the temporary files of checkpoint writes that never finished (a process killed
+        while writing). Only the run directory's single writer may call this."""
+        if not self.dir.is_dir():
+            return []
+        removed = [p for p in self.dir.iterdir() if TEMP_PATTERN.match(p.name)]
+        for p in removed:
+            p.unlink(missing_ok=True)
+        return removed
+
+    def resolve(self, checkpoint: str | int | Path = "latest") -> Path:
+        """``"latest"``, a step number or a path -> the checkpoint file (which must exist)."""
+        if str(checkpoint) == "latest":
+            path = self.latest()
+            if path is None:
+                raise FileNotFoundError(f"{self.dir} holds no checkpoint; train the run first "
+                                        f"(`mmdm train --resume --run-dir {self.dir.parent}`)")
+            return path
+        path = self.path(int(checkpoint)) if str(checkpoint).isdigit() else Path(checkpoint)
+        if not path.is_file():
+            have = ", ".join(str(s) for s in self.steps()) or "none"
+            raise FileNotFoundError(f"checkpoint {checkpoint}: {path} does not exist; the run's checkpoints are at "
+                                    f"steps {have} (use one of them, or 'latest')")
+        return path
+
     def latest(self) -> Path | None:
         """The newest checkpoint, or None when there is none."""
         steps = self.steps()
@@ -138,17 +177,30 @@ class CheckpointManager:
             removed.append(p)
         return removed
 
-    def load_latest(self, map_location: str | torch.device = "cpu") -> dict[str, Any] | None:
-        """Load the newest readable checkpoint (an unreadable newest one falls back to the previous)."""
+    def load_newest(self, map_location: str | torch.device = "cpu") -> tuple[Path, dict[str, Any]] | None:
+        """``(path, state)`` of the newest readable checkpoint, None when there is none. An unreadable
+        newer one is skipped with a warning that names it (training, evaluation and synthesis all
+        fall back this way)."""
         errors = []
         for s in reversed(self.steps()):
+            path = self.path(s)
             try:
-                return load_checkpoint(self.path(s), map_location)
+                state = load_checkpoint(path, map_location)
             except RuntimeError as e:
                 errors.append(str(e))
+                continue
+            if errors:
+                warnings.warn(f"using checkpoint {path.name}: the newer one(s) cannot be read ("
+                              + "; ".join(errors) + ")", stacklevel=2)
+            return path, state
         if errors:
             raise RuntimeError("no readable checkpoint in " + str(self.dir) + ":\n" + "\n".join(errors))
         return None
+
+    def load_latest(self, map_location: str | torch.device = "cpu") -> dict[str, Any] | None:
+        """The state of :meth:`load_newest` (None when there is no checkpoint)."""
+        found = self.load_newest(map_location)
+        return found[1] if found is not None else None
 
 
 @contextlib.contextmanager

@@ -11,9 +11,11 @@ runs the three commands on their own (used by tests and under torchrun)::
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -22,11 +24,39 @@ from mmdm.data.layout import DatasetError
 from mmdm.engine.distributed import env_ranks
 from mmdm.engine.evaluate import evaluate_run
 from mmdm.engine.infer import AMP_MODES, synthesize_files
-from mmdm.engine.spec import TrainConfig
+from mmdm.engine.rundir import RunLockedError
+from mmdm.engine.spec import ALLOW_CODE_HELP, TrainConfig
 from mmdm.engine.train import train
+from mmdm.io import os_error_message
 
 #: convenience flags of `mmdm synthesize` (modality names as in the dataset layout)
 MODALITY_FLAGS = ("T1w", "T2w", "FLAIR", "PDw")
+
+
+#: the errors a command reports as one line (what went wrong, what to do) instead of a traceback
+USER_ERRORS = (DatasetError, ConfigError, RunLockedError, RuntimeError, ValueError, OSError)
+
+
+def error_line(e: BaseException) -> str:
+    """The one-line message of a user-facing error (:data:`USER_ERRORS`)."""
+    return os_error_message(e) if isinstance(e, OSError) else str(e)
+
+
+def user_errors(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Wrap a command handler: a :data:`USER_ERRORS` error prints ``error: <one line>`` and exits 2."""
+    @functools.wraps(handler)
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return handler(args)
+        except USER_ERRORS as e:
+            print(f"error: {error_line(e)}", file=sys.stderr)
+            return 2
+    return run
+
+
+def cli_warnings() -> None:
+    """Show warnings as ``warning: <message>`` lines (no file and line of the code that warned)."""
+    warnings.formatwarning = lambda message, category, *a, **k: f"warning: {message}\n"
 
 
 def _set_nested(d: dict[str, Any], dotted: str, value: Any) -> None:
@@ -86,9 +116,11 @@ def config_from_args(args: argparse.Namespace):
     return cfg
 
 
+@user_errors
 def _cmd_train(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
-    run = train(cfg, args.run_dir, resume=args.resume, progress=not args.quiet, profile=args.profile)
+    run = train(cfg, args.run_dir, resume=args.resume, progress=not args.quiet, profile=args.profile,
+                force_new=args.force_new)
     if env_ranks()[0] == 0:
         print(f"training complete: {run}")
     return 0
@@ -108,6 +140,9 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, default=None, help="TrainConfig YAML")
     p.add_argument("--run-dir", required=True, type=Path, help="run directory (created if missing)")
     p.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its latest checkpoint")
+    p.add_argument("--force-new", action="store_true",
+                   help="start over in --run-dir: move its old run files (config, checkpoints, logs, records) into "
+                   "RUN/superseded-<time>/ first")
     p.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set steps=500 --set data.window=5 (repeatable)")
@@ -146,15 +181,12 @@ def collect_inputs(args: argparse.Namespace) -> dict[str, Path]:
     return out
 
 
+@user_errors
 def _cmd_synthesize(args: argparse.Namespace) -> int:
-    try:
-        res = synthesize_files(args.run, collect_inputs(args), args.out, steps=args.steps, eta=args.eta,
-                               n_samples=args.samples, batch_size=args.batch_size, scale=args.scale,
-                               device=args.device, checkpoint=args.checkpoint, seed=args.seed,
-                               progress=not args.quiet, amp=args.amp)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    res = synthesize_files(args.run, collect_inputs(args), args.out, steps=args.steps, eta=args.eta,
+                           n_samples=args.samples, batch_size=args.batch_size, scale=args.scale,
+                           device=args.device, checkpoint=args.checkpoint, seed=args.seed,
+                           progress=not args.quiet, amp=args.amp, allow_code=args.allow_code)
     print(f"wrote {res['mean']}" + (f" and {res['std']}" if "std" in res else ""))
     return 0
 
@@ -192,19 +224,18 @@ def add_synthesize_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     _add_amp_flag(p)
+    p.add_argument("--allow-code", action="store_true", help=ALLOW_CODE_HELP)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_synthesize, inputs=None)
     return p
 
 
+@user_errors
 def _cmd_evaluate_run(args: argparse.Namespace) -> int:
-    try:
-        summary = evaluate_run(args.run_dir, split=args.split, steps=args.steps, eta=args.eta,
-                               n_samples=args.samples, batch_size=args.batch_size, device=args.device,
-                               checkpoint=args.checkpoint, seed=args.seed, progress=not args.quiet, amp=args.amp)
-    except (RuntimeError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    summary = evaluate_run(args.run_dir, split=args.split, steps=args.steps, eta=args.eta,
+                           n_samples=args.samples, batch_size=args.batch_size, device=args.device,
+                           checkpoint=args.checkpoint, seed=args.seed, progress=not args.quiet, amp=args.amp,
+                           allow_code=args.allow_code)
     m = summary["metrics"]
     print(f"{summary['n_subjects']} subject(s), split '{summary['split']}':")
     print(f"{'':10s}{'PSNR (dB)':>12s}{'SSIM':>10s}{'RMSE (%)':>10s}")
@@ -233,6 +264,7 @@ def add_evaluate_run_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     _add_amp_flag(p)
+    p.add_argument("--allow-code", action="store_true", help=ALLOW_CODE_HELP)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_evaluate_run)
     return p
@@ -251,11 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except (DatasetError, ConfigError, RuntimeError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cli_warnings()
+    return int(user_errors(args.func)(args) or 0)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -14,16 +14,17 @@ import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
+import nibabel as nib
 import numpy as np
 import torch
 
-from mmdm.data.layout import Layout
+from mmdm.data.layout import SPLIT_NAMES, Layout
 from mmdm.data.phantom import has_ground_truth, load_ground_truth
 from mmdm.engine.distributed import resolve_device
 from mmdm.engine.infer import check_amp, load_run_method, synthesize_subjects
-from mmdm.engine.rundir import (METRIC_COLUMNS, VESSEL_SCORE_COLUMNS, RecordWriter, run_paths, run_provenance,
-                                run_status, write_metrics_csv)
-from mmdm.io import save_nifti, tof_fraction_descrip
+from mmdm.engine.rundir import (METRIC_COLUMNS, VESSEL_SCORE_COLUMNS, RecordWriter, run_lock, run_paths,
+                                run_provenance, run_status, write_metrics_csv)
+from mmdm.io import check_output_path, save_nifti, tof_fraction_descrip
 from mmdm.metrics import evaluate_volumes
 from mmdm.vessel_score import HEAD_THRESHOLD, phantom_vessel_scores, vessel_scores
 
@@ -80,10 +81,25 @@ def vessel_summary(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def check_evaluation_args(split: str, steps: int | None, eta: float | None, n_samples: int, batch_size: int,
+                          seed: int) -> None:
+    """Raise ``ValueError`` (with what to pass instead) for an evaluation argument out of range."""
+    if split not in (*SPLIT_NAMES, "all"):
+        raise ValueError(f"unknown split '{split}'; choose one of {', '.join((*SPLIT_NAMES, 'all'))}")
+    for name, v in (("steps", steps), ("samples", n_samples), ("batch size", batch_size)):
+        if v is not None and (not isinstance(v, int) or v < 1):
+            raise ValueError(f"{name} must be a whole number >= 1 (got {v!r})")
+    if eta is not None and not (math.isfinite(eta) and eta >= 0):
+        raise ValueError(f"eta must be a finite number >= 0 (got {eta})")
+    if not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be a whole number >= 0 (got {seed!r})")
+
+
 def evaluate_run(run_dir: str | Path, split: str = "test", steps: int | None = None, eta: float | None = None,
                  n_samples: int = 1, batch_size: int = 8, device: str = "auto", checkpoint: str = "latest",
                  use_ema: bool = True, seed: int = 0, subjects: Sequence[str] | None = None,
-                 require_complete: bool = True, progress: bool = True, amp: str = "none") -> dict[str, Any]:
+                 require_complete: bool = True, progress: bool = True, amp: str = "none",
+                 allow_code: bool = False) -> dict[str, Any]:
     """Synthesise every subject of ``split``, write predictions, metrics.csv, then summary.json.
 
     The data (root, modalities, window, normalisation) come from the run's
@@ -93,19 +109,38 @@ def evaluate_run(run_dir: str | Path, split: str = "test", steps: int | None = N
     ``summary.json`` is deleted first and written last, so an interrupted
     evaluation never looks finished. ``amp="bf16"`` samples with bf16 autocast of the networks
     (:func:`mmdm.engine.infer.synthesize_volume`); the summary's ``sampling`` records it.
+
+    Every argument, the checkpoint, the method (``allow_code``: see
+    :func:`mmdm.engine.infer.load_run_method`), the subjects and the run directory's
+    writability are checked, and the run's lock taken, before the record is touched: a call
+    that fails on any of them leaves a finished record as it was.
     """
     p = run_paths(run_dir)
     if require_complete and not p.train_complete.is_file():
         raise RuntimeError(f"run {run_dir} has not finished training (no train_complete.json; state "
                            f"'{run_status(run_dir)}'). Resume it with `mmdm train --resume --run-dir {run_dir}`, "
                            "or pass require_complete=False to evaluate its latest checkpoint anyway.")
+    check_evaluation_args(split, steps, eta, n_samples, batch_size, seed)
     dev = resolve_device(device)
-    check_amp(amp, dev)  # before RecordWriter removes the old summary
-    record = RecordWriter(p.root)
-    method, cfg, ckpt = load_run_method(run_dir, checkpoint=checkpoint, device=dev, use_ema=use_ema)
+    check_amp(amp, dev)
+    method, cfg, ckpt = load_run_method(run_dir, checkpoint=checkpoint, device=dev, use_ema=use_ema,
+                                        allow_code=allow_code)
     subs = list(subjects) if subjects is not None else Layout(cfg.data.root).split(split)
     if not subs:
         raise RuntimeError(f"split '{split}' of {Layout(cfg.data.root).root} is empty: nothing to evaluate")
+    layout = Layout(cfg.data.root)
+    shape = nib.load(str(layout.image(subs[0], cfg.data.target))).shape
+    per_subject = int(np.prod(shape[:3])) * 4 * (2 if n_samples > 1 else 1)  # float32, uncompressed: an upper bound
+    check_output_path(p.predictions / f"{subs[0]}_{cfg.data.target}.nii.gz", nbytes=per_subject * len(subs) + 2**20,
+                      what="prediction")
+    with run_lock(p.root, "evaluation"):
+        return _evaluate(p, run_dir, method, cfg, ckpt, subs, split, steps, eta, n_samples, batch_size, dev, seed,
+                         progress, amp)
+
+
+def _evaluate(p, run_dir, method, cfg, ckpt, subs, split, steps, eta, n_samples, batch_size, dev, seed, progress,
+              amp) -> dict[str, Any]:
+    record = RecordWriter(p.root)
     gen = torch.Generator(device=dev).manual_seed(seed)  # one stream through all subjects
     descrip = tof_fraction_descrip(1.0)
     rows = []
@@ -135,4 +170,5 @@ def evaluate_run(run_dir: str | Path, split: str = "test", steps: int | None = N
     })
 
 
-__all__ = ["evaluate_run", "subject_vessel_scores", "vessel_summary", "VESSEL_SCORE_DEFINITION"]
+__all__ = ["check_evaluation_args", "evaluate_run", "subject_vessel_scores", "vessel_summary",
+           "VESSEL_SCORE_DEFINITION"]

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -48,8 +49,8 @@ from mmdm.data.volumes import NormConfig, Volume, check_same_grid, load_volume, 
 from mmdm.engine.checkpoint import CheckpointManager, load_checkpoint
 from mmdm.engine.distributed import resolve_device
 from mmdm.engine.rundir import run_paths
-from mmdm.engine.spec import TrainConfig, build_method_from_config
-from mmdm.io import save_nifti, tof_fraction_descrip
+from mmdm.engine.spec import TrainConfig, build_method_from_config, is_code_reference, method_factory
+from mmdm.io import check_output_path, save_nifti, tof_fraction_descrip
 from mmdm.methods.base import SynthesisMethod
 
 #: the precisions of sampling (``amp``): fp32, or bf16 autocast of the networks
@@ -234,30 +235,33 @@ def synthesize_volume(method: SynthesisMethod, sources: dict[str, np.ndarray], w
 
 
 def load_run_method(run_dir: str | Path, checkpoint: str = "latest", device: str | torch.device = "cpu",
-                    use_ema: bool = True) -> tuple[SynthesisMethod, TrainConfig, dict[str, Any]]:
+                    use_ema: bool = True, allow_code: bool = False
+                    ) -> tuple[SynthesisMethod, TrainConfig, dict[str, Any]]:
     """Rebuild a run's method from ``config.yaml`` and load a checkpoint.
 
-    ``checkpoint``: ``"latest"`` (the newest in ``checkpoints/``), a step
-    number, or a path. EMA weights are used when the run kept them and
-    ``use_ema``. Returns ``(method in eval mode, TrainConfig, info dict)``.
+    ``checkpoint``: ``"latest"`` (the newest readable one in ``checkpoints/``; an unreadable
+    newest one is skipped with a warning), a step number, or a path. EMA weights are used when
+    the run kept them and ``use_ema``. A config naming a ``"module:callable"`` method is refused
+    unless ``allow_code`` (it would import and run that code). Returns ``(method in eval mode,
+    TrainConfig, info dict)``.
     """
     p = run_paths(run_dir)
     if not p.config.is_file():
         raise FileNotFoundError(f"{run_dir} is not a run directory (no config.yaml); train one with `mmdm train`")
     cfg = load_yaml(TrainConfig, p.config)
+    if is_code_reference(cfg.method) and not allow_code:
+        method_factory(cfg.method, allow_code=False)  # raises the refusal, before anything is imported
     device = resolve_device(str(device)) if not isinstance(device, torch.device) else device
     mgr = CheckpointManager(p.checkpoints)
-    if checkpoint == "latest":
-        path = mgr.latest()
-        if path is None:
-            raise FileNotFoundError(f"{p.checkpoints} holds no checkpoint; train the run first "
-                                    f"(`mmdm train --resume --run-dir {run_dir}`)")
-    elif str(checkpoint).isdigit():
-        path = mgr.path(int(checkpoint))
+    if str(checkpoint) == "latest":
+        found = mgr.load_newest(map_location="cpu")
+        if found is None:
+            mgr.resolve("latest")  # raises: no checkpoint, with what to do
+        path, state = found
     else:
-        path = Path(checkpoint)
-    state = load_checkpoint(path, map_location="cpu")
-    method = build_method_from_config(cfg)
+        path = mgr.resolve(checkpoint)
+        state = load_checkpoint(path, map_location="cpu")
+    method = build_method_from_config(cfg, allow_code=allow_code)
     weights = state["model"]
     ema_used = bool(use_ema and state.get("ema"))
     if ema_used:
@@ -281,7 +285,7 @@ def synthesize_files(run_dir: str | Path, inputs: dict[str, str | Path], out_pat
                      steps: int | None = None, eta: float | None = None, n_samples: int = 1, batch_size: int = 8,
                      scale: float = 1.0, save_std: bool = True, device: str = "auto", checkpoint: str = "latest",
                      use_ema: bool = True, seed: int = 0, stride: int | None = None,
-                     progress: bool = True, amp: str = "none") -> dict[str, Any]:
+                     progress: bool = True, amp: str = "none", allow_code: bool = False) -> dict[str, Any]:
     """Synthesise a TOF-MRA NIfTI from source NIfTI files with a trained run.
 
     ``inputs`` maps modality -> file (the run's ``data.sources``; extra ones are
@@ -291,10 +295,27 @@ def synthesize_files(run_dir: str | Path, inputs: dict[str, str | Path], out_pat
     ``n_samples > 1`` and ``save_std``, ``<out>_std.nii.gz`` holds the
     per-voxel standard deviation over the samples (same scale). ``amp``: ``"none"`` or
     ``"bf16"`` (autocast of the networks, see :func:`synthesize_volume`).
+
+    Before any synthesis the arguments and the output are checked: ``scale`` positive and
+    finite; the output (and std) path a ``.nii``/``.nii.gz`` file that is none of the inputs
+    (also not through a link) and the run's files, in a writable folder with room for it.
+    ``allow_code``: see :func:`load_run_method`.
     """
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be a positive finite number (got {scale}); it multiplies the [0, 1] output")
+    for name, v in (("steps", steps), ("n_samples", n_samples), ("batch_size", batch_size), ("stride", stride)):
+        if v is not None and v < 1:
+            raise ValueError(f"{name} must be >= 1 (got {v})")
+    if eta is not None and not (math.isfinite(eta) and eta >= 0):
+        raise ValueError(f"eta must be a finite number >= 0 (got {eta})")
+    outs = [Path(out_path)] + ([std_path(out_path)] if n_samples > 1 and save_std else [])
+    protected = [Path(v) for v in inputs.values()] + [p for p in Path(run_dir).rglob("*") if p.is_file()]
+    for o in outs:
+        check_output_path(o, protected)
     dev = resolve_device(device)
     check_amp(amp, dev)
-    method, cfg, info = load_run_method(run_dir, checkpoint=checkpoint, device=dev, use_ema=use_ema)
+    method, cfg, info = load_run_method(run_dir, checkpoint=checkpoint, device=dev, use_ema=use_ema,
+                                        allow_code=allow_code)
     needed = list(method.sources or cfg.data.sources)
     missing = [m for m in needed if m not in inputs]
     if missing:
@@ -303,6 +324,9 @@ def synthesize_files(run_dir: str | Path, inputs: dict[str, str | Path], out_pat
                          f"give all of them ({flags}, or --source NAME=PATH)")
     vols = {m: load_volume(inputs[m]) for m in needed}
     check_same_grid(vols, "input")
+    nbytes = next(iter(vols.values())).data.size * 4 * len(outs) + 2**20  # float32, uncompressed: an upper bound
+    for o in outs:
+        check_output_path(o, protected, nbytes=nbytes)
     ref_img = nib.load(str(inputs[needed[0]]))
     gen = torch.Generator(device=dev).manual_seed(seed)
     res = synthesize_volume(method, {m: v.data for m, v in vols.items()}, window=cfg.data.window,

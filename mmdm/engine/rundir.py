@@ -13,17 +13,24 @@ One directory per run::
       metrics.csv              one row per subject: the six metrics of the paper's tables, then the
                                threshold-free vessel scores (VESSEL_SCORE_COLUMNS)
       summary.json             written LAST and atomically: means over the subjects + provenance
+      .lock                    held (fcntl.flock) by the one process training or evaluating the run
 
 A directory "looks finished" only when ``summary.json`` exists
 (:func:`run_status`), so a run interrupted at any point is never mistaken for
 a result. :class:`RecordWriter` keeps that promise for every record the
 package writes (a run's evaluation, the uncertainty and frontier analyses):
 it deletes ``summary.json`` when it starts and writes it, with provenance, last.
+
+One writer per run directory: training and evaluation hold :func:`run_lock`
+(an exclusive ``flock`` on ``RUN/.lock``) while they write, and a second process
+is refused with a message naming the holder (pid, host, command, since when).
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import fcntl
 import io
 import json
 import os
@@ -35,7 +42,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -95,6 +102,15 @@ class RunPaths:
     def summary(self) -> Path:
         return self.root / "summary.json"
 
+    @property
+    def lock(self) -> Path:
+        return self.root / ".lock"
+
+    def run_files(self) -> list[Path]:
+        """Every file and folder training and evaluation write (not the lock, not older superseded runs)."""
+        return [self.config, self.provenance, self.checkpoints, self.tb, self.validation, self.train_complete,
+                self.predictions, self.metrics, self.summary]
+
 
 def run_paths(run_dir: str | Path) -> RunPaths:
     return RunPaths(Path(run_dir))
@@ -134,6 +150,92 @@ def load_summary(run_dir: str | Path) -> dict[str, Any]:
                 "evaluating": "evaluation was interrupted: run `mmdm evaluate-run` again"}[status]
         raise RuntimeError(f"run {run_dir} is unfinished (state '{status}', no summary.json): {hint}")
     return json.loads(run_paths(run_dir).summary.read_text())
+
+
+# ----------------------------------------------------------------------------
+# one writer per run directory
+
+
+class RunLockedError(RuntimeError):
+    """Another process holds the run directory's lock."""
+
+
+def _lock_holder(fd: int) -> dict[str, Any]:
+    for _ in range(20):  # the holder writes its details right after taking the lock
+        raw = os.pread(fd, 65536, 0)
+        if raw:
+            try:
+                return json.loads(raw.decode("utf-8", "replace"))
+            except json.JSONDecodeError:
+                pass
+        time.sleep(0.05)
+    return {}
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: str | Path, purpose: str) -> Iterator[dict[str, Any]]:
+    """Hold the run directory's lock (``RUN/.lock``, an exclusive ``flock``) for the block.
+
+    The lock file names the holder (pid, host, command, purpose, since); a second process
+    gets :class:`RunLockedError` with those details at once instead of waiting. The lock goes
+    with the process: a killed holder leaves nothing to clean up.
+    """
+    p = run_paths(run_dir)
+    p.root.mkdir(parents=True, exist_ok=True)
+    fd = os.open(p.lock, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            h = _lock_holder(fd)
+            who = (f"pid {h.get('pid')} on {h.get('host')} since {h.get('since')} ({h.get('purpose')}: "
+                   f"{h.get('command')})") if h else "a process that has not yet said who it is"
+            raise RunLockedError(f"{p.root} is in use by {who}. Wait until it finishes (or stop it if it hangs: "
+                                 f"kill {h.get('pid', 'PID')} on {h.get('host', 'its host')}), or use another "
+                                 "run directory.") from None
+        info = {"pid": os.getpid(), "host": platform.node(), "purpose": purpose, "command": run_invocation(),
+                "since": utc_now()}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(info).encode(), 0)
+        try:
+            yield info
+        finally:
+            os.ftruncate(fd, 0)
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def supersede(run_dir: str | Path) -> Path | None:
+    """Move a run's files (:meth:`RunPaths.run_files`) into ``RUN/superseded-<UTC time>/`` so
+    that a new run can start there; returns that folder (None when there was nothing to move)."""
+    p = run_paths(run_dir)
+    present = [f for f in p.run_files() if f.exists()]
+    if not present:
+        return None
+    dest = p.root / f"superseded-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%S.%fZ')}"
+    dest.mkdir()
+    for f in present:
+        os.replace(f, dest / f.name)
+    return dest
+
+
+def truncate_validation_log(run_dir: str | Path, step: int) -> int:
+    """Drop the ``validation.jsonl`` entries after ``step`` (a resumed run repeats those steps);
+    returns how many were dropped."""
+    path = run_paths(run_dir).validation
+    if not path.is_file():
+        return 0
+    lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    keep = []
+    for ln in lines:
+        try:
+            if int(json.loads(ln)["step"]) <= step:
+                keep.append(ln)
+        except (ValueError, KeyError, TypeError):
+            pass  # a line cut off by a kill
+    if len(keep) != len(lines):
+        write_text(path, "".join(k + "\n" for k in keep))
+    return len(lines) - len(keep)
 
 
 # ----------------------------------------------------------------------------
@@ -220,6 +322,9 @@ def start_session(run_dir: str | Path, *, profile: str | None, seed: int, device
     if not prov:
         prov = {"created": utc_now(), "git": git_info(), "profile": profile, "seeds": {"train": seed},
                 "command": run_invocation(), "sessions": []}
+    for old in prov["sessions"]:
+        if old.get("end") is None:  # killed: its wall time is the one of its last heartbeat
+            old["interrupted"] = True
     session = {"start": utc_now(), "end": None, "wall_s": None, "resumed_from_step": resumed_from_step,
                "world_size": world_size, "git": git_info(), **(precision or {}), **environment_info(device)}
     if profile is not None:
@@ -232,12 +337,33 @@ def start_session(run_dir: str | Path, *, profile: str | None, seed: int, device
     return prov
 
 
+def heartbeat(run_dir: str | Path, **extra: Any) -> dict[str, Any]:
+    """Record that the latest session is alive (``last_seen``) and its wall time so far, so that
+    a session killed later still counts, up to its last heartbeat, in ``train_wall_s``. The
+    trainer calls this at every checkpoint."""
+    p = run_paths(run_dir)
+    if not p.provenance.is_file():
+        return {}
+    prov = json.loads(p.provenance.read_text())
+    if not prov.get("sessions"):
+        return prov
+    s = prov["sessions"][-1]
+    s["last_seen"] = utc_now()
+    s["wall_s"] = round(time.time() - prov.get("_t0", time.time()), 3)
+    s.update(extra)
+    prov["train_wall_s"] = round(sum(x.get("wall_s") or 0.0 for x in prov["sessions"]), 3)
+    write_json(p.provenance, prov)
+    return prov
+
+
 def end_session(run_dir: str | Path, **extra: Any) -> dict[str, Any]:
-    """Close the latest session: end time, wall time; total wall time over sessions."""
+    """Close the latest session: end time, wall time; total wall time over sessions (a killed
+    session counts with the wall time of its last :func:`heartbeat`)."""
     p = run_paths(run_dir)
     prov = json.loads(p.provenance.read_text())
     s = prov["sessions"][-1]
     s["end"] = utc_now()
+    s["last_seen"] = s["end"]
     s["wall_s"] = round(time.time() - prov.pop("_t0", time.time()), 3)
     s.update(extra)
     prov["train_wall_s"] = round(sum(x.get("wall_s") or 0.0 for x in prov["sessions"]), 3)

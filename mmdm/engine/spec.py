@@ -100,9 +100,26 @@ class TrainConfig:
             self.crops.validate()
 
 
-def method_factory(name: str) -> Callable[..., SynthesisMethod]:
-    """Registry name -> factory; ``"package.module:function"`` imports the function."""
-    if ":" in name:
+#: What a stored run may not do without the user's consent (the ``--allow-code`` flags' help).
+ALLOW_CODE_HELP = ("let the run's config.yaml name a method as 'package.module:callable': that module is IMPORTED "
+                   "AND ITS CODE EXECUTED with the config's arguments. Only for run directories you made or trust; "
+                   "without it only registered methods (`mmdm methods`) are built")
+
+
+def is_code_reference(name: str) -> bool:
+    """Whether a method name is a ``"package.module:callable"`` reference (code to import)."""
+    return ":" in str(name)
+
+
+def method_factory(name: str, allow_code: bool = False) -> Callable[..., SynthesisMethod]:
+    """Registry name -> factory; ``"package.module:function"`` imports the function, but only with
+    ``allow_code`` (the caller vouches for the config: a user's own training config, or a stored
+    run the user opted in to trust). Without it such a name is refused before anything is imported."""
+    if is_code_reference(name):
+        if not allow_code:
+            raise ConfigError(f"method '{name}' names code to import and run ({name.split(':', 1)[0]}); a stored "
+                              "run may only name a registered method (`mmdm methods`). If you made this run "
+                              "directory or trust it, pass --allow-code (allow_code=True) to execute that code.")
         mod, attr = name.split(":", 1)
         try:
             return getattr(importlib.import_module(mod), attr)
@@ -115,12 +132,13 @@ def method_factory(name: str) -> Callable[..., SynthesisMethod]:
         raise ConfigError(str(e.args[0])) from None
 
 
-def build_method_from_config(cfg: TrainConfig) -> SynthesisMethod:
+def build_method_from_config(cfg: TrainConfig, allow_code: bool = False) -> SynthesisMethod:
     """Build ``cfg.method`` with ``cfg.method_kwargs`` (``sources`` defaulting to ``cfg.data.sources``)
-    and check it against the data (sources available, window size)."""
+    and check it against the data (sources available, window size). A ``"module:callable"``
+    method needs ``allow_code`` (:func:`method_factory`)."""
     kw = dict(cfg.method_kwargs)
     kw.setdefault("sources", tuple(cfg.data.sources))
-    method = method_factory(cfg.method)(**kw)
+    method = method_factory(cfg.method, allow_code=allow_code)(**kw)
     if not isinstance(method, SynthesisMethod):
         raise ConfigError(f"method '{cfg.method}' built a {type(method).__name__}, not a "
                           "mmdm.methods.SynthesisMethod; subclass it (training_losses, sample, optim_configs, ...)")
@@ -162,29 +180,54 @@ def _diff_configs(a: Any, b: Any, prefix: str = "") -> list[str]:
     return [] if a == b else [f"{prefix[:-1]}: stored {a!r} != given {b!r}"]
 
 
+def config_differences(stored: dict[str, Any], cfg: TrainConfig) -> list[str]:
+    """The differences (outside :data:`RUNTIME_KEYS`) between a stored config (as a dict: a
+    run's config.yaml or a checkpoint's ``config``) and ``cfg``, one ``key: stored != given`` each."""
+    a = {k: v for k, v in stored.items() if k not in RUNTIME_KEYS}
+    b = {k: v for k, v in to_dict(cfg).items() if k not in RUNTIME_KEYS}
+    return _diff_configs(a, b)
+
+
 def check_run_dir(run_dir: str | Path, cfg: TrainConfig, resume: bool) -> bool:
     """Refuse to mix runs: returns True when ``run_dir`` already holds this run.
 
     A stored config that differs (outside :data:`RUNTIME_KEYS`) raises; an
-    existing run with checkpoints and ``resume=False`` raises too.
+    existing run with checkpoints and ``resume=False`` raises too; so do checkpoints
+    (or ``train_complete.json``) without a ``config.yaml``, which nothing ties to a config.
     """
     p = run_paths(run_dir)
+    has_ckpt = bool(CheckpointManager(p.checkpoints).steps()) or p.train_complete.is_file()
     if not p.config.is_file():
+        if has_ckpt:
+            raise ConfigError(f"{run_dir} holds checkpoints (or train_complete.json) but no config.yaml, so they "
+                              "cannot be matched to this run's config. Use another --run-dir, or pass --force-new "
+                              "to move the old files aside (into superseded-<time>/) and start over.")
         return False
     stored = load_yaml(TrainConfig, p.config)
-    a = {k: v for k, v in to_dict(stored).items() if k not in RUNTIME_KEYS}
-    b = {k: v for k, v in to_dict(cfg).items() if k not in RUNTIME_KEYS}
-    diff = _diff_configs(a, b)
+    diff = config_differences(to_dict(stored), cfg)
     if diff:
         raise ConfigError(f"{run_dir} holds a run with a different config ({'; '.join(diff[:8])}). "
-                          "Use another --run-dir for a new run, or resume this one with its own config "
-                          f"(`mmdm train --config {p.config} --run-dir {run_dir} --resume`).")
-    has_ckpt = bool(CheckpointManager(p.checkpoints).steps()) or p.train_complete.is_file()
+                          "Use another --run-dir for a new run, resume this one with its own config "
+                          f"(`mmdm train --config {p.config} --run-dir {run_dir} --resume`), or pass --force-new to "
+                          "move its files aside and start over.")
     if has_ckpt and not resume:
         raise ConfigError(f"{run_dir} already holds this run (checkpoints or train_complete.json). Pass --resume "
-                          "(resume=True) to continue it, or choose another --run-dir.")
+                          "(resume=True) to continue it, --force-new to start over, or choose another --run-dir.")
     return True
 
 
-__all__ = ["RUNTIME_KEYS", "TrainConfig", "build_method_from_config", "check_run_dir", "load_train_config",
-           "method_factory", "method_optim_configs"]
+def check_checkpoint_config(path: str | Path, state: dict[str, Any], cfg: TrainConfig) -> None:
+    """Refuse to continue a checkpoint written under another config (or seed) than ``cfg``."""
+    stored = state.get("config")
+    if not isinstance(stored, dict):
+        return  # written before checkpoints carried their config
+    diff = config_differences(stored, cfg)
+    if diff:
+        raise ConfigError(f"checkpoint {path} was written by a run with a different config ({'; '.join(diff[:8])}); "
+                          "it cannot be continued under this one. Use another --run-dir, or pass --force-new to "
+                          "move the old files aside and start over.")
+
+
+__all__ = ["ALLOW_CODE_HELP", "RUNTIME_KEYS", "TrainConfig", "build_method_from_config", "check_checkpoint_config",
+           "check_run_dir", "config_differences", "is_code_reference", "load_train_config", "method_factory",
+           "method_optim_configs"]

@@ -61,10 +61,12 @@ from mmdm.engine.checkpoint import CheckpointManager, capture_rng, isolated_rng,
 from mmdm.engine.distributed import DistInfo, barrier, broadcast_object, cleanup, gather_objects, init_distributed
 from mmdm.engine.ema import EMA
 from mmdm.engine.panels import window_panel
-from mmdm.engine.rundir import end_session, run_paths, start_session, utc_now
-from mmdm.engine.spec import TrainConfig, build_method_from_config, check_run_dir, method_optim_configs
+from mmdm.engine.rundir import (RunLockedError, end_session, heartbeat, run_lock, run_paths, start_session, supersede,
+                                truncate_validation_log, utc_now)
+from mmdm.engine.spec import (TrainConfig, build_method_from_config, check_checkpoint_config, check_run_dir,
+                              method_optim_configs)
 from mmdm.engine.validation import ValidationVessels
-from mmdm.io import write_json
+from mmdm.io import os_error_message, write_json
 from mmdm.losses.emphasis import emphasis_weights
 from mmdm.methods.base import MAIN, SynthesisMethod
 from mmdm.optim import EMAConfig
@@ -103,7 +105,8 @@ class Trainer:
         self.dataset = WindowDataset(cfg.data, "train")
         self.steps_per_epoch = steps_per_epoch(len(self.dataset), cfg.batch_size, self.info.world_size)
         self.total_steps = cfg.steps if cfg.steps is not None else cfg.epochs * self.steps_per_epoch
-        self.method = build_method_from_config(cfg).to(self.device)
+        # the caller's own config: a "module:callable" method is the caller's code, so it may run
+        self.method = build_method_from_config(cfg, allow_code=True).to(self.device)
         self.method.emphasis = cfg.emphasis
         self.crops: CropSampler | None = None
         if cfg.crops is not None:  # the crop sides must be multiples of what the network needs
@@ -186,7 +189,10 @@ class Trainer:
 
     def save_checkpoint(self) -> Path | None:
         state = self.state_dict()  # every rank takes part in gathering the RNG states
-        path = self.ckpt.save(self.step, state) if self.info.is_main else None
+        path = None
+        if self.info.is_main:
+            path = self.ckpt.save(self.step, state)
+            heartbeat(self.paths.root, last_step=self.step)  # a session killed later still counts its time
         barrier(self.info)
         return path
 
@@ -378,33 +384,57 @@ class Trainer:
             f.write(line + "\n")
 
     # -- the loop -------------------------------------------------------------------
-    def run(self, resume: bool = True) -> Path:
-        """Train to ``total_steps`` (resuming from the latest checkpoint); returns the run directory."""
+    def run(self, resume: bool = True, force_new: bool = False) -> Path:
+        """Train to ``total_steps`` (resuming from the latest checkpoint); returns the run directory.
+
+        The main process holds the run directory's lock (:func:`mmdm.engine.rundir.run_lock`)
+        throughout. ``force_new``: move the directory's old run files into
+        ``superseded-<time>/`` and start over."""
+        with contextlib.ExitStack() as stack:
+            return self._run(stack, resume, force_new)
+
+    def _run(self, stack: contextlib.ExitStack, resume: bool, force_new: bool) -> Path:
         p, cfg, main = self.paths, self.cfg, self.info.is_main
         error = None
         if main:
             try:
+                stack.enter_context(run_lock(p.root, "training"))
+                if force_new:
+                    moved = supersede(p.root)
+                    if moved is not None:
+                        print(f"{p.root}: the previous run's files were moved to {moved}", file=sys.stderr)
+                    resume = False
                 exists = check_run_dir(p.root, cfg, resume)
                 if exists and p.train_complete.is_file():
                     print(f"{p.root}: training already complete", file=sys.stderr)
-                p.root.mkdir(parents=True, exist_ok=True)
                 if not exists:
                     save_yaml(cfg, p.config)
-            except ConfigError as e:
-                error = str(e)
+                self.ckpt.remove_orphans()  # temporary files of writes cut short by a kill
+            except (ConfigError, RunLockedError) as e:
+                error = (type(e).__name__, str(e), None)
+            except OSError as e:  # e.g. a read-only or full disk: said in one line before any work
+                error = ("OSError", os_error_message(e), e.errno)
         error = broadcast_object(self.info, error)
         if error is not None:
-            raise ConfigError(error)
+            kind, msg, err = error
+            if kind == "RunLockedError":
+                raise RunLockedError(msg)
+            if err is not None:
+                raise OSError(err, msg)
+            raise ConfigError(msg)
         if p.train_complete.is_file():
             return p.root
-        state = self.ckpt.load_latest(map_location="cpu") if resume else None  # RNG states must stay on the CPU
-        if state is not None:
+        found = self.ckpt.load_newest(map_location="cpu") if resume else None  # RNG states must stay on the CPU
+        if found is not None:
+            path, state = found
+            check_checkpoint_config(path, state, cfg)
             self.load_state_dict(state)
             del state
         start = self.step
         if main:
             from torch.utils.tensorboard import SummaryWriter  # lazy: tensorboard is heavy and only rank 0 logs
 
+            truncate_validation_log(p.root, start)  # the steps after the checkpoint are trained again
             start_session(p.root, profile=self.profile, seed=cfg.seed, device=self.device,
                           world_size=self.info.world_size, resumed_from_step=start,
                           precision={"amp": cfg.amp, "channels_last": cfg.channels_last})
@@ -457,12 +487,13 @@ class Trainer:
 
 
 def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = True, progress: bool = True,
-          profile: str | None = None) -> Path:
-    """Train (or resume) the run ``run_dir`` with ``cfg``; works under torchrun (one process per GPU)."""
+          profile: str | None = None, force_new: bool = False) -> Path:
+    """Train (or resume) the run ``run_dir`` with ``cfg``; works under torchrun (one process per GPU).
+    ``force_new``: move an existing run's files aside (``superseded-<time>/``) and start over."""
     cfg.validate()
     info = init_distributed(cfg.device)
     try:
-        return Trainer(cfg, run_dir, info, progress=progress, profile=profile).run(resume=resume)
+        return Trainer(cfg, run_dir, info, progress=progress, profile=profile).run(resume=resume, force_new=force_new)
     finally:
         cleanup(info)
 
