@@ -68,6 +68,7 @@ import collections
 import contextlib
 import functools
 import math
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
@@ -529,12 +530,23 @@ def _load_nifti(path: str | Path, role: str) -> tuple[np.ndarray, np.ndarray]:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{role} file {path} does not exist")
-    img = nib.load(str(path))
-    data = np.asarray(img.dataobj, dtype=np.float64)
+    try:
+        img = nib.load(str(path))
+        data = np.asarray(img.dataobj, dtype=np.float64)
+    except (EOFError, OSError, zlib.error, ValueError, nib.filebasedimages.ImageFileError) as e:
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise ValueError(f"{role} file {path} is not a readable NIfTI volume (truncated, damaged or another format: "
+                         f"{type(e).__name__}: {first}); write it again or pass a .nii/.nii.gz file") from e
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
     if data.ndim != 3:
         raise ValueError(f"{role} file {path} has shape {data.shape}; expected a 3D (X, Y, Z) volume.")
+    n_nan = int(np.isnan(data).sum())
+    n_inf = int(np.isinf(data).sum())
+    if n_nan or n_inf:  # counted in the file itself, before any scaling spreads a NaN to every voxel
+        raise ValueError(f"{role} file {path} contains {n_nan} NaN and {n_inf} infinite voxel(s) out of {data.size}; "
+                         "metrics are undefined. Fix the image (e.g. replace NaN by 0 where the scanner had no "
+                         "signal) before evaluating.")
     return data, np.asarray(img.affine, dtype=np.float64)
 
 

@@ -1,5 +1,7 @@
-"""Where the study's runs execute: local processes (the default, in :mod:`mmdm.study.runner`)
-or the tasks of a Ray cluster (:class:`RayBackend`, ``mmdm study --backend ray``).
+"""Where the study's runs execute: this machine (:class:`LocalBackend`, the default: one run
+after the other or ``jobs`` at a time) or the tasks of a Ray cluster (:class:`RayBackend`,
+``mmdm study --backend ray``). Both have one ``map(fn, items, log)`` that returns an
+:class:`Outcome` per run, so a failing run never stops the others on either.
 
 A Ray task is one run (:func:`mmdm.study.runner.run_job`): its training notebook
 (``02_train``) then its evaluation notebook (``03_evaluate``), executed by
@@ -15,6 +17,7 @@ Ray is optional: ``pip install -e .[cluster]``.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -41,6 +44,40 @@ class Outcome:
     log: str | None = None       # where to look: the run's executed notebooks
     seconds: float | None = None
     node: str | None = None
+
+
+def describe_failure(e: BaseException) -> str:
+    """One line for a failed run: a notebook's error (papermill's ``ename: evalue``) or the exception."""
+    if getattr(e, "ename", None):
+        return f"{e.ename}: {(str(getattr(e, 'evalue', '')).strip().splitlines() or [''])[0]}"
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+
+
+class LocalBackend:
+    """Runs on this machine: ``jobs`` at a time (threads, each starting its notebooks' processes)."""
+
+    def __init__(self, jobs: int = 1):
+        self.jobs = max(1, int(jobs))
+
+    def map(self, fn: Callable[..., Any], items: Sequence[tuple[str, tuple]],
+            log: Callable[[str], None] = print) -> dict[str, Outcome]:
+        """Run ``fn(name, *args)`` for every ``(name, args)``; outcomes by name. A run that raises
+        is an outcome (its ``log``: the exception's ``notebook`` attribute, where set); the others go on."""
+        def one(item: tuple[str, tuple]) -> Outcome:
+            name, args = item
+            try:
+                info = fn(name, *args) or {}
+            except Exception as e:  # noqa: BLE001 - a failed run is an outcome; the others go on
+                log(f"[{name}] FAILED ({describe_failure(e)}); the other runs go on")
+                return Outcome(name, False, error=describe_failure(e), log=getattr(e, "notebook", None))
+            return Outcome(name, True, seconds=info.get("seconds") if isinstance(info, dict) else None)
+
+        if self.jobs == 1:
+            results = [one(it) for it in items]
+        else:
+            with ThreadPoolExecutor(max_workers=self.jobs) as pool:
+                results = list(pool.map(one, items))
+        return {o.name: o for o in results}
 
 
 class RayBackend:
@@ -102,7 +139,8 @@ class RayBackend:
                     log(f"[ray] {name}: done on {info.get('node')} in {info.get('seconds', 0):.0f} s")
                 except Exception as e:  # noqa: BLE001 - a failed run is an outcome; the others go on
                     cause = getattr(e, "cause", None) or e
-                    outcomes[name] = Outcome(name, False, error=f"{type(cause).__name__}: {cause}")
+                    outcomes[name] = Outcome(name, False, error=f"{type(cause).__name__}: {cause}",
+                                             log=getattr(cause, "notebook", None))
                     log(f"[ray] {name}: FAILED ({type(cause).__name__}); the other runs go on")
             return outcomes
         finally:

@@ -8,6 +8,11 @@ A run whose record (``results/<profile>/<run>/summary.json``) is complete is
 skipped, so an interrupted study resumes where it stopped; an interrupted
 training resumes from its last checkpoint. Executed per-run notebooks are kept
 in the run directory; the aggregate ones go to ``book/generated/``.
+
+A failing run (or analysis, or aggregate notebook) never stops the others, on
+either backend: the stage finishes the rest, the aggregate notebooks show the
+records that exist, and :func:`run_study` then raises :class:`StudyIncomplete`
+listing every failure with the executed notebook to read.
 """
 
 from __future__ import annotations
@@ -18,7 +23,6 @@ import shlex
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -28,7 +32,7 @@ from mmdm.io import write_text
 from mmdm.methods import deviations_markdown
 from mmdm.paths import project_path, repo_root
 from mmdm.study import api
-from mmdm.study.backends import BACKENDS, RayBackend, require_ray
+from mmdm.study.backends import BACKENDS, LocalBackend, Outcome, RayBackend, describe_failure, require_ray
 from mmdm.study.executed import tidy_notebook
 from mmdm.study.frontier import ensure_frontier
 from mmdm.study.profiles import StudyProfile, get_profile
@@ -116,6 +120,17 @@ def execute(name: str, out: Path, parameters: dict, log: Callable[[str], None] =
         raise RuntimeError(f"notebook {name} failed for {parameters}; see {out}\n"
                            f"{without_kernel_noise(proc.stderr)[-3000:]}")
     return tidy_notebook(out, repo_root())
+
+
+class StudyIncomplete(RuntimeError):
+    """Some runs, analyses or notebooks of a study failed (the others finished); the message lists them."""
+
+    def __init__(self, failures: dict[str, Outcome]):
+        self.failures = failures
+        lines = "\n".join(f"  {n}: {o.error}" + (f" (see {o.log})" if o.log else "") for n, o in failures.items())
+        super().__init__(f"{len(failures)} part(s) of the study failed; everything else finished and the book "
+                         f"shows the records that exist. Fix the cause and run the same command again (finished "
+                         f"runs are skipped):\n{lines}")
 
 
 def run_job(name: str, params: dict, run_dir: str, env: dict[str, str]) -> dict[str, Any]:
@@ -213,7 +228,8 @@ def job_env(i: int, jobs: int, n_gpu: int, root: Path) -> dict[str, str]:
 def run_study(profile: str | StudyProfile = "quick", only: Sequence[str] | None = None, device: str | None = None,
               jobs: int = 1, book: bool = True, log: Callable[[str], None] = print, records_only: bool = False,
               backend: str = "local", address: str | None = None, **profile_overrides) -> dict:
-    """Run (or resume) the whole study for ``profile``; returns ``{run: "done"|"skipped"}``.
+    """Run (or resume) the whole study for ``profile``; returns ``{run: "done"|"skipped"}``, or raises
+    :class:`StudyIncomplete` (after finishing everything else) when a run, analysis or notebook failed.
 
     ``records_only``: train, evaluate and analyse nothing; the aggregate notebooks and the book
     show the records already under ``results/<profile>`` (missing ones as not yet measured).
@@ -224,6 +240,7 @@ def run_study(profile: str | StudyProfile = "quick", only: Sequence[str] | None 
     if backend == "ray":
         require_ray()  # before any work: say how to install it
     profile = get_profile(profile, **profile_overrides)
+    first_runs = [] if records_only else select_runs(profile, only)  # an unknown --only name: before any work
     root = repo_root()
     os.environ["MMDM_ROOT"] = str(root)  # notebooks resolve paths against the same root
     generated = root / "book" / "generated"
@@ -237,16 +254,21 @@ def run_study(profile: str | StudyProfile = "quick", only: Sequence[str] | None 
     n_gpu = _gpu_count() if jobs > 1 else 0
     status: dict[str, str] = {}
 
-    def one(i: int, n: int, spec: RunSpec, seed: int) -> str:
+    failures: dict[str, Outcome] = {}
+
+    def one(name: str, i: int, n: int, spec: RunSpec, seed: int) -> dict[str, Any]:
         params = run_parameters(spec, profile, seed, device)
         env = job_env(i, jobs, n_gpu, root) if jobs > 1 else None
         run_dir = api.runs_dir(profile) / spec.name
-        log(f"[{i + 1}/{n}] {spec.name}: training")
-        execute("02_train", run_dir / "02_train.ipynb", params, log, env)
-        log(f"[{i + 1}/{n}] {spec.name}: evaluating")
-        execute("03_evaluate", run_dir / "03_evaluate.ipynb", params, log, env)
+        for nb, what in (("02_train", "training"), ("03_evaluate", "evaluating")):
+            log(f"[{i + 1}/{n}] {spec.name}: {what}")
+            try:
+                execute(nb, run_dir / f"{nb}.ipynb", params, log, env)
+            except Exception as e:
+                e.notebook = str(run_dir / f"{nb}.ipynb")  # the executed notebook shows the failing cell
+                raise
         log(f"[{i + 1}/{n}] {spec.name}: done")
-        return spec.name
+        return {}
 
     def stage(items: list[tuple[RunSpec, int]]) -> None:
         todo = []
@@ -256,34 +278,32 @@ def run_study(profile: str | StudyProfile = "quick", only: Sequence[str] | None 
                 log(f"[skip] {spec.name}: record complete")
             else:
                 todo.append((spec, seed))
-        if backend == "ray" and todo:
-            run_on_ray(todo)
+        if not todo:
             return
-        calls = [(i, len(todo), spec, seed) for i, (spec, seed) in enumerate(todo)]
-        if jobs > 1:
-            with ThreadPoolExecutor(max_workers=jobs) as pool:
-                for name in pool.map(lambda c: one(*c), calls):
-                    status[name] = "done"
+        if backend == "ray":
+            outcomes = RayBackend(address).map(run_job, [
+                (spec.name, (run_parameters(spec, profile, seed, device), str(api.runs_dir(profile) / spec.name),
+                             {"MMDM_ROOT": str(root)})) for spec, seed in todo], log)
         else:
-            for c in calls:
-                status[one(*c)] = "done"
+            outcomes = LocalBackend(jobs).map(one, [(spec.name, (i, len(todo), spec, seed))
+                                                    for i, (spec, seed) in enumerate(todo)], log)
+        for name, o in outcomes.items():
+            status[name] = "done" if o.ok else "failed"
+            if not o.ok:
+                failures[name] = o if o.log else Outcome(name, False, o.error, str(api.runs_dir(profile) / name))
 
-    def run_on_ray(todo: list[tuple[RunSpec, int]]) -> None:
-        items = [(spec.name, (run_parameters(spec, profile, seed, device), str(api.runs_dir(profile) / spec.name),
-                              {"MMDM_ROOT": str(root)})) for spec, seed in todo]
-        outcomes = RayBackend(address).map(run_job, items, log)
-        failed = {n: o for n, o in outcomes.items() if not o.ok}
-        status.update({n: "failed" if n in failed else "done" for n in outcomes})
-        if failed:
-            lines = "\n".join(f"  {n}: {o.error} (executed notebooks in {api.runs_dir(profile) / n})"
-                               for n, o in failed.items())
-            raise RuntimeError(f"{len(failed)} of {len(outcomes)} run(s) failed on Ray (the others finished; "
-                               f"the same command retries the failed ones):\n{lines}")
+    def attempt(name: str, fn: Callable[[], Any], where: Path) -> None:
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001 - recorded; the rest of the study goes on
+            failures[name] = Outcome(name, False, describe_failure(e), str(where))
+            status[name] = "failed"
+            log(f"[{name}] FAILED ({describe_failure(e)}); the rest of the study goes on")
 
     if records_only:
         log(f"[records] the book shows the records in {api.results_dir(profile)}; nothing is trained")
     else:
-        stage([(r, 0) for r in select_runs(profile, only)])
+        stage([(r, 0) for r in first_runs])
         seed_items = select_seed_runs(profile, only, log)
         if seed_items:
             log(f"[seeds] {len(seed_items)} seed run(s): {', '.join(r.name for r, _ in seed_items)}")
@@ -296,13 +316,19 @@ def run_study(profile: str | StudyProfile = "quick", only: Sequence[str] | None 
 
         for name, ensure in (("uncertainty", ensure_uncertainty), ("frontier", ensure_frontier)):
             if not only or name in only:
-                ensure(profile, device, log)
+                attempt(name, lambda ensure=ensure: ensure(profile, device, log), api.results_dir(profile) / name)
+    if failures:
+        log(f"[book] {len(failures)} part(s) failed ({', '.join(failures)}); the pages show the records that exist "
+            "and list the missing ones as not yet measured")
     for name in AGGREGATE_NOTEBOOKS:
         log(f"[book] {name}")
-        execute(name, generated / f"{name}.ipynb", {"profile": profile.name}, log)
+        out = generated / f"{name}.ipynb"
+        attempt(name, lambda name=name, out=out: execute(name, out, {"profile": profile.name}, log), out)
     if book:
-        build_book(root, log)
+        attempt("book", lambda: build_book(root, log), root / "_build")
     log(f"study '{profile.name}' finished in {time.time() - t0:.0f} s")
+    if failures:
+        raise StudyIncomplete(failures)
     return status
 
 
