@@ -25,7 +25,7 @@ from mmdm import __version__
 from mmdm.data.check import check_dataset
 from mmdm.data.ixi import add_ixi_parser
 from mmdm.data.phantom import PROFILES, build_cohort
-from mmdm.engine.cli import add_evaluate_run_parser, add_synthesize_parser, add_train_parser, cli_warnings, user_errors
+from mmdm.engine.cli import add_evaluate_run_parser, add_synthesize_parser, add_train_parser, user_errors
 from mmdm.io import write_text
 from mmdm.methods import DISPLAY_NAMES, METHODS, deviations_markdown
 from mmdm.metrics import evaluate_files
@@ -154,7 +154,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    cli_warnings()
     return int(user_errors(args.func)(args) or 0)
 
 

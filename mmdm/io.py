@@ -100,11 +100,11 @@ def check_output_path(path: PathLike, inputs: Any = (), nbytes: int = 0, what: s
     less than ``nbytes`` free. Every message says what to do.
     """
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{what} {path} is a directory; give a file name inside it, e.g. {path / 'tof.nii.gz'}")
     if suffixes and not any(path.name.endswith(s) for s in suffixes):
         raise ValueError(f"{what} {path}: the file name must end in {' or '.join(suffixes)} "
                          "(the format is taken from it); e.g. tof.nii.gz")
-    if path.is_dir():
-        raise ValueError(f"{what} {path} is a directory; give a file name inside it, e.g. {path / 'tof.nii.gz'}")
     for src in inputs:
         if same_file(path, src):
             raise ValueError(f"{what} {path} is the input file {src} (the same file on disk, perhaps through a link); "

@@ -343,3 +343,169 @@ def test_mmdm_small_on_the_tiny_phantom(tmp_path):
         target = nib.load(str(Path(data) / s / "anat" / f"{s}_angio.nii.gz"))
         assert pred.shape == target.shape
         np.testing.assert_allclose(pred.affine, target.affine, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------
+# run directories: no foreign code, inputs never overwritten, records never lost
+
+
+def _copy_run(run: Path, dest: Path) -> Path:
+    import shutil
+
+    shutil.copytree(run, dest, ignore=shutil.ignore_patterns(".lock"))
+    return dest
+
+
+HUBCONF = """from pathlib import Path
+Path(__file__).with_name("MARKER").write_text("foreign code ran")
+dependencies = []
+
+
+def m(**kwargs):
+    return None
+"""
+
+
+def test_a_stored_run_cannot_run_foreign_code_without_allow_code(trained_run, tmp_path, capsys):
+    """config.yaml naming `torch.hub:load` with a hubconf.py in the run directory: refused by
+    synthesize and evaluate-run (the hubconf's marker is never written) unless --allow-code."""
+    import yaml
+
+    from mmdm.cli import main as mmdm_main
+
+    run = _copy_run(trained_run, tmp_path / "evil")
+    (run / "hubconf.py").write_text(HUBCONF)
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["method"] = "torch.hub:load"
+    cfg["method_kwargs"] = {"repo_or_dir": str(run), "model": "m", "source": "local"}
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    (run / "summary.json").write_text('{"finished": true}')
+    anat = trained_run.parent / "data" / "sub-005" / "anat"
+    synth = ["synthesize", "--run", str(run), "--t1w", str(anat / "sub-005_T1w.nii.gz"), "--t2w",
+             str(anat / "sub-005_T2w.nii.gz"), "--out", str(tmp_path / "o.nii.gz"), "--quiet", "--device", "cpu"]
+    for argv in (synth, ["evaluate-run", str(run), "--quiet", "--device", "cpu"]):
+        assert mmdm_main(argv) == 2
+        err = capsys.readouterr().err
+        assert "torch.hub:load" in err and "--allow-code" in err and len(err.strip().splitlines()) == 1
+        assert not (run / "MARKER").exists()
+    assert (run / "summary.json").read_text() == '{"finished": true}'  # the refusal touched no record
+    with pytest.raises(ConfigError, match="registered method"):
+        from mmdm.engine.infer import load_run_method
+
+        load_run_method(run)
+    assert not (run / "MARKER").exists()
+    # the opt-in really runs it (the test's attack is real), and says so in --help
+    assert mmdm_main([*synth, "--allow-code"]) == 2
+    assert (run / "MARKER").read_text() == "foreign code ran"
+    for cmd in ("synthesize", "evaluate-run"):
+        with pytest.raises(SystemExit):
+            mmdm_main([cmd, "--help"])
+        assert "EXECUTED" in " ".join(capsys.readouterr().out.split())
+
+
+def _two_sources(tmp_path: Path) -> dict[str, Path]:
+    rng = np.random.default_rng(4)
+    aff = np.diag([2.0, 2.0, 2.0, 1.0])
+    return {m: _write(tmp_path / f"{m}.nii.gz", rng.random((16, 16, 7)) * 100, aff) for m in ("T1w", "T2w")}
+
+
+def test_synthesize_never_overwrites_an_input_and_checks_the_output_first(trained_run, tmp_path, capsys,
+                                                                           monkeypatch):
+    import os
+
+    import mmdm.engine.infer as infer_mod
+    import mmdm.io as io_mod
+    from mmdm.cli import main as mmdm_main
+
+    src = _two_sources(tmp_path)
+    before = {m: p.read_bytes() for m, p in src.items()}
+    (tmp_path / "link.nii.gz").symlink_to(src["T2w"])
+    os.link(src["T1w"], tmp_path / "hard.nii.gz")
+    (tmp_path / "afile").write_text("x")
+
+    def never(*a, **k):
+        raise AssertionError("synthesis ran although the output was refused")
+
+    monkeypatch.setattr(infer_mod, "synthesize_volume", never)
+
+    def synth(out: Path, *extra: str) -> tuple[int, str]:
+        code = mmdm_main(["synthesize", "--run", str(trained_run), "--t1w", str(src["T1w"]), "--t2w",
+                          str(src["T2w"]), "--out", str(out), "--quiet", "--device", "cpu", "--allow-code", *extra])
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1, err  # one line, no traceback
+        return code, err
+
+    for out, msg in ((src["T1w"], "input file"), (tmp_path / "link.nii.gz", "input file"),
+                     (tmp_path / "hard.nii.gz", "input file"),
+                     (trained_run / "checkpoints" / "step-00000003.pt", "must end in"),
+                     (tmp_path / "tof.txt", "must end in"), (tmp_path, "is a directory"),
+                     (tmp_path / "afile" / "tof.nii.gz", "not a directory")):
+        code, err = synth(out)
+        assert code == 2 and msg in err, (out, err)
+    # the std map of --samples 2 is checked too: <out>_std.nii.gz is the T2w input here
+    (tmp_path / "x_std.nii.gz").symlink_to(src["T2w"])
+    code, err = synth(tmp_path / "x.nii.gz", "--samples", "2")
+    assert code == 2 and "x_std.nii.gz is the input file" in err
+    for scale in ("0", "-1", "nan", "inf"):
+        code, err = synth(tmp_path / "tof.nii.gz", "--scale", scale)
+        assert code == 2 and "scale must be a positive finite number" in err
+    # a read-only folder and a full disk: refused before the synthesis runs
+    monkeypatch.setattr(io_mod.os, "access", lambda *a, **k: False)
+    code, err = synth(tmp_path / "ro" / "tof.nii.gz")
+    assert code == 2 and "cannot write in" in err
+    monkeypatch.undo()
+    monkeypatch.setattr(infer_mod, "synthesize_volume", never)
+    monkeypatch.setattr(io_mod.shutil, "disk_usage", lambda p: type("U", (), {"free": 1000})())
+    code, err = synth(tmp_path / "tof.nii.gz")
+    assert code == 2 and "MiB free" in err
+    assert {m: p.read_bytes() for m, p in src.items()} == before
+    assert not (tmp_path / "tof.nii.gz").exists()
+
+
+def test_a_failing_evaluate_run_never_removes_a_finished_record(trained_run, tmp_path, capsys):
+    """Every bad argument (and a missing opt-in) is refused before the record writer touches the directory."""
+    from mmdm.cli import main as mmdm_main
+
+    run = _copy_run(trained_run, tmp_path / "run")
+    assert mmdm_main(["evaluate-run", str(run), "--quiet", "--device", "cpu", "--allow-code"]) == 0
+    record = {n: (run / n).read_bytes() for n in ("summary.json", "metrics.csv")}
+    preds = sorted(p.name for p in (run / "predictions").iterdir())
+    capsys.readouterr()
+    for bad, msg in ((["--split", "tset"], "unknown split 'tset'"), (["--checkpoint", "99"], "step-00000099"),
+                     (["--steps", "0"], "steps must be"), (["--batch-size", "0"], "batch size must be"),
+                     (["--samples", "0"], "samples must be"), (["--eta", "nan"], "eta must be"),
+                     (["--checkpoint", str(tmp_path / "nope.pt")], "does not exist"), ([], "--allow-code")):
+        code = mmdm_main(["evaluate-run", str(run), "--quiet", "--device", "cpu",
+                          *([] if not bad else ["--allow-code"]), *bad])
+        err = capsys.readouterr().err
+        assert code == 2 and msg in err and len(err.strip().splitlines()) == 1, (bad, err)
+        assert {n: (run / n).read_bytes() for n in record} == record, bad
+        assert sorted(p.name for p in (run / "predictions").iterdir()) == preds
+    assert run_status(run) == "finished"
+
+
+def test_unreadable_latest_checkpoint_falls_back_with_a_warning_everywhere(trained_run, tmp_path, capsys):
+    from mmdm.cli import main as mmdm_main
+    from mmdm.engine.infer import load_run_method
+
+    run = _copy_run(trained_run, tmp_path / "run")
+    (run / "checkpoints" / "step-00000009.pt").write_bytes(b"not a checkpoint")
+    with pytest.warns(UserWarning, match=r"using checkpoint step-00000003\.pt.*step-00000009\.pt cannot be read"):
+        _, _, info = load_run_method(run, allow_code=True)
+    assert info["step"] == 3
+    with pytest.warns(UserWarning, match="using checkpoint step-00000003.pt"):
+        summary = evaluate_run(run, device="cpu", progress=False, allow_code=True)
+    assert summary["checkpoint"]["step"] == 3
+    src = _two_sources(tmp_path)
+    argv = ["synthesize", "--run", str(run), "--t1w", str(src["T1w"]), "--t2w", str(src["T2w"]), "--out",
+            str(tmp_path / "o.nii.gz"), "--quiet", "--device", "cpu", "--allow-code"]
+    assert mmdm_main(argv) == 0
+    assert "warning: using checkpoint step-00000003.pt" in capsys.readouterr().err
+    # asked for by step, or none readable: one line that says what to do
+    assert mmdm_main([*argv, "--checkpoint", "9"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot be read" in err and len(err.strip().splitlines()) == 1
+    (run / "checkpoints" / "step-00000003.pt").write_bytes(b"also damaged")
+    assert mmdm_main(argv) == 2
+    err = capsys.readouterr().err
+    assert "no readable checkpoint" in err and len(err.strip().splitlines()) == 1

@@ -194,7 +194,7 @@ class CheckpointManager:
                               + "; ".join(errors) + ")", stacklevel=2)
             return path, state
         if errors:
-            raise RuntimeError("no readable checkpoint in " + str(self.dir) + ":\n" + "\n".join(errors))
+            raise RuntimeError(f"no readable checkpoint in {self.dir}: " + " | ".join(errors))
         return None
 
     def load_latest(self, map_location: str | torch.device = "cpu") -> dict[str, Any] | None:

@@ -42,21 +42,23 @@ def error_line(e: BaseException) -> str:
     return os_error_message(e) if isinstance(e, OSError) else str(e)
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
 def user_errors(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """Wrap a command handler: a :data:`USER_ERRORS` error prints ``error: <one line>`` and exits 2."""
+    """Wrap a command handler: a :data:`USER_ERRORS` error prints ``error: <one line>`` and exits 2;
+    warnings print as ``warning: <message>`` (without the code location)."""
     @functools.wraps(handler)
     def run(args: argparse.Namespace) -> int:
-        try:
-            return handler(args)
-        except USER_ERRORS as e:
-            print(f"error: {error_line(e)}", file=sys.stderr)
-            return 2
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            try:
+                return handler(args)
+            except USER_ERRORS as e:
+                print(f"error: {error_line(e)}", file=sys.stderr)
+                return 2
     return run
-
-
-def cli_warnings() -> None:
-    """Show warnings as ``warning: <message>`` lines (no file and line of the code that warned)."""
-    warnings.formatwarning = lambda message, category, *a, **k: f"warning: {message}\n"
 
 
 def _set_nested(d: dict[str, Any], dotted: str, value: Any) -> None:
@@ -283,7 +285,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    cli_warnings()
     return int(user_errors(args.func)(args) or 0)
 
 
