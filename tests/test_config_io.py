@@ -65,6 +65,39 @@ def test_atomic_write_leaves_nothing_on_error(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["out.json"]  # no temporary left behind
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o027, 0o002])
+def test_atomic_writes_get_the_users_umask(tmp_path, umask):
+    """Not mkstemp's private 0600: a new file's usual permissions (0666 less the umask)."""
+    import os
+    import stat
+
+    old = os.umask(umask)
+    try:
+        paths = [write_json(tmp_path / "a.json", {"a": 1}),
+                 save_nifti(tmp_path / "v.nii.gz", np.zeros((2, 2, 2)), np.eye(4))]
+    finally:
+        os.umask(old)
+    for p in paths:
+        assert stat.S_IMODE(p.stat().st_mode) == 0o666 & ~umask, (p, oct(p.stat().st_mode))
+
+
+def test_os_errors_become_one_line_that_says_what_to_do(tmp_path):
+    import errno
+    import os
+
+    from mmdm.io import check_output_path, os_error_message
+
+    full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "x.pt"))
+    assert os_error_message(full).startswith(f"no space left on the device writing {tmp_path / 'x.pt'}: free")
+    ro = OSError(errno.EROFS, os.strerror(errno.EROFS), "/mnt/ro")
+    assert "read-only file system: /mnt/ro: write to a directory on a writable disk" == os_error_message(ro)
+    ours = OSError(errno.ENOSPC, "only 1 MiB free on the file system of /x; free some space or write elsewhere")
+    assert os_error_message(ours) == ours.strerror  # the package's own message is kept as it is
+    assert check_output_path(tmp_path / "new" / "tof.nii") == tmp_path / "new" / "tof.nii"
+    with pytest.raises(OSError, match="MiB needed"):
+        check_output_path(tmp_path / "tof.nii.gz", nbytes=2**62)
+
+
 def test_save_nifti_affine_and_codes(tmp_path):
     aff = np.array([[2.0, 0, 0, -90], [0, 2.0, 0, -126], [0, 0, 2.0, -72], [0, 0, 0, 1]])
     data = np.random.rand(4, 5, 6).astype(np.float32)

@@ -521,3 +521,157 @@ def test_method_default_ema_is_used_unless_the_run_overrides_it():
     assert isinstance(ema, EMAConfig) and ema == EMAConfig(decay=0.995, start_step=100, every=1)
     assert build_method("mmdm", variant="base", config="small").ema_config() is None  # the MMDM authors use none
     assert build_method("bbdm", config="small", ema=None).ema_config() is None
+
+
+# ----------------------------------------------------------------------------
+# run directories: one writer, checkpoints tied to their config, nothing lost after a kill
+
+
+def _interrupt_after(monkeypatch, n_steps: int) -> None:
+    """Make the next training raise KeyboardInterrupt (as a kill would stop it) in step ``n_steps + 1``."""
+    real, calls = Trainer.train_step, []
+
+    def interrupted(self, batch):
+        calls.append(1)
+        if len(calls) == n_steps + 1:
+            raise KeyboardInterrupt
+        return real(self, batch)
+
+    monkeypatch.setattr(Trainer, "train_step", interrupted)
+
+
+def test_a_second_process_cannot_write_a_locked_run_directory(tmp_path, dataset, capsys):
+    """A real second process holds the run's lock: training and evaluation are refused with its pid,
+    host, command and start time; once it exits, training proceeds with one clean session."""
+    import json
+
+    from mmdm.engine import cli as engine_cli
+    from mmdm.engine.evaluate import evaluate_run
+    from mmdm.engine.rundir import RunLockedError
+
+    run = tmp_path / "run"
+    cfg = stub_config(dataset, steps=2)
+    cfg_path = tmp_path / "cfg.yaml"
+    save_yaml(cfg, cfg_path)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from mmdm.engine.rundir import run_lock\n"
+         f"with run_lock({str(run)!r}, 'training'):\n    print('locked', flush=True); sys.stdin.read()"],
+        env=dict(os.environ, PYTHONPATH=str(ROOT), MMDM_INVOCATION="mmdm train --run-dir run (holder)"),
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(RunLockedError, match=rf"in use by pid {holder.pid} on .* since .*\(training: mmdm train "
+                                                 r"--run-dir run \(holder\)\)"):
+            train(cfg, run, progress=False)
+        assert not (run / "config.yaml").exists() and not (run / "provenance.json").exists()
+        assert engine_cli.main(["train", "--config", str(cfg_path), "--run-dir", str(run), "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert f"in use by pid {holder.pid}" in err and len(err.strip().splitlines()) == 1
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)
+    train(cfg, run, progress=False)
+    prov = (run / "provenance.json").read_text()
+    assert len(json.loads(prov)["sessions"]) == 1 and json.loads(prov)["train_wall_s"] > 0
+    assert (run / ".lock").read_text() == ""  # released: no holder named
+    # the same for evaluation, and a refused call changes nothing
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from mmdm.engine.rundir import run_lock\n"
+         f"with run_lock({str(run)!r}, 'evaluation'):\n    print('locked', flush=True); sys.stdin.read()"],
+        env=dict(os.environ, PYTHONPATH=str(ROOT)), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(RunLockedError, match=f"pid {holder.pid} .*evaluation"):
+            evaluate_run(run, device="cpu", progress=False, allow_code=True)
+        with pytest.raises(RunLockedError, match=f"pid {holder.pid}"):
+            train(cfg, run, resume=True, progress=False)
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)
+    assert (run / "provenance.json").read_text() == prov and not (run / "predictions").exists()
+
+
+def test_checkpoints_without_their_config_are_refused_and_force_new_moves_them_aside(tmp_path, dataset):
+    run = tmp_path / "run"
+    train(stub_config(dataset, steps=2, checkpoint_every=1, keep_last=2), run, progress=False)
+    old = {p.name: p.read_bytes() for p in (run / "checkpoints").iterdir()}
+    (run / "config.yaml").unlink()
+    other = stub_config(dataset, steps=3, seed=7)
+    for resume in (False, True):
+        with pytest.raises(ConfigError, match="no config.yaml.*--force-new"):
+            train(other, run, resume=resume, progress=False)
+    assert {p.name: p.read_bytes() for p in (run / "checkpoints").iterdir()} == old  # untouched
+    train(other, run, progress=False, force_new=True)
+    moved = list(run.glob("superseded-*"))
+    assert len(moved) == 1
+    assert {p.name: p.read_bytes() for p in (moved[0] / "checkpoints").iterdir()} == old
+    assert (moved[0] / "train_complete.json").is_file() and (moved[0] / "provenance.json").is_file()
+    import json
+
+    done = json.loads((run / "train_complete.json").read_text())
+    assert done["steps"] == 3 and done["checkpoint"] == "checkpoints/step-00000003.pt"
+    assert load_checkpoint(run / done["checkpoint"])["config"]["seed"] == 7
+
+
+def test_resume_under_another_seed_than_the_checkpoints_is_refused(tmp_path, dataset, monkeypatch):
+    run = tmp_path / "run"
+    _interrupt_after(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        train(stub_config(dataset, steps=4), run, progress=False)
+    monkeypatch.undo()
+    reseeded = stub_config(dataset, steps=4, seed=9)
+    save_yaml(reseeded, run / "config.yaml")  # the config swapped under the checkpoints
+    with pytest.raises(ConfigError, match=r"checkpoint .*step-00000002\.pt.*different config \(seed: stored 3 != "
+                                          r"given 9.*--force-new"):
+        train(reseeded, run, resume=True, progress=False)
+    assert CheckpointManager(run / "checkpoints").steps() == [2]
+
+
+def test_a_killed_session_keeps_its_time_its_orphans_go_and_validation_has_no_duplicates(tmp_path, dataset,
+                                                                                        monkeypatch):
+    """After a kill at step 5 (last checkpoint: 4): the killed session's wall time (last heartbeat)
+    counts in train_wall_s, the half-written checkpoint's temporary file is removed on resume, an
+    unreadable newest checkpoint falls back to the previous one with a warning, and
+    validation.jsonl holds every step once."""
+    import json
+
+    run = tmp_path / "run"
+    cfg = stub_config(dataset, steps=6, checkpoint_every=2, keep_last=3, val_every=1)
+    _interrupt_after(monkeypatch, 5)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, run, progress=False)
+    monkeypatch.undo()
+    prov = json.loads((run / "provenance.json").read_text())
+    killed = prov["sessions"][0]
+    assert killed["end"] is None and killed["wall_s"] > 0 and killed["last_step"] == 4 and killed["last_seen"]
+    assert [json.loads(x)["step"] for x in (run / "validation.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5]
+    orphan = run / "checkpoints" / ".step-00000006.abc123.pt"
+    orphan.write_bytes(b"half a checkpoint")
+    (run / "checkpoints" / "step-00000005.pt").write_bytes(b"damaged")
+    with pytest.warns(UserWarning, match=r"using checkpoint step-00000004\.pt.*step-00000005\.pt cannot be read"):
+        train(cfg, run, resume=True, progress=False)
+    assert not orphan.exists()
+    assert [json.loads(x)["step"] for x in (run / "validation.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5, 6]
+    prov = json.loads((run / "provenance.json").read_text())
+    first, second = prov["sessions"]
+    assert first["interrupted"] and first["wall_s"] == killed["wall_s"] and second["resumed_from_step"] == 4
+    assert prov["train_wall_s"] == pytest.approx(first["wall_s"] + second["wall_s"], abs=2e-3)
+
+
+def test_a_full_disk_during_training_is_one_line_that_says_what_to_do(tmp_path, dataset, monkeypatch, capsys):
+    from mmdm.engine import cli as engine_cli
+
+    cfg_path = tmp_path / "cfg.yaml"
+    save_yaml(stub_config(dataset, steps=4), cfg_path)
+
+    def full_disk(obj, f, *a, **k):
+        Path(f).write_bytes(b"part")
+        raise RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 1024 vs 960")
+
+    monkeypatch.setattr(ckpt_mod.torch, "save", full_disk)
+    assert engine_cli.main(["train", "--config", str(cfg_path), "--run-dir", str(tmp_path / "run"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1
+    assert "step-00000002.pt failed (" in err and "unexpected pos" in err and "disk is most likely full" in err
+    assert "mmdm train --resume" in err
+    assert not list((tmp_path / "run" / "checkpoints").iterdir())  # no partial file under any name

@@ -392,3 +392,31 @@ def test_evaluate_files_rejects_mismatched_grids(tmp_path):
     save_nifti(tmp_path / "mask.nii.gz", np.ones((4, 4, 4)), _affine(), dtype=np.uint8)
     with pytest.raises(ValueError, match=r"mask .*mask\.nii\.gz.*\(4, 4, 4\)"):
         M.evaluate_files(tmp_path / "gt.nii.gz", tmp_path / "gt.nii.gz", tmp_path / "mask.nii.gz")
+
+
+def test_evaluate_cli_reports_damaged_files_and_counts_nan_voxels_in_the_file(tmp_path, capsys):
+    """A truncated or non-NIfTI file is one line; a target with one NaN voxel reports one NaN voxel
+    (not every voxel, as scaling by a NaN maximum would)."""
+    import gzip
+
+    from mmdm.cli import main as mmdm_main
+    from mmdm.io import tof_fraction_descrip
+
+    rng = np.random.default_rng(0)
+    gt = rng.random((8, 8, 8)).astype(np.float32)
+    save_nifti(tmp_path / "gt.nii.gz", gt, np.eye(4))
+    save_nifti(tmp_path / "pred.nii.gz", gt * 0.9, np.eye(4), descrip=tof_fraction_descrip(1.0))
+    raw = (tmp_path / "gt.nii.gz").read_bytes()
+    (tmp_path / "cut.nii.gz").write_bytes(raw[: len(raw) // 2])
+    (tmp_path / "text.nii.gz").write_bytes(gzip.compress(b"not an image at all" * 40))
+    (tmp_path / "plain.nii").write_text("hello")
+    bad = gt.copy()
+    bad[1, 2, 3] = np.nan
+    save_nifti(tmp_path / "nan.nii.gz", bad, np.eye(4))
+    for pred, target, msg in (("cut.nii.gz", "gt.nii.gz", "prediction file"), ("pred.nii.gz", "text.nii.gz",
+                                                                                "target file"),
+                              ("plain.nii", "gt.nii.gz", "not a readable NIfTI"),
+                              ("pred.nii.gz", "nan.nii.gz", "contains 1 NaN and 0 infinite voxel(s) out of 512")):
+        code = mmdm_main(["evaluate", "--pred", str(tmp_path / pred), "--target", str(tmp_path / target)])
+        err = capsys.readouterr().err
+        assert code == 2 and msg in err and len(err.strip().splitlines()) == 1, (pred, target, err)

@@ -297,3 +297,68 @@ def test_notebook_kernels_run_quietly_and_notebook_errors_stay_visible(monkeypat
     with pytest.raises(PapermillExecutionError, match="cell fails on purpose"):
         runner.execute("bad", tmp_path / "out" / "bad.ipynb", {"x": 1}, log=lambda s: None)
     assert runner.without_kernel_noise("a\n[IPKernelApp] ERROR | KeyboardInterrupt caught in kernel\nb\n") == "a\nb\n"
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_a_failing_run_never_stops_the_study(monkeypatch, tmp_path, jobs):
+    """One run's notebook fails (and one analysis): the other runs finish, the aggregate notebooks and
+    the book still run, and the study ends with an error naming each failure and its notebook."""
+    import mmdm.study.api as api
+    import mmdm.study.runner as runner
+    from mmdm.study.backends import LocalBackend
+
+    monkeypatch.setenv("MMDM_ROOT", str(tmp_path))
+    executed, lock = [], __import__("threading").Lock()
+
+    class CellError(Exception):  # what papermill raises for a failing cell
+        ename, evalue = "ValueError", "loss is NaN"
+
+    def execute(name, out, params, log, env=None):
+        with lock:
+            executed.append((name, params.get("method"), params.get("variant")))
+        if name == "02_train" and params.get("method") == "pix2pix":
+            raise CellError("long papermill traceback\n...")
+
+    monkeypatch.setattr(runner, "execute", execute)
+    monkeypatch.setattr(api, "ensure_data", lambda profile: tmp_path)
+    monkeypatch.setattr(runner, "build_book", lambda root, log: executed.append(("book", None, None)))
+    monkeypatch.setattr(runner, "select_seed_runs", lambda profile, only, log: [])
+    monkeypatch.setattr(runner, "select_option_runs", lambda profile, only, log: [])
+    monkeypatch.setattr(runner, "ensure_uncertainty", lambda profile, device, log: None)
+
+    def frontier(profile, device, log):
+        raise FileNotFoundError("runs/smoke/mmdm-full has no checkpoint")
+
+    monkeypatch.setattr(runner, "ensure_frontier", frontier)
+    with pytest.raises(runner.StudyIncomplete) as info:
+        runner.run_study("smoke", only=["mmdm-full", "pix2pix", "ddpm", "frontier"], jobs=jobs, log=lambda s: None)
+    msg = str(info.value)
+    assert set(info.value.failures) == {"pix2pix", "frontier"}
+    assert "pix2pix: ValueError: loss is NaN (see " in msg and "pix2pix/02_train.ipynb" in msg
+    assert "frontier: FileNotFoundError: runs/smoke/mmdm-full has no checkpoint" in msg
+    trained = {m for n, m, _ in executed if n == "03_evaluate"}
+    assert trained == {"mmdm", "ddpm"}  # the runs after the failing one still ran
+    assert [n for n, _, _ in executed if n in (*runner.AGGREGATE_NOTEBOOKS, "book")] == \
+        [*runner.AGGREGATE_NOTEBOOKS, "book"]
+    # the CLI exits non-zero with that list
+    from mmdm.cli import main as mmdm_main
+
+    assert mmdm_main(["study", "--profile", "smoke", "--only", "pix2pix", "--no-book"]) == 2
+    # and the local backend's outcomes are those of the Ray backend
+    out = LocalBackend(jobs).map(lambda name, v: {"seconds": 0.0} if v else 1 / 0, [("a", (1,)), ("b", (0,))],
+                                 log=lambda s: None)
+    assert out["a"].ok and not out["b"].ok and out["b"].error == "ZeroDivisionError: division by zero"
+
+
+def test_an_unknown_only_name_is_refused_before_the_cohort_is_built(monkeypatch, tmp_path):
+    import mmdm.study.api as api
+    import mmdm.study.runner as runner
+
+    monkeypatch.setenv("MMDM_ROOT", str(tmp_path))
+
+    def no_cohort(profile):
+        raise AssertionError("the cohort was built before --only was checked")
+
+    monkeypatch.setattr(api, "ensure_data", no_cohort)
+    with pytest.raises(KeyError, match="unknown run\\(s\\) \\['bogus'\\]"):
+        runner.run_study("smoke", only=["bogus"], log=lambda s: None)
