@@ -462,8 +462,10 @@ def test_synthesize_never_overwrites_an_input_and_checks_the_output_first(traine
     assert not (tmp_path / "tof.nii.gz").exists()
 
 
-def test_a_failing_evaluate_run_never_removes_a_finished_record(trained_run, tmp_path, capsys):
-    """Every bad argument (and a missing opt-in) is refused before the record writer touches the directory."""
+def test_a_failing_evaluate_run_never_removes_a_finished_record(trained_run, tmp_path, capsys, monkeypatch):
+    """Every bad argument (and a missing opt-in, a read-only or full disk) is refused before the record
+    writer touches the directory."""
+    import mmdm.io as io_mod
     from mmdm.cli import main as mmdm_main
 
     run = _copy_run(trained_run, tmp_path / "run")
@@ -481,6 +483,15 @@ def test_a_failing_evaluate_run_never_removes_a_finished_record(trained_run, tmp
         assert code == 2 and msg in err and len(err.strip().splitlines()) == 1, (bad, err)
         assert {n: (run / n).read_bytes() for n in record} == record, bad
         assert sorted(p.name for p in (run / "predictions").iterdir()) == preds
+    for patch, msg in ((lambda: monkeypatch.setattr(io_mod.os, "access", lambda *a, **k: False), "cannot write in"),
+                       (lambda: monkeypatch.setattr(io_mod.shutil, "disk_usage",
+                                                    lambda p: type("U", (), {"free": 1000})()), "MiB free")):
+        patch()
+        code = mmdm_main(["evaluate-run", str(run), "--quiet", "--device", "cpu", "--allow-code"])
+        monkeypatch.undo()
+        err = capsys.readouterr().err
+        assert code == 2 and msg in err and len(err.strip().splitlines()) == 1, err
+        assert {n: (run / n).read_bytes() for n in record} == record
     assert run_status(run) == "finished"
 
 
