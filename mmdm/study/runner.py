@@ -128,9 +128,9 @@ class StudyIncomplete(RuntimeError):
     def __init__(self, failures: dict[str, Outcome]):
         self.failures = failures
         lines = "\n".join(f"  {n}: {o.error}" + (f" (see {o.log})" if o.log else "") for n, o in failures.items())
-        super().__init__(f"{len(failures)} part(s) of the study failed; everything else finished and the book "
-                         f"shows the records that exist. Fix the cause and run the same command again (finished "
-                         f"runs are skipped):\n{lines}")
+        super().__init__(f"{len(failures)} part(s) of the study failed (the rest ran; the book shows the records "
+                         f"that exist):\n{lines}\nFix the cause and run the same command again: finished runs are "
+                         "skipped.")
 
 
 def run_job(name: str, params: dict, run_dir: str, env: dict[str, str]) -> dict[str, Any]:
@@ -248,9 +248,13 @@ def run_study(profile: str | StudyProfile = "quick", only: Sequence[str] | None 
     log(f"study '{profile.name}' in {root}: {profile.description}")
     log("[data] building or checking the cohort")
     api.ensure_data(profile)
-    execute("01_data", generated / "01_data.ipynb",
-            {"profile": profile.cohort, "data_dir": profile.data_dir, "build_if_missing": profile.dataset == "phantom"},
-            log)
+    try:  # every later step needs the cohort: a failure here ends the study, in one message
+        execute("01_data", generated / "01_data.ipynb",
+                {"profile": profile.cohort, "data_dir": profile.data_dir,
+                 "build_if_missing": profile.dataset == "phantom"}, log)
+    except Exception as e:  # noqa: BLE001 - reported with the executed notebook to read
+        raise StudyIncomplete({"01_data": Outcome("01_data", False, describe_failure(e),
+                                                  str(generated / "01_data.ipynb"))}) from e
     n_gpu = _gpu_count() if jobs > 1 else 0
     status: dict[str, str] = {}
 
