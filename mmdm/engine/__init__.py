@@ -15,13 +15,13 @@ Modules, lowest first (each imports only modules of its own row or the rows abov
 from mmdm.engine.checkpoint import CheckpointManager, capture_rng, load_checkpoint, restore_rng, save_checkpoint
 from mmdm.engine.evaluate import evaluate_run
 from mmdm.engine.infer import load_run_method, synthesize_files, synthesize_subjects, synthesize_volume
-from mmdm.engine.rundir import is_finished, load_summary, run_paths, run_status
+from mmdm.engine.rundir import RunLockedError, is_finished, load_summary, run_lock, run_paths, run_status
 from mmdm.engine.spec import TrainConfig
 from mmdm.engine.train import Trainer, train
 from mmdm.engine.batches import epoch_batches
 from mmdm.optim import EMAConfig
 
-__all__ = ["CheckpointManager", "EMAConfig", "TrainConfig", "Trainer", "capture_rng", "epoch_batches",
-           "evaluate_run", "is_finished", "load_checkpoint", "load_run_method", "load_summary", "restore_rng",
-           "run_paths", "run_status", "save_checkpoint", "synthesize_files", "synthesize_subjects",
-           "synthesize_volume", "train"]
+__all__ = ["CheckpointManager", "EMAConfig", "RunLockedError", "TrainConfig", "Trainer", "capture_rng",
+           "epoch_batches", "evaluate_run", "is_finished", "load_checkpoint", "load_run_method", "load_summary",
+           "restore_rng", "run_lock", "run_paths", "run_status", "save_checkpoint", "synthesize_files",
+           "synthesize_subjects", "synthesize_volume", "train"]

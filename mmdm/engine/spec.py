@@ -38,7 +38,8 @@ class TrainConfig:
     overrides); ``sources`` defaults to ``data.sources``. ``method`` is a
     registry name (``mmdm``) or ``"module:factory"`` for a method defined
     outside the package (built when training from this config; a stored run naming one is
-    loaded only with ``allow_code``, since that imports and runs the module). ``amp="bf16"``: bf16 autocast of the forward pass and the losses
+    loaded only with ``allow_code``, since that imports and runs the module).
+    ``amp="bf16"``: bf16 autocast of the forward pass and the losses
     on the run's device (CUDA, or a CPU with bf16 support), fp32 weights, gradients and
     optimiser state. ``channels_last``: the networks and batches in channels-last memory format.
     ``image_every``/``val_every``/``checkpoint_every`` = 0 disables them.
