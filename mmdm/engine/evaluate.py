@@ -26,11 +26,11 @@ from mmdm.engine.rundir import (METRIC_COLUMNS, VESSEL_SCORE_COLUMNS, RecordWrit
                                 run_provenance, run_status, write_metrics_csv)
 from mmdm.io import check_output_path, save_nifti, tof_fraction_descrip
 from mmdm.metrics import evaluate_volumes
-from mmdm.vessel_score import HEAD_THRESHOLD, phantom_vessel_scores, vessel_scores
+from mmdm.vessel_contrast import HEAD_THRESHOLD, phantom_vessel_scores, vessel_scores
 
 #: What summary.json says the vessel score is (key ``vessel``, ``definition``).
 VESSEL_SCORE_DEFINITION = (
-    "Threshold-free vessel score (mmdm.vessel_score), prediction and target both scaled by the target's maximum. "
+    "Threshold-free vessel score (mmdm.vessel_contrast), prediction and target both scaled by the target's maximum. "
     "recovery: (mean prediction on the vessel lumen - mean prediction on vessel-free brain) / (the same for the "
     "real TOF-MRA); 1 = the target's vessel contrast, 0 = vessels as dark as the brain. psnr: PSNR (dB, data "
     "range 1) inside the lumen dilated by 1 voxel. Lumen: phantom vessel fraction > 0.5 (mask_source "
@@ -45,7 +45,7 @@ def subject_vessel_scores(pred: np.ndarray, target: np.ndarray, data_root: str |
 
     ``pred`` and ``target`` are both scaled by the target's maximum (evaluate_run's
     convention). On a phantom cohort the lumen is the ground truth's vessel fraction > 0.5
-    (:func:`mmdm.vessel_score.phantom_vessel_scores`, inside the phantom's brain mask); on
+    (:func:`mmdm.vessel_contrast.phantom_vessel_scores`, inside the phantom's brain mask); on
     other data the brightest 1 % of ``target`` inside its head mask (``target >``
     :data:`HEAD_THRESHOLD`). A subject that cannot be scored (e.g. a target without vessel
     contrast) gets NaN and a warning saying why, so one bad subject does not stop the evaluation.

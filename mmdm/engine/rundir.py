@@ -378,7 +378,7 @@ def end_session(run_dir: str | Path, **extra: Any) -> dict[str, Any]:
 
 METRIC_COLUMNS = ("psnr", "ssim", "rmse", "mip_psnr", "mip_ssim", "mip_rmse")
 #: Columns of metrics.csv after the six metrics: the threshold-free vessel score of each subject
-#: (:mod:`mmdm.vessel_score`: contrast recovery, PSNR inside the dilated vessel mask). Records
+#: (:mod:`mmdm.vessel_contrast`: contrast recovery, PSNR inside the dilated vessel mask). Records
 #: written before they existed lack them.
 VESSEL_SCORE_COLUMNS = ("vessel_recovery", "vessel_psnr")
 

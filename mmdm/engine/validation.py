@@ -1,7 +1,7 @@
 """The vessel score of a model during training, on validation windows (issue #15, item 4).
 
 Every ``val_every`` steps the trainer synthesises a fixed set of validation
-windows and scores them with :func:`mmdm.vessel_score.vessel_scores`:
+windows and scores them with :func:`mmdm.vessel_contrast.vessel_scores`:
 
 * contrast recovery: (mean prediction on the lumen - mean prediction on
   vessel-free brain) / (the same for the real TOF-MRA); 1 reproduces the
@@ -28,7 +28,7 @@ from mmdm.data.dataset import WindowDataset
 from mmdm.data.phantom import has_ground_truth, load_ground_truth
 from mmdm.engine.batches import collate, to_device
 from mmdm.methods.base import SynthesisMethod
-from mmdm.vessel_score import HEAD_THRESHOLD, phantom_lumen, vessel_scores
+from mmdm.vessel_contrast import HEAD_THRESHOLD, phantom_lumen, vessel_scores
 
 #: Share of each subject's axial extent the validation windows are drawn from (the middle).
 CENTRAL_SHARE = 0.5

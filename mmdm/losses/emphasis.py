@@ -56,7 +56,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mmdm.config import ConfigError
-from mmdm.vessel_score import n_emphasised
+from mmdm.vessel_contrast import n_emphasised
 
 #: Weight-map kinds of :class:`EmphasisConfig`.
 EMPHASIS_KINDS = ("none", "top_fraction", "smooth", "steerable")

@@ -44,7 +44,7 @@ from mmdm.study.api import analysis_target, results_dir
 from mmdm.study.profiles import get_profile
 from mmdm.study.records import portable
 from mmdm.study.vessel_eval import cohort_segmentation, reference_volumes
-from mmdm.vessels import evaluate_vessels
+from mmdm.vessel_segmentation import evaluate_vessels
 
 SETTING = ["mode", "stride", "steps"]
 QUALITY = ("psnr", "mip_psnr", "ssim", "cldice", "dice")

@@ -35,12 +35,12 @@ METRIC_LABELS = {"psnr": "PSNR", "ssim": "SSIM", "rmse": "RMSE(%)", "mip_psnr": 
 #: ``{"step": 200, "losses": {...}, "vessel": {"recovery": ..., "psnr": ..., "n_windows": ...}}``.
 RECORD_FILES = ("config.yaml", "provenance.json", "metrics.csv", "vessel_metrics.csv", "scalars.csv", "panels.npz",
                 VALIDATION_LOG, "summary.json")
-#: Vessel-continuity metrics (:mod:`mmdm.vessels`) shown in the book, and their direction.
+#: Vessel-continuity metrics (:mod:`mmdm.vessel_segmentation`) shown in the book, and their direction.
 VESSEL_METRICS = ("cldice", "dice", "mip_dice", "betti0_error")
 VESSEL_HIGHER_IS_BETTER = {"cldice": True, "dice": True, "mip_dice": True, "betti0_error": False}
 METRIC_LABELS_VESSEL = {"cldice": "clDice", "dice": "vessel Dice", "mip_dice": "MIP Dice",
                         "betti0_error": "Betti-0 error"}
-#: The threshold-free vessel score of each test subject (metrics.csv; :mod:`mmdm.vessel_score`), both higher is
+#: The threshold-free vessel score of each test subject (metrics.csv; :mod:`mmdm.vessel_contrast`), both higher is
 #: better. Records written before it existed lack these columns.
 VESSEL_SCORES = ("vessel_recovery", "vessel_psnr")
 VESSEL_SCORE_LABELS = {"vessel_recovery": "contrast recovery", "vessel_psnr": "vessel PSNR"}

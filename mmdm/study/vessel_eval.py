@@ -1,6 +1,6 @@
 """Vessel continuity of a run's predictions (the paper's claim for the MIP loss, measured).
 
-The segmentation of a synthesised TOF-MRA (:mod:`mmdm.vessels`) is fitted once
+The segmentation of a synthesised TOF-MRA (:mod:`mmdm.vessel_segmentation`) is fitted once
 per cohort on the **validation** subjects' real TOF-MRA against their ground
 truth vessel masks, never on test subjects, and stored in
 ``results/<profile>/vessel_segmentation.yaml``. Each test prediction is then
@@ -21,8 +21,8 @@ from mmdm.data.dataset import load_subject_volumes
 from mmdm.data.layout import TARGET_MODALITY, Layout
 from mmdm.data.phantom import has_ground_truth, load_ground_truth
 from mmdm.data.volumes import load_volume
-from mmdm.vessel_score import HEAD_THRESHOLD
-from mmdm.vessels import VesselSegConfig, evaluate_vessels, fit_segmentation, phantom_vessel_mask, segment_vessels
+from mmdm.vessel_contrast import HEAD_THRESHOLD
+from mmdm.vessel_segmentation import VesselSegConfig, evaluate_vessels, fit_segmentation, phantom_vessel_mask, segment_vessels
 
 
 def reference_volumes(root: Path, subject: str, cfg: VesselSegConfig | None = None):

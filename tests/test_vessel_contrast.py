@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from mmdm.vessel_score import (bright_mask, contrast_recovery, phantom_lumen, phantom_vessel_scores,
+from mmdm.vessel_contrast import (bright_mask, contrast_recovery, phantom_lumen, phantom_vessel_scores,
                                vessel_free_brain, vessel_psnr, vessel_scores)
 
 

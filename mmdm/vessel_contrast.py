@@ -1,6 +1,6 @@
 """Threshold-free vessel scores of a synthesised TOF-MRA volume (issue #15).
 
-The segmentation-based metrics of :mod:`mmdm.vessels` (clDice, Dice, ...)
+The segmentation-based metrics of :mod:`mmdm.vessel_segmentation` (clDice, Dice, ...)
 need a threshold and score 0 when a prediction has some vessel contrast but
 not enough to cross it. The scores here need none:
 
@@ -234,7 +234,7 @@ def phantom_vessel_scores(pred: Any, target: Any, vessel_fraction: Any, brain_ma
     (arteries at the skull base and on the brain's surface), and the
     prediction should show them too, so score an unmasked prediction.
     ``lumen_in_brain=True`` keeps only the lumen inside ``brain_mask`` (as
-    :func:`mmdm.vessels.evaluate_vessels` restricts its ground truth).
+    :func:`mmdm.vessel_segmentation.evaluate_vessels` restricts its ground truth).
     """
     vf = np.asarray(vessel_fraction)
     lumen = phantom_lumen(vf)

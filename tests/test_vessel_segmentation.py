@@ -1,4 +1,4 @@
-"""Vessel segmentation and vessel-continuity metrics (mmdm/vessels.py) on constructed cases and the phantom."""
+"""Vessel segmentation and vessel-continuity metrics (mmdm/vessel_segmentation.py) on constructed cases and the phantom."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from scipy.spatial.distance import dice as scipy_dice_dissimilarity
 from skimage.morphology import skeletonize
 
 from mmdm.config import ConfigError, from_dict, load_yaml, save_yaml, to_dict
-from mmdm.vessels import (
+from mmdm.vessel_segmentation import (
     VesselSegConfig,
     bin_key,
     centreline_samples,
