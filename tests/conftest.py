@@ -16,6 +16,15 @@ def tiny_cohort(tmp_path_factory):
 
 
 @pytest.fixture()
+def native_bf16_cpu(monkeypatch):
+    """Pretend this CPU computes bf16 natively (AMX), so bf16 code paths run on any test machine
+    (numerically the same as on such a CPU; only slower where bf16 is emulated)."""
+    import mmdm.engine.precision as precision
+
+    monkeypatch.setattr(precision, "cpu_bf16_features", lambda: ["AMX"])
+
+
+@pytest.fixture()
 def one_thread():
     """Single-threaded torch for the test: small models gain nothing from threads, and thread
     oversubscription makes them many times slower when other processes share the cores."""

@@ -1,4 +1,5 @@
-"""`mmdm train --set amp=bf16` on a CPU: every method trains two steps and says bf16 in its provenance."""
+"""`mmdm train --set amp=bf16` on a CPU with native bf16 (faked where the test machine has none): every
+method trains two steps and says bf16 in its provenance."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ METHODS = [("mmdm", "full"), ("pix2pix", None), ("ddpm", None), ("resvit", None)
 
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("method,variant", METHODS, ids=[m for m, _ in METHODS])
-def test_two_bf16_steps_of_every_method_from_the_command_line(tmp_path, tiny_cohort, method, variant):
+def test_two_bf16_steps_of_every_method_from_the_command_line(tmp_path, tiny_cohort, method, variant,
+                                                                native_bf16_cpu):
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

@@ -54,7 +54,7 @@ def build_conv_sampler(**kw) -> ConvSampler:
     return ConvSampler(**kw)
 
 
-def test_networks_run_in_bf16_and_hand_fp32_back(one_thread):
+def test_networks_run_in_bf16_and_hand_fp32_back(one_thread, native_bf16_cpu):
     torch.manual_seed(0)
     m = ConvSampler()
     x = torch.randn(2, 10, 16, 16)
@@ -72,7 +72,7 @@ def test_networks_run_in_bf16_and_hand_fp32_back(one_thread):
         assert torch.equal(m.net(x), m.net(x)) and "forward" not in vars(m.net)
 
 
-def test_bf16_synthesis_of_mmdm_is_fp32_and_close_to_fp32(one_thread):
+def test_bf16_synthesis_of_mmdm_is_fp32_and_close_to_fp32(one_thread, native_bf16_cpu):
     """MMDM (small, random weights): the bf16 volume is float32, shaped like the sources, and
     within bf16's rounding of the fp32 volume. bf16 keeps 8 significant bits (unit roundoff
     2^-9 = 0.2 %); the error of each layer's rounded inputs accumulates over ~40 layers and the
@@ -93,7 +93,7 @@ def test_bf16_synthesis_of_mmdm_is_fp32_and_close_to_fp32(one_thread):
     assert all("forward" not in vars(n) for n in m.modules())
 
 
-def test_bad_amp_and_devices_are_clear_errors():
+def test_bad_amp_and_devices_are_clear_errors(native_bf16_cpu):
     with pytest.raises(ValueError, match="unknown amp"):
         check_amp("fp16", torch.device("cpu"))
     with pytest.raises(ValueError, match="CUDA or the CPU"):
@@ -105,7 +105,7 @@ def test_bad_amp_and_devices_are_clear_errors():
                                           "T2w": np.zeros((8, 8, 5), np.float32)}, amp="fp16", progress=False)
 
 
-def test_evaluate_run_records_amp_and_the_cli_passes_it(tmp_path, one_thread, capsys):
+def test_evaluate_run_records_amp_and_the_cli_passes_it(tmp_path, one_thread, capsys, native_bf16_cpu):
     make_dataset(tmp_path / "data", n=5, shape=(16, 16, 8))
     cfg = TrainConfig(method="test_bf16_sampling:build_conv_sampler", method_kwargs={},
                       data=DataConfig(root=str(tmp_path / "data"), sources=("T1w", "T2w")), steps=2, epochs=None,

@@ -196,7 +196,8 @@ def _cmd_synthesize(args: argparse.Namespace) -> int:
 def _add_amp_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--amp", choices=AMP_MODES, default="none",
                    help="precision of the networks while sampling: none (fp32, the default) or bf16 (autocast on "
-                   "CUDA or a CPU; the sampler's arithmetic, the window average and the output stay fp32)")
+                   "CUDA with bf16 or a CPU with AVX512_BF16/AMX; refused where bf16 would be emulated; the sampler's "
+                   "arithmetic, the window average and the output stay fp32)")
 
 
 def add_synthesize_parser(subparsers) -> argparse.ArgumentParser:

@@ -48,6 +48,7 @@ from mmdm.data.layout import Layout
 from mmdm.data.volumes import NormConfig, Volume, check_same_grid, load_volume, normalise
 from mmdm.engine.checkpoint import CheckpointManager, load_checkpoint
 from mmdm.engine.distributed import resolve_device
+from mmdm.engine.precision import resolve_amp
 from mmdm.engine.rundir import run_paths
 from mmdm.engine.spec import TrainConfig, build_method_from_config, is_code_reference, method_factory
 from mmdm.io import check_output_path, save_nifti, tof_fraction_descrip
@@ -79,18 +80,13 @@ def _check_modalities(method: SynthesisMethod, sources: dict[str, Any]) -> list[
 
 
 def check_amp(amp: str, device: torch.device) -> None:
-    """Raise ``ValueError`` unless ``amp`` is one of :data:`AMP_MODES` and ``device`` can autocast to it
-    (bf16: CUDA with bf16 support, or the CPU)."""
+    """Raise ``ValueError`` unless ``amp`` is one of :data:`AMP_MODES` and ``device`` computes it
+    natively (bf16: CUDA with bf16 support, or a CPU with AVX512_BF16/AMX;
+    :func:`mmdm.engine.precision.resolve_amp`)."""
     if amp not in AMP_MODES:
         raise ValueError(f"unknown amp {amp!r}; use one of {AMP_MODES}")
-    if amp != "bf16":
-        return
-    if device.type == "cuda":
-        if not torch.cuda.is_bf16_supported():
-            raise ValueError(f"amp 'bf16': {device} ({torch.cuda.get_device_name(device)}) does not support bf16; "
-                             "use amp 'none'")
-    elif device.type != "cpu":
-        raise ValueError(f"amp 'bf16' autocasts on CUDA or the CPU; this model is on {device}. Use amp 'none'.")
+    if amp == "bf16":
+        resolve_amp(amp, device)  # raises PrecisionError (a ValueError) that says why and what to use
 
 
 def _to_fp32(out: Any) -> Any:

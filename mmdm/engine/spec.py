@@ -17,6 +17,8 @@ from mmdm.config import ConfigError, load_yaml, replace, to_dict
 from mmdm.data.crops import CropConfig
 from mmdm.data.dataset import DataConfig
 from mmdm.engine.checkpoint import CheckpointManager
+from mmdm.engine.distributed import resolve_device
+from mmdm.engine.precision import AMP_REQUESTS, resolve_amp
 from mmdm.engine.rundir import run_paths
 from mmdm.losses.emphasis import EmphasisConfig
 from mmdm.methods import METHODS, SynthesisMethod
@@ -39,9 +41,11 @@ class TrainConfig:
     registry name (``mmdm``) or ``"module:factory"`` for a method defined
     outside the package (built when training from this config; a stored run naming one is
     loaded only with ``allow_code``, since that imports and runs the module).
-    ``amp="bf16"``: bf16 autocast of the forward pass and the losses
-    on the run's device (CUDA, or a CPU with bf16 support), fp32 weights, gradients and
-    optimiser state. ``channels_last``: the networks and batches in channels-last memory format.
+    ``amp``: ``"auto"`` (default) = bf16 autocast where the run's device computes bf16
+    natively (CUDA with bf16 support, a CPU with AVX512_BF16 or AMX), else fp32; ``"bf16"``
+    = bf16 autocast of the forward pass and the losses, refused on a device without native bf16
+    (:func:`mmdm.engine.precision.resolve_amp`); ``"none"`` (or ``"fp32"``) = fp32. Weights,
+    gradients and optimiser state are fp32 in every case. ``channels_last``: the networks and batches in channels-last memory format.
     ``image_every``/``val_every``/``checkpoint_every`` = 0 disables them.
 
     ``emphasis``: the vessel emphasis of every method's per-pixel terms (issue #15;
@@ -62,7 +66,7 @@ class TrainConfig:
     num_workers: int = 0
     seed: int = 0
     device: str = "auto"
-    amp: str = "none"
+    amp: str = "auto"
     channels_last: bool = False
     grad_clip: float | None = None
     ema: EMAConfig | None = None  # None: the method's own default (method.ema_config())
@@ -87,8 +91,8 @@ class TrainConfig:
                 raise ConfigError(f"TrainConfig.{k} must be >= 1, got {v}")
         if self.batch_size < 1:
             raise ConfigError(f"TrainConfig.batch_size must be >= 1, got {self.batch_size}")
-        if self.amp not in ("none", "bf16"):
-            raise ConfigError(f"TrainConfig.amp: unknown value {self.amp!r}; use 'none' or 'bf16'")
+        if self.amp not in AMP_REQUESTS:
+            raise ConfigError(f"TrainConfig.amp: unknown value {self.amp!r}; use one of {', '.join(AMP_REQUESTS)}")
         if self.keep_last < 1:
             raise ConfigError(f"TrainConfig.keep_last must be >= 1, got {self.keep_last}")
         if self.grad_clip is not None and self.grad_clip <= 0:
@@ -187,7 +191,18 @@ def config_differences(stored: dict[str, Any], cfg: TrainConfig) -> list[str]:
     run's config.yaml or a checkpoint's ``config``) and ``cfg``, one ``key: stored != given`` each."""
     a = {k: v for k, v in stored.items() if k not in RUNTIME_KEYS}
     b = {k: v for k, v in to_dict(cfg).items() if k not in RUNTIME_KEYS}
+    if "amp" in a and a["amp"] != b.get("amp") and _same_precision(str(a["amp"]), str(b.get("amp")), cfg.device):
+        a["amp"] = b["amp"]  # e.g. a run stored with "none" continued as "auto" on a CPU where auto is fp32
     return _diff_configs(a, b)
+
+
+def _same_precision(a: str, b: str, device: str) -> bool:
+    """Whether two ``amp`` values compute the same on ``device`` here (so one run may continue as the other)."""
+    try:
+        dev = resolve_device(device)
+        return resolve_amp(a, dev)[0] == resolve_amp(b, dev)[0]
+    except (ConfigError, ValueError):
+        return False
 
 
 def check_run_dir(run_dir: str | Path, cfg: TrainConfig, resume: bool) -> bool:

@@ -61,6 +61,7 @@ from mmdm.engine.checkpoint import CheckpointManager, capture_rng, isolated_rng,
 from mmdm.engine.distributed import DistInfo, barrier, broadcast_object, cleanup, gather_objects, init_distributed
 from mmdm.engine.ema import EMA
 from mmdm.engine.panels import window_panel
+from mmdm.engine.precision import PrecisionError, precision_info
 from mmdm.engine.rundir import (RunLockedError, end_session, heartbeat, run_lock, run_paths, start_session, supersede,
                                 truncate_validation_log, utc_now)
 from mmdm.engine.spec import (TrainConfig, build_method_from_config, check_checkpoint_config, check_run_dir,
@@ -95,8 +96,11 @@ class Trainer:
         self.device = self.info.device
         self.progress = progress
         self.profile = profile
-        if cfg.amp == "bf16" and self.device.type not in ("cuda", "cpu"):
-            raise ConfigError(f"amp 'bf16' autocasts on CUDA or the CPU; this run is on {self.device}. Set amp: none.")
+        try:  # the precision this device computes natively (amp "auto"), or a clear refusal of bf16
+            self.precision = precision_info(cfg.amp, self.device, cfg.channels_last)
+        except PrecisionError as e:
+            raise ConfigError(str(e)) from None
+        self.amp = self.precision["amp"]
         if cfg.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True, warn_only=True)
@@ -238,7 +242,7 @@ class Trainer:
         authors' channel attention, :func:`mmdm.nets.resunet.global_channel_attention`); the
         losses compare bf16 predictions with fp32 targets, so their differences and means are
         computed in fp32 by type promotion."""
-        if self.cfg.amp == "bf16":
+        if self.amp == "bf16":
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
@@ -437,7 +441,7 @@ class Trainer:
             truncate_validation_log(p.root, start)  # the steps after the checkpoint are trained again
             start_session(p.root, profile=self.profile, seed=cfg.seed, device=self.device,
                           world_size=self.info.world_size, resumed_from_step=start,
-                          precision={"amp": cfg.amp, "channels_last": cfg.channels_last})
+                          precision=self.precision)
             self.writer = SummaryWriter(str(p.tb), purge_step=start if start else None)
         bar = None
         if main and self.progress:

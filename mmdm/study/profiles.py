@@ -130,12 +130,12 @@ PROFILES: dict[str, StudyProfile] = {
     "paper": StudyProfile(
         name="paper", description="the paper's settings: 140-subject 1 mm phantom, paper configurations, "
         "200 epochs, batch 4, 200 sampling steps, stride 1, each method's published objective (no emphasis, "
-        "whole slices), bf16 autocast (a GPU machine or cluster)",
+        "whole slices), bf16 autocast where the device computes it natively (amp auto; a GPU machine or cluster)",
         cohort="paper", method_config="paper", steps=None, epochs=200, checkpoint_every=2000,
         image_every=2000, log_every=50, eval_sample_steps=200, eval_stride=1, seeds=(0, 1, 2),
         seed_runs=("mmdm-full", "mmdm-base", "strongest-baseline"), uncertainty_samples=8, uncertainty_subjects=8,
         frontier_steps=(10, 20, 50, 100, 200), frontier_subjects=4,
-        train={"amp": "bf16", "val_every": 2000}),
+        train={"amp": "auto", "val_every": 2000}),
 }
 
 
