@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from mmdm.study.runner import job_env
 
 
@@ -11,9 +13,73 @@ def test_parallel_cpu_jobs_share_the_cores(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr("os.cpu_count", lambda: 8)
     env = job_env(1, 4, 0, Path("/repo"))
-    assert env == {"MMDM_ROOT": "/repo", "OMP_NUM_THREADS": "2"}
+    assert env == {"MMDM_ROOT": "/repo", "OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2", "OPENBLAS_NUM_THREADS": "2"}
+    assert job_env(0, 1, 0, Path("/repo"))["OMP_NUM_THREADS"] == "8"  # one job: every core, said explicitly
     monkeypatch.setattr("os.cpu_count", lambda: 2)
     assert job_env(0, 3, 0, Path("/repo"))["OMP_NUM_THREADS"] == "1"  # never zero threads
+
+
+def test_job_threads_is_cores_divided_by_jobs_and_the_log_says_so(monkeypatch):
+    from mmdm.study.backends import job_threads
+    from mmdm.study.runner import jobs_message
+
+    assert [job_threads(n, 16) for n in (1, 2, 3, 4, 16, 40)] == [16, 8, 5, 4, 1, 1]
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    assert jobs_message(2, 0).startswith("[jobs] 2 jobs on 2 cores: 1 thread each")
+    assert "2 threads each" in jobs_message(1, 0)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert "set by the user" in jobs_message(1, 0)
+
+
+@pytest.mark.parametrize("jobs,cores,expected", [(2, 4, 2), (4, 4, 1)])
+def test_a_job_process_runs_torch_on_its_share_of_the_cores(monkeypatch, jobs, cores, expected):
+    """The environment a job gets, seen from inside a new process (as a notebook's kernel or a
+    papermill subprocess sees it): torch's intra-op pool has cores // jobs threads."""
+    import os
+    import subprocess
+    import sys
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr("os.cpu_count", lambda: cores)
+    env = job_env(0, jobs, 0, Path("/repo"))
+    base = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    code = "import os, torch; print(torch.get_num_threads(), os.environ['MKL_NUM_THREADS'])"
+    out = subprocess.run([sys.executable, "-c", code], env={**base, **env}, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == [str(expected), str(expected)]
+
+
+def test_the_in_process_job_environment_is_set_for_the_block_only(monkeypatch):
+    import os
+
+    from mmdm.study.runner import environ_set
+
+    monkeypatch.setenv("MKL_NUM_THREADS", "7")
+    monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
+    with environ_set({"MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}):
+        assert os.environ["MKL_NUM_THREADS"] == os.environ["OPENBLAS_NUM_THREADS"] == "1"
+    assert os.environ["MKL_NUM_THREADS"] == "7" and "OPENBLAS_NUM_THREADS" not in os.environ
+
+
+def test_ray_tasks_get_their_cpus_as_threads_and_apply_them(monkeypatch):
+    import os
+
+    import torch
+
+    monkeypatch.setattr(os, "environ", dict(os.environ))  # set_job_threads writes the environment
+
+    from mmdm.study.backends import RayBackend, set_job_threads
+
+    env = RayBackend.task_env({"MMDM_ROOT": "/r"}, {"num_gpus": 0, "num_cpus": 3})
+    assert env == {"MMDM_ROOT": "/r", "OMP_NUM_THREADS": "3", "MKL_NUM_THREADS": "3", "OPENBLAS_NUM_THREADS": "3"}
+    assert RayBackend.task_env({"OMP_NUM_THREADS": "1"}, {"num_gpus": 0, "num_cpus": 3}) == {"OMP_NUM_THREADS": "1"}
+    assert "OMP_NUM_THREADS" not in RayBackend.task_env({}, {"num_gpus": 1, "num_cpus": 4})
+    n = torch.get_num_threads()
+    try:
+        assert set_job_threads({"OMP_NUM_THREADS": "1"}) == 1 and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(n)
+    assert set_job_threads({}) is None
 
 
 def test_parallel_gpu_jobs_get_one_gpu_each_and_the_users_threads_are_kept(monkeypatch):

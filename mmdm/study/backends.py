@@ -17,11 +17,53 @@ Ray is optional: ``pip install -e .[cluster]``.
 
 from __future__ import annotations
 
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 BACKENDS = ("local", "ray")
+
+#: The environment variables that set a job's CPU threads: OpenMP (torch's intra-op pool, read when
+#: torch starts in the job's process), MKL and OpenBLAS (numpy/scipy in the metrics).
+THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+def job_threads(n_jobs: int, cores: int | None = None) -> int:
+    """CPU threads of each of ``n_jobs`` jobs sharing ``cores`` cores (default: this machine's):
+    ``cores // n_jobs``, at least 1. More threads than cores makes OpenMP's threads wait for
+    descheduled siblings: on a busy 2-core machine a study process ran about 10x slower."""
+    return max(1, int(cores or os.cpu_count() or 1) // max(1, int(n_jobs)))
+
+
+def thread_env(threads: int) -> dict[str, str]:
+    """The environment that gives a job's processes ``threads`` CPU threads (:data:`THREAD_VARS`)."""
+    return {v: str(int(threads)) for v in THREAD_VARS}
+
+
+def user_threads() -> str | None:
+    """``OMP_NUM_THREADS`` as the user set it for this process (it then wins over the shared-out count)."""
+    return os.environ.get("OMP_NUM_THREADS")
+
+
+def threads_message(n_jobs: int, threads: int, cores: int | None = None, what: str = "jobs") -> str:
+    """The log line that says how the cores are shared out."""
+    c = int(cores or os.cpu_count() or 1)
+    return (f"{n_jobs} {what} on {c} cores: {threads} thread{'s' if threads != 1 else ''} each "
+            f"({', '.join(THREAD_VARS)}; torch.set_num_threads in the job)")
+
+
+def set_job_threads(env: Mapping[str, str]) -> int | None:
+    """In a job's own process (a Ray task): apply ``env``'s thread count to torch and to the
+    environment its subprocesses inherit; returns the count (None when ``env`` sets none)."""
+    n = env.get("OMP_NUM_THREADS")
+    if n is None:
+        return None
+    os.environ.update({k: v for k, v in env.items() if k in THREAD_VARS})
+    import torch  # lazy: the backends module itself needs no torch
+
+    torch.set_num_threads(int(n))
+    return int(n)
 
 
 def require_ray():
@@ -87,7 +129,7 @@ class RayBackend:
     joins the cluster this machine belongs to, ``"HOST:PORT"`` a given head node.
     Resources per run: ``gpus_per_run`` (default 1 where the cluster has GPUs) and
     ``cpus_per_run`` (default: on a CPU-only cluster its cores shared out over the
-    runs submitted at once, which also sets the run's ``OMP_NUM_THREADS``).
+    runs submitted at once, which also sets the run's thread count, :meth:`task_env`).
     ``max_retries``: how often a task whose worker died is restarted.
     """
 
@@ -105,12 +147,21 @@ class RayBackend:
         share = self.cpus_per_run or max(1, int(cpus // max(1, min(n_runs, cpus))))
         return {"num_gpus": 0, "num_cpus": share}
 
+    @staticmethod
+    def task_env(env: Mapping[str, str], opts: Mapping[str, float]) -> dict[str, str]:
+        """A task's environment: ``env`` and, on a CPU-only cluster, one thread per CPU the task
+        holds (:func:`thread_env`) unless ``env`` sets ``OMP_NUM_THREADS`` itself."""
+        out = dict(env)
+        if not opts["num_gpus"] and "OMP_NUM_THREADS" not in out:
+            out.update(thread_env(int(opts["num_cpus"])))
+        return out
+
     def map(self, fn: Callable[..., Any], items: Sequence[tuple[str, tuple]],
             log: Callable[[str], None] = print) -> dict[str, Outcome]:
         """Run ``fn(*args)`` for every ``(name, args)`` as a Ray task; outcomes by name, in finishing order.
 
-        ``args[-1]`` must be the task's environment dict; on a CPU-only cluster its
-        ``OMP_NUM_THREADS`` is set to the task's cores unless already set.
+        ``args[-1]`` must be the task's environment dict; on a CPU-only cluster its thread
+        variables are set to the task's cores (:meth:`task_env`).
         """
         ray = require_ray()
         started = not ray.is_initialized()
@@ -122,12 +173,10 @@ class RayBackend:
             task = ray.remote(max_retries=self.max_retries)(fn).options(**opts)
             refs = {}
             for name, args in items:
-                env = dict(args[-1])
-                if not opts["num_gpus"]:
-                    env.setdefault("OMP_NUM_THREADS", str(int(opts["num_cpus"])))
-                refs[task.remote(name, *args[:-1], env)] = name
+                refs[task.remote(name, *args[:-1], self.task_env(args[-1], opts))] = name
             log(f"[ray] {len(refs)} run(s) submitted, each with {opts['num_cpus']} CPU(s) and "
-                f"{opts['num_gpus']} GPU(s)")
+                f"{opts['num_gpus']} GPU(s)" + ("" if opts["num_gpus"] else
+                                               f"; {int(opts['num_cpus'])} thread(s) each ({', '.join(THREAD_VARS)})"))
             outcomes: dict[str, Outcome] = {}
             pending = list(refs)
             while pending:

@@ -32,7 +32,8 @@ from mmdm.io import write_text
 from mmdm.methods import deviations_markdown
 from mmdm.paths import project_path, repo_root
 from mmdm.study import api
-from mmdm.study.backends import BACKENDS, LocalBackend, Outcome, RayBackend, describe_failure, require_ray
+from mmdm.study.backends import (BACKENDS, LocalBackend, Outcome, RayBackend, describe_failure, job_threads, require_ray,
+                                 set_job_threads, thread_env, threads_message, user_threads)
 from mmdm.study.executed import tidy_notebook
 from mmdm.study.frontier import ensure_frontier
 from mmdm.study.profiles import StudyProfile, get_profile
@@ -82,15 +83,23 @@ def notebook_invocation(name: str, parameters: dict) -> str:
 @contextmanager
 def _environ(name: str, value: str):
     """``os.environ[name] = value`` for the duration of the block, then as it was."""
-    previous = os.environ.get(name)
-    os.environ[name] = value
+    with environ_set({name: value}):
+        yield
+
+
+@contextmanager
+def environ_set(values: dict[str, str]):
+    """``os.environ`` updated with ``values`` for the duration of the block, then as it was."""
+    previous = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
     try:
         yield
     finally:
-        if previous is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = previous
+        for k, v in previous.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def execute(name: str, out: Path, parameters: dict, log: Callable[[str], None] = print,
@@ -140,7 +149,8 @@ def run_job(name: str, params: dict, run_dir: str, env: dict[str, str]) -> dict[
     node = platform.node()
     if "MMDM_ROOT" in env:
         os.environ["MMDM_ROOT"] = env["MMDM_ROOT"]
-    print(f"[ray] {name}: training on {node}", flush=True)
+    threads = set_job_threads(env)  # this worker's own torch too, not only the notebooks' processes
+    print(f"[ray] {name}: training on {node}" + (f" with {threads} thread(s)" if threads else ""), flush=True)
     execute("02_train", Path(run_dir) / "02_train.ipynb", params, env=env)
     print(f"[ray] {name}: evaluating on {node}", flush=True)
     execute("03_evaluate", Path(run_dir) / "03_evaluate.ipynb", params, env=env)
@@ -215,14 +225,24 @@ def _gpu_count() -> int:
 
 
 def job_env(i: int, jobs: int, n_gpu: int, root: Path) -> dict[str, str]:
-    """Environment of the ``i``-th parallel job: one GPU each where there are GPUs; on a CPU
-    machine the cores shared out (``OMP_NUM_THREADS``) unless the user has set it."""
+    """Environment of the ``i``-th of ``jobs`` jobs: one GPU each where there are GPUs; on a CPU
+    machine the cores shared out (:func:`~mmdm.study.backends.job_threads`: cores // jobs threads,
+    :func:`~mmdm.study.backends.thread_env`) unless the user has set ``OMP_NUM_THREADS``."""
     env = {"MMDM_ROOT": str(root)}
     if n_gpu:
         env["CUDA_VISIBLE_DEVICES"] = str(i % n_gpu)
-    elif "OMP_NUM_THREADS" not in os.environ:
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
+    elif user_threads() is None:
+        env.update(thread_env(job_threads(jobs)))
     return env
+
+
+def jobs_message(jobs: int, n_gpu: int) -> str:
+    """The log line that says what each job gets (GPUs, or threads on the CPU)."""
+    if n_gpu:
+        return f"[jobs] {jobs} job(s) on {n_gpu} GPU(s): one GPU each"
+    if user_threads() is not None:
+        return f"[jobs] {jobs} job(s); OMP_NUM_THREADS={user_threads()} set by the user: kept for every job"
+    return f"[jobs] {threads_message(jobs, job_threads(jobs))}"
 
 
 def run_study(profile: str | StudyProfile = "quick", only: Sequence[str] | None = None, device: str | None = None,
@@ -256,18 +276,24 @@ def run_study(profile: str | StudyProfile = "quick", only: Sequence[str] | None 
         raise StudyIncomplete({"01_data": Outcome("01_data", False, describe_failure(e),
                                                   str(generated / "01_data.ipynb"))}) from e
     n_gpu = _gpu_count() if jobs > 1 else 0
+    if backend == "local":
+        log(jobs_message(jobs, n_gpu))
     status: dict[str, str] = {}
 
     failures: dict[str, Outcome] = {}
 
     def one(name: str, i: int, n: int, spec: RunSpec, seed: int) -> dict[str, Any]:
         params = run_parameters(spec, profile, seed, device)
-        env = job_env(i, jobs, n_gpu, root) if jobs > 1 else None
+        env = job_env(i, jobs, n_gpu, root)
         run_dir = api.runs_dir(profile) / spec.name
         for nb, what in (("02_train", "training"), ("03_evaluate", "evaluating")):
             log(f"[{i + 1}/{n}] {spec.name}: {what}")
             try:
-                execute(nb, run_dir / f"{nb}.ipynb", params, log, env)
+                if jobs > 1:  # a papermill subprocess with the job's environment
+                    execute(nb, run_dir / f"{nb}.ipynb", params, log, env)
+                else:  # in this process; the notebook's kernel inherits the environment set here
+                    with environ_set(env):
+                        execute(nb, run_dir / f"{nb}.ipynb", params, log)
             except Exception as e:
                 e.notebook = str(run_dir / f"{nb}.ipynb")  # the executed notebook shows the failing cell
                 raise
