@@ -13,7 +13,7 @@ PKG = Path(__file__).resolve().parents[1] / "mmdm"
 #: The layers, lowest first; a module may import modules of its own layer or lower ones only.
 LAYERS = [
     {"mmdm", "mmdm.config", "mmdm.io", "mmdm.paths", "mmdm.registry", "mmdm.optim", "mmdm.stats"},
-    {"mmdm.data", "mmdm.metrics", "mmdm.vessel_segmentation", "mmdm.vessel_contrast"},
+    {"mmdm.data", "mmdm.metrics", "mmdm.regions", "mmdm.vessel_segmentation", "mmdm.vessel_contrast"},
     {"mmdm.nets", "mmdm.diffusion", "mmdm.losses"},
     {"mmdm.methods"},
     {"mmdm.engine.rundir", "mmdm.engine.checkpoint", "mmdm.engine.distributed", "mmdm.engine.batches",
