@@ -19,7 +19,7 @@ LAYERS = [
     {"mmdm.engine.rundir", "mmdm.engine.checkpoint", "mmdm.engine.distributed", "mmdm.engine.batches",
      "mmdm.engine.ema", "mmdm.engine.panels", "mmdm.engine.validation"},
     {"mmdm.engine.spec"},
-    {"mmdm.engine.train", "mmdm.engine.infer"},
+    {"mmdm.engine.train", "mmdm.engine.infer", "mmdm.engine.volume_validation"},
     {"mmdm.engine.evaluate"},
     {"mmdm.engine", "mmdm.engine.cli", "mmdm.study"},
     {"mmdm.cli", "mmdm.__main__"},

@@ -274,6 +274,30 @@ def vessel_curves(results_dir: str | Path) -> pd.DataFrame:
     return df.sort_values(["run", "step"], kind="stable").reset_index(drop=True)
 
 
+#: Whole-volume validation scores (``volume`` of a validation entry; :mod:`mmdm.engine.volume_validation`).
+VOLUME_CURVE_SCORES = ("psnr", "ssim", "mip_psnr", "mip_ssim", "vessel_recovery")
+
+
+def volume_curves(results_dir: str | Path) -> pd.DataFrame:
+    """Whole-volume validation scores against training step of every complete record: columns
+    ``run, method, step`` + :data:`VOLUME_CURVE_SCORES` + ``stride, sampler_steps``, one row per
+    validation entry with a ``volume`` score; records written before whole-volume validation
+    contribute nothing."""
+    rows = []
+    for rec in _complete_records(Path(results_dir)):
+        method = json.loads((rec / "summary.json").read_text()).get("method")
+        for e in read_validation_log(rec / VALIDATION_LOG):
+            v = e.get("volume")
+            if not isinstance(v, dict) or e.get("step") is None:
+                continue
+            rows.append({"run": rec.name, "method": method, "step": int(e["step"]),
+                         **{k: _float(v.get(k)) for k in VOLUME_CURVE_SCORES},
+                         "stride": v.get("stride"), "sampler_steps": v.get("steps")})
+    cols = ["run", "method", "step", *VOLUME_CURVE_SCORES, "stride", "sampler_steps"]
+    df = pd.DataFrame(rows, columns=cols).drop_duplicates(["run", "step"], keep="last")
+    return df.sort_values(["run", "step"], kind="stable").reset_index(drop=True)
+
+
 def _float(x) -> float:
     return float("nan") if x is None else float(x)
 
