@@ -27,6 +27,7 @@ from mmdm.engine.spec import TrainConfig
 from mmdm.engine.train import train
 from mmdm.methods.base import OptimConfig, SynthesisMethod
 from mmdm.metrics import METRIC_KEYS, evaluate_files
+from mmdm.regions import region_errors, slice_errors
 
 
 class WindowStub(SynthesisMethod):
@@ -202,6 +203,18 @@ def test_evaluate_run_writes_metrics_then_summary(trained_run, tmp_path, monkeyp
     ref = evaluate_files(pred, scaled)
     for k in METRIC_KEYS:
         assert float(rows[1][k]) == pytest.approx(ref[k], rel=1e-5, abs=1e-6)
+    # the region breakdown and slice profile of the same subject, recomputed from the written files
+    pvol = nib.load(str(pred)).get_fdata()
+    regions = {r["subject"]: r for r in csv.DictReader(open(trained_run / "regions.csv", newline=""))}
+    for k, v in region_errors(pvol, t / t.max()).items():
+        assert float(regions["sub-002"][k]) == pytest.approx(v, rel=1e-5, abs=1e-6)
+    slices = [r for r in csv.DictReader(open(trained_run / "slice_errors.csv", newline="")) if r["subject"] == "sub-002"]
+    assert [float(r["mse"]) for r in slices] == pytest.approx([r["mse"] for r in slice_errors(pvol, t / t.max())],
+                                                               rel=1e-5)
+    assert summary["regions"]["background_bias"] == pytest.approx(
+        np.mean([float(r["background_bias"]) for r in regions.values()]), rel=1e-9)
+    assert summary["training"]["checkpoint_step"] == summary["checkpoint"]["step"]
+    assert summary["training"]["ema_evaluated"] is False and summary["training"]["batch_size"] >= 1
     assert summary["provenance"]["sessions"][0]["device"] == "cpu"
     assert {"commit", "dirty"} <= set(summary["provenance"]["git"])
     assert summary["objective"] == "MSE of a 1x1 convolution of the sources"  # the record names its objective

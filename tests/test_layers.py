@@ -13,13 +13,13 @@ PKG = Path(__file__).resolve().parents[1] / "mmdm"
 #: The layers, lowest first; a module may import modules of its own layer or lower ones only.
 LAYERS = [
     {"mmdm", "mmdm.config", "mmdm.io", "mmdm.paths", "mmdm.registry", "mmdm.optim", "mmdm.stats"},
-    {"mmdm.data", "mmdm.metrics", "mmdm.vessel_segmentation", "mmdm.vessel_contrast"},
+    {"mmdm.data", "mmdm.metrics", "mmdm.regions", "mmdm.vessel_segmentation", "mmdm.vessel_contrast"},
     {"mmdm.nets", "mmdm.diffusion", "mmdm.losses"},
     {"mmdm.methods"},
     {"mmdm.engine.rundir", "mmdm.engine.checkpoint", "mmdm.engine.distributed", "mmdm.engine.batches",
      "mmdm.engine.ema", "mmdm.engine.panels", "mmdm.engine.validation", "mmdm.engine.precision"},
     {"mmdm.engine.spec"},
-    {"mmdm.engine.train", "mmdm.engine.infer"},
+    {"mmdm.engine.train", "mmdm.engine.infer", "mmdm.engine.volume_validation"},
     {"mmdm.engine.evaluate"},
     {"mmdm.engine", "mmdm.engine.cli", "mmdm.study"},
     {"mmdm.cli", "mmdm.__main__"},

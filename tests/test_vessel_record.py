@@ -20,6 +20,7 @@ from mmdm.data.volumes import Volume
 from mmdm.engine.evaluate import evaluate_run, subject_vessel_scores, vessel_summary
 from mmdm.engine.infer import SubjectSynthesis
 from mmdm.engine.rundir import METRIC_COLUMNS, read_metrics_csv
+from mmdm.optim import OptimConfig
 from mmdm.study.records import (VALIDATION_LOG, VESSEL_SCORES, export_record, load_records, read_validation_log,
                                 runs_without_learned_vessels, vessel_curves)
 
@@ -119,6 +120,12 @@ class _Stub:
     def objective(self):
         return "stub objective"
 
+    def ema_config(self):
+        return None
+
+    def optim_configs(self):
+        return {"main": OptimConfig(lr=2e-4)}
+
 
 def test_evaluate_run_writes_vessel_columns_and_their_means(tmp_path, monkeypatch):
     """evaluate_run on the hand-made phantom with three known predictions: metrics.csv carries the six
@@ -128,7 +135,7 @@ def test_evaluate_run_writes_vessel_columns_and_their_means(tmp_path, monkeypatc
     raw = 400.0 * target  # a raw TOF: evaluate_run scores against target / max
     preds = {"sub-001": BRAIN + 0.5 * (target - BRAIN), "sub-002": np.full(SHAPE, 0.3, np.float32),
              "sub-003": target + 0.05}
-    cfg = SimpleNamespace(method="stub", method_kwargs={},
+    cfg = SimpleNamespace(method="stub", method_kwargs={}, steps=7, epochs=None, batch_size=4, ema=None,
                           data=SimpleNamespace(root=str(tmp_path / "data"), target="angio", window=5, eval_stride=1))
     monkeypatch.setattr(evaluate_mod, "load_run_method", lambda *a, **k: (_Stub(), cfg, {"step": 7}))
     monkeypatch.setattr(evaluate_mod, "synthesize_subjects", lambda method, data, subs, *a, **k: (
@@ -153,6 +160,13 @@ def test_evaluate_run_writes_vessel_columns_and_their_means(tmp_path, monkeypatc
     assert v["psnr_std"] == pytest.approx(np.std(psnrs, ddof=1), rel=1e-6)
     assert v["n_scored"] == 3 and v["mask_source"] == ["ground_truth"] and "contrast" in v["definition"]
     assert set(summary["metrics"]) == set(METRIC_COLUMNS)  # the six paper metrics stay as they were
+    # the footing of the row: steps, weights evaluated, learning rate of each optimiser group
+    assert summary["training"]["steps"] == 7 and summary["training"]["checkpoint_step"] == 7
+    assert summary["training"]["lr"] == {"main": 2e-4} and summary["training"]["ema"] is None
+    # sub-002 is a flat 0.3: its whole background is 0.3 too bright
+    regions = pd.read_csv(run / "regions.csv").set_index("subject")
+    assert regions.at["sub-002", "background_bias"] == pytest.approx(0.3, abs=1e-6)
+    assert regions.at["sub-002", "background_bright_share"] == 1.0
 
 
 # ----------------------------------------------------------------------------

@@ -278,7 +278,7 @@ def test_a_profiles_own_training_set_up_does_not_leak_into_its_sweeps(monkeypatc
 
 def test_collect_and_rank_a_sweep_on_validation_only(tmp_path, monkeypatch):
     pts = tuple(sweep_mod.SweepPoint(n) for n in "abcd")
-    monkeypatch.setitem(sweep_mod.SWEEPS, "t", sweep_mod.Sweep("t", "test", pts))
+    monkeypatch.setitem(sweep_mod.SWEEPS, "t", sweep_mod.Sweep("t", "test", pts, rule=sweep_mod.VESSEL_ONLY))
     curves = {"a": [0.1, 0.5, 0.4], "b": [0.0, 0.3, 0.5], "c": [0.2], "d": [0.0, 0.46, 0.44]}
     for name, rec in curves.items():
         run = tmp_path / "runs" / "t" / name
@@ -293,6 +293,32 @@ def test_collect_and_rank_a_sweep_on_validation_only(tmp_path, monkeypatch):
     assert list(table["point"]) == ["d", "a", "b", "c"]
     assert table.set_index("point").loc["c", "recovery"] == pytest.approx(0.2)
     assert (tmp_path / "res" / "t" / "a" / "config.yaml").is_file()
+
+
+def test_fidelity_rule_keeps_only_points_near_the_best_whole_volume_psnr(tmp_path, monkeypatch):
+    pts = tuple(sweep_mod.SweepPoint(n) for n in "abc")
+    monkeypatch.setitem(sweep_mod.SWEEPS, "f", sweep_mod.Sweep("f", "test", pts))
+    assert sweep_mod.SWEEPS["f"].rule == sweep_mod.FIDELITY_AND_VESSELS  # new sweeps use both scores
+    # (whole-volume PSNR, whole-volume recovery, window recovery) of the last two validations
+    scores = {"a": [(24.0, 0.6, 0.1), (24.2, 0.6, 0.1)],   # best vessels, 1 dB below the best PSNR
+              "b": [(25.0, 0.3, 0.9), (25.2, 0.3, 0.9)],   # best PSNR; its windows look good, its volumes less so
+              "c": [(24.8, 0.4, 0.0), (24.9, 0.4, 0.0)]}   # within 0.5 dB of b
+    for name, vals in scores.items():
+        run = tmp_path / "runs" / "f" / name
+        run.mkdir(parents=True)
+        lines = [json.dumps({"step": 100 * (i + 1), "losses": {"loss": 1.0}, "vessel": {"recovery": w, "psnr": 20},
+                             "volume": {"psnr": p, "ssim": 0.5, "mip_psnr": 20, "vessel_recovery": r}})
+                 for i, (p, r, w) in enumerate(vals)]
+        (run / "validation.jsonl").write_text("\n".join(lines) + "\n")
+    sweep_mod.collect_sweep("f", tmp_path / "runs", tmp_path / "res")
+    table = sweep_mod.sweep_summary("f", tmp_path / "res").set_index("point")
+    # c (eligible, recovery 0.4) before b (eligible, 0.3) before a (not eligible despite 0.6)
+    assert list(table.index) == ["c", "b", "a"] and list(table.eligible) == [True, True, False]
+    assert table.loc["b", "volume_psnr"] == pytest.approx(25.1) and table.loc["b", "recovery"] == pytest.approx(0.3)
+    assert "0.5 dB" in sweep_mod.FIDELITY_AND_VESSELS.text
+    # a sweep recorded without whole-volume scores cannot be ranked by a rule that needs them
+    with pytest.raises(ValueError, match="val_volumes"):
+        sweep_mod.rank_points(table.reset_index().assign(volume_psnr=float("nan")), sweep_mod.FIDELITY_AND_VESSELS)
 
 
 def test_precision_comparison_agrees_within_the_seed_spread(tmp_path, monkeypatch):

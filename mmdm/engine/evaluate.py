@@ -3,8 +3,9 @@
 The top of the engine: it rebuilds the run's method (:mod:`mmdm.engine.infer`),
 synthesises every subject of a split, scores each prediction with the six
 metrics of Tables 1-3 (:func:`mmdm.metrics.evaluate_volumes`) and the
-threshold-free vessel score (:func:`subject_vessel_scores`), and writes the
-record through :class:`mmdm.engine.rundir.RecordWriter`.
+threshold-free vessel score (:func:`subject_vessel_scores`), breaks its error down by
+region and axial slice (:mod:`mmdm.regions`: ``regions.csv``, ``slice_errors.csv``) and
+writes the record through :class:`mmdm.engine.rundir.RecordWriter`.
 """
 
 from __future__ import annotations
@@ -18,14 +19,16 @@ import nibabel as nib
 import numpy as np
 import torch
 
+from mmdm.config import to_dict
 from mmdm.data.layout import SPLIT_NAMES, Layout
 from mmdm.data.phantom import has_ground_truth, load_ground_truth
 from mmdm.engine.distributed import resolve_device
 from mmdm.engine.infer import check_amp, load_run_method, synthesize_subjects
 from mmdm.engine.rundir import (METRIC_COLUMNS, VESSEL_SCORE_COLUMNS, RecordWriter, run_lock, run_paths,
-                                run_provenance, run_status, write_metrics_csv)
+                                run_provenance, run_status, write_metrics_csv, write_table_csv)
 from mmdm.io import check_output_path, save_nifti, tof_fraction_descrip
 from mmdm.metrics import evaluate_volumes
+from mmdm.regions import REGION_COLUMNS, SLICE_COLUMNS, region_errors, region_summary, slice_errors
 from mmdm.vessel_contrast import HEAD_THRESHOLD, phantom_vessel_scores, vessel_scores
 
 #: What summary.json says the vessel score is (key ``vessel``, ``definition``).
@@ -64,6 +67,13 @@ def subject_vessel_scores(pred: np.ndarray, target: np.ndarray, data_root: str |
             "mask_source": s["mask_source"]}
 
 
+def subject_brain_mask(data_root: str | Path, subject: str) -> np.ndarray | None:
+    """The phantom's brain mask of ``subject`` (None without ground truth: the region breakdown then
+    uses the head, target >= :data:`mmdm.regions.BACKGROUND_THRESHOLD`)."""
+    root = Path(data_root)
+    return np.asarray(load_ground_truth(root, subject)["brain_mask"], dtype=bool) if has_ground_truth(root) else None
+
+
 def vessel_summary(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """The ``vessel`` entry of summary.json: mean and sample sd of each score over the subjects
     with a score (None when no subject has one), how many, and the mask used."""
@@ -79,6 +89,19 @@ def vessel_summary(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     out["mask_source"] = sorted({r["mask_source"] for r in rows if r["mask_source"]})
     out["definition"] = VESSEL_SCORE_DEFINITION
     return out
+
+
+def training_footing(cfg: Any, method: Any, ckpt: dict[str, Any]) -> dict[str, Any]:
+    """The ``training`` entry of summary.json: what this row was given, for the footing table --
+    optimiser steps (configured, and of the evaluated checkpoint), which weights were evaluated
+    (the weight average or the raw weights) and the average's setting, the batch size and the
+    learning rate of every optimiser group."""
+    ema = cfg.ema if cfg.ema is not None else method.ema_config()
+    lrs = {g: float(c.lr) for g, c in method.optim_configs().items()}
+    return {"steps": cfg.steps, "epochs": cfg.epochs if cfg.steps is None else None,
+            "checkpoint_step": ckpt.get("step"), "batch_size": cfg.batch_size,
+            "ema_evaluated": bool(ckpt.get("ema_used")), "ema": to_dict(ema) if ema is not None else None,
+            "ema_mode": getattr(cfg, "ema_mode", None), "lr": lrs}
 
 
 def check_evaluation_args(split: str, steps: int | None, eta: float | None, n_samples: int, batch_size: int,
@@ -143,7 +166,7 @@ def _evaluate(p, run_dir, method, cfg, ckpt, subs, split, steps, eta, n_samples,
     record = RecordWriter(p.root)
     gen = torch.Generator(device=dev).manual_seed(seed)  # one stream through all subjects
     descrip = tof_fraction_descrip(1.0)
-    rows = []
+    rows, regions, slices = [], [], []
     for item in synthesize_subjects(method, cfg.data, subs, lambda i, s: gen, with_target=True, steps=steps,
                                     eta=eta, n_samples=n_samples, batch_size=batch_size, progress=progress, amp=amp):
         s, out, target = item.subject, item.result, item.target
@@ -154,14 +177,19 @@ def _evaluate(p, run_dir, method, cfg, ckpt, subs, split, steps, eta, n_samples,
         target01 = target.data / float(target.data.max())
         rows.append({"subject": s, **evaluate_volumes(out["mean"], target01),
                      **subject_vessel_scores(out["mean"], target01, cfg.data.root, s)})
+        regions.append({"subject": s, **region_errors(out["mean"], target01, subject_brain_mask(cfg.data.root, s))})
+        slices += [{"subject": s, **r} for r in slice_errors(out["mean"], target01)]
     write_metrics_csv(p.metrics, rows)
+    write_table_csv(p.regions, regions, ("subject", *REGION_COLUMNS))
+    write_table_csv(p.slice_errors, slices, ("subject", *SLICE_COLUMNS))
     means = {k: float(np.mean([r[k] for r in rows])) for k in METRIC_COLUMNS}
     stds = {k: float(np.std([r[k] for r in rows], ddof=1)) if len(rows) > 1 else 0.0 for k in METRIC_COLUMNS}
     return record.finish({
         "run": str(Path(run_dir)), "method": cfg.method, "method_kwargs": cfg.method_kwargs,
         "objective": method.objective(),
         "split": split, "n_subjects": len(rows), "subjects": [r["subject"] for r in rows],
-        "metrics": means, "metrics_std": stds, "vessel": vessel_summary(rows),
+        "metrics": means, "metrics_std": stds, "vessel": vessel_summary(rows), "regions": region_summary(regions),
+        "training": training_footing(cfg, method, ckpt),
         "sampling": {"steps": steps, "eta": eta, "n_samples": n_samples, "seed": seed,
                      "window": cfg.data.window, "stride": cfg.data.eval_stride, "amp": amp},
         "checkpoint": {"file": ckpt.get("file"), "step": ckpt.get("step"), "ema": ckpt.get("ema_used")},

@@ -12,6 +12,8 @@ One directory per run::
       predictions/sub-XXX_angio.nii.gz   synthesised test volumes, [0, 1] TOF units
       metrics.csv              one row per subject: the six metrics of the paper's tables, then the
                                threshold-free vessel scores (VESSEL_SCORE_COLUMNS)
+      regions.csv              one row per subject: the region breakdown (mmdm.regions.REGION_COLUMNS)
+      slice_errors.csv         one row per subject and axial slice: the per-slice error profile
       summary.json             written LAST and atomically: means over the subjects + provenance
       .lock                    held (fcntl.flock) by the one process training or evaluating the run
 
@@ -58,6 +60,9 @@ RUN_STATES = ("empty", "training", "trained", "evaluating", "finished")
 
 #: File name of a run's validation log (one JSON object per line).
 VALIDATION_LOG = "validation.jsonl"
+#: File names of a run's region breakdown (per subject) and per-slice error profile (mmdm.regions).
+REGIONS_FILE = "regions.csv"
+SLICE_ERRORS_FILE = "slice_errors.csv"
 
 
 @dataclass(frozen=True)
@@ -99,6 +104,14 @@ class RunPaths:
         return self.root / "metrics.csv"
 
     @property
+    def regions(self) -> Path:
+        return self.root / REGIONS_FILE
+
+    @property
+    def slice_errors(self) -> Path:
+        return self.root / SLICE_ERRORS_FILE
+
+    @property
     def summary(self) -> Path:
         return self.root / "summary.json"
 
@@ -109,7 +122,7 @@ class RunPaths:
     def run_files(self) -> list[Path]:
         """Every file and folder training and evaluation write (not the lock, not older superseded runs)."""
         return [self.config, self.provenance, self.checkpoints, self.tb, self.validation, self.train_complete,
-                self.predictions, self.metrics, self.summary]
+                self.predictions, self.metrics, self.regions, self.slice_errors, self.summary]
 
 
 def run_paths(run_dir: str | Path) -> RunPaths:
@@ -397,6 +410,17 @@ def write_metrics_csv(path: str | Path, rows: list[dict[str, Any]]) -> Path:
     w.writeheader()
     for r in rows:
         w.writerow({k: (repr(float(r[k])) if k != "subject" else r[k]) for k in cols})
+    return write_text(path, buf.getvalue())
+
+
+def write_table_csv(path: str | Path, rows: list[dict[str, Any]], columns: Sequence[str]) -> Path:
+    """Atomically write ``rows`` as CSV with ``columns`` (``subject`` as text, the rest as floats at
+    full precision; NaN as ``nan``), e.g. a record's regions.csv and slice_errors.csv."""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(columns), lineterminator="\n", extrasaction="ignore")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: (r[k] if k == "subject" else repr(float(r[k]))) for k in columns})
     return write_text(path, buf.getvalue())
 
 

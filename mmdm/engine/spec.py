@@ -27,7 +27,8 @@ from mmdm.optim import EMAConfig, OptimConfig
 #: Keys that may differ between the stored config and the one given on resume
 #: (they change how a run is executed or logged, never its numbers).
 RUNTIME_KEYS = frozenset({"device", "num_workers", "log_every", "image_every", "image_steps", "checkpoint_every",
-                          "keep_last", "val_every", "val_batches", "val_windows", "deterministic"})
+                          "keep_last", "val_every", "val_batches", "val_windows", "val_volumes", "val_volume_stride",
+                          "val_volume_steps", "deterministic"})
 
 
 @dataclass
@@ -54,7 +55,10 @@ class TrainConfig:
     ``multiple`` is raised to the network's spatial multiple) instead of whole-slice
     windows (null). ``val_every``: validation losses on ``val_batches`` batches and the
     vessel score (:mod:`mmdm.engine.validation`) on ``val_windows`` windows sampled with
-    ``image_steps`` steps (0 windows: losses only).
+    ``image_steps`` steps (0 windows: losses only), and, with ``val_volumes`` > 0, whole-volume
+    PSNR/SSIM (volume and axial MIP) and vessel recovery of the first ``val_volumes`` validation
+    subjects (:mod:`mmdm.engine.volume_validation`), synthesised with the sliding window at axial
+    stride ``val_volume_stride`` and ``val_volume_steps`` sampler steps (None: ``image_steps``).
     """
 
     method: str = "mmdm"
@@ -79,6 +83,9 @@ class TrainConfig:
     val_every: int = 0
     val_batches: int = 8
     val_windows: int = 8
+    val_volumes: int = 0
+    val_volume_stride: int = 4
+    val_volume_steps: int | None = None
     emphasis: EmphasisConfig = field(default_factory=EmphasisConfig)
     crops: CropConfig | None = None
 
@@ -101,6 +108,14 @@ class TrainConfig:
             self.ema.validate("TrainConfig.ema")
         if self.val_windows < 0:
             raise ConfigError(f"TrainConfig.val_windows must be >= 0, got {self.val_windows}")
+        if self.val_volumes < 0:
+            raise ConfigError(f"TrainConfig.val_volumes must be >= 0 (0: no whole-volume validation), got "
+                              f"{self.val_volumes}")
+        if self.val_volume_stride < 1:
+            raise ConfigError(f"TrainConfig.val_volume_stride must be >= 1, got {self.val_volume_stride}")
+        if self.val_volume_steps is not None and self.val_volume_steps < 1:
+            raise ConfigError(f"TrainConfig.val_volume_steps must be >= 1 or null (image_steps), got "
+                              f"{self.val_volume_steps}")
         self.emphasis.validate()
         if self.crops is not None:
             self.crops.validate()

@@ -67,6 +67,7 @@ from mmdm.engine.rundir import (RunLockedError, end_session, heartbeat, run_lock
 from mmdm.engine.spec import (TrainConfig, build_method_from_config, check_checkpoint_config, check_run_dir,
                               method_optim_configs)
 from mmdm.engine.validation import ValidationVessels
+from mmdm.engine.volume_validation import ValidationVolumes
 from mmdm.io import os_error_message, write_json
 from mmdm.losses.emphasis import emphasis_weights
 from mmdm.methods.base import MAIN, SynthesisMethod
@@ -144,6 +145,7 @@ class Trainer:
         self._panel_batch: dict | None = None
         self._val_dataset: WindowDataset | None = None
         self._val_vessels: ValidationVessels | None = None
+        self._val_volumes: ValidationVolumes | None = None
         self.last_losses: dict[str, float] = {}
 
     # -- state ------------------------------------------------------------------
@@ -379,11 +381,39 @@ class Trainer:
             self.writer.add_scalar("val/vessel_psnr", out["psnr"], self.step)
         return out
 
+    @torch.no_grad()
+    def validation_volumes(self) -> dict[str, Any]:
+        """Whole-volume scores of the first ``val_volumes`` validation subjects
+        (:mod:`mmdm.engine.volume_validation`), with the weights evaluation will use (EMA when kept)."""
+        if not self.cfg.val_volumes or self._validation_dataset() is None:
+            return {}
+        if self._val_volumes is None:
+            steps = self.cfg.val_volume_steps if self.cfg.val_volume_steps is not None else self.cfg.image_steps
+            self._val_volumes = ValidationVolumes(self.cfg.data, self.cfg.val_volumes, self.cfg.val_volume_stride,
+                                                  steps)
+        with isolated_rng():
+            self.method.eval()
+            try:
+                with (self.ema.swapped(self.method) if self.ema is not None else contextlib.nullcontext()):
+                    out = self._val_volumes.score(self.method, self.device, self.cfg.seed, self.cfg.batch_size)
+            finally:
+                self.method.train()
+        if self.writer is not None:
+            for k in ("psnr", "ssim", "mip_psnr", "mip_ssim", "vessel_recovery"):
+                if k in out:
+                    self.writer.add_scalar(f"val/volume_{k}", out[k], self.step)
+        return out
+
     def validate(self) -> None:
-        """Validation losses and vessel score; one line per validation in ``validation.jsonl``."""
+        """Validation losses, vessel score and whole-volume scores; one line per validation in
+        ``validation.jsonl``."""
         losses = self.validation_losses()
         vessel = self.validation_vessels()
-        line = json.dumps({"step": self.step, "losses": losses, "vessel": vessel})
+        entry: dict[str, Any] = {"step": self.step, "losses": losses, "vessel": vessel}
+        volume = self.validation_volumes()
+        if volume:
+            entry["volume"] = volume
+        line = json.dumps(entry)
         with open(self.paths.validation, "a", encoding="utf-8") as f:
             f.write(line + "\n")
 

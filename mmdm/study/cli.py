@@ -7,7 +7,7 @@ import sys
 
 from mmdm.study.profiles import PROFILES
 from mmdm.study.runner import build_book, run_study
-from mmdm.study.sweep import SELECTION_RULE, SWEEPS, collect_sweep, run_sweep, sweep_summary
+from mmdm.study.sweep import FIDELITY_AND_VESSELS, SWEEPS, collect_sweep, get_sweep, run_sweep, sweep_summary
 
 
 def _cmd_study(args: argparse.Namespace) -> int:
@@ -78,7 +78,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
             print(f"sweep records: {out}")
         elif args.action == "collect":
             print(f"sweep records: {collect_sweep(args.name, args.runs, args.results)}")
-        print(f"ranked by: {SELECTION_RULE}")
+        print(f"ranked by: {get_sweep(args.name).rule.text}")
         print(sweep_summary(args.name, args.results).to_string(index=False))
     except (KeyError, RuntimeError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -91,7 +91,8 @@ def add_sweep_parser(subparsers) -> argparse.ArgumentParser:
         "sweep", help="recorded sweeps on the validation split (how the training settings were chosen)",
         description="Train the points of a named sweep (mmdm/study/sweep.py) with validation every few steps, "
         "copy their configs and validation logs to results/sweeps/NAME and rank them on the validation split "
-        f"({SELECTION_RULE}). Finished points are skipped, interrupted ones resume.")
+        "by the rule the sweep declares (the recorded vessel sweeps: the vessel score alone; newer ones: "
+        f"{FIDELITY_AND_VESSELS.text}). Finished points are skipped, interrupted ones resume.")
     p.add_argument("action", choices=["list", "run", "collect", "show"],
                    help="list the sweeps; run one (then collect and show); collect its records; show its ranking")
     p.add_argument("name", nargs="?", default=None, help=f"the sweep ({', '.join(SWEEPS)})")

@@ -76,11 +76,12 @@ class StudyProfile:
 #: The vessel set-up of the CPU profiles (issue #15), chosen on the validation split by the recorded
 #: sweeps ``vessel`` and ``vessel-round3`` (``mmdm sweep show vessel``; results/sweeps/): 48x48 crops, 70 %
 #: centred on the target's brightest voxels, the brightest 1 % of each window's target voxels weighted x20
-#: in every method's per-pixel term, the validation vessel score every 200 steps.
+#: in every method's per-pixel term, the validation vessel score every 200 steps, and with it the whole-volume
+#: validation of what the tables measure (4 validation subjects, every slice; window stride 5, 5 sampler steps).
 VESSEL_TRAIN: dict[str, Any] = {
     "crops": {"size": [48, 48], "vessel_share": 0.7, "quantile": 0.99},
     "emphasis": {"kind": "top_fraction", "fraction": 0.01, "weight": 20.0},
-    "val_every": 200, "val_windows": 8,
+    "val_every": 200, "val_windows": 8, "val_volumes": 4, "val_volume_stride": 5, "val_volume_steps": 5,
 }
 #: Learning rates of the CPU profiles: 3e-4 for MMDM (sweep `vessel`: 0.27 against 0.09 validation recovery
 #: at 1e-4 after 800 steps) and, for the same set-up, for the three diffusion baselines; NAWS's p_i at 1e-2
@@ -103,7 +104,7 @@ PROFILES: dict[str, StudyProfile] = {
         eval_stride=5, eval_subjects=1, seeds=(0, 1), seed_runs=("mmdm-full",), uncertainty_samples=2,
         uncertainty_subjects=1, uncertainty_steps=3, frontier_steps=(2, 3), frontier_strides=(2, 5),
         train={**VESSEL_TRAIN, "crops": {**VESSEL_TRAIN["crops"], "size": [32, 32]}, "val_every": 3,
-               "val_windows": 2},
+               "val_windows": 2, "val_volumes": 1, "val_volume_steps": 2},
         method_overrides=VESSEL_METHODS, option_runs=EMPHASIS_ABLATION),
     "quick": StudyProfile(
         name="quick", description="the CPU main job: 40-subject 2 mm phantom (28/4/8), small models with the "

@@ -4,7 +4,8 @@ A run directory (``runs/<profile>/<run>``) holds checkpoints and volumes. Its
 *record* (``results/<profile>/<run>``) holds only what the book needs:
 ``config.yaml``, ``provenance.json``, ``metrics.csv`` (per test subject),
 ``scalars.csv`` (the TensorBoard scalars), ``panels.npz`` (a few 2D images of
-one test subject for Fig. 3), ``validation.jsonl`` (the trainer's validation
+one test subject for Fig. 3), ``regions.csv`` and ``slice_errors.csv`` (where
+each test subject's error lies: :mod:`mmdm.regions`), ``validation.jsonl`` (the trainer's validation
 log, one JSON object per validation, where the run has one) and, written last,
 ``summary.json``. A record without ``summary.json`` is unfinished and the book
 ignores it.
@@ -22,9 +23,10 @@ import numpy as np
 import pandas as pd
 
 from mmdm.data.layout import Layout
-from mmdm.engine.rundir import VALIDATION_LOG, run_paths
+from mmdm.engine.rundir import REGIONS_FILE, SLICE_ERRORS_FILE, VALIDATION_LOG, run_paths
 from mmdm.io import atomic_path, write_json, write_text
 from mmdm.metrics import axial_mip
+from mmdm.regions import PANEL_ESTIMATE, REGION_COLUMNS, panel_regions
 from mmdm.paths import repo_root
 
 METRICS = ("psnr", "ssim", "rmse", "mip_psnr", "mip_ssim", "mip_rmse")
@@ -34,7 +36,7 @@ METRIC_LABELS = {"psnr": "PSNR", "ssim": "SSIM", "rmse": "RMSE(%)", "mip_psnr": 
 #: The files a record keeps; the trainer's validation log (VALIDATION_LOG) holds one JSON object per line,
 #: ``{"step": 200, "losses": {...}, "vessel": {"recovery": ..., "psnr": ..., "n_windows": ...}}``.
 RECORD_FILES = ("config.yaml", "provenance.json", "metrics.csv", "vessel_metrics.csv", "scalars.csv", "panels.npz",
-                VALIDATION_LOG, "summary.json")
+                REGIONS_FILE, SLICE_ERRORS_FILE, VALIDATION_LOG, "summary.json")
 #: Vessel-continuity metrics (:mod:`mmdm.vessel_segmentation`) shown in the book, and their direction.
 VESSEL_METRICS = ("cldice", "dice", "mip_dice", "betti0_error")
 VESSEL_HIGHER_IS_BETTER = {"cldice": True, "dice": True, "mip_dice": True, "betti0_error": False}
@@ -68,14 +70,15 @@ def read_scalars(run_dir: str | Path) -> pd.DataFrame:
 
 
 def figure_panels(pred: np.ndarray, target: np.ndarray) -> dict[str, np.ndarray]:
-    """The views of Fig. 3 for one subject, both scaled by the target's max: axial and sagittal
-    slices through the centre, axial MIP (max over the axial stack) and coronal MIP."""
+    """The views of Fig. 3 for one subject, both scaled by the target's max: axial, sagittal and
+    coronal slices through the centre, axial MIP (max over the axial stack) and coronal MIP."""
     scale = float(target.max())
     out = {}
     for who, vol in (("pred", pred), ("target", target / scale)):
-        x, _, z = vol.shape
+        x, y, z = vol.shape
         out[f"{who}_axial"] = vol[:, :, z // 2]
         out[f"{who}_sagittal"] = vol[x // 2, :, :]
+        out[f"{who}_coronal"] = vol[:, y // 2, :]
         out[f"{who}_axial_mip"] = axial_mip(vol)
         out[f"{who}_coronal_mip"] = vol.max(axis=1)
     return {k: np.asarray(v, dtype=np.float16) for k, v in out.items()}
@@ -91,7 +94,8 @@ def export_record(run_dir: str | Path, record_dir: str | Path) -> Path:
         raise RuntimeError(f"run {run_dir} is not evaluated yet (no summary.json): nothing to export")
     record_dir.mkdir(parents=True, exist_ok=True)
     (record_dir / "summary.json").unlink(missing_ok=True)
-    for src in (p.provenance, p.metrics, run_dir / "vessel_metrics.csv", run_dir / VALIDATION_LOG):
+    for src in (p.provenance, p.metrics, p.regions, p.slice_errors, run_dir / "vessel_metrics.csv",
+                run_dir / VALIDATION_LOG):
         if not src.is_file():
             continue
         with atomic_path(record_dir / src.name) as tmp:
@@ -171,6 +175,57 @@ def load_records(results_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     return ps, pd.DataFrame(runs)
 
 
+#: ``source`` of a region row read from the record's regions.csv / slice_errors.csv
+REGIONS_MEASURED = "whole volume"
+
+
+def _complete_records(results_dir: Path) -> list[Path]:
+    return [p for p in sorted(results_dir.iterdir()) if p.is_dir() and record_complete(p)] if results_dir.is_dir() else []
+
+
+def load_regions(results_dir: str | Path) -> pd.DataFrame:
+    """The region breakdown (:mod:`mmdm.regions`) of every complete record: ``run, subject, source``
+    and :data:`mmdm.regions.REGION_COLUMNS`, one row per test subject.
+
+    ``source`` says what a row is computed on: :data:`REGIONS_MEASURED` (the record's regions.csv),
+    or, for a record written before regions.csv existed, :data:`mmdm.regions.PANEL_ESTIMATE` (one row,
+    the subject of its panels.npz, from the stored mid-sagittal slice; None when it has no panels)."""
+    rows = []
+    for rec in _complete_records(Path(results_dir)):
+        if (rec / REGIONS_FILE).is_file():
+            r = pd.read_csv(rec / REGIONS_FILE)
+            r.insert(0, "run", rec.name)
+            r.insert(2, "source", REGIONS_MEASURED)
+            rows.append(r)
+        elif (rec / "panels.npz").is_file():
+            with np.load(rec / "panels.npz") as z:
+                est = panel_regions({k: z[k] for k in z.files})
+            rows.append(pd.DataFrame([{"run": rec.name, "subject": est["subject"], "source": PANEL_ESTIMATE,
+                                       **est["regions"]}]))
+    cols = ["run", "subject", "source", *REGION_COLUMNS]
+    return pd.concat(rows, ignore_index=True)[cols] if rows else pd.DataFrame(columns=cols)
+
+
+def load_slice_errors(results_dir: str | Path) -> pd.DataFrame:
+    """The per-slice error profile of every complete record: ``run, subject, source, z, position, mse,
+    psnr, background_bias`` (:func:`mmdm.regions.slice_errors`); ``source`` as in :func:`load_regions`
+    (a record without slice_errors.csv: the profile along its stored mid-sagittal slice)."""
+    rows = []
+    for rec in _complete_records(Path(results_dir)):
+        if (rec / SLICE_ERRORS_FILE).is_file():
+            r = pd.read_csv(rec / SLICE_ERRORS_FILE)
+            r.insert(0, "run", rec.name)
+            r.insert(2, "source", REGIONS_MEASURED)
+            rows.append(r)
+        elif (rec / "panels.npz").is_file():
+            with np.load(rec / "panels.npz") as z:
+                est = panel_regions({k: z[k] for k in z.files})
+            rows.append(pd.DataFrame([{"run": rec.name, "subject": est["subject"], "source": PANEL_ESTIMATE, **r}
+                                      for r in est["slices"]]))
+    cols = ["run", "subject", "source", "z", "position", "mse", "psnr", "background_bias"]
+    return pd.concat(rows, ignore_index=True)[cols] if rows else pd.DataFrame(columns=cols)
+
+
 def read_validation_log(path: str | Path) -> list[dict]:
     """The entries of a validation log (:data:`VALIDATION_LOG`), in file order; [] when there is none.
 
@@ -216,6 +271,30 @@ def vessel_curves(results_dir: str | Path) -> pd.DataFrame:
     df = pd.DataFrame(rows, columns=["run", "method", "step", "recovery", "psnr"])
     # a resumed training validates again at steps it had logged before it stopped: keep the latest
     df = df.drop_duplicates(["run", "step"], keep="last")
+    return df.sort_values(["run", "step"], kind="stable").reset_index(drop=True)
+
+
+#: Whole-volume validation scores (``volume`` of a validation entry; :mod:`mmdm.engine.volume_validation`).
+VOLUME_CURVE_SCORES = ("psnr", "ssim", "mip_psnr", "mip_ssim", "vessel_recovery")
+
+
+def volume_curves(results_dir: str | Path) -> pd.DataFrame:
+    """Whole-volume validation scores against training step of every complete record: columns
+    ``run, method, step`` + :data:`VOLUME_CURVE_SCORES` + ``stride, sampler_steps``, one row per
+    validation entry with a ``volume`` score; records written before whole-volume validation
+    contribute nothing."""
+    rows = []
+    for rec in _complete_records(Path(results_dir)):
+        method = json.loads((rec / "summary.json").read_text()).get("method")
+        for e in read_validation_log(rec / VALIDATION_LOG):
+            v = e.get("volume")
+            if not isinstance(v, dict) or e.get("step") is None:
+                continue
+            rows.append({"run": rec.name, "method": method, "step": int(e["step"]),
+                         **{k: _float(v.get(k)) for k in VOLUME_CURVE_SCORES},
+                         "stride": v.get("stride"), "sampler_steps": v.get("steps")})
+    cols = ["run", "method", "step", *VOLUME_CURVE_SCORES, "stride", "sampler_steps"]
+    df = pd.DataFrame(rows, columns=cols).drop_duplicates(["run", "step"], keep="last")
     return df.sort_values(["run", "step"], kind="stable").reset_index(drop=True)
 
 

@@ -9,7 +9,10 @@ validation windows, :mod:`mmdm.engine.validation`); nothing looks at the test
 split. :func:`collect_sweep` copies each point's config, provenance and
 validation log to ``results/sweeps/<sweep>/<point>/`` and writes
 ``summary.csv``; :func:`sweep_summary` ranks the points by the rule the sweep
-declares up front (:data:`SELECTION_RULE`).
+declares up front (its :class:`SelectionRule`, data in the sweep's definition:
+the recorded vessel sweeps by the vessel score alone (:data:`VESSEL_ONLY`),
+every sweep defined since whole-volume validation existed by whole-volume
+fidelity and the vessel score together (:data:`FIDELITY_AND_VESSELS`)).
 
 ``mmdm sweep run vessel --jobs 2`` repeats one; ``mmdm sweep list`` lists them.
 """
@@ -36,9 +39,42 @@ from mmdm.study.api import ensure_data, make_spec, train_config
 from mmdm.study.profiles import get_profile
 from mmdm.study.records import read_validation_log
 
-#: How a sweep's points are ranked: validation only, fixed before the sweep ran.
-SELECTION_RULE = ("mean validation contrast recovery of the last two validations, to 0.01 (higher is better); "
-                  "equal ones are ordered by the last validation loss (lower is better)")
+#: whole-volume validation scores kept in a sweep's summary.csv (as ``volume_<score>``)
+VOLUME_COLUMNS = ("psnr", "ssim", "mip_psnr", "vessel_recovery")
+
+@dataclass(frozen=True)
+class SelectionRule:
+    """How a sweep's points are ranked, fixed in the sweep's definition before it runs (validation only).
+
+    Each point's scores are the means of its last ``last_n`` validations. With ``psnr_margin_db``
+    set, a point is *eligible* only when its whole-volume validation PSNR (every slice of the
+    validation subjects, :mod:`mmdm.engine.volume_validation`) is within that many dB of the best
+    point's; eligible points come first, ranked by the vessel contrast recovery (the whole-volume
+    one where recorded, else the validation windows'), rounded to ``round_to``; equal ones by the
+    last validation loss (lower first). Without ``psnr_margin_db`` the vessel score alone ranks."""
+
+    key: str
+    psnr_margin_db: float | None = 0.5
+    last_n: int = 2
+    round_to: float = 0.01
+
+    @property
+    def text(self) -> str:
+        vessel = (f"mean validation contrast recovery of the last {self.last_n} validations, to {self.round_to:g} "
+                  "(higher is better); equal ones are ordered by the last validation loss (lower is better)")
+        if self.psnr_margin_db is None:
+            return vessel
+        return (f"a point is eligible when its whole-volume validation PSNR (every slice of the validation "
+                f"subjects; mean of the last {self.last_n} validations) is within {self.psnr_margin_db:g} dB of the "
+                f"best point's; eligible points first, each group ranked by the {vessel.replace('mean validation', 'mean whole-volume validation')}")
+
+
+#: The rule of the recorded vessel sweeps (chosen before whole-volume validation existed).
+VESSEL_ONLY = SelectionRule("vessel-only", psnr_margin_db=None)
+#: The rule of every sweep defined with whole-volume validation: fidelity and vessels together.
+FIDELITY_AND_VESSELS = SelectionRule("fidelity-and-vessels", psnr_margin_db=0.5)
+#: The rule of the recorded sweeps, as text (kept for the pages and the CLI that print it).
+SELECTION_RULE = VESSEL_ONLY.text
 #: Files of a point's run directory that its record keeps.
 RECORD_FILES = ("config.yaml", "provenance.json", "train_complete.json", VALIDATION_LOG)
 
@@ -68,6 +104,12 @@ class Sweep:
     val_every: int = 200
     val_windows: int = 8
     base_train: dict[str, Any] = field(default_factory=dict, hash=False)
+    #: how the points are ranked (declared with the sweep, before it runs)
+    rule: SelectionRule = FIDELITY_AND_VESSELS
+    #: whole-volume validation of every point (:class:`~mmdm.engine.spec.TrainConfig`'s ``val_volume*``)
+    val_volumes: int = 4
+    val_volume_stride: int = 5
+    val_volume_steps: int | None = 5
 
 
 #: The vessel set-up the sweep starts from: 48x48 crops, 70 % centred on bright target voxels.
@@ -80,6 +122,7 @@ LR3 = {"optim": {"lr": 3e-4}}
 SWEEPS: dict[str, Sweep] = {
     "vessel-round1": Sweep(
         name="vessel-round1",
+        rule=VESSEL_ONLY, val_volumes=0,
         description="round 1, MMDM full (small, lr 1e-4) on the standard cohort's training split, 800 steps, "
                     "scored on validation windows: the vessel emphasis (form and strength), crops against whole "
                     "slices, the learning rate, the MIP loss's noise and temperature and NAWS's learning rate; "
@@ -106,6 +149,7 @@ SWEEPS: dict[str, Sweep] = {
         )),
     "vessel": Sweep(
         name="vessel",
+        rule=VESSEL_ONLY, val_volumes=0,
         description="round 2, MMDM full (small, lr 3e-4 from round 1) on the standard cohort's training split, "
                     "800 steps, scored on validation windows: the vessel emphasis (none, brightest 1 % x5 / x20, "
                     "brightest 3 % x20, smooth ramp, steerable features), whole slices against crops, the paper's "
@@ -130,6 +174,7 @@ SWEEPS: dict[str, Sweep] = {
         )),
     "vessel-round3": Sweep(
         name="vessel-round3",
+        rule=VESSEL_ONLY, val_volumes=0,
         description="round 3, as round 2 (`vessel`): the two devices of the paper that each helped there (the MIP "
                     "loss's Gumbel noise scaled to 0.1, NAWS's own learning rate 1e-2) together, with the two "
                     "emphasis forms that tied (brightest 1 % and 3 %, x20)",
@@ -141,6 +186,7 @@ SWEEPS: dict[str, Sweep] = {
         )),
     "bf16": Sweep(
         name="bf16",
+        rule=VESSEL_ONLY, val_volumes=0,
         description="bf16 autocast on the CPU against fp32 (issue #17): MMDM full (small) in the vessel regime "
                     "(48x48 crops, brightest 1 % x20, lr 3e-4), 600 steps, 3 seeds each; the validation curves and the "
                     "vessel score must agree within the seed spread before bf16 may become a CPU default",
@@ -151,6 +197,7 @@ SWEEPS: dict[str, Sweep] = {
                      for seed in (0, 1, 2) for amp in ("fp32", "bf16"))),
     "paper-gpu": Sweep(
         name="paper-gpu",
+        rule=VESSEL_ONLY, val_volumes=0,
         description="MMDM full in the paper configuration (the authors' network, lr 1e-4, whole-slice windows "
                     "as the paper trains) on the standard cohort, 4000 steps on a GPU, with and without the "
                     "vessel emphasis: whether the paper's network reaches vessels unaided at a budget a CPU cannot give",
@@ -163,6 +210,7 @@ SWEEPS: dict[str, Sweep] = {
         )),
     "ddpm-prediction": Sweep(
         name="ddpm-prediction",
+        rule=VESSEL_ONLY, val_volumes=0,
         description="chooses, on the validation split, DDPM's prediction target for a second, labelled DDPM row "
                     "of Table 1 (issue #13): Ho et al.'s eps (the Table 1 row), x0 (Ho et al. 2020 discuss "
                     "predicting x0) and v (Salimans & Ho 2022), each in the standard profile's set-up (small, "
@@ -176,6 +224,26 @@ SWEEPS: dict[str, Sweep] = {
                        note="x0 prediction (Ho et al. 2020, sec. 3.2)"),
             SweepPoint("v", method="ddpm", variant=None, method_overrides={**LR3, "prediction": "v"},
                        note="v prediction (Salimans & Ho 2022)"),
+        )),
+    "setup-fidelity": Sweep(
+        name="setup-fidelity",
+        description="the choices of the vessel sweeps (`vessel`, `vessel-round3`) made again with whole-volume "
+                    "validation (every slice of the 4 validation subjects, window stride 5, 5 sampler steps) and "
+                    "ranked by fidelity and vessels together: the emphasis (none, brightest 1 % / 3 % x20), crops "
+                    "against whole slices, lr 1e-4 against 3e-4, the MIP loss's Gumbel noise 0.1 with NAWS lr 1e-2; "
+                    "Pix2Pix with and without the emphasis. Defined before it ran; not yet run",
+        base_train={"crops": CROPS, "emphasis": TOP20},
+        points=(
+            SweepPoint("none", train={"emphasis": {"kind": "none"}}, method_overrides={**LR3, "naws_lr": 1e-2},
+                       note="no emphasis (the published loss)"),
+            SweepPoint("top1-w20", method_overrides={**LR3, "naws_lr": 1e-2}, note="the standard profile's set-up"),
+            SweepPoint("top3-w20", train={"emphasis": {"fraction": 0.03}}, method_overrides={**LR3, "naws_lr": 1e-2}),
+            SweepPoint("slices-top1-w20", train={"crops": None}, method_overrides={**LR3, "naws_lr": 1e-2},
+                       note="whole-slice windows instead of crops"),
+            SweepPoint("top1-w20-lr1e-4", method_overrides={"naws_lr": 1e-2}, note="the small config's own lr"),
+            SweepPoint("top1-w20-gumbel0.1", method_overrides={**LR3, "naws_lr": 1e-2, "mip_noise_scale": 0.1}),
+            SweepPoint("pix2pix-none", method="pix2pix", variant=None, train={"emphasis": {"kind": "none"}}),
+            SweepPoint("pix2pix-top1-w20", method="pix2pix", variant=None),
         )),
 }
 
@@ -195,7 +263,8 @@ def point_config(sweep: Sweep, point: SweepPoint, device: str = "cpu"):
     cfg = train_config(spec, profile, 0, device)
     cfg.method_kwargs = {**cfg.method_kwargs, **point.method_overrides}
     shared = {"steps": sweep.steps, "epochs": None, "val_every": sweep.val_every, "val_windows": sweep.val_windows,
-              "checkpoint_every": sweep.steps // 2, "image_every": 0}
+              "checkpoint_every": sweep.steps // 2, "image_every": 0, "val_volumes": sweep.val_volumes,
+              "val_volume_stride": sweep.val_volume_stride, "val_volume_steps": sweep.val_volume_steps}
     cfg = replace(cfg, shared)
     for layer in (sweep.base_train, point.train):
         if layer:
@@ -254,7 +323,8 @@ def run_sweep(name: str, runs_root: str | Path = "runs/sweeps", results_root: st
 def collect_sweep(name: str, runs_root: str | Path = "runs/sweeps",
                   results_root: str | Path = "results/sweeps") -> Path:
     """Copy each point's record files to ``results_root/name/<point>/`` and write ``summary.csv``
-    (one row per point and validation: step, validation loss, contrast recovery, vessel PSNR)."""
+    (one row per point and validation: step, validation loss, contrast recovery and vessel PSNR on the
+    validation windows, and where recorded the whole-volume PSNR, SSIM, MIP PSNR and recovery)."""
     sweep = get_sweep(name)
     src_root, dst_root = project_path(runs_root) / name, project_path(results_root) / name
     rows = []
@@ -271,36 +341,62 @@ def collect_sweep(name: str, runs_root: str | Path = "runs/sweeps",
                 os.replace(tmp, dst / f)
         complete = (src / "train_complete.json").is_file()
         for v in read_validation_log(src / VALIDATION_LOG):
+            vol = v.get("volume") or {}
             rows.append({"point": p.name, "method": p.method, "note": p.note, "step": v["step"],
                          "val_loss": v.get("losses", {}).get("loss"),
                          "recovery": v.get("vessel", {}).get("recovery"), "vessel_psnr": v.get("vessel", {}).get("psnr"),
+                         **{f"volume_{k}": vol.get(k) for k in VOLUME_COLUMNS},
                          "complete": complete})
     dst_root.mkdir(parents=True, exist_ok=True)
     write_text(dst_root / "summary.csv", pd.DataFrame(rows).to_csv(index=False))
     write_text(dst_root / "README.md", f"# Sweep `{name}`\n\n{sweep.description}.\n\nSelection rule: "
-               f"{SELECTION_RULE}.\n\nRepeat: `mmdm sweep run {name}`; table: `mmdm sweep show {name}`.\n")
+               f"{sweep.rule.text}.\n\nRepeat: `mmdm sweep run {name}`; table: `mmdm sweep show {name}`.\n")
     return dst_root
 
 
 def sweep_summary(name: str, results_root: str | Path = "results/sweeps") -> pd.DataFrame:
-    """One row per point, ranked by :data:`SELECTION_RULE`: final step, recovery of the last two
-    validations (mean), the last validation loss, whether training completed."""
+    """One row per point, ranked by the sweep's :class:`SelectionRule`: final step, the recovery of the
+    last validations (mean; whole-volume where recorded), the last one, vessel PSNR, the whole-volume
+    PSNR (mean of the last validations; NaN where not recorded), whether the point is eligible under
+    the rule's PSNR margin, the last validation loss, whether training completed."""
+    rule = get_sweep(name).rule
     path = project_path(results_root) / name / "summary.csv"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: sweep '{name}' has no results yet; run `mmdm sweep run {name}`")
     df = pd.read_csv(path)
     out = []
     for point, g in df.sort_values("step").groupby("point", sort=False):
-        last = g.tail(2)
+        last = g.tail(rule.last_n)
+        whole = "volume_vessel_recovery" in g and last["volume_vessel_recovery"].notna().all()
+        rec = last["volume_vessel_recovery"] if whole else last["recovery"]
         out.append({"point": point, "method": g["method"].iloc[0], "steps": int(g["step"].max()),
-                    "recovery": float(last["recovery"].mean()), "recovery_last": float(g["recovery"].iloc[-1]),
-                    "vessel_psnr": float(g["vessel_psnr"].iloc[-1]), "val_loss": float(g["val_loss"].iloc[-1]),
+                    "recovery": float(rec.mean()), "recovery_last": float(rec.iloc[-1]),
+                    "vessel_psnr": float(g["vessel_psnr"].iloc[-1]),
+                    "volume_psnr": float(last["volume_psnr"].mean()) if "volume_psnr" in g else float("nan"),
+                    "val_loss": float(g["val_loss"].iloc[-1]),
                     "complete": bool(g["complete"].iloc[-1]), "note": g["note"].iloc[0]})
     table = pd.DataFrame(out)
     if table.empty:
         return table
-    table["_rank"] = table["recovery"].round(2)
-    return table.sort_values(["_rank", "val_loss"], ascending=[False, True]).drop(columns="_rank").reset_index(drop=True)
+    return rank_points(table, rule)
+
+
+def rank_points(table: pd.DataFrame, rule: SelectionRule) -> pd.DataFrame:
+    """``table`` (columns ``recovery``, ``val_loss`` and, for a rule with a PSNR margin, ``volume_psnr``)
+    ordered by ``rule``, with an ``eligible`` column (always True without a margin). A rule with a
+    margin refuses a table without whole-volume PSNR: such a sweep cannot be ranked by it."""
+    table = table.copy()
+    if rule.psnr_margin_db is None:
+        table["eligible"] = True
+    else:
+        if "volume_psnr" not in table or table["volume_psnr"].isna().all():
+            raise ValueError(f"selection rule '{rule.key}' needs whole-volume validation PSNR, but no point has "
+                             "it: train the sweep with val_volumes > 0")
+        best = table["volume_psnr"].max()
+        table["eligible"] = table["volume_psnr"] >= best - rule.psnr_margin_db
+    table["_rank"] = (table["recovery"] / rule.round_to).round() * rule.round_to
+    return (table.sort_values(["eligible", "_rank", "val_loss"], ascending=[False, False, True])
+            .drop(columns="_rank").reset_index(drop=True))
 
 
 def sweep_curves(name: str, results_root: str | Path = "results/sweeps") -> pd.DataFrame:
@@ -344,5 +440,5 @@ def recorded_sweeps(results_root: str | Path = "results/sweeps") -> list[Sweep]:
     return [sw for sw in SWEEPS.values() if (root / sw.name / "summary.csv").is_file()]
 
 
-__all__ = ["SELECTION_RULE", "SWEEPS", "Sweep", "SweepPoint", "collect_sweep", "compare_precision", "get_sweep", "point_config", "recorded_sweeps", "sweep_curves",
+__all__ = ["FIDELITY_AND_VESSELS", "SELECTION_RULE", "SWEEPS", "SelectionRule", "VESSEL_ONLY", "rank_points", "Sweep", "SweepPoint", "collect_sweep", "compare_precision", "get_sweep", "point_config", "recorded_sweeps", "sweep_curves",
            "run_sweep", "sweep_summary"]

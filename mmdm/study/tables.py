@@ -6,6 +6,7 @@ from typing import Collection
 
 import pandas as pd
 
+from mmdm.regions import REGION_COLUMNS, REGION_LABELS
 from mmdm.stats import compare_to_reference, holm, paired_comparison
 from mmdm.study.records import (METRIC_LABELS, METRIC_LABELS_VESSEL, METRICS, VESSEL_HIGHER_IS_BETTER,
                                 VESSEL_SCORE_HIGHER_IS_BETTER, VESSEL_SCORE_LABELS, paper_results)
@@ -238,3 +239,30 @@ def option_table(per_subject: pd.DataFrame, option: str, metrics: tuple[str, ...
         cols[3]: [r["c"]["n"] for r in rows],
         cols[4]: ["–" if pd.isna(p) else f"{p:.3g}" for p in p_holm]})
     return out.set_index(["run", "metric"])
+
+
+#: digits of the region breakdown's columns (:data:`mmdm.regions.REGION_COLUMNS`)
+REGION_DECIMALS = {"psnr_brain": 2, "psnr_background": 2, "psnr_central": 2, "psnr_outer": 2,
+                   "central_minus_outer_psnr": 2, "outer_error_share": 2, "background_bias": 3,
+                   "background_bright_share": 3}
+
+
+def region_table(table: str, regions: pd.DataFrame, sources: tuple[str, ...] = ("T1w", "T2w", "FLAIR")
+                 ) -> pd.DataFrame:
+    """The region breakdown (:func:`mmdm.study.records.load_regions`) of every row of ``table``: mean ±
+    sd over test subjects of each :data:`mmdm.regions.REGION_COLUMNS` column, the number of subjects and
+    what they are computed on (``source``: the whole volumes, or the stored mid-sagittal slice of a
+    record written before the breakdown). Rows without a record show "–"."""
+    present = set(regions.run) if len(regions) else set()
+    rows = []
+    for label, run in table_rows(table, sources, present=present):
+        v = regions[regions.run == run] if len(regions) else regions
+        row = {"row": label, "n": len(v), "computed on": ", ".join(sorted(set(v.source))) if len(v) else "–"}
+        for c in REGION_COLUMNS:
+            x = v[c].astype(float) if len(v) else pd.Series(dtype=float)
+            mean = x.mean() if len(x) else float("nan")
+            sd = x.std(ddof=1) if len(x) > 1 else float("nan")
+            d = REGION_DECIMALS[c]
+            row[REGION_LABELS[c]] = "–" if pd.isna(mean) else f"{mean:.{d}f}" + ("" if pd.isna(sd) else f" ± {sd:.{d}f}")
+        rows.append(row)
+    return pd.DataFrame(rows).set_index("row")

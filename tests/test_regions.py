@@ -1,0 +1,151 @@
+"""The region breakdown of a prediction's error (mmdm.regions), its record files and the book's views."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from mmdm.regions import (BACKGROUND_THRESHOLD, PANEL_ESTIMATE, REGION_COLUMNS, central_slices, panel_regions,
+                          region_errors, region_summary, slice_errors)
+from mmdm.study.figures import draw_error_views, error_view, shared_error_limit, slice_profile_curves
+from mmdm.study.records import REGIONS_MEASURED, figure_panels, load_regions, load_slice_errors
+
+
+def head_volume(shape=(12, 10, 8)) -> np.ndarray:
+    """A bright ellipsoid 'head' (0.5) in air (0), with one brighter voxel."""
+    x, y, z = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
+    t = np.where(x ** 2 + y ** 2 + z ** 2 < 0.7, 0.5, 0.0)
+    t[shape[0] // 2, shape[1] // 2, shape[2] // 2] = 1.0
+    return t
+
+
+def test_central_half_of_the_stack():
+    assert np.flatnonzero(central_slices(8)).tolist() == [2, 3, 4, 5]
+    assert np.flatnonzero(central_slices(10)).tolist() == [2, 3, 4, 5, 6, 7]
+    with pytest.raises(ValueError, match="at least one slice"):
+        central_slices(0)
+
+
+def test_a_haze_in_the_air_is_a_background_bias_and_no_brain_error():
+    t = head_volume()
+    p = np.where(t < BACKGROUND_THRESHOLD, 0.12, t)  # the air painted at 0.12, the head exact
+    r = region_errors(p, t)
+    assert r["background_bias"] == pytest.approx(0.12)
+    assert r["background_bright_share"] == 1.0
+    assert math.isinf(r["psnr_brain"])
+    assert r["psnr_background"] == pytest.approx(10 * math.log10(1 / 0.12 ** 2))
+    # a haze below the 0.1 line is a bias, but no bright voxel
+    r2 = region_errors(np.where(t < BACKGROUND_THRESHOLD, 0.08, t), t)
+    assert r2["background_bright_share"] == 0.0 and r2["background_bias"] == pytest.approx(0.08)
+
+
+def test_error_only_at_the_stack_ends_is_all_in_the_outer_half():
+    t = head_volume()
+    p = t.copy()
+    p[:, :, [0, 7]] += 0.2
+    r = region_errors(p, t)
+    assert r["outer_error_share"] == pytest.approx(1.0)
+    assert math.isinf(r["psnr_central"]) and math.isinf(r["central_minus_outer_psnr"])
+    # outer half = 4 of 8 slices, two of them wrong by 0.2 everywhere: MSE 0.02
+    assert r["psnr_outer"] == pytest.approx(10 * math.log10(1 / 0.02))
+
+
+def test_brain_mask_replaces_the_head_when_given():
+    t = head_volume()
+    p = t + 0.1
+    brain = np.zeros(t.shape, bool)
+    brain[5:7, 4:6, 3:5] = True
+    r = region_errors(p, t, brain)
+    assert r["psnr_brain"] == pytest.approx(20.0)
+    with pytest.raises(ValueError, match="brain mask"):
+        region_errors(p, t, brain[:-1])
+    with pytest.raises(ValueError, match="one shape"):
+        region_errors(p[:-1], t)
+
+
+def test_slice_profile_matches_an_independent_per_slice_mse():
+    rng = np.random.default_rng(0)
+    t = head_volume()
+    p = t + rng.normal(0, 0.05, t.shape) * np.arange(1, 9)[None, None, :]
+    rows = slice_errors(p, t)
+    assert [r["z"] for r in rows] == list(range(8))
+    assert [r["position"] for r in rows] == pytest.approx([(z + 0.5) / 8 for z in range(8)])
+    for r in rows:
+        mse = float(np.mean((p[:, :, r["z"]] - t[:, :, r["z"]]) ** 2))
+        assert r["mse"] == pytest.approx(mse) and r["psnr"] == pytest.approx(10 * math.log10(1 / mse))
+    assert rows[-1]["psnr"] < rows[0]["psnr"]  # the noise grows along the stack
+
+
+def test_panel_estimate_equals_the_volume_breakdown_of_a_volume_constant_across_x():
+    t2 = head_volume((1, 10, 8))[0]
+    t = np.repeat(t2[None], 12, axis=0)
+    p = np.where(t < BACKGROUND_THRESHOLD, 0.07, t * 0.9)
+    est = panel_regions(figure_panels(p.astype(np.float32), t))
+    full = region_errors(p, t)
+    for k in REGION_COLUMNS:  # panels are float16: agreement to its precision
+        assert est["regions"][k] == pytest.approx(full[k], rel=2e-3, abs=2e-3), k
+    assert len(est["slices"]) == 8
+
+
+def test_region_summary_ignores_non_finite_values():
+    rows = [dict.fromkeys(REGION_COLUMNS, 1.0), dict.fromkeys(REGION_COLUMNS, 3.0)]
+    rows[1]["psnr_central"] = math.inf
+    s = region_summary(rows)
+    assert s["psnr_brain"] == 2.0 and s["psnr_central"] == 1.0
+
+
+def write_record(root, name, t, p, with_regions: bool):
+    rec = root / name
+    rec.mkdir(parents=True)
+    np.savez(rec / "panels.npz", subject=np.array("sub-001"), **figure_panels(p.astype(np.float32), t))
+    if with_regions:
+        pd.DataFrame([{"subject": "sub-001", **region_errors(p, t)}]).to_csv(rec / "regions.csv", index=False)
+        pd.DataFrame([{"subject": "sub-001", **r} for r in slice_errors(p, t)]).to_csv(rec / "slice_errors.csv",
+                                                                                      index=False)
+    (rec / "summary.json").write_text(json.dumps({"method": "x"}))
+
+
+def test_records_without_a_breakdown_are_estimated_from_their_panels_and_say_so(tmp_path):
+    t = head_volume()
+    write_record(tmp_path, "new", t, np.where(t < BACKGROUND_THRESHOLD, 0.2, t), True)
+    write_record(tmp_path, "old", t, np.where(t < BACKGROUND_THRESHOLD, 0.2, t), False)
+    (tmp_path / "unfinished").mkdir()
+    reg = load_regions(tmp_path).set_index("run")
+    assert sorted(reg.index) == ["new", "old"]
+    assert reg.at["new", "source"] == REGIONS_MEASURED and reg.at["old", "source"] == PANEL_ESTIMATE
+    assert reg.at["new", "background_bias"] == pytest.approx(0.2)
+    assert reg.at["old", "background_bias"] == pytest.approx(0.2, rel=1e-3)
+    sl = load_slice_errors(tmp_path)
+    assert len(sl[sl.run == "new"]) == 8 and set(sl[sl.run == "old"].source) == {PANEL_ESTIMATE}
+
+
+def test_slice_profile_bins_pool_subjects_by_position():
+    df = pd.DataFrame({"run": "a", "source": "whole volume", "subject": ["s1"] * 4 + ["s2"] * 2,
+                       "position": [0.1, 0.3, 0.6, 0.9, 0.2, 0.8], "mse": [0.01, 0.02, 0.03, 0.04, 0.03, 0.06]})
+    c = slice_profile_curves(df, bins=2).set_index("position")
+    assert c.at[0.25, "mse"] == pytest.approx(0.02) and c.at[0.75, "mse"] == pytest.approx(np.mean([0.03, 0.04, 0.06]))
+    assert c.at[0.25, "n_subjects"] == 2
+    assert c.at[0.75, "psnr"] == pytest.approx(10 * math.log10(1 / c.at[0.75, "mse"]))
+
+
+def test_error_views_fall_back_to_the_coronal_mips_and_share_one_symmetric_scale():
+    t = head_volume()
+    panels = figure_panels((t + 0.1).astype(np.float32), t)
+    err, what = error_view(panels, "coronal")
+    assert what == "mid-coronal slice" and np.allclose(err, 0.1, atol=1e-3)
+    old = {k: v for k, v in panels.items() if not k.endswith("_coronal")}
+    err_old, what_old = error_view(old, "coronal")
+    assert "MIP" in what_old and err_old.shape == panels["pred_coronal_mip"].shape
+    with pytest.raises(ValueError, match="unknown error view"):
+        error_view(panels, "axial")
+    # one failing method does not set the scale
+    assert shared_error_limit([np.full((4, 4), 0.1), np.full((4, 4), -0.1), np.full((4, 4), 5.0)]) == pytest.approx(0.1)
+    import matplotlib
+    matplotlib.use("Agg")
+    fig, lim = draw_error_views({"A": panels, "B": old}, "coronal", limit=0.3)
+    ims = [ax.images[0] for ax in fig.axes if ax.images]
+    assert lim == 0.3 and len(ims) == 2 and all(im.get_clim() == (-0.3, 0.3) for im in ims)
