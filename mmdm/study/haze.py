@@ -393,7 +393,22 @@ def select_points(means: pd.DataFrame, references: dict[str, str | None], max_bi
     return pd.DataFrame(rows)
 
 
+def judge_sweep(name: str, results_root: str | Path = "results/sweeps") -> pd.DataFrame:
+    """Apply sweep ``name``'s rule to its recorded ``validation_volumes.csv`` (each point against its
+    ``reference``; thresholds of :func:`select_points`, the ones the rule states); writes and
+    returns ``selection.csv``."""
+    sweep = get_sweep(name)
+    dst = project_path(results_root) / name
+    path = dst / "validation_volumes.csv"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: sweep '{name}' has no whole-volume validation yet; run "
+                                f"`python benchmarks/haze_sweep.py {name}`")
+    table = select_points(point_means(pd.read_csv(path)), {p.name: p.reference for p in sweep.points})
+    write_text(dst / "selection.csv", table.to_csv(index=False))
+    return table
+
+
 __all__ = ["BACKGROUND_LEVEL", "CENTRAL_SHARE", "HAZE_LEVEL", "aggregated_slice_bias", "background_mask",
            "background_stats", "banding", "central_slices", "channel_bias", "evaluate_run_validation",
-           "evaluate_sweep", "haze_summary", "point_means", "sampler_trace", "select_points", "slice_profile",
-           "x0_bias_by_timestep"]
+           "evaluate_sweep", "haze_summary", "judge_sweep", "point_means", "sampler_trace", "select_points",
+           "slice_profile", "x0_bias_by_timestep"]

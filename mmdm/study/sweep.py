@@ -193,11 +193,11 @@ SWEEPS: dict[str, Sweep] = {
         name="haze-fusion",
         description="the haze of MMDM in the air and at the ends of the stack: MMDM base (small, the standard "
                     "profile's vessel set-up: 48x48 crops, 70 % vessel-centred, brightest 1 % x20, lr 3e-4) on the "
-                    "standard cohort's training split, 300 steps (a short budget a shared 2-core machine finishes; "
+                    "standard cohort's training split, 200 steps (a short budget a shared 2-core machine finishes; "
                     "the standard runs train 2000), seed 0: the fusion as a correction to the mean of the branch "
                     "predictions (fusion_residual, a deviation from the authors' fusion) and 30 % air-centred crops "
                     "(CropConfig.background_share), each against the unchanged set-up",
-        steps=300, val_every=300, rule=HAZE_RULE,
+        steps=200, val_every=200, rule=HAZE_RULE,
         base_train={"crops": CROPS, "emphasis": TOP20},
         points=(
             SweepPoint("base", variant="base", method_overrides=LR3, note="reference: the standard set-up"),
@@ -210,11 +210,11 @@ SWEEPS: dict[str, Sweep] = {
     "haze-crops": Sweep(
         name="haze-crops",
         description="the haze of BBDM: BBDM (small, the standard profile's vessel set-up, lr 3e-4) on the "
-                    "standard cohort's training split, 300 steps, seed 0, EMA as configured, sampled as the official "
+                    "standard cohort's training split, 200 steps, seed 0, EMA as configured, sampled as the official "
                     "test-time sampler does (no clamp of x0 inside the loop; the clamp of every step, the former "
                     "setting, changes only sampling and is measured on the reference point by "
                     "benchmarks/haze_diagnose.py): 30 % air-centred crops against the unchanged set-up",
-        steps=300, val_every=300, rule=HAZE_RULE,
+        steps=200, val_every=200, rule=HAZE_RULE,
         base_train={"crops": CROPS, "emphasis": TOP20},
         points=(
             SweepPoint("bbdm", method="bbdm", variant=None, method_overrides=LR3,
