@@ -334,7 +334,8 @@ def test_sampling_shape_range_and_seed(name):
     b = model.sample(src, steps=5, generator=torch.Generator().manual_seed(1))
     c = model.sample(src, steps=5, generator=torch.Generator().manual_seed(2))
     assert a.shape == (2, K, 16, 24) and torch.isfinite(a).all()
-    assert a.min() >= -1 and a.max() <= 1  # every method clamps x0
+    if name != "bbdm":  # BBDM's official test-time sampler does not clamp x0 (the volume synthesis clamps)
+        assert a.min() >= -1 and a.max() <= 1  # the others clamp x0
     assert torch.equal(a, b)
     assert not torch.equal(a, c)  # noise start (DDPM, RDDM) or eta = 1 noise (BBDM)
 

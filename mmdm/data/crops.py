@@ -7,10 +7,12 @@ normalised volumes). An item has the layout of a window item
 unchanged::
 
     {"sources": {"T1w": (K, sx, sy), ...}, "target": (K, sx, sy), "subject": "sub-001", "z0": 12,
-     "x0": 30, "y0": 41, "centre": (54, 65, 14), "vessel_centred": True}
+     "x0": 30, "y0": 41, "centre": (54, 65, 14), "vessel_centred": True, "air_centred": False}
 
-Each crop draws, in order: a subject (uniform), whether it is vessel-centred
-(probability ``vessel_share``), then
+Each crop draws, in order: a subject (uniform), its kind from one uniform
+number ``u`` (vessel-centred if ``u < vessel_share``, air-centred if
+``vessel_share <= u < vessel_share + background_share``, placed uniformly
+otherwise), then
 
 * vessel-centred: a centre voxel with probability proportional to
   ``max(target - q, 0) ** power``, ``q`` the ``quantile`` of that subject's
@@ -18,6 +20,11 @@ Each crop draws, in order: a subject (uniform), whether it is vessel-centred
   truth, so it works on IXI); the crop is placed with the centre at offset
   ``size // 2`` (``K // 2`` axially) and shifted inwards where it would leave the
   volume, so it always contains its centre and every voxel can be a centre;
+* air-centred: a centre voxel drawn uniformly from the target's air (voxels
+  below ``background_level`` of the target's maximum; most voxels of the
+  first and last slices), placed like a vessel-centred crop. Whole volumes are
+  about half air, vessel-centred crops hold little of it and rarely reach the
+  ends of the stack; these crops show the model what a window of air looks like;
 * otherwise: a crop position uniform over all positions inside the volume
   (its centre is reported as ``start + size // 2``).
 
@@ -72,7 +79,9 @@ class CropConfig:
     both sides must be multiples of it. ``vessel_share``: the probability that
     a crop is centred by the target's probability map. ``quantile`` / ``power``:
     the map, ``max(target - q, 0) ** power`` with ``q`` the subject target's
-    ``quantile``.
+    ``quantile``. ``background_share``: the probability that a crop is centred on
+    an air voxel of the target (below ``background_level`` of its maximum);
+    ``vessel_share + background_share`` must not exceed 1.
     """
 
     size: tuple[int, int] | None = (48, 48)
@@ -80,6 +89,8 @@ class CropConfig:
     vessel_share: float = 0.7
     quantile: float = 0.99
     power: float = 1.0
+    background_share: float = 0.0
+    background_level: float = 0.05
 
     def __post_init__(self) -> None:
         if self.size is not None:
@@ -111,6 +122,15 @@ class CropConfig:
                               f"99th percentile can be centres), got {self.quantile!r}")
         if not _number(self.power) or not 0.0 < self.power < float("inf"):
             raise ConfigError(f"CropConfig.power must be a positive finite number, got {self.power!r}")
+        if not _number(self.background_share) or not 0.0 <= self.background_share <= 1.0:
+            raise ConfigError(f"CropConfig.background_share must lie in [0, 1] (the share of air-centred crops), "
+                              f"got {self.background_share!r}")
+        if self.vessel_share + self.background_share > 1.0 + 1e-12:
+            raise ConfigError(f"CropConfig: vessel_share ({self.vessel_share}) + background_share "
+                              f"({self.background_share}) exceeds 1; lower one of them")
+        if not _number(self.background_level) or not 0.0 < self.background_level < 1.0:
+            raise ConfigError(f"CropConfig.background_level must lie in (0, 1) (a fraction of the target's "
+                              f"maximum), got {self.background_level!r}")
         return self
 
 
@@ -136,6 +156,13 @@ class _SubjectMap:
     def draw(self, rng: np.random.Generator) -> int:
         u = rng.random() * self.cum[-1]
         return int(self.index[min(int(np.searchsorted(self.cum, u, side="right")), self.index.size - 1)])
+
+
+def air_voxels(target: Tensor | np.ndarray, level: float) -> np.ndarray:
+    """Flat indices of the voxels of a normalised target (in [-1, 1], -1 = 0) below ``level`` of its
+    maximum, i.e. ``(target + 1) / 2 < level``."""
+    t = np.asarray(target.numpy() if isinstance(target, Tensor) else target, dtype=np.float64)
+    return np.flatnonzero((t.ravel() + 1.0) / 2.0 < level)
 
 
 def _start(centre: int, size: int, extent: int) -> int:
@@ -166,6 +193,7 @@ class CropSampler:
         self.volumes = volumes
         self.shapes: dict[str, tuple[int, int, int]] = {}
         self.maps: dict[str, _SubjectMap] = {}
+        self.air: dict[str, np.ndarray] = {}
         for s in self.subjects:
             mods = volumes[s]
             missing = [m for m in self.sources + [target] if m not in mods]
@@ -196,6 +224,12 @@ class CropSampler:
                                       f"CropConfig.quantile, check the subject's {target} volume, or set "
                                       f"vessel_share to 0")
                 self.maps[s] = smap
+            if cfg.background_share > 0:
+                self.air[s] = air_voxels(mods[target], cfg.background_level)
+                if self.air[s].size == 0:
+                    raise ConfigError(f"subject {s}: no {target} voxel lies below {cfg.background_level} of its "
+                                      "maximum (no air to centre a crop on); set CropConfig.background_share to 0 "
+                                      "or raise background_level")
 
     @classmethod
     def from_dataset(cls, dataset: Any, cfg: CropConfig, seed: int = 0) -> "CropSampler":
@@ -218,9 +252,12 @@ class CropSampler:
         X, Y, Z = self.shapes[s]
         sx, sy = self.crop_size(self.shapes[s])
         k = self.window
-        vessel = bool(rng.random() < self.cfg.vessel_share)
-        if vessel:
-            cx, cy, cz = (int(i) for i in np.unravel_index(self.maps[s].draw(rng), (X, Y, Z)))
+        u = rng.random()
+        vessel = bool(u < self.cfg.vessel_share)
+        air = not vessel and bool(u < self.cfg.vessel_share + self.cfg.background_share)
+        if vessel or air:
+            flat = self.maps[s].draw(rng) if vessel else int(self.air[s][int(rng.integers(self.air[s].size))])
+            cx, cy, cz = (int(i) for i in np.unravel_index(flat, (X, Y, Z)))
             x0, y0, z0 = _start(cx, sx, X), _start(cy, sy, Y), _start(cz, k, Z)
         else:
             x0, y0, z0 = (int(rng.integers(0, n + 1)) for n in (X - sx, Y - sy, Z - k))
@@ -231,7 +268,8 @@ class CropSampler:
             return vols[m][x0:x0 + sx, y0:y0 + sy, z0:z0 + k].permute(2, 0, 1).contiguous()
 
         return {"sources": {m: cut(m) for m in self.sources}, "target": cut(self.target), "subject": s,
-                "z0": z0, "x0": x0, "y0": y0, "centre": (cx, cy, cz), "vessel_centred": vessel}
+                "z0": z0, "x0": x0, "y0": y0, "centre": (cx, cy, cz), "vessel_centred": vessel,
+                "air_centred": air}
 
     def batch(self, step: int, batch_size: int, rank: int = 0) -> list[dict]:
         """The ``batch_size`` crops of training step ``step`` on process ``rank`` (pure function)."""

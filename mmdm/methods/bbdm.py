@@ -19,7 +19,11 @@ attention only in the middle block (the configured attention resolutions
 ``cat(x_t, y)`` (``in_channels = 2 x channels``, condition_key
 "SpatialRescaler" with an identity rescaler in pixel space); Adam lr 1e-4,
 beta1 0.9, ReduceLROnPlateau; EMA decay 0.995 updated every 8 steps from
-step 30k; batch 8.
+step 30k; batch 8. The test-time sampler (``BBDMRunner.sample_to_eval``) does
+not clamp the x0 prediction inside the reverse loop (``clip_denoised=False``;
+only the training-time preview images clamp), and the stored image is
+clamped to [-1, 1] once: hence ``clip_x0=False`` here, while the whole-volume
+synthesis clamps the final output.
 
 How the gating is trained: ``y`` is a learnable function of the sources and
 enters the loss three ways, as the bridge's endpoint inside ``x_t``, as the
@@ -77,7 +81,9 @@ class BBDMConfig:
 
     sources: tuple[str, ...] = ("T1w", "T2w", "FLAIR")
     window: int = 5
-    bridge: BridgeConfig = field(default_factory=lambda: BridgeConfig(objective="grad", sample_steps=200, eta=1.0))
+    # the official test-time sampler does not clamp x0 inside the loop (module docstring)
+    bridge: BridgeConfig = field(default_factory=lambda: BridgeConfig(objective="grad", sample_steps=200, eta=1.0,
+                                                                      clip_x0=False))
     unet: UNetConfig = field(default_factory=lambda: UNetConfig(base=128, mult=(1, 4, 8), num_res_blocks=2,
                                                                 attention=True))
     gating: GatingConfig = field(default_factory=GatingConfig)
@@ -107,7 +113,7 @@ def small_config() -> BBDMConfig:
     """CPU size: UNet 16 channels, mult (1, 2, 4), one residual block per level,
     20 sampling steps, EMA from step 100 (updated every step)."""
     return BBDMConfig(
-        bridge=BridgeConfig(objective="grad", sample_steps=20, eta=1.0),
+        bridge=BridgeConfig(objective="grad", sample_steps=20, eta=1.0, clip_x0=False),
         unet=UNetConfig(base=16, mult=(1, 2, 4), num_res_blocks=1, attention=True),
         gating=GatingConfig(hidden=16),
         ema=EMAConfig(decay=0.995, start_step=100, every=1),

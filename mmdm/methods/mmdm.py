@@ -70,6 +70,9 @@ DEVIATIONS: list[str] = [
     "The paper states 200 sampling steps and the authors' config 50; the 'paper' configuration uses 200.",
     "The authors' branch attention (one softmax over all C x C channel pairs of raw dot products) is "
     "computed in fp32 even under bf16 autocast: its logits are sums over every pixel of the window.",
+    "Option fusion_residual (off in the 'paper' configuration): the fusion network predicts a correction "
+    "added to the mean of the branch predictions, its last convolution initialised to zero so that training "
+    "starts from that mean; the authors' fusion outputs x0_hat directly. See the methods page for why.",
 ]
 
 BRANCH_NETS = ("resunet", "restormer")
@@ -103,6 +106,10 @@ class MMDMConfig:
     ``"restormer"`` (the original Restormer's depthwise Restormer-UNet, sized by
     ``branch``). ``shared_time_embedding``: one time embedding for every branch
     and the fusion UNet (the authors' code) instead of one per network.
+
+    ``fusion_residual``: eq. (4) as ``x0_hat = mean_m x0_hat^m + eps_theta^0(...)``, the
+    fusion's last convolution initialised to zero (a deviation from the authors' fusion,
+    which outputs ``x0_hat`` directly; False, the default, is theirs).
     """
 
     sources: tuple[str, ...] = ("T1w", "T2w", "FLAIR")
@@ -123,6 +130,7 @@ class MMDMConfig:
     sampling_shared_noise: bool = False
     naws_per_sample: bool = True
     naws_lr: float | None = None
+    fusion_residual: bool = False
     optim: OptimConfig = field(default_factory=OptimConfig)
 
     def validate(self) -> None:
@@ -289,6 +297,10 @@ class MMDM(SynthesisMethod):
             self.branches = nn.ModuleDict({m: RestormerUNet(2 * k, k, cfg.branch, time_embed=self.time_embed)
                                            for m in self.sources})
         self.fusion = CrossModalFusion(len(self.sources), k, cfg.fusion, time_embed=self.time_embed)
+        if cfg.fusion_residual:  # the correction starts at zero: x0_hat starts as the branches' mean
+            last = self.fusion.unet.out[-1]
+            nn.init.zeros_(last.weight)
+            nn.init.zeros_(last.bias)
         self.naws = NAWS(len(self.sources), self.sources, per_sample=cfg.naws_per_sample) if cfg.use_naws else None
         self.spatial_multiple = math.lcm(2 ** (len(bc.mult) - 1), 2 ** (len(cfg.fusion.unet.mult) - 1))
         self._last: dict[str, Tensor] = {}
@@ -335,6 +347,14 @@ class MMDM(SynthesisMethod):
         out = self.branches[modality](torch.cat([x_t, y], dim=1), t)
         return self.bridge.predict_x0(x_t, y, t, out)
 
+    def fuse(self, x0_hats: Sequence[Tensor], ys: Sequence[Tensor], t: Tensor) -> Tensor:
+        """The cooperative prediction ``x0_hat`` (eq. (4)); with ``fusion_residual`` the fusion's
+        output is a correction to the mean of the branch predictions."""
+        fused = self.fusion(x0_hats, ys, t)
+        if self.cfg.fusion_residual:
+            fused = fused + torch.stack(list(x0_hats), 0).mean(0)
+        return fused
+
     def training_losses(self, batch: Batch, generator: torch.Generator | None = None,
                         group: str = MAIN) -> dict[str, Tensor]:
         """One training step's losses (Fig. 1a); MMDM has one optimiser group, ``"main"``.
@@ -354,7 +374,7 @@ class MMDM(SynthesisMethod):
             noises = [randn_like(x0, generator) for _ in ys]
         preds = [self.branch_x0(m, self.bridge.q_sample(x0, y, t, e), y, t)
                  for m, y, e in zip(self.sources, ys, noises)]
-        fused = self.fusion(preds, ys, t)
+        fused = self.fuse(preds, ys, t)
         # the vessel emphasis (issue #15) weights the MSE part of every x0 loss; none: eq. (7) as published
         hybrid = partial(hybrid_loss, use_mip=cfg.use_mip, tau=cfg.mip_tau, reduction="none", generator=generator,
                          gumbel=cfg.mip_gumbel, weights=self.emphasis_map(batch, x0), noise_scale=cfg.mip_noise_scale)
@@ -400,7 +420,7 @@ class MMDM(SynthesisMethod):
             return [self.branch_x0(m, x, y, t) for m, x, y in zip(self.sources, x_ts, ys)]
 
         return sample_multibranch(x0_fn, ys, self.bridge, steps=steps, eta=eta, mode=self.cfg.sampling,
-                                  fuse_fn=self.fusion, generator=generator, progress=progress,
+                                  fuse_fn=self.fuse, generator=generator, progress=progress,
                                   shared_noise=self.cfg.sampling_shared_noise)
 
     def extra_repr(self) -> str:
