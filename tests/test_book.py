@@ -30,7 +30,8 @@ DOCUMENTED = {"01_data.ipynb": {"profile", "data_dir", "build_if_missing", "subj
               "02_train.ipynb": RUN_PARAMS, "03_evaluate.ipynb": RUN_PARAMS, "04_results.ipynb": AGG_PARAMS,
               "05_qualitative.ipynb": AGG_PARAMS, "06_training.ipynb": AGG_PARAMS, "07_claims.ipynb": AGG_PARAMS,
               "08_uncertainty.ipynb": AGG_PARAMS, "09_frontier.ipynb": AGG_PARAMS, "10_sweeps.ipynb": AGG_PARAMS,
-              "11_premise.ipynb": AGG_PARAMS, "12_robustness.ipynb": AGG_PARAMS}
+              "11_premise.ipynb": AGG_PARAMS, "12_robustness.ipynb": AGG_PARAMS,
+              "13_viewer.ipynb": AGG_PARAMS}
 
 
 def test_every_notebook_is_tested():

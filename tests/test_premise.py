@@ -84,6 +84,8 @@ def test_invisible_check_follows_its_stated_rule():
     assert set(high.check) == {"recovered"}
     mixed = premise.invisible_check(_table([0.0, 0.9, 0.0, 0.9, 0.0, 0.9], [0.5] * 6, [0.4] * 6))
     assert set(mixed.check) == {"undecided"}
+    one = premise.invisible_check(_table([0.9], [0.5], [0.4], subjects=("a",)))
+    assert set(one.check) == {"too few subjects"}  # one subject's interval is a point: no decision
 
 
 def test_class_means_leave_out_segments_the_tof_does_not_show_and_comparisons_are_paired():
@@ -102,11 +104,14 @@ def test_class_means_leave_out_segments_the_tof_does_not_show_and_comparisons_ar
     assert by_only["mean_diff"] == pytest.approx(ref["mean_diff"])
 
 
-def test_findings_quote_the_measured_numbers():
+def test_findings_claim_a_difference_only_by_the_verdict_rule():
     full = [0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
     t = _table([0.0] * 6, full, [0.1] * 6)
     text = " ".join(premise.findings(t, ("T1w", "T2w", "FLAIR")))
-    assert "higher than that of 1 of 1 baselines" in text
+    assert "higher than that of 1 of 1 baselines fed the same three inputs (pix2pix)" in text
+    few = _table([0.0] * 3, full[:3], [0.1] * 3, subjects=("a", "b", "c"))
+    text = " ".join(premise.findings(few, ("T1w", "T2w", "FLAIR")))
+    assert "higher than that of 0 of 1 baselines" in text and "fewer than 6 no difference can be shown" in text
     assert "1 run(s) do not recover them" not in text  # both runs have the none class at 0
     assert "2 run(s) do not recover them" in text
     assert "pair without FLAIR" in text

@@ -39,7 +39,11 @@ subject (:mod:`mmdm.stats`). The check that nothing recovers what no source
 shows is decided by a rule fixed here: the ``none`` class is **not recovered**
 when the upper end of its CI is below :data:`RECOVERED_AT` (0.2, the
 study's threshold for "vessels learned"), **recovered** when the lower end is
-above it, and **undecided** otherwise.
+above it, and **undecided** otherwise (with fewer than two subjects: **too few subjects**).
+Comparisons of MMDM full with another run are claimed only by the study's
+verdict rule (:func:`mmdm.stats.verdict`: paired CI excluding 0 and a
+Holm-adjusted Wilcoxon p < 0.05 within the question's comparisons; no claim
+with fewer than six subjects).
 
 The record (``results/<profile>/analysis/premise/``: ``segments.csv``,
 ``recovery.csv`` written after every run so an interrupted analysis resumes,
@@ -64,7 +68,7 @@ from mmdm.data.volumes import load_volume
 from mmdm.engine.rundir import RecordWriter
 from mmdm.io import write_text
 from mmdm.paths import project_path, repo_root
-from mmdm.stats import paired_comparison, summarise
+from mmdm.stats import MIN_WILCOXON_N, holm, paired_comparison, summarise, verdict
 from mmdm.study.api import analysis_dir, results_dir, runs_dir
 from mmdm.study.profiles import get_profile
 from mmdm.study.records import VESSELS_LEARNED_RECOVERY, portable
@@ -83,6 +87,9 @@ BACKGROUND_MAX_FRACTION = 0.02
 CLASSES = ("none", "one", "two", "three")
 #: The ``none`` class counts as recovered above this contrast recovery (the study's "vessels learned").
 RECOVERED_AT = VESSELS_LEARNED_RECOVERY
+#: The check needs a CI over at least this many subjects (one subject's "interval" is a point).
+MIN_CHECK_SUBJECTS = 2
+INVISIBLE_CHECKS = ("not recovered", "recovered", "undecided", "too few subjects", "no such segment")
 SCORES = ("recovery", "centreline")
 SCORE_LABELS = {"recovery": "contrast recovery", "centreline": "centreline share"}
 
@@ -308,7 +315,8 @@ def compare(table: pd.DataFrame, a: str, b: str, cls: str, score: str = "recover
 
 
 def invisible_check(table: pd.DataFrame, score: str = "recovery", threshold: float = RECOVERED_AT) -> pd.DataFrame:
-    """Per run, the ``none`` class against ``threshold`` by the rule of the module doc."""
+    """Per run, the ``none`` class against ``threshold`` by the rule of the module doc (one of
+    :data:`INVISIBLE_CHECKS`)."""
     ct = class_table(table, score)
     rows = []
     for run in dict.fromkeys(table["run"]):
@@ -317,29 +325,44 @@ def invisible_check(table: pd.DataFrame, score: str = "recovery", threshold: flo
             verdict, m, lo, hi, n = "no such segment", math.nan, math.nan, math.nan, 0
         else:
             m, lo, hi, n = (float(row[c].iloc[0]) for c in ("mean", "ci_low", "ci_high", "segments"))
-            verdict = "not recovered" if hi < threshold else "recovered" if lo > threshold else "undecided"
+            if int(row["subjects"].iloc[0]) < MIN_CHECK_SUBJECTS:
+                verdict = "too few subjects"
+            else:
+                verdict = "not recovered" if hi < threshold else "recovered" if lo > threshold else "undecided"
         rows.append({"run": run, "mean": m, "ci_low": lo, "ci_high": hi, "segments": int(n), "check": verdict})
     return pd.DataFrame(rows)
 
 
-def _sign(c: Mapping[str, float]) -> str:
+def _said(c: Mapping[str, float], v: str) -> str:
+    """How one verdict of :func:`mmdm.stats.verdict` reads (MMDM full against the other run)."""
     if not c["n"]:
         return "cannot be compared (no subject has both)"
-    if c["ci_low"] > 0:
-        return "is higher (the paired 95 % CI excludes 0)"
-    if c["ci_high"] < 0:
-        return "is lower (the paired 95 % CI excludes 0)"
-    return "is not shown to differ (the paired 95 % CI includes 0)"
+    if v == "holds":
+        return "is higher (paired 95 % CI excludes 0, Holm-adjusted Wilcoxon p < 0.05)"
+    if v == "contradicted":
+        return "is lower (paired 95 % CI excludes 0, Holm-adjusted Wilcoxon p < 0.05)"
+    why = f"fewer than {MIN_WILCOXON_N} subjects, so no test can decide" if c["n"] < MIN_WILCOXON_N else \
+        "the paired test does not decide"
+    return f"is not shown to differ ({why})"
+
+
+def judged(comparisons: Sequence[dict[str, float]]) -> list[str]:
+    """The study's verdict (:func:`mmdm.stats.verdict`, higher is better) of each comparison, Holm-adjusted
+    within the family passed."""
+    adj = holm([c["p_wilcoxon"] for c in comparisons]) if comparisons else []
+    return [verdict((c["ci_low"], c["ci_high"]), float(p), True) for c, p in zip(comparisons, adj)]
 
 
 def findings(table: pd.DataFrame, sources: Sequence[str], score: str = "recovery") -> list[str]:
-    """The page's answers, one sentence each, generated from the numbers."""
+    """The page's answers, one sentence each, generated from the numbers. Each question's comparisons of
+    MMDM full are one family (Holm); a difference is claimed only by the study's verdict rule."""
     out = []
     runs = set(table["run"])
     lab = SCORE_LABELS[score]
     full = REFERENCE_RUN
     if full not in runs:
-        return [f"MMDM full has no scored prediction yet, so none of the questions can be answered."]
+        return ["MMDM full has no scored prediction yet, so none of the questions can be answered."]
+    pairs = []
     for m in sources:
         pair = f"{full}-" + "+".join(x for x in sources if x != m)
         if pair not in runs:
@@ -350,35 +373,37 @@ def findings(table: pd.DataFrame, sources: Sequence[str], score: str = "recovery
             out.append(f"No test subject has a TOF-visible segment that only {m} shows, so the pair without {m} "
                        "cannot be compared with MMDM full there.")
             continue
+        pairs.append((m, c))
+    for (m, c), v in zip(pairs, judged([c for _, c in pairs])):
         out.append(f"On segments only {m} shows, MMDM full's {lab} ({c['mean_a']:.2f}) against the pair without "
                    f"{m} ({c['mean_b']:.2f}): the difference {c['mean_diff']:+.2f} "
-                   f"[{c['ci_low']:+.2f}, {c['ci_high']:+.2f}] over {c['n']} subject(s) {_sign(c)}. "
-                   + ("This supports the premise that fusion adds what one source alone shows."
-                      if c["ci_low"] > 0 else "This does not support the premise here."))
-    better = []
-    for b in BASELINES:
-        if b not in runs:
-            continue
-        c = compare(table, full, b, "one", score)
-        if c["n"]:
-            better.append((b, c))
-    if better:
-        wins = [b for b, c in better if c["ci_low"] > 0]
-        losses = [b for b, c in better if c["ci_high"] < 0]
+                   f"[{c['ci_low']:+.2f}, {c['ci_high']:+.2f}] over {c['n']} subject(s) {_said(c, v)}. "
+                   + ("This supports the premise that fusion recovers what one source alone shows."
+                      if v == "holds" else "This contradicts the premise." if v == "contradicted"
+                      else "This neither supports nor contradicts the premise."))
+    base = [(b, compare(table, full, b, "one", score)) for b in BASELINES if b in runs]
+    base = [(b, c) for b, c in base if c["n"]]
+    if base:
+        verdicts = judged([c for _, c in base])
+        wins = [b for (b, _), v in zip(base, verdicts) if v == "holds"]
+        losses = [b for (b, _), v in zip(base, verdicts) if v == "contradicted"]
+        n = max(c["n"] for _, c in base)
         out.append(f"On segments exactly one source shows, MMDM full's {lab} is higher than that of "
-                   f"{len(wins)} of {len(better)} baselines fed the same three inputs with a paired CI excluding 0 "
-                   f"({', '.join(wins) or 'none'}), lower than {len(losses)} ({', '.join(losses) or 'none'}), and "
-                   f"not shown to differ from the rest.")
-    chk = invisible_check(table, score) if score == "recovery" else None
-    if chk is not None:
-        rec = chk[chk.check == "recovered"].run.tolist()
-        ok = chk[chk.check == "not recovered"].run.tolist()
-        und = chk[chk.check == "undecided"].run.tolist()
-        none = chk[chk.check == "no such segment"].run.tolist()
-        out.append(f"Segments no source shows: {len(ok)} run(s) do not recover them (CI below {RECOVERED_AT}), "
-                   f"{len(rec)} do ({', '.join(rec) or 'none'}; the check fails for them: a model that recovers "
-                   f"what no input shows has learnt where the phantom puts vessels, not seen them), "
-                   f"{len(und)} are undecided and {len(none)} have no such segment.")
+                   f"{len(wins)} of {len(base)} baselines fed the same three inputs ({', '.join(wins) or 'none'}) "
+                   f"and lower than that of {len(losses)} ({', '.join(losses) or 'none'}) by the study's verdict "
+                   f"rule (paired CI and Holm-adjusted Wilcoxon test over {n} subject(s)"
+                   + (f"; with fewer than {MIN_WILCOXON_N} no difference can be shown" if n < MIN_WILCOXON_N else "")
+                   + ").")
+    if score == "recovery":
+        chk = invisible_check(table, score)
+        groups = {k: chk[chk.check == k].run.tolist() for k in INVISIBLE_CHECKS}
+        out.append(f"Segments no source shows: {len(groups['not recovered'])} run(s) do not recover them (CI below "
+                   f"{RECOVERED_AT}); {len(groups['recovered'])} do "
+                   f"({', '.join(groups['recovered']) or 'none'}: the check fails for them, a model that recovers "
+                   "what no input shows has learnt where the phantom puts vessels, or the score credits something "
+                   f"else); {len(groups['undecided'])} are undecided; "
+                   f"{len(groups['too few subjects'])} have fewer than {MIN_CHECK_SUBJECTS} subjects and "
+                   f"{len(groups['no such segment'])} no such segment.")
     out.append("The single-branch predictions inside MMDM (each modality's branch alone) are not scored: the "
                "runs write only the fused synthesis.")
     return out
