@@ -243,8 +243,9 @@ def run_robustness(data_root: str | Path, runs: dict[str, Path], out_dir: str | 
         "config": asdict(cfg), "severities": {a: list(SEVERITIES[a]) for a in cfg.artefacts},
         "scale_percentile": SCALE_PERCENTILE, "sampling": {"steps": steps, "stride": stride},
         "checkpoint_steps": checkpoints,
-        "not_measured": "missing modalities: the gated baselines could be fed two sources, but this analysis "
-                        "degrades all three; MMDM defines no way to drop a branch",
+        "not_measured": "a missing source: no method of the study defines a synthesis without one of its "
+                        "sources (each refuses a missing modality), and neither the paper nor the authors' code "
+                        "says how MMDM would drop a branch",
         **record.session(dev, git_root=repo_root())}))
     return out
 
