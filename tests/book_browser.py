@@ -16,6 +16,8 @@ serve them. For each page it records:
 * table cells of the form ``mean ± sd`` that wrap over more than one line;
 * containers that scroll sideways without a visible scrollbar;
 * tables that need a horizontal scrollbar (allowed, but reported);
+* slice viewers (``[data-mmdm-viewer]``) whose panels do not all change when the slice slider moves,
+  or when the slab-MIP toggle is switched on;
 
 and saves a full-page screenshot. Run it on a built book:
 
@@ -91,6 +93,8 @@ class PageReport:
     wrapped_cells: list[str] = field(default_factory=list)
     scrolled_tables: list[str] = field(default_factory=list)
     hidden_scrollbars: list[str] = field(default_factory=list)
+    viewer_problems: list[str] = field(default_factory=list)
+    n_viewers: int = 0
     n_images: int = 0
     n_math: int = 0
     column_width: float = 0.0
@@ -106,6 +110,7 @@ class PageReport:
         out += [f"{self.page}: absolute path of the building machine: {e}" for e in self.absolute_paths]
         out += [f"{self.page}: 'mean ± sd' cell wraps: {e!r}" for e in self.wrapped_cells]
         out += [f"{self.page}: scrolls sideways without a visible scrollbar: {e}" for e in self.hidden_scrollbars]
+        out += [f"{self.page}: slice viewer: {e}" for e in self.viewer_problems]
         return out
 
 
@@ -188,6 +193,52 @@ const t0 = Date.now();
 """
 
 
+# Every slice viewer of the page: wait until its volumes are decoded, then move its slider and switch on the
+# slab MIP, and report each panel that did not change (its canvas's pixels compared before and after).
+_VIEWERS = r"""
+const done = arguments[arguments.length - 1];
+const viewers = [...document.querySelectorAll('[data-mmdm-viewer]')];
+const t0 = Date.now();
+(function poll() {
+  if (viewers.some(v => v.dataset.ready !== '1')) {
+    if (Date.now() - t0 > 20000) {
+      done({n: viewers.length, problems: viewers.filter(v => v.dataset.ready !== '1')
+            .map(v => v.dataset.mmdmViewer + ': volumes never decoded')});
+      return;
+    }
+    setTimeout(poll, 100);
+    return;
+  }
+  const problems = [];
+  const snap = v => [...v.querySelectorAll('canvas.mmdm-viewer-panel')].map(c => c.toDataURL());
+  const fire = (el, type) => el.dispatchEvent(new Event(type, {bubbles: true}));
+  for (const v of viewers) {
+    const name = v.dataset.mmdmViewer, slider = v.querySelector('.mmdm-viewer-slice');
+    const labels = [...v.querySelectorAll('figcaption')].map(f => f.textContent);
+    const before = snap(v);
+    if (before.length < 2) problems.push(name + ': fewer than two panels');
+    slider.value = String(Math.max(0, Math.floor((+slider.max) / 4)));
+    fire(slider, 'input');
+    const moved = snap(v);
+    moved.forEach((u, i) => { if (u === before[i]) problems.push(name + ': panel "' + labels[i] + '" did not change with the slider'); });
+    const mip = v.querySelector('.mmdm-viewer-mip');
+    mip.checked = true;
+    fire(mip, 'change');
+    snap(v).forEach((u, i) => { if (u === moved[i]) problems.push(name + ': panel "' + labels[i] + '" did not change with the slab MIP'); });
+    mip.checked = false;
+    fire(mip, 'change');
+  }
+  done({n: viewers.length, problems});
+})();
+"""
+
+
+def check_viewers(drv) -> tuple[int, list[str]]:
+    """(number of slice viewers on the open page, problems of their panels)."""
+    res = drv.execute_async_script(_VIEWERS)
+    return int(res["n"]), list(res["problems"])
+
+
 def _driver(browser: str, driver: str):
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
@@ -230,12 +281,13 @@ def check_book(html_dir: str | Path, forbidden: Sequence[str], shots: str | Path
                 drv.get(f"{url}/{rel}")
                 drv.execute_async_script(_WAIT_MATH)
                 res = drv.execute_script(_INSPECT)
+                n_viewers, viewer_problems = check_viewers(drv)
                 logs = drv.get_log("browser")
                 src = drv.page_source
                 rep = PageReport(
                     page=rel, overflow=res["overflow"], broken_images=res["broken"], raw_math=res["rawMath"],
                     wrapped_cells=res["wrapped"], scrolled_tables=res["scrolled"], hidden_scrollbars=res["hiddenBars"],
-                    math_errors=res["mathErrors"],
+                    math_errors=res["mathErrors"], n_viewers=n_viewers, viewer_problems=viewer_problems,
                     n_images=res["nImages"], n_math=res["nMath"], column_width=res["columnWidth"],
                     viewport_width=res["viewport"],
                     console_errors=[e["message"] for e in logs if e.get("level") == "SEVERE"
@@ -270,6 +322,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     problems = [p for r in reports for p in r.problems()]
     for r in reports:
         extra = f"; scrolled tables: {len(r.scrolled_tables)}" if r.scrolled_tables else ""
+        extra += f"; slice viewers: {r.n_viewers}" if r.n_viewers else ""
         print(f"{r.page}: {r.n_images} images, {r.n_math} maths, column {r.column_width:.0f} px{extra} -> {r.screenshot}")
     print("\n".join(problems) or f"{len(reports)} pages, no problem")
     return 1 if problems else 0

@@ -29,7 +29,9 @@ AGG_PARAMS = {"profile", "results"}
 DOCUMENTED = {"01_data.ipynb": {"profile", "data_dir", "build_if_missing", "subject", "seed"},
               "02_train.ipynb": RUN_PARAMS, "03_evaluate.ipynb": RUN_PARAMS, "04_results.ipynb": AGG_PARAMS,
               "05_qualitative.ipynb": AGG_PARAMS, "06_training.ipynb": AGG_PARAMS, "07_claims.ipynb": AGG_PARAMS,
-              "08_uncertainty.ipynb": AGG_PARAMS, "09_frontier.ipynb": AGG_PARAMS, "10_sweeps.ipynb": AGG_PARAMS}
+              "08_uncertainty.ipynb": AGG_PARAMS, "09_frontier.ipynb": AGG_PARAMS, "10_sweeps.ipynb": AGG_PARAMS,
+              "11_premise.ipynb": AGG_PARAMS, "12_robustness.ipynb": AGG_PARAMS,
+              "13_viewer.ipynb": AGG_PARAMS}
 
 
 def test_every_notebook_is_tested():
@@ -134,7 +136,7 @@ def test_book_renders_every_page(smoke_study):
     html = work / "_build" / "html"
     assert "simulat" in (html / "data_cards" / "phantom.html").read_text().lower()
     for page in ("01_data", "04_results", "05_qualitative", "06_training", "07_claims", "08_uncertainty",
-                 "09_frontier", "10_sweeps", "deviations"):
+                 "09_frontier", "10_sweeps", "11_premise", "12_robustness", "13_viewer", "deviations"):
         assert (html / "book" / "generated" / f"{page}.html").is_file(), page
     data_page = (html / "book" / "generated" / "01_data.html").read_text()
     glued = _glued(work / "book" / "generated" / "01_data.ipynb")
@@ -252,6 +254,30 @@ def test_frontier_record_and_recommendation_on_the_page(smoke_study):
     assert f"Recommended: {ch['steps']} steps, stride {ch['stride']}, {ch['mode']}" in page
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(STUDY_TIMEOUT)
+def test_premise_robustness_and_viewer_records_and_pages(smoke_study):
+    from mmdm.study import premise, robustness, viewer
+    from mmdm.study.runs import study_runs
+
+    work = smoke_study[0]
+    rec = work / "results" / "smoke" / "analysis"
+    pr = premise.load_premise(rec / "premise")
+    assert pr is not None and set(pr["summary"]["runs"]) == {r.name for r in study_runs()}  # every Table 1-3 run
+    assert set(pr["segments"].visibility) <= set(premise.CLASSES) and pr["segments"].tof_visible.any()
+    page = _text(work / "_build" / "html" / "book" / "generated" / "11_premise.html")
+    assert premise.findings(pr["table"], ("T1w", "T2w", "FLAIR"))[-2] in page  # the invisible-segment check
+    rb = robustness.load_robustness(rec / "robustness")
+    assert rb is not None and robustness.same_inputs(rb["table"])
+    t = rb["table"]
+    assert len(t) == 7 * (1 + 6 * 3)  # the Table 1 runs x (clean + six artefacts x three severities), one subject
+    assert t[t.artefact != "clean"].input_hash.nunique() == 6 * 3  # each degraded input differs from the others
+    vw = viewer.load_viewer(rec / "viewer")
+    assert vw is not None and len(vw["subjects"]) == 1
+    panels = next(iter(vw["subjects"].values()))
+    assert list(panels)[0] == viewer.TRUTH and len(panels) == 8  # the ground truth and the seven Table 1 runs
+
+
 def _forbidden_paths(work: Path, cohort: Path) -> list[str]:
     """Absolute paths of the machine that built the smoke book: none may reach a page."""
     return sorted({str(work), str(work.resolve()), str(ROOT), str(Path(cohort).resolve()), str(Path.home()) + "/"})
@@ -302,6 +328,8 @@ def test_smoke_book_in_a_real_browser(smoke_study, tiny_cohort):
         assert r.screenshot.is_file() and r.screenshot.stat().st_size > 10_000
         assert r.screenshot.parent == html.parent / "browser-check"
     assert by_page["book/generated/05_qualitative.html"].n_images == 5  # Fig. 3: one figure per view
+    # the slice viewer: one per shown test subject, every panel moved by its slider (checked in check_book)
+    assert by_page["book/generated/13_viewer.html"].n_viewers == 1
     assert by_page["book/generated/06_training.html"].n_math >= 2  # the NAWS weights, typeset by MathJax
     assert by_page["book/methods.html"].n_math >= 5
     # Tables 1-3 (ours beside the paper's) fit the column: no sideways scrolling needed

@@ -34,14 +34,15 @@ def add_study_parser(subparsers) -> argparse.ArgumentParser:
         "study", help="run the whole study (13 trainings, evaluation, notebooks, book) for a profile",
         description="Execute the study's notebooks with papermill in order: the cohort (01_data), every run's "
         "training (02_train) and evaluation (03_evaluate), the seed repeats of the profile's seed runs, the "
-        "analyses of MMDM full (uncertainty from repeated sampling, the speed-quality frontier), then the "
-        "aggregate notebooks (04_results ... 09_frontier), then `jupyter-book build`. Runs whose record under results/PROFILE is "
+        "analyses of the trained models (uncertainty from repeated sampling, the speed-quality frontier, the premise "
+        "by vessel visibility, robustness to artefacts, the slice viewer), then the "
+        "aggregate notebooks (04_results ... 13_viewer), then `jupyter-book build`. Runs whose record under results/PROFILE is "
         "complete are skipped, so an interrupted study resumes.",
         epilog="profiles:\n" + profiles, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--profile", default="quick", choices=sorted(PROFILES), help="study profile (default: quick)")
     p.add_argument("--only", nargs="+", default=None, metavar="RUN",
                    help="run only these runs (e.g. mmdm-full bbdm; a seed run: mmdm-full-s1) or analyses "
-                   "(uncertainty, frontier); the aggregate notebooks still show all records")
+                   "(uncertainty, frontier, premise, robustness, viewer); the aggregate notebooks still show all records")
     p.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (default: the profile's)")
     p.add_argument("--jobs", type=int, default=1, help="independent runs in parallel (one per GPU where there are several)")
     p.add_argument("--backend", default="local", choices=["local", "ray"],

@@ -1,8 +1,9 @@
 """`mmdm study`: execute the study's notebooks with papermill, in order, and build the book.
 
     cohort (01_data) -> for each run: 02_train, 03_evaluate -> seed runs (02/03 again) ->
-    analyses of MMDM full (uncertainty, frontier) -> 04_results, 05_qualitative, 06_training,
-    07_claims, 08_uncertainty, 09_frontier -> jupyter-book build
+    analyses (uncertainty, frontier, premise, robustness, viewer) -> 04_results, 05_qualitative,
+    06_training, 07_claims, 08_uncertainty, 09_frontier, 10_sweeps, 11_premise, 12_robustness,
+    13_viewer -> jupyter-book build
 
 A run whose record (``results/<profile>/<run>/summary.json``) is complete is
 skipped, so an interrupted study resumes where it stopped; an interrupted
@@ -36,18 +37,21 @@ from mmdm.study.backends import (BACKENDS, LocalBackend, Outcome, RayBackend, de
                                  set_job_threads, thread_env, threads_message, user_threads)
 from mmdm.study.executed import tidy_notebook
 from mmdm.study.frontier import ensure_frontier
+from mmdm.study.premise import ensure_premise
 from mmdm.study.profiles import StudyProfile, get_profile
 from mmdm.study.records import load_records, record_complete
+from mmdm.study.robustness import ensure_robustness
 from mmdm.study.runs import RunSpec, option_spec, study_runs
 from mmdm.study.seeds import resolve_seed_runs, seed_specs, split_seed
 from mmdm.study.uncertainty import ensure_uncertainty
+from mmdm.study.viewer import ensure_viewer
 
-#: analyses of MMDM full's trained model, after the runs (names usable with ``--only``)
-ANALYSES = ("uncertainty", "frontier")
+#: analyses of the trained models, after the runs (names usable with ``--only``)
+ANALYSES = ("uncertainty", "frontier", "premise", "robustness", "viewer")
 #: seconds a notebook's kernel may take to start (papermill's default, 60 s, is too short on a busy machine)
 KERNEL_START_TIMEOUT = 300
 AGGREGATE_NOTEBOOKS = ("04_results", "05_qualitative", "06_training", "07_claims", "08_uncertainty", "09_frontier",
-                      "10_sweeps")
+                      "10_sweeps", "11_premise", "12_robustness", "13_viewer")
 
 
 def notebook(name: str) -> Path:
@@ -344,7 +348,9 @@ def run_study(profile: str | StudyProfile = "quick", only: Sequence[str] | None 
                 f"{', '.join(r.name for r, _ in option_items)}")
         stage(option_items)
 
-        for name, ensure in (("uncertainty", ensure_uncertainty), ("frontier", ensure_frontier)):
+        for name, ensure in (("uncertainty", ensure_uncertainty), ("frontier", ensure_frontier),
+                             ("premise", ensure_premise), ("robustness", ensure_robustness),
+                             ("viewer", ensure_viewer)):
             if not only or name in only:
                 attempt(name, lambda ensure=ensure: ensure(profile, device, log), api.results_dir(profile) / name)
     if failures:

@@ -1,0 +1,90 @@
+"""The slice viewer: 8-bit head crops on one scale, a self-contained page, and a slider that moves every panel."""
+
+import base64
+import json
+import re
+import zlib
+
+import numpy as np
+import pytest
+
+from mmdm.study import viewer
+
+
+def _volumes(shape=(20, 24, 16)):
+    rng = np.random.default_rng(0)
+    target = np.zeros(shape)
+    target[4:16, 5:19, 2:14] = rng.uniform(0.2, 1.0, (12, 14, 12))
+    return target, {"A": target / target.max() * 0.5, "B": np.clip(target / target.max() + 0.2, 0, 1)}
+
+
+def test_head_box_is_the_bounding_box_plus_margin_clipped_to_the_grid():
+    target, _ = _volumes()
+    box = viewer.head_box(target, margin=2)
+    assert box == (slice(2, 18), slice(3, 21), slice(0, 16))
+    with pytest.raises(ValueError, match="nothing to show"):
+        viewer.head_box(np.zeros((4, 4, 4)))
+
+
+def test_one_intensity_scale_and_axial_orientation():
+    assert viewer.to_uint8(np.array([0.0, 0.5, 1.0, 2.0, -1.0]), 1.0).tolist() == [0, 128, 255, 255, 0]
+    vol = np.arange(2 * 3 * 4).reshape(2, 3, 4)
+    st = viewer.axial_stack(vol)
+    assert st.shape == (4, 3, 2)
+    for x, y, z in [(0, 0, 0), (1, 2, 3), (1, 0, 2)]:
+        assert st[z, 2 - y, x] == vol[x, y, z]  # row 0 is the largest y (anterior up), as Fig. 3
+    target, preds = _volumes()
+    vols = viewer.subject_volumes(target * 7.0, preds)  # target in any units; predictions in its fractions
+    assert list(vols) == [viewer.TRUTH, "A", "B"]
+    assert {v.shape for v in vols.values()} == {(16, 18, 16)}
+    assert vols[viewer.TRUTH].max() == 255 and vols["A"].max() == 128  # half the target's max on the same scale
+    with pytest.raises(ValueError, match="shape"):
+        viewer.subject_volumes(target, {"C": np.zeros((3, 3, 3))})
+
+
+def test_the_page_embeds_every_volume_losslessly_and_loads_nothing(tmp_path):
+    target, preds = _volumes()
+    vols = viewer.subject_volumes(target, preds)
+    page = viewer.viewer_html(vols, "sub-001", title="sub-001")
+    data = json.loads(re.search(r"const encoded = (\[.*?\]);", page).group(1))
+    assert len(data) == 3
+    for enc, v in zip(data, vols.values()):
+        raw = np.frombuffer(zlib.decompress(base64.b64decode(enc)), np.uint8).reshape(v.shape)
+        np.testing.assert_array_equal(raw, v)
+    assert not re.search(r"(src|href)=|https?:|import\(", page)  # no network, no library
+    assert page.count('class="mmdm-viewer-panel"') == 3
+    with pytest.raises(ValueError, match="one shape"):
+        viewer.viewer_html({"a": vols["A"], "b": vols["A"][:-1]}, "x")
+    path = viewer.write_subject(tmp_path / "s.npz", vols)
+    back = viewer.read_subject(path)
+    assert list(back) == list(vols) and all(np.array_equal(back[k], vols[k]) for k in vols)
+
+
+def test_moving_the_slider_changes_every_panel_in_headless_chromium(tmp_path):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from book_browser import _driver, check_viewers, find_chromium, serve
+
+    found = find_chromium()
+    if found is None:
+        pytest.skip("headless Chromium missing: apt-get install chromium chromium-driver")
+    target, preds = _volumes()
+    vols = viewer.subject_volumes(target, preds)
+    frozen = dict(vols, C=np.repeat(vols["A"][:1], len(vols["A"]), axis=0))  # every slice the same: must be caught
+    html = "<!doctype html><html><body>" + viewer.viewer_html(vols, "ok") + viewer.viewer_html(frozen, "frozen") \
+        + "</body></html>"
+    (tmp_path / "index.html").write_text(html)
+    with serve(tmp_path) as url:
+        drv = _driver(*found)
+        try:
+            drv.set_script_timeout(30)
+            drv.get(f"{url}/index.html")
+            n, problems = check_viewers(drv)
+            errors = [e for e in drv.get_log("browser") if e.get("level") == "SEVERE" and "favicon" not in e["message"]]
+        finally:
+            drv.quit()
+    assert n == 2 and not errors
+    assert problems == ['frozen: panel "C" did not change with the slider',
+                        'frozen: panel "C" did not change with the slab MIP']
