@@ -3,7 +3,7 @@
 For each method specification and image size, a synthetic dataset (random
 volumes in the study's layout, written to a temporary directory) is trained on
 through :class:`mmdm.engine.train.Trainer` -- the real step: data loading,
-``training_losses``, backward, Adam, optional bf16 autocast -- and a volume is
+the method's ``train_step`` (losses, backward, Adam), optional bf16 autocast -- and a volume is
 synthesised with :func:`mmdm.engine.infer.synthesize_volume` (2.5D sliding
 window, stride 1, batched windows, ``--sample-steps`` sampler steps).
 

@@ -16,7 +16,7 @@ It measures, writing everything under one folder (``gpu_check.json``, a
     device, driver, CUDA / cuDNN / torch versions, bf16 support, GPU count.
 ``train``
     one real engine training step (:class:`mmdm.engine.train.Trainer`: data
-    loading, ``training_losses``, backward, Adam; the GANs' alternating groups)
+    loading, the method's ``train_step``: losses, backward, Adam; D then G for the GANs)
     of every method's ``paper`` configuration on 288x320 windows of 5 slices,
     batch 4 (the paper's), in fp32 and with bf16 autocast: median step time,
     peak memory, whether every loss stayed finite.

@@ -40,6 +40,15 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+
+def top_count(n_items: int, fraction: float) -> int:
+    """How many of ``n_items`` make up their top ``fraction``: ``max(1, round(fraction * n_items))``,
+    at most ``n_items`` (the brightest voxels of a sample: the vessel emphasis, the bright-target lumen)."""
+    if n_items < 1:
+        raise ValueError(f"a sample needs at least one voxel, got {n_items}")
+    return int(min(n_items, max(1, round(fraction * n_items))))
+
+
 #: Fewer pairs than this: the Wilcoxon p-value is NaN (see the module docstring).
 MIN_WILCOXON_N = 6
 #: Default number of bootstrap resamples.

@@ -40,6 +40,8 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
+from mmdm.stats import top_count
+
 
 #: The phantom's lumen: voxels whose vessel (partial-volume) fraction exceeds this.
 LUMEN_FRACTION = 0.5
@@ -52,13 +54,6 @@ VESSEL_SCORE_KEYS = ("contrast_recovery", "vessel_psnr", "lumen_pred", "lumen_ta
                      "background_target", "lumen_voxels", "background_voxels")
 MASK_SOURCES = ("ground_truth", "bright_target")
 
-
-
-def n_emphasised(n_voxels: int, fraction: float) -> int:
-    """Voxels per sample that count as bright: ``max(1, round(fraction * n_voxels))`` (at most ``n_voxels``)."""
-    if n_voxels < 1:
-        raise ValueError(f"a sample needs at least one voxel, got {n_voxels}")
-    return int(min(n_voxels, max(1, round(fraction * n_voxels))))
 
 def _volume(x: Any, name: str) -> np.ndarray:
     if hasattr(x, "detach"):  # torch tensor
@@ -108,7 +103,7 @@ def bright_mask(target: Any, brain_mask: Any = None, fraction: float = DEFAULT_B
     """The brightest ``fraction`` of the target's voxels inside ``brain_mask`` (whole volume without one).
 
     Exactly ``max(1, round(fraction * n_brain))`` voxels (the rule of
-    :func:`n_emphasised`); ties at the cut go to the lower
+    :func:`mmdm.stats.top_count`); ties at the cut go to the lower
     flat index. For data without vessel ground truth: pass the **real** TOF.
     """
     t = _volume(target, "target")
@@ -119,7 +114,7 @@ def bright_mask(target: Any, brain_mask: Any = None, fraction: float = DEFAULT_B
     idx = np.flatnonzero(brain)
     if idx.size == 0:
         raise ValueError("brain_mask is empty; pass the subject's brain mask (or None for the whole volume)")
-    k = n_emphasised(idx.size, fraction)
+    k = top_count(idx.size, fraction)
     order = np.argsort(-t.ravel()[idx], kind="stable")[:k]
     out = np.zeros(t.size, bool)
     out[idx[order]] = True

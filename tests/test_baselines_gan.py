@@ -14,6 +14,7 @@ import mmdm.methods.unest  # noqa: F401  (registers "unest")
 from mmdm.config import ConfigError, from_dict, to_dict
 from mmdm.losses.adversarial import discriminator_loss, gan_loss, generator_adversarial_loss
 from mmdm.methods import build_method
+from mmdm.methods.base import StepContext
 from mmdm.methods.pix2pix import DEVIATIONS as P2P_DEV
 from mmdm.methods.pix2pix import Pix2PixConfig
 from mmdm.methods.resvit import DEVIATIONS as RESVIT_DEV
@@ -59,15 +60,12 @@ def _changed(before, params):
 
 
 def _engine_step(model, batch, opts):
-    """The engine's multi-optimiser protocol: per group in order, zero all grads, loss, backward, step."""
-    outs = {}
-    for name, opt in opts.items():
-        for o in opts.values():
-            o.zero_grad(set_to_none=True)
-        out = model.training_losses(batch, group=name)
-        out["loss"].backward()
-        opt.step()
-        outs[name] = {k: float(v.detach()) for k, v in out.items()}
+    """One training step as the engine takes it (``train_step`` with a context); logs per group."""
+    logs = model.train_step(batch, StepContext(opts))
+    outs = {name: {} for name in opts}
+    for key, v in logs.items():
+        name, k = key.split("/", 1)
+        outs[name][k] = float(v)
     return outs
 
 
@@ -258,30 +256,33 @@ def test_generator_and_discriminator_steps_touch_only_their_parameters(name):
 
 
 @pytest.mark.parametrize("name,kw", [("pix2pix", {}), ("unest", {"variant": "paired"}), ("unest", {})])
-def test_generator_step_reuses_the_discriminator_steps_fake_when_valid(name, kw):
+def test_one_generator_pass_per_step_and_the_generator_step_scores_the_discriminators_fake(name, kw):
     model = _build(name, **kw).train()
     calls = []
     orig = model.generate
     model.generate = lambda *a, **k: (calls.append(1), orig(*a, **k))[1]
     batch = _batch()
     opts = _adams(model)
-    _engine_step(model, batch, opts)
+    d_before = _snapshot(model.optimizer_groups()["discriminator"])
+    logs = _engine_step(model, batch, opts)
     assert len(calls) == 1  # one generator pass per iteration, like the official loop
-    model.training_losses(batch, group="discriminator")
-    model.training_losses(_batch(seed=1), group="generator")  # another batch: recompute
+    assert all(_changed(d_before, model.optimizer_groups()["discriminator"]))  # D stepped before G's loss
+    if model.paired:  # the very fake the discriminator step saw (same dropout draw)
+        assert logs["discriminator"]["loss_l1"] == logs["generator"]["loss_l1"]
+    model.cfg.reuse_fake = False  # G runs again for its own step
+    _engine_step(model, batch, opts)
     assert len(calls) == 3
-    model.training_losses(batch, group="discriminator")
-    opts["generator"].zero_grad(set_to_none=True)
-    sum(p.sum() for p in model.optimizer_groups()["generator"]).backward()
-    opts["generator"].step()  # G changed after the D call: the cached fake is stale
-    model.training_losses(batch, group="generator")
-    assert len(calls) == 5
-    # the generator step scores the very fake the discriminator step saw (same dropout draw)
-    d_out = model.training_losses(batch, group="discriminator")
-    g_out = model.training_losses(batch, group="generator")
-    assert len(calls) == 6
-    if model.paired:
-        torch.testing.assert_close(d_out["loss_l1"], g_out["loss_l1"], rtol=0, atol=0)
+
+
+def test_no_method_caches_on_object_identity_or_private_counters():
+    import inspect
+
+    import mmdm.methods.pix2pix as p2p
+    import mmdm.methods.unest as unest
+
+    for mod in (p2p, unest):
+        src = inspect.getsource(mod)
+        assert "_version" not in src and " is batch" not in src, mod.__name__
 
 
 @pytest.mark.parametrize("name,kw,steps", [("pix2pix", {}, 50), ("resvit", {}, 40),
@@ -578,7 +579,9 @@ def test_every_registered_method_states_its_objective():
 
 
 def test_unest_unpaired_resume_continues_bit_identically_with_its_image_pools(tmp_path):
-    """The pools are part of the checkpoint: a run resumed mid-way ends where an uninterrupted one does."""
+    """Two generators, two discriminators and the pools are part of the checkpoint: a run resumed
+    mid-way ends where an uninterrupted one does. The emphasis has nothing to weigh and says so."""
+    import json
     import shutil
     import sys
     from pathlib import Path
@@ -589,12 +592,16 @@ def test_unest_unpaired_resume_continues_bit_identically_with_its_image_pools(tm
     from mmdm.data.dataset import DataConfig
     from mmdm.engine.checkpoint import load_checkpoint
     from mmdm.engine.train import TrainConfig, train
+    from mmdm.losses.emphasis import EmphasisConfig
 
     make_dataset(tmp_path / "data", n=4, shape=(32, 32, 8))
     cfg = TrainConfig(method="unest", method_kwargs={"config": "small", "pool_size": 3},
                       data=DataConfig(root=str(tmp_path / "data"), sources=("T1w", "T2w")), steps=4, epochs=None,
-                      batch_size=2, seed=0, device="cpu", checkpoint_every=2, keep_last=2, image_every=0)
+                      batch_size=2, seed=0, device="cpu", checkpoint_every=2, keep_last=2, image_every=0,
+                      emphasis=EmphasisConfig(kind="top_fraction", weight=20.0))
     ref = train(cfg, tmp_path / "ref", progress=False)
+    emphasis = json.loads((ref / "train_complete.json").read_text())["emphasis"]
+    assert emphasis["kind"] == "top_fraction" and emphasis["applied"] is False
     run = tmp_path / "resumed"
     shutil.copytree(ref, run)
     (run / "checkpoints" / "step-00000004.pt").unlink()  # as if killed after the step-2 checkpoint
@@ -607,3 +614,8 @@ def test_unest_unpaired_resume_continues_bit_identically_with_its_image_pools(tm
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+    oa = load_checkpoint(ref / "checkpoints" / "step-00000004.pt")["optimizers"]
+    ob = load_checkpoint(run / "checkpoints" / "step-00000004.pt")["optimizers"]
+    for group in ("discriminator", "generator"):  # both optimisers' moments too
+        for i, st in oa[group]["state"].items():
+            assert all(torch.equal(v, ob[group]["state"][i][n]) for n, v in st.items()), (group, i)

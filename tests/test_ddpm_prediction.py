@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from mmdm.config import ConfigError
 from mmdm.diffusion.ddpm import PREDICTIONS, GaussianDiffusion, sample_ddim
-from mmdm.losses.emphasis import EmphasisConfig, steerable_loss
+from mmdm.losses.emphasis import EmphasisConfig, PixelLoss, emphasis_weights, steerable_loss
 import mmdm.methods.ddpm as ddpm_mod
 from mmdm.methods import build_method
 from mmdm.methods.ddpm import DDPM, DDPMConfig
@@ -198,24 +198,26 @@ def test_training_loss_of_a_random_network_is_the_mse_to_the_target(prediction):
 @pytest.mark.parametrize("prediction", PREDICTIONS)
 def test_emphasis_weights_the_error_to_each_target(prediction):
     model = _build(prediction)
-    model.emphasis = EmphasisConfig(kind="top_fraction", fraction=0.05, weight=20.0)
+    emphasis = EmphasisConfig(kind="top_fraction", fraction=0.05, weight=20.0)
+    model.pixel_loss = PixelLoss(emphasis)
     batch = _batch()
-    batch["weights"] = torch.rand(batch["target"].shape, generator=torch.Generator().manual_seed(1)) * 3
+    weights = emphasis_weights(batch["target"], emphasis)  # the map of the target, whatever is predicted
     with torch.no_grad():
         got = model.training_losses(batch, torch.Generator().manual_seed(12))["loss"]
         out, target, _ = _independent(prediction, model, batch, 12)
-    torch.testing.assert_close(got, (batch["weights"] * (out - target) ** 2).mean(), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(got, (weights * (out - target) ** 2).mean(), atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("prediction", PREDICTIONS)
 def test_steerable_term_uses_the_x0_implied_by_the_prediction(prediction):
     model = _build(prediction)
-    model.emphasis = EmphasisConfig(kind="steerable", weight=5.0)
+    emphasis = EmphasisConfig(kind="steerable", weight=5.0)
+    model.pixel_loss = PixelLoss(emphasis)
     batch = _batch()
     with torch.no_grad():
         got = model.training_losses(batch, torch.Generator().manual_seed(13))
         _, _, x0_of_out = _independent(prediction, model, batch, 13)
-    want = 5.0 * steerable_loss(x0_of_out, batch["target"], model.emphasis.sigmas, model.emphasis.delta)
+    want = 5.0 * steerable_loss(x0_of_out, batch["target"], emphasis.sigmas, emphasis.delta)
     torch.testing.assert_close(got["loss_steerable"], want, atol=1e-6, rtol=1e-4)
 
 

@@ -17,7 +17,7 @@ from mmdm.engine.checkpoint import CheckpointManager, load_checkpoint
 from mmdm.engine.spec import TrainConfig
 from mmdm.engine.train import Trainer, train
 from mmdm.engine.validation import ValidationVessels, central_windows, spread_indices
-from mmdm.losses.emphasis import EmphasisConfig, emphasis_weights
+from mmdm.losses.emphasis import EmphasisConfig, PixelLoss, emphasis_weights
 from mmdm.losses.mip import mip_loss
 from mmdm.methods import build_method
 from mmdm.methods.base import SynthesisMethod
@@ -48,10 +48,11 @@ class Copy(SynthesisMethod):
 
     def training_losses(self, batch, generator=None, group="main"):
         x0, ys = self.check_batch(batch)
-        self.seen.append({"shape": tuple(x0.shape), "weights": batch.get("weights")})
+        px = self.pixel_loss.bind(x0)
+        self.seen.append({"shape": tuple(x0.shape), "weights": px.weights})
         pred = self.conv(torch.cat(ys, 1))
         noise = torch.rand(x0.shape[0], 1, 1, 1, generator=generator)
-        return {"loss": self.pixel_loss(pred, x0 + 0.01 * noise, self.emphasis_map(batch, x0))}
+        return {"loss": px(pred, x0 + 0.01 * noise)}
 
     @torch.no_grad()
     def sample(self, sources, steps=None, eta=None, generator=None, progress=False):
@@ -73,7 +74,7 @@ def cfg_for(root: Path, **kw) -> TrainConfig:
 # -- crops and emphasis in the trainer ---------------------------------------------------------
 
 
-def test_trainer_feeds_crops_and_the_targets_emphasis_map(tmp_path, dataset):
+def test_trainer_feeds_crops_and_a_pixel_loss_weighted_by_the_targets_map(tmp_path, dataset):
     cfg = cfg_for(dataset, crops=CropConfig(size=(8, 8), multiple=4, vessel_share=0.5),
                   emphasis=EmphasisConfig(kind="top_fraction", fraction=0.05, weight=7.0))
     tr = Trainer(cfg, tmp_path / "run", progress=False)
@@ -89,10 +90,16 @@ def test_trainer_feeds_crops_and_the_targets_emphasis_map(tmp_path, dataset):
     assert torch.equal(again["target"], batch["target"])
 
 
-def test_no_emphasis_sends_no_weights(tmp_path, dataset):
+def test_no_emphasis_is_the_published_unweighted_loss(tmp_path, dataset):
     tr = Trainer(cfg_for(dataset), tmp_path / "run", progress=False)
+    assert not tr.method.pixel_loss.active
     tr.train_step(next(tr.batches(0)))
     assert tr.method.seen[-1]["weights"] is None
+    pred, ref = torch.randn(2, K, 4, 4), torch.randn(2, K, 4, 4)
+    px = tr.method.pixel_loss.bind(ref)
+    assert torch.equal(px(pred, ref), torch.nn.functional.mse_loss(pred, ref))
+    assert torch.equal(px(pred, ref, "l1"), torch.nn.functional.l1_loss(pred, ref))
+    assert px.image_term(pred, ref) is None
 
 
 @pytest.mark.parametrize("crop, multiple, message", [((8, 8), 16, "not a multiple of the network's spatial multiple 16"),
@@ -145,7 +152,7 @@ def _batch(seed=0, h=32, w=32) -> dict:
 
 
 def _loss(method: SynthesisMethod, batch: dict, emphasis: EmphasisConfig) -> float:
-    method.emphasis = emphasis
+    method.pixel_loss = PixelLoss(emphasis)
     method.eval()  # no dropout: the GANs' losses are deterministic then
     torch.manual_seed(0)
     group = "generator" if "generator" in method.optimizer_groups() else "main"
@@ -156,22 +163,18 @@ def _loss(method: SynthesisMethod, batch: dict, emphasis: EmphasisConfig) -> flo
 def test_the_emphasis_weights_every_methods_per_pixel_term(name, kw):
     torch.manual_seed(0)
     method = build_method(name, config="small", sources=SOURCES, **kw)
-    assert method.supports_emphasis
+    assert method.uses_pixel_loss
     batch = _batch()
     plain = _loss(method, batch, EmphasisConfig())
     # weight 1 is every weight 1: the published loss exactly (through the weighted code path)
     assert _loss(method, batch, EmphasisConfig(kind="top_fraction", weight=1.0)) == pytest.approx(plain, rel=1e-6)
     heavy = _loss(method, batch, EmphasisConfig(kind="top_fraction", weight=50.0))
     assert heavy > plain * 1.05  # 1 % of the voxels at x50 weigh about half as much again
-    # the engine's precomputed map is what the method uses
-    w = emphasis_weights(batch["target"], EmphasisConfig(kind="top_fraction", weight=50.0))
-    assert _loss(method, {**batch, "weights": w}, EmphasisConfig(kind="top_fraction", weight=50.0)) == \
-        pytest.approx(heavy, rel=1e-6)
 
 
 def test_unpaired_unest_has_no_term_to_emphasise():
     method = build_method("unest", config="small", sources=SOURCES)
-    assert not method.supports_emphasis
+    assert not method.uses_pixel_loss
     batch = _batch()
     assert _loss(method, batch, EmphasisConfig(kind="top_fraction", weight=50.0)) == \
         pytest.approx(_loss(method, batch, EmphasisConfig()), rel=1e-6)

@@ -13,18 +13,22 @@ because
 * the data order is a pure function of ``(seed, epoch)`` (:func:`epoch_batches`),
   and the position inside an epoch is ``step % steps_per_epoch``;
 * every RNG (Python, numpy, torch CPU/CUDA and the trainer's own
-  ``torch.Generator`` passed to ``training_losses``) is checkpointed;
+  ``torch.Generator`` passed to ``train_step``) is checkpointed;
 * image panels and validation run inside :func:`isolated_rng` with their own
   generators, and the DataLoader gets its own generator, so none of them
   changes the training stream.
 
-Optimiser groups: the trainer steps the groups of ``method.optimizer_groups()``
-in dict order (one, ``"main"``, for most methods; two for GANs), each with Adam
-set from ``method.optim_configs()[group]``: all gradients are zeroed,
-``training_losses(batch, generator, group=name)`` is called, its ``"loss"`` is
-back-propagated and only that group's optimiser steps. The weight average is
-``TrainConfig.ema`` or else ``method.ema_config()``. The trainer talks to the
-method only through :class:`~mmdm.methods.base.SynthesisMethod`.
+Optimiser groups: the trainer builds one Adam per group of
+``method.optimizer_groups()`` (one, ``"main"``, for most methods; two for GANs),
+set from ``method.optim_configs()[group]``, and calls ``method.train_step(batch,
+ctx)`` once per batch with a :class:`~mmdm.methods.base.StepContext` (the
+optimisers, the training RNG, autocast, gradient clipping). The default step
+runs ``training_losses`` and one optimiser step per group; the GANs run their
+generator once and step D, then G. The method's per-pixel terms use the
+:class:`~mmdm.losses.emphasis.PixelLoss` the trainer builds from
+``TrainConfig.emphasis``. The weight average is ``TrainConfig.ema`` or else
+``method.ema_config()``. The trainer talks to the method only through
+:class:`~mmdm.methods.base.SynthesisMethod`.
 
 The run's config and method (:mod:`mmdm.engine.spec`), its directory and
 provenance (:mod:`mmdm.engine.rundir`), data order (:mod:`mmdm.engine.batches`),
@@ -44,7 +48,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -69,20 +73,21 @@ from mmdm.engine.spec import (TrainConfig, build_method_from_config, check_check
 from mmdm.engine.validation import ValidationVessels
 from mmdm.engine.volume_validation import ValidationVolumes
 from mmdm.io import os_error_message, write_json
-from mmdm.losses.emphasis import emphasis_weights
-from mmdm.methods.base import MAIN, SynthesisMethod
+from mmdm.losses.emphasis import PixelLoss
+from mmdm.methods.base import MAIN, StepContext, SynthesisMethod
 from mmdm.optim import EMAConfig
 
 
 class _LossModule(nn.Module):
-    """Wraps a method so that DistributedDataParallel's forward is ``training_losses``."""
+    """Wraps a method so that a forward pass the method's ``train_step`` runs through
+    ``ctx.run(fn, *args)`` is DistributedDataParallel's forward (gradients averaged)."""
 
     def __init__(self, method: SynthesisMethod):
         super().__init__()
         self.method = method
 
-    def forward(self, batch: dict, generator: torch.Generator | None = None, group: str = MAIN):
-        return self.method.training_losses(batch, generator, group=group)
+    def forward(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return fn(*args)
 
 
 class Trainer:
@@ -112,7 +117,7 @@ class Trainer:
         self.total_steps = cfg.steps if cfg.steps is not None else cfg.epochs * self.steps_per_epoch
         # the caller's own config: a "module:callable" method is the caller's code, so it may run
         self.method = build_method_from_config(cfg, allow_code=True).to(self.device)
-        self.method.emphasis = cfg.emphasis
+        self.method.pixel_loss = PixelLoss(cfg.emphasis)
         self.crops: CropSampler | None = None
         if cfg.crops is not None:  # the crop sides must be multiples of what the network needs
             multiple = math.lcm(cfg.crops.multiple, self.method.spatial_multiple)
@@ -253,44 +258,23 @@ class Trainer:
             return batch
         cl = torch.channels_last
         return {**batch, "sources": {m: v.contiguous(memory_format=cl) for m, v in batch["sources"].items()},
-                **{k: batch[k].contiguous(memory_format=cl) for k in ("target", "weights") if k in batch}}
+                "target": batch["target"].contiguous(memory_format=cl)}
 
-    def _with_weights(self, batch: dict) -> dict:
-        """Add the vessel-emphasis map of the target (fp32, outside autocast) once per batch."""
-        if self.cfg.emphasis.has_map and self.method.supports_emphasis:
-            batch["weights"] = emphasis_weights(batch["target"].float(), self.cfg.emphasis)
-        return batch
+    def step_context(self) -> StepContext:
+        """The :class:`StepContext` of the next step (its number is ``self.step + 1``)."""
+        return StepContext(self.optimizers, generator=self.generator, step=self.step + 1, autocast=self._autocast,
+                           forward=self.loss_module, params=self.groups, grad_clip=self.grad_clip,
+                           label=self.cfg.method)
 
     def train_step(self, batch: dict) -> dict[str, Tensor]:
-        """One optimiser step per group (see the module docstring); returns detached scalars."""
-        batch = self._memory_format(self._with_weights(to_device(batch, self.device)))
+        """One training step (``method.train_step``, see the module docstring); returns detached scalars."""
+        batch = self._memory_format(to_device(batch, self.device))
         self.method.train()
-        multi = len(self.optimizers) > 1
-        logs: dict[str, Tensor] = {}
-        for name, opt in self.optimizers.items():
-            for o in self.optimizers.values():
-                o.zero_grad(set_to_none=True)
-            with self._autocast():
-                losses = self.loss_module(batch, self.generator, name)
-            if "loss" not in losses:
-                raise KeyError(f"method '{self.cfg.method}'.training_losses returned {sorted(losses)}; it must "
-                               "contain 'loss' (the scalar to back-propagate)")
-            loss = losses["loss"]
-            if not torch.isfinite(loss.detach()).all():
-                raise FloatingPointError(
-                    f"non-finite loss {float(loss)} at step {self.step + 1} (group '{name}'). Lower the learning "
-                    "rate, set grad_clip, or check the data for extreme values; resume from the last checkpoint.")
-            loss.backward()
-            clip = self.grad_clip[name]
-            if clip is not None:
-                gn = torch.nn.utils.clip_grad_norm_(self.groups[name], clip)
-                logs[f"{name}/grad_norm" if multi else "grad_norm"] = gn.detach()
-            opt.step()
-            for k, v in losses.items():
-                logs[f"{name}/{k}" if multi else k] = v.detach().float()
-        for o in self.optimizers.values():
-            o.zero_grad(set_to_none=True)
-        return logs
+        ctx = self.step_context()
+        try:
+            return self.method.train_step(batch, ctx)
+        finally:
+            ctx.zero_grad()
 
     # -- logging ------------------------------------------------------------------
     def _log_scalars(self, logs: dict[str, Tensor]) -> None:
@@ -336,7 +320,8 @@ class Trainer:
 
     @torch.no_grad()
     def validation_losses(self) -> dict[str, float]:
-        """Mean training losses on the first ``val_batches`` validation batches (fixed order and noise)."""
+        """Mean losses of the whole model (group ``"main"``: for a GAN the generator's objective, with
+        ``loss_d`` beside it) on the first ``val_batches`` validation batches (fixed order and noise)."""
         ds = self._validation_dataset()
         if ds is None:
             return {}
@@ -345,11 +330,10 @@ class Trainer:
         with isolated_rng():
             self.method.eval()
             gen = torch.Generator(device=self.device).manual_seed(self.cfg.seed)
-            group = next(iter(self.optimizers))
             for i in range(0, min(len(ds), self.cfg.val_batches * self.cfg.batch_size), self.cfg.batch_size):
                 b = to_device(collate([ds[j] for j in range(i, min(i + self.cfg.batch_size, len(ds)))]),
                                self.device)
-                for k, v in self.method.training_losses(b, gen, group=group).items():
+                for k, v in self.method.training_losses(b, gen, group=MAIN).items():
                     sums[k] = sums.get(k, 0.0) + float(v)
                 n += 1
             self.method.train()
@@ -513,7 +497,7 @@ class Trainer:
                 "steps_per_epoch": self.steps_per_epoch, "world_size": self.info.world_size,
                 "checkpoint": str(self.ckpt.latest().relative_to(p.root)), "final_losses": self.last_losses,
                 "emphasis": {**to_dict(cfg.emphasis), "applied": bool(cfg.emphasis.active and
-                                                                      self.method.supports_emphasis)},
+                                                                      self.method.uses_pixel_loss)},
                 "crops": to_dict(cfg.crops) if cfg.crops is not None else None,
                 "finished": utc_now()})
         barrier(self.info)

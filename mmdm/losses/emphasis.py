@@ -26,7 +26,7 @@ has none). Kinds (:class:`EmphasisConfig`):
   and below the cut, rising linearly to ``1 + weight`` at the brightest voxel
   (a flat sample, ``max == q``, gets all 1).
 
-* ``"steerable"``: no weight map; :func:`emphasised_loss` adds ``weight x``
+* ``"steerable"``: no weight map; :class:`PixelLoss` adds ``weight x``
   :func:`steerable_loss`, a Huber loss between the Gaussian-derivative
   responses (first and second order, in-plane, scales ``sigmas``) of
   prediction and target, in the spirit of Olut et al. (2018). First- and
@@ -56,7 +56,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mmdm.config import ConfigError
-from mmdm.vessel_contrast import n_emphasised
+from mmdm.stats import top_count
 
 #: Weight-map kinds of :class:`EmphasisConfig`.
 EMPHASIS_KINDS = ("none", "top_fraction", "smooth", "steerable")
@@ -147,7 +147,7 @@ def emphasis_weights(target: Tensor, cfg: EmphasisConfig) -> Tensor:
     if not cfg.has_map:
         return torch.ones_like(t)
     flat = t.flatten(1)
-    k = n_emphasised(flat.shape[1], cfg.fraction)
+    k = top_count(flat.shape[1], cfg.fraction)
     q = torch.topk(flat, k, dim=1).values[:, -1:]  # the k-th brightest value of each sample
     if cfg.kind == "top_fraction":
         above = flat > q
@@ -284,16 +284,63 @@ def steerable_loss(pred: Tensor, target: Tensor, sigmas: tuple[float, ...] = (1.
     return _reduce(F.huber_loss(rp, rt, reduction="none", delta=delta), None, reduction, "steerable_loss")
 
 
-def emphasised_loss(pred: Tensor, target: Tensor, cfg: EmphasisConfig, base: str = "mse",
-                    reduction: str = "mean") -> Tensor:
-    """The per-pixel term with emphasis: :func:`weighted_mse` (``base="mse"``) or :func:`weighted_l1` (``"l1"``)
-    with :func:`emphasis_weights` of ``target``; for ``kind="steerable"`` the unweighted term plus
-    ``cfg.weight x`` :func:`steerable_loss`."""
-    fns = {"mse": weighted_mse, "l1": weighted_l1}
-    if base not in fns:
-        raise ValueError(f"emphasised_loss: base must be one of {sorted(fns)}, got {base!r}")
-    weights = emphasis_weights(target, cfg) if cfg.has_map else None
-    loss = fns[base](pred, target, weights, reduction)
-    if cfg.kind == "steerable" and cfg.weight > 0:
-        loss = loss + float(cfg.weight) * steerable_loss(pred, target, cfg.sigmas, cfg.delta, reduction)
-    return loss
+class PixelLoss:
+    """The per-pixel reconstruction term every method hands its predictions to.
+
+    The engine builds one from ``TrainConfig.emphasis`` and sets it as the
+    method's ``pixel_loss``; a method never sees the emphasis settings. Per
+    batch, :meth:`bind` computes the weight map of the **target** x0 once;
+    the bound loss then weighs any comparison (x0, noise, residual, bridge
+    gradient) at those pixels. With ``kind == "none"`` (the default, the
+    published objectives) it is ``F.mse_loss`` / ``F.l1_loss`` exactly.
+    """
+
+    def __init__(self, emphasis: EmphasisConfig | None = None):
+        self.emphasis = (emphasis if emphasis is not None else EmphasisConfig()).validate()
+
+    @property
+    def active(self) -> bool:
+        """Whether the loss differs from the published, unweighted one."""
+        return self.emphasis.active
+
+    def bind(self, x0: Tensor) -> "BoundPixelLoss":
+        """The loss for one batch whose target is ``x0`` (B, ...): the weight map is computed here,
+        from x0 alone, without gradient (in the memory format of x0)."""
+        weights = None
+        if self.emphasis.has_map:
+            weights = emphasis_weights(x0.detach().float(), self.emphasis)
+            if x0.ndim == 4 and not x0.is_contiguous() and x0.is_contiguous(memory_format=torch.channels_last):
+                weights = weights.contiguous(memory_format=torch.channels_last)
+        return BoundPixelLoss(self.emphasis, weights)
+
+    def __repr__(self) -> str:
+        return f"PixelLoss({self.emphasis!r})"
+
+
+class BoundPixelLoss:
+    """:class:`PixelLoss` bound to one batch's target: ``weights`` is its map (None: all ones)."""
+
+    def __init__(self, emphasis: EmphasisConfig, weights: Tensor | None):
+        self.emphasis, self.weights = emphasis, weights
+
+    def __call__(self, pred: Tensor, ref: Tensor, base: str = "mse", reduction: str = "mean") -> Tensor:
+        """``mean(w * |pred - ref|^p)`` (p = 2 for ``"mse"``, 1 for ``"l1"``); reductions as
+        :func:`weighted_mse`. Without a map and with ``"mean"``: ``F.mse_loss`` / ``F.l1_loss``."""
+        if base not in ("mse", "l1"):
+            raise ValueError(f"pixel loss: base must be 'mse' or 'l1', got {base!r}")
+        if self.weights is None and reduction == "mean":
+            return F.mse_loss(pred, ref) if base == "mse" else F.l1_loss(pred, ref)
+        return (weighted_mse if base == "mse" else weighted_l1)(pred, ref, self.weights, reduction)
+
+    @property
+    def has_image_term(self) -> bool:
+        """Whether :meth:`image_term` adds anything (the ``steerable`` kind with a weight > 0)."""
+        return self.emphasis.kind == "steerable" and self.emphasis.weight != 0
+
+    def image_term(self, x0_pred: Tensor, x0: Tensor, reduction: str = "mean") -> Tensor | None:
+        """``weight x`` :func:`steerable_loss` between an image-space prediction of x0 and x0 for the
+        ``steerable`` kind; None for every other kind (nothing to add)."""
+        if not self.has_image_term:
+            return None
+        e = self.emphasis
+        return float(e.weight) * steerable_loss(x0_pred, x0, e.sigmas, e.delta, reduction)

@@ -18,29 +18,33 @@ A batch is a dict::
     {"sources": {modality: Tensor (B, K, H, W)}, "target": Tensor (B, K, H, W)}
 
 with K adjacent axial slices (the 2.5D window) and intensities in [-1, 1].
-The engine may add ``"weights"`` (B, K, H, W): the vessel-emphasis map of the
-target (:attr:`SynthesisMethod.emphasis`, issue #15), computed once per batch.
 
-Vessel emphasis, the same for every method: each method's per-pixel
-reconstruction term goes through :meth:`SynthesisMethod.pixel_loss` with the
-map of :meth:`SynthesisMethod.emphasis_map` (weights from the **target** x0,
-whatever the term compares: x0, noise, residual or bridge gradient), and its
-image-space prediction of x0 through :meth:`SynthesisMethod.image_emphasis`
-(the ``steerable`` kind's feature term). With ``emphasis.kind == "none"`` (the
-default and the ``paper`` profile) both are the plain published objective.
+Training step: the engine calls :meth:`SynthesisMethod.train_step` once per
+batch with a :class:`StepContext` (the optimisers, the training RNG, the
+autocast and the step). The default runs the single-loss path: per optimiser
+group, :meth:`~SynthesisMethod.training_losses` and one optimiser step. A
+method with several optimisers that share one forward pass (the GANs,
+:class:`mmdm.methods.pix2pix.ConditionalGAN`) overrides it, as CycleGAN's
+``optimize_parameters``.
+
+Per-pixel terms go through :attr:`SynthesisMethod.pixel_loss`, a
+:class:`mmdm.losses.emphasis.PixelLoss` the engine sets (default: the
+published, unweighted loss); ``self.pixel_loss.bind(x0)`` once per batch.
+A method whose objective has no per-pixel term against its target declares
+``uses_pixel_loss = False``.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, ClassVar, Mapping, Sequence, TypeVar
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, ContextManager, Mapping, Sequence, TypeVar
 
 import torch
 from torch import Tensor, nn
 
-import torch.nn.functional as F
-
 from mmdm.config import ConfigError, from_dict, replace
-from mmdm.losses.emphasis import EmphasisConfig, emphasis_weights, steerable_loss, weighted_l1, weighted_mse
+from mmdm.losses.emphasis import PixelLoss
 from mmdm.nets.gating import ModalityGating
 from mmdm.optim import EMAConfig, OptimConfig
 from mmdm.registry import Registry
@@ -52,6 +56,62 @@ MAIN = "main"
 #: Registered method name -> factory ``(**kw) -> SynthesisMethod`` (see :func:`register_method`).
 METHODS: Registry[Callable[..., "SynthesisMethod"]] = Registry("method")
 M = TypeVar("M", bound=type)
+
+
+@dataclass
+class StepContext:
+    """What one training step gets from the engine (:meth:`SynthesisMethod.train_step`).
+
+    ``optimizers``: one per optimiser group, in the order of ``optimizer_groups()``;
+    ``generator``: the training RNG (checkpointed: draw every random number of a step from it);
+    ``step``: the number of the step being taken (1 for the first); ``autocast``: a context
+    for the forward pass and the losses (bf16 autocast or none); ``forward``: runs
+    ``fn(*args)`` for a forward pass (through DistributedDataParallel under torchrun, so
+    the gradients are averaged across processes); ``params`` / ``grad_clip``: per group,
+    the parameters and the gradient-norm clip (None: none); ``label``: the method in messages.
+    """
+
+    optimizers: dict[str, torch.optim.Optimizer]
+    generator: torch.Generator | None = None
+    step: int = 1
+    autocast: Callable[[], ContextManager[Any]] = contextlib.nullcontext
+    forward: Callable[..., Any] | None = None
+    params: dict[str, list[nn.Parameter]] = field(default_factory=dict)
+    grad_clip: dict[str, float | None] = field(default_factory=dict)
+    label: str = "method"
+
+    def run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)``: one forward pass of the method (see ``forward``)."""
+        return self.forward(fn, *args) if self.forward is not None else fn(*args)
+
+    def zero_grad(self) -> None:
+        """Clear the gradients of every group."""
+        for o in self.optimizers.values():
+            o.zero_grad(set_to_none=True)
+
+    def optimize(self, group: str, losses: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Back-propagate ``losses["loss"]``, clip and step ``group``'s optimiser, clear every
+        gradient; returns the detached scalars to log (keys ``<group>/...`` with several groups)."""
+        if "loss" not in losses:
+            raise KeyError(f"method '{self.label}' returned the losses {sorted(losses)}; they must contain "
+                           "'loss' (the scalar to back-propagate)")
+        loss = losses["loss"]
+        if not torch.isfinite(loss.detach()).all():
+            raise FloatingPointError(
+                f"non-finite loss {float(loss)} at step {self.step} (group '{group}'). Lower the learning "
+                "rate, set grad_clip, or check the data for extreme values; resume from the last checkpoint.")
+        multi = len(self.optimizers) > 1
+        logs: dict[str, Tensor] = {}
+        loss.backward()
+        clip = self.grad_clip.get(group)
+        if clip is not None:
+            gn = torch.nn.utils.clip_grad_norm_(self.params[group], clip)
+            logs[f"{group}/grad_norm" if multi else "grad_norm"] = gn.detach()
+        self.optimizers[group].step()
+        self.zero_grad()
+        for k, v in losses.items():
+            logs[f"{group}/{k}" if multi else k] = v.detach().float()
+        return logs
 
 
 class SynthesisMethod(nn.Module):
@@ -70,39 +130,11 @@ class SynthesisMethod(nn.Module):
     spatial_multiple: int = 1
     #: Sampling modes :attr:`sampling_mode` can take (MMDM: coupled, independent); empty: none.
     sampling_modes: tuple[str, ...] = ()
-    #: Vessel emphasis of the per-pixel terms (issue #15); the engine sets it from ``TrainConfig.emphasis``.
-    emphasis: EmphasisConfig = EmphasisConfig()
-    #: Whether the objective has a per-pixel term against the target that the emphasis can weight
+    #: The per-pixel reconstruction term (the engine sets it from ``TrainConfig.emphasis``).
+    pixel_loss: PixelLoss = PixelLoss()
+    #: Whether the objective has a per-pixel term against the target that :attr:`pixel_loss` computes
     #: (False for UNest's unpaired objective: it never compares a prediction with its own target).
-    supports_emphasis: ClassVar[bool] = True
-
-    # -- vessel emphasis (issue #15) ---------------------------------------------------
-    def emphasis_map(self, batch: Batch, x0: Tensor) -> Tensor | None:
-        """The emphasis weights of this batch (``batch["weights"]`` when the engine computed them,
-        else from ``x0``), or None when :attr:`emphasis` builds no map (every weight 1)."""
-        if not self.emphasis.has_map:
-            return None
-        w = batch.get("weights") if isinstance(batch, Mapping) else None
-        return w if w is not None else emphasis_weights(x0, self.emphasis)
-
-    @staticmethod
-    def pixel_loss(pred: Tensor, ref: Tensor, weights: Tensor | None, base: str = "mse",
-                   reduction: str = "mean") -> Tensor:
-        """The per-pixel term ``mean(w * |pred - ref|^p)`` (p = 2 for ``"mse"``, 1 for ``"l1"``);
-        ``weights=None`` is the unweighted loss exactly (``F.mse_loss`` / ``F.l1_loss``)."""
-        if base not in ("mse", "l1"):
-            raise ValueError(f"pixel_loss: base must be 'mse' or 'l1', got {base!r}")
-        if weights is None and reduction == "mean":
-            return F.mse_loss(pred, ref) if base == "mse" else F.l1_loss(pred, ref)
-        return (weighted_mse if base == "mse" else weighted_l1)(pred, ref, weights, reduction)
-
-    def image_emphasis(self, x0_pred: Tensor, x0: Tensor, reduction: str = "mean") -> Tensor | None:
-        """``emphasis.weight x`` the steerable-feature loss between a prediction of x0 and x0 for the
-        ``steerable`` kind; None for every other kind (nothing to add)."""
-        e = self.emphasis
-        if e.kind != "steerable" or e.weight == 0:
-            return None
-        return float(e.weight) * steerable_loss(x0_pred, x0, e.sigmas, e.delta, reduction)
+    uses_pixel_loss: ClassVar[bool] = True
 
     def param_groups(self, group: str, params: list[nn.Parameter]) -> list[dict[str, Any]]:
         """Adam's parameter groups of optimiser group ``group`` (default: one, at the group's
@@ -138,6 +170,21 @@ class SynthesisMethod(nn.Module):
         """The losses of optimiser group ``group`` (a key of :meth:`optimizer_groups`; ``"main"``:
         the whole model): ``{"loss": scalar to backpropagate, ...other scalars for logging}``."""
         raise NotImplementedError(f"{type(self).__name__} must implement training_losses(batch, generator, group)")
+
+    def train_step(self, batch: Batch, ctx: StepContext) -> dict[str, Tensor]:
+        """One optimiser step of every group on ``batch``; returns the detached scalars to log.
+
+        The single-loss path: per group of ``ctx.optimizers`` in order,
+        ``training_losses(batch, ctx.generator, group)`` under ``ctx.autocast()`` and
+        ``ctx.optimize(group, losses)``. Override it when the groups share one forward pass.
+        """
+        logs: dict[str, Tensor] = {}
+        ctx.zero_grad()
+        for group in ctx.optimizers:
+            with ctx.autocast():
+                losses = ctx.run(self.training_losses, batch, ctx.generator, group)
+            logs.update(ctx.optimize(group, losses))
+        return logs
 
     @torch.no_grad()
     def sample(self, sources: dict[str, Tensor], steps: int | None = None, eta: float | None = None,

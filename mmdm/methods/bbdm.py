@@ -150,13 +150,13 @@ class BBDM(GatedMethod):
         x_t = self.bridge.q_sample(x0, y, t, noise)
         target = self.bridge.objective(x0, y, t, noise)
         out = self.net(torch.cat([x_t, y], dim=1), t)
-        # the emphasis map of x0 weights the objective's pixels (issue #15; none: the published loss)
-        loss = self.pixel_loss(out, target, self.emphasis_map(batch, x0), "l1" if self.cfg.loss == "l1" else "mse")
+        # the pixel loss weighs the objective at the target's pixels (default: the published loss)
+        px = self.pixel_loss.bind(x0)
+        loss = px(out, target, "l1" if self.cfg.loss == "l1" else "mse")
         logs: dict[str, Tensor] = {}
-        if self.emphasis.kind == "steerable":
-            steer = self.image_emphasis(self.bridge.predict_x0(x_t, y, t, out), x0)
-            if steer is not None:
-                loss, logs["loss_steerable"] = loss + steer, steer.detach()
+        if px.has_image_term:
+            steer = px.image_term(self.bridge.predict_x0(x_t, y, t, out), x0)
+            loss, logs["loss_steerable"] = loss + steer, steer.detach()
         with torch.no_grad():
             x0_hat = self.bridge.predict_x0(x_t, y, t, out)
             mse_x0 = (x0_hat - x0).pow(2).mean()

@@ -154,14 +154,14 @@ class DDPM(GatedMethod):
         x_t = self.diffusion.q_sample(x0, t, noise)
         out = self.predict(x_t, cond, t)
         target = self.diffusion.prediction_target(self.prediction, x0, t, noise)
-        # the emphasis map of x0 weights the error at its pixels (issue #15; none: L_simple)
-        loss = self.pixel_loss(out, target, self.emphasis_map(batch, x0), "mse")
+        # the pixel loss weighs the error at the target's pixels (default: L_simple)
+        px = self.pixel_loss.bind(x0)
+        loss = px(out, target, "mse")
         x0_pred = self.diffusion.x0_eps_from_output(self.prediction, x_t, t, out)[0]
         logs: dict[str, Tensor] = {}
-        if self.emphasis.kind == "steerable":
-            steer = self.image_emphasis(x0_pred, x0)
-            if steer is not None:
-                loss, logs["loss_steerable"] = loss + steer, steer.detach()
+        if px.has_image_term:
+            steer = px.image_term(x0_pred, x0)
+            loss, logs["loss_steerable"] = loss + steer, steer.detach()
         with torch.no_grad():
             x0_hat = x0_pred.detach().clamp(-1.0, 1.0)
             mse_x0 = (x0_hat - x0).pow(2).mean()

@@ -375,12 +375,13 @@ class MMDM(SynthesisMethod):
         preds = [self.branch_x0(m, self.bridge.q_sample(x0, y, t, e), y, t)
                  for m, y, e in zip(self.sources, ys, noises)]
         fused = self.fuse(preds, ys, t)
-        # the vessel emphasis (issue #15) weights the MSE part of every x0 loss; none: eq. (7) as published
+        # the pixel loss's map weighs the MSE part of every x0 loss; default: eq. (7) as published
+        px = self.pixel_loss.bind(x0)
         hybrid = partial(hybrid_loss, use_mip=cfg.use_mip, tau=cfg.mip_tau, reduction="none", generator=generator,
-                         gumbel=cfg.mip_gumbel, weights=self.emphasis_map(batch, x0), noise_scale=cfg.mip_noise_scale)
+                         gumbel=cfg.mip_gumbel, weights=px.weights, noise_scale=cfg.mip_noise_scale)
 
         def loss_fn(pred: Tensor, ref: Tensor) -> Tensor:
-            steer = self.image_emphasis(pred, ref, reduction="none")
+            steer = px.image_term(pred, ref, reduction="none")
             return hybrid(pred, ref) if steer is None else hybrid(pred, ref) + steer
 
         l0 = loss_fn(fused, x0)  # (B,)

@@ -14,9 +14,10 @@ G maps that K-slice window to the K-slice TOF-MRA window.
 
 This module also holds :class:`ConditionalGAN`, the training protocol the
 three adversarial baselines (Pix2Pix, ResViT, UNest) share: two optimiser
-groups (``"discriminator"`` first, then ``"generator"``), the D loss on
-detached fakes, the G loss = adversarial + lambda_L1 * L1 (+ method extras), and
-reuse of the D step's generator output in the G step of the same batch.
+groups (``"discriminator"`` first, then ``"generator"``), one generator pass
+per step, the D loss on the detached fake, then the G loss = adversarial +
+lambda_L1 * L1 (+ method extras) with the updated D (:meth:`ConditionalGAN.train_step`,
+as CycleGAN's ``optimize_parameters``).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from torch import Tensor, nn
 
 from mmdm.config import ConfigError
 from mmdm.losses.adversarial import check_gan_mode, discriminator_loss, generator_adversarial_loss
-from mmdm.methods.base import MAIN, Batch, OptimConfig, SynthesisMethod, register_method
+from mmdm.methods.base import MAIN, Batch, OptimConfig, StepContext, SynthesisMethod, register_method
 from mmdm.nets.gating import GatingConfig, ModalityGating
 from mmdm.nets.patchgan import PatchGAN, PatchGANConfig
 from mmdm.nets.pix2pix_unet import Pix2PixUNet, Pix2PixUNetConfig
@@ -60,6 +61,16 @@ DEVIATIONS: list[str] = [
 # the adversarial training protocol shared by Pix2Pix, ResViT and UNest
 
 
+class _Fake:
+    """The generator's output of one training step, handed from D's forward pass to G's. It is an
+    argument of both passes, never an output, so DistributedDataParallel does not trace it."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value: tuple[Tensor, Tensor, dict[str, Tensor]] | None = None
+
+
 class ConditionalGAN(SynthesisMethod):
     """A paired conditional GAN: generator G (everything but ``self.discriminator``) and a PatchGAN D.
 
@@ -69,25 +80,17 @@ class ConditionalGAN(SynthesisMethod):
     ``gan_mode``, ``real_label``, ``fake_label``, ``lambda_l1``, ``reuse_fake``,
     ``optim`` (G) and ``optim_d`` (D).
 
-    Engine protocol (see ``mmdm.engine.train``): for each group of
-    :meth:`optimizer_groups` in order, zero all grads, call
-    ``training_losses(batch, generator, group=name)``, back-propagate ``"loss"``
-    and step that group's optimiser. The ``"discriminator"`` call runs G and
-    keeps its (non-detached) output; the following ``"generator"`` call on the
-    same batch object reuses it if G's parameters have not changed since
-    (``reuse_fake``), exactly like the official single forward per iteration.
+    Training step (:meth:`train_step`): G runs once; D's loss on the detached fake
+    is back-propagated and D steps; then G's loss, scored by the updated D on the same
+    fake (``reuse_fake``; False: G runs again), is back-propagated and G steps.
     """
 
     discriminator: nn.Module
 
-    def __init__(self) -> None:
-        super().__init__()
-        self._cache: tuple[Any, ...] | None = None
-        self._weights: Tensor | None = None  # the batch's vessel-emphasis map, set by training_losses
-
     @property
-    def supports_emphasis(self) -> bool:  # type: ignore[override]
-        """The emphasis weights the paired L1; an unpaired objective has no term to weight."""
+    def uses_pixel_loss(self) -> bool:  # type: ignore[override]
+        """The pixel loss is the paired L1; an unpaired objective has no term that compares G's
+        output with its own target."""
         return self.paired
 
     # -- subclass API ---------------------------------------------------------
@@ -126,19 +129,10 @@ class ConditionalGAN(SynthesisMethod):
         return {"discriminator": self.cfg.optim_d, "generator": self.cfg.optim}
 
     # -- losses ---------------------------------------------------------------
-    def _g_signature(self) -> tuple[int, ...]:
-        return tuple(p._version for p in self.generator_parameters())
-
-    def _generate_for(self, batch: Batch, ys: list[Tensor], target: Tensor, reuse: bool):
-        cache, self._cache = self._cache, None
-        if reuse and cache is not None and cache[0] is batch and cache[1] == self._g_signature():
-            return cache[2]
-        return self.generate(ys, target)
-
     def _d_loss(self, cond: Tensor, fake: Tensor, target: Tensor, extras: dict[str, Tensor],
-                update_pool: bool = False) -> dict[str, Tensor]:
-        """D's loss on the detached fake (``extras`` and ``update_pool`` serve subclasses with
-        several discriminators or a history of fakes, e.g. UNest's unpaired objective)."""
+                generator: torch.Generator | None = None, update_pool: bool = False) -> dict[str, Tensor]:
+        """D's loss on the detached fake (``extras``, ``generator`` and ``update_pool`` serve subclasses
+        with several discriminators or a history of fakes, e.g. UNest's unpaired objective)."""
         c = self.cfg
         cond = cond.detach()
         loss, real, fk = discriminator_loss(self.discriminator(cond, target), self.discriminator(cond, fake.detach()),
@@ -147,10 +141,11 @@ class ConditionalGAN(SynthesisMethod):
 
     def _g_loss(self, cond: Tensor, fake: Tensor, target: Tensor, extras: dict[str, Tensor]) -> dict[str, Tensor]:
         c = self.cfg
+        px = self.pixel_loss.bind(target)
         adv = generator_adversarial_loss(self.discriminator(cond.detach(), fake), c.gan_mode, c.real_label)
-        l1 = self.pixel_loss(fake, target, self._weights, "l1")  # emphasis-weighted (issue #15) when set
+        l1 = px(fake, target, "l1")
         extra = self.extra_generator_losses(extras, target)
-        steer = self.image_emphasis(fake, target)
+        steer = px.image_term(fake, target)
         if steer is not None:
             extra["loss_steerable"] = c.lambda_l1 * steer
         total = adv + c.lambda_l1 * l1 + sum(extra.values(), torch.zeros((), device=fake.device))
@@ -159,33 +154,60 @@ class ConditionalGAN(SynthesisMethod):
         out["mse"] = (fake.detach() - target).pow(2).mean()
         return out
 
+    def discriminator_losses(self, batch: Batch, generator: torch.Generator | None = None,
+                             carry: _Fake | None = None) -> dict[str, Tensor]:
+        """D's losses: ``(GAN(D(c, x0), real) + GAN(D(c, G(c)), fake)) / 2`` on the detached fake
+        (in training mode the image pools, if any, are updated); also logs the L1 of the fake.
+        G's output is kept in ``carry`` for the generator's step."""
+        target, ys = self.check_batch(batch)
+        fake, cond, extras = self.generate(ys, target)
+        if carry is not None and self.cfg.reuse_fake:
+            carry.value = (fake, cond, extras)
+        out = self._d_loss(cond, fake, target, extras, generator, update_pool=self.training)
+        if self.paired:  # a monitor only: D's loss does not contain it
+            out["loss_l1"] = F.l1_loss(fake.detach(), target)
+        return out
+
+    def generator_losses(self, batch: Batch, carry: _Fake | None = None) -> dict[str, Tensor]:
+        """G's losses: ``GAN(D(c, G(c)), real) + lambda_L1 * |G(c) - x0|_1`` + extras, on the fake in
+        ``carry`` (the discriminator's step's) when there is one, else on a new generator pass."""
+        target, ys = self.check_batch(batch)
+        fake, cond, extras = carry.value if carry is not None and carry.value is not None else self.generate(ys, target)
+        return self._g_loss(cond, fake, target, extras)
+
+    def train_step(self, batch: Batch, ctx: StepContext) -> dict[str, Tensor]:
+        """One step of both groups (CycleGAN's ``optimize_parameters``): G once, D steps on the
+        detached fake, then G steps against the updated D."""
+        carry = _Fake()
+        ctx.zero_grad()
+        with ctx.autocast():
+            d_out = ctx.run(self.discriminator_losses, batch, ctx.generator, carry)
+        logs = ctx.optimize("discriminator", d_out)
+        with ctx.autocast():
+            g_out = ctx.run(self.generator_losses, batch, carry)
+        logs.update(ctx.optimize("generator", g_out))
+        return logs
+
     def training_losses(self, batch: Batch, generator: torch.Generator | None = None,
                         group: str = MAIN) -> dict[str, Tensor]:
-        """Losses of one optimiser group (``generator``, the RNG, is unused: GANs draw no noise).
+        """Losses of one group, each from its own generator pass (``generator``: the RNG of the image pools).
 
-        * ``"discriminator"``: ``(GAN(D(c, x0), real) + GAN(D(c, G(c)), fake)) / 2`` on the
-          detached fake; also logs the L1 of the fake.
-        * ``"generator"``: ``GAN(D(c, G(c)), real) + lambda_L1 * |G(c) - x0|_1`` + extras.
-        * ``"main"`` (the whole model; no optimiser steps it): the generator losses, plus ``loss_d``
-          for logging (no graph through D).
+        * ``"discriminator"``: :meth:`discriminator_losses`;
+        * ``"generator"``: :meth:`generator_losses`;
+        * ``"main"`` (the whole model, e.g. validation): the generator's objective, plus ``loss_d``
+          (no graph through D, no pool update).
         """
         if group not in (MAIN, *GROUPS):
             raise ValueError(f"{self.name}: unknown optimiser group {group!r}; use one of {GROUPS} or {MAIN!r}")
-        target, ys = self.check_batch(batch)
-        self._weights = self.emphasis_map(batch, target) if self.supports_emphasis else None
         if group == "discriminator":
-            fake, cond, extras = self._generate_for(batch, ys, target, reuse=False)
-            if self.cfg.reuse_fake and self.training and fake.requires_grad:
-                self._cache = (batch, self._g_signature(), (fake, cond, extras))
-            out = self._d_loss(cond, fake, target, extras, update_pool=self.training)
-            if self.paired:  # a monitor only: D's loss does not contain it
-                out["loss_l1"] = F.l1_loss(fake.detach(), target)
-            return out
-        fake, cond, extras = self._generate_for(batch, ys, target, reuse=group == "generator")
+            return self.discriminator_losses(batch, generator)
+        if group == "generator":
+            return self.generator_losses(batch)
+        target, ys = self.check_batch(batch)
+        fake, cond, extras = self.generate(ys, target)
         out = self._g_loss(cond, fake, target, extras)
-        if group == MAIN:
-            with torch.no_grad():
-                out["loss_d"] = self._d_loss(cond, fake, target, extras)["loss"]
+        with torch.no_grad():
+            out["loss_d"] = self._d_loss(cond, fake, target, extras)["loss"]
         return out
 
     @torch.no_grad()
@@ -222,8 +244,8 @@ def validate_gan_fields(cfg: Any, where: str) -> None:
 
 @dataclass
 class Pix2PixConfig:
-    """Pix2Pix in the study. ``reuse_fake``: reuse the D step's generator output in the G
-    step (official: one G forward per iteration); False recomputes it."""
+    """Pix2Pix in the study. ``reuse_fake``: the G step scores the D step's generator output
+    (official: one G forward per iteration); False runs G again."""
 
     sources: tuple[str, ...] = ("T1w", "T2w", "FLAIR")
     window: int = 5

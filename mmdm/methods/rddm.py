@@ -166,15 +166,14 @@ class RDDM(GatedMethod):
         noise = randn_like(x0, generator)
         x_t = self.process.q_sample(x0, res, t, noise)
         res_hat, eps_hat = self.predict_res_noise(x_t, x_in, t)
-        # the emphasis map of x0 weights both terms at its pixels (issue #15; none: the published losses)
-        w, base = self.emphasis_map(batch, x0), "l1" if self.cfg.loss == "l1" else "mse"
-        loss_res, loss_eps = self.pixel_loss(res_hat, res, w, base), self.pixel_loss(eps_hat, noise, w, base)
+        # the pixel loss weighs both terms at the target's pixels (default: the published losses)
+        px, base = self.pixel_loss.bind(x0), "l1" if self.cfg.loss == "l1" else "mse"
+        loss_res, loss_eps = px(res_hat, res, base), px(eps_hat, noise, base)
         loss = loss_res + loss_eps
         logs: dict[str, Tensor] = {}
-        if self.emphasis.kind == "steerable":
-            steer = self.image_emphasis(self.process.predict_x0(x_t, t, res_hat, eps_hat), x0)
-            if steer is not None:
-                loss, logs["loss_steerable"] = loss + steer, steer.detach()
+        if px.has_image_term:
+            steer = px.image_term(self.process.predict_x0(x_t, t, res_hat, eps_hat), x0)
+            loss, logs["loss_steerable"] = loss + steer, steer.detach()
         with torch.no_grad():
             x0_hat = self.process.predict_x0(x_t, t, res_hat.detach(), eps_hat.detach()).clamp(-1.0, 1.0)
             mse_x0 = (x0_hat - x0).pow(2).mean()

@@ -295,7 +295,6 @@ class UNest(ConditionalGAN):
                                                 "source": PatchGAN(k, cfg.discriminator)})
             self.pools = nn.ModuleDict({"target": ImagePool(cfg.pool_size), "source": ImagePool(cfg.pool_size)})
         self.spatial_multiple = self.net.spatial_multiple
-        self._rng: torch.Generator | None = None  # the training RNG during training_losses (image pools)
 
     @property
     def paired(self) -> bool:
@@ -347,16 +346,17 @@ class UNest(ConditionalGAN):
 
     # -- the unpaired objective -------------------------------------------------
     def _d_loss(self, cond: Tensor, fake: Tensor, target: Tensor, extras: dict[str, Tensor],
-                update_pool: bool = False) -> dict[str, Tensor]:
+                generator: torch.Generator | None = None, update_pool: bool = False) -> dict[str, Tensor]:
         """Unpaired: ``L_D`` of the module docstring, each D on real windows of its domain and on
-        (pooled, when ``update_pool``) detached fakes; the two halved D losses are summed."""
+        (pooled, when ``update_pool``; ``generator`` draws the pools' choices) detached fakes; the
+        two halved D losses are summed."""
         if self.paired:
-            return super()._d_loss(cond, fake, target, extras, update_pool)
+            return super()._d_loss(cond, fake, target, extras, generator, update_pool)
         c, d = self.cfg, self.discriminator
         fake_b, fake_a = fake.detach(), extras["fake_a"].detach()
         if update_pool:
-            fake_b = self.pools["target"].query(fake_b, self._rng)
-            fake_a = self.pools["source"].query(fake_a, self._rng)
+            fake_b = self.pools["target"].query(fake_b, generator)
+            fake_a = self.pools["source"].query(fake_a, generator)
         loss_b, real, fk = discriminator_loss(d["target"](None, extras["real_b"]), d["target"](None, fake_b),
                                               c.gan_mode, c.real_label, c.fake_label)
         loss_a, _, _ = discriminator_loss(d["source"](None, cond.detach()), d["source"](None, fake_a),
@@ -388,15 +388,6 @@ class UNest(ConditionalGAN):
         out.update({k: v.detach() for k, v in terms.items()})
         out["mse"] = (fake.detach() - target).pow(2).mean()  # a monitor only: not in the loss
         return out
-
-    def training_losses(self, batch, generator: torch.Generator | None = None,
-                        group: str = MAIN) -> dict[str, Tensor]:
-        """See :meth:`ConditionalGAN.training_losses`; ``generator`` draws the image pools' choices."""
-        self._rng = generator
-        try:
-            return super().training_losses(batch, generator, group)
-        finally:
-            self._rng = None
 
     @torch.no_grad()
     def predict_mask(self, sources: dict[str, Tensor]) -> Tensor:
