@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Collection
+from typing import Collection, Mapping
 
 import pandas as pd
 
@@ -55,16 +55,20 @@ def short_labels(table: str, sources: tuple[str, ...] = ("T1w", "T2w", "FLAIR"),
 
 
 def results_table(table: str, per_subject: pd.DataFrame, sources: tuple[str, ...] = ("T1w", "T2w", "FLAIR"),
-                  with_paper: bool = True, metrics: tuple[str, ...] = METRICS) -> pd.DataFrame:
+                  with_paper: bool = True, metrics: tuple[str, ...] = METRICS,
+                  notes: Mapping[str, str] | None = None) -> pd.DataFrame:
     """One row per table row: ``ours`` as mean ± sd over test subjects, and the paper's value.
 
-    Runs without a complete record show "–" (not yet run).
+    Runs without a complete record show "–" (not yet run). ``notes``: run -> a note added to its row
+    label in parentheses (e.g. "not converged", :func:`mmdm.study.footing.not_converged`).
     """
     paper = paper_results()
     paper = paper[paper.table == table].set_index("run")
     rows = []
     for label, run in table_rows(table, sources, present=set(per_subject.run) if len(per_subject) else set()):
         vals = per_subject[per_subject.run == run]
+        if notes and run in notes:
+            label = f"{label} ({notes[run]})"
         row = {"row": label, "run": run, "n": len(vals)}
         for m in metrics:
             v = vals[m] if m in vals else pd.Series(dtype=float)
@@ -78,11 +82,12 @@ def results_table(table: str, per_subject: pd.DataFrame, sources: tuple[str, ...
 
 
 def side_by_side(table: str, per_subject: pd.DataFrame, sources: tuple[str, ...] = ("T1w", "T2w", "FLAIR"),
-                 metrics: tuple[str, ...] = METRIC_FAMILIES["volume"]) -> pd.DataFrame:
+                 metrics: tuple[str, ...] = METRIC_FAMILIES["volume"],
+                 notes: Mapping[str, str] | None = None) -> pd.DataFrame:
     """:func:`results_table` laid out for reading: one row per table row (the paper's row label),
     the number of test subjects, then for each metric *ours* (mean ± sd) and the *paper*'s value
     side by side under one two-level header (metric, ours | paper)."""
-    flat = results_table(table, per_subject, sources, with_paper=True, metrics=metrics)
+    flat = results_table(table, per_subject, sources, with_paper=True, metrics=metrics, notes=notes)
     columns = {("", "n"): flat["n"]}
     for m in metrics:
         columns[(LABELS[m], "ours")] = flat[f"{LABELS[m]} (ours)"]
