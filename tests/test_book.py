@@ -107,7 +107,8 @@ def _html_rows(page: str) -> dict[str, list[str]]:
 @pytest.mark.timeout(STUDY_TIMEOUT)
 def test_results_page_has_every_row_with_the_records_numbers(smoke_study):
     """Each of Tables 1-3 as two tables (whole volume, axial MIP): every row holds our mean of every
-    metric (the smoke profile has one test subject: no ± sd) beside the paper's value."""
+    metric (the smoke profile has one test subject: no ± sd; a row with several seeds: the seed mean ±
+    the seed sd) beside the paper's value."""
     from mmdm.study.records import paper_results
     from mmdm.study.tables import METRIC_FAMILIES, fmt, table_rows
 
@@ -119,11 +120,19 @@ def test_results_page_has_every_row_with_the_records_numbers(smoke_study):
     for table in ("table1", "table2", "table3"):
         for label, run in table_rows(table):
             assert label in rows, f"{table}: no row '{label}' on the results page"
-            metrics = pd.read_csv(work / "results" / "smoke" / run / "metrics.csv")
+            seeds = sorted(p.name for p in (work / "results" / "smoke").iterdir()
+                           if p.name == run or re.fullmatch(re.escape(run) + r"-s[1-9]", p.name))
+            means = {m: [pd.read_csv(work / "results" / "smoke" / r / "metrics.csv")[m].mean() for r in seeds]
+                     for family in METRIC_FAMILIES.values() for m in family}
             theirs = paper[(paper.table == table) & (paper.run == run)].iloc[0]
+
+            def ours(m):  # one seed: the mean (one test subject, no sd); several: the seed mean ± the seed sd
+                v = pd.Series(means[m])
+                return fmt(v.mean(), m) + (f" ± {fmt(v.std(ddof=1), m)}" if len(v) > 1 else "")
+
             for family in METRIC_FAMILIES.values():
-                # n, then ours and the paper's for each metric of the family, side by side
-                expected = ["1"] + [v for m in family for v in (fmt(metrics[m].mean(), m), fmt(theirs[m], m))]
+                # n, seeds, then ours and the paper's for each metric of the family, side by side
+                expected = ["1", str(len(seeds))] + [v for m in family for v in (ours(m), fmt(theirs[m], m))]
                 assert expected in rows[label], (label, expected, rows[label])
             n_rows += 1
     assert n_rows == 7 + 4 + 4

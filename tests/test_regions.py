@@ -149,3 +149,20 @@ def test_error_views_fall_back_to_the_coronal_mips_and_share_one_symmetric_scale
     fig, lim = draw_error_views({"A": panels, "B": old}, "coronal", limit=0.3)
     ims = [ax.images[0] for ax in fig.axes if ax.images]
     assert lim == 0.3 and len(ims) == 2 and all(im.get_clim() == (-0.3, 0.3) for im in ims)
+
+
+def test_export_keeps_the_region_files_and_the_coronal_slice(tmp_path):
+    from test_vessel_record import _fake_run
+
+    from mmdm.study.records import export_record
+
+    run = _fake_run(tmp_path, "mmdm-full", None)
+    (run / "regions.csv").write_text("subject,background_bias\nsub-001,0.25\n")
+    (run / "slice_errors.csv").write_text("subject,z,position,mse\nsub-001,0,0.0625,0.01\n")
+    rec = export_record(run, tmp_path / "results" / "mmdm-full")
+    assert (rec / "regions.csv").read_text() == (run / "regions.csv").read_text()
+    assert (rec / "slice_errors.csv").read_text() == (run / "slice_errors.csv").read_text()
+    with np.load(rec / "panels.npz") as z:
+        # the prediction is target / max: the coronal error is zero to float16 precision
+        assert z["pred_coronal"].shape == z["target_coronal"].shape == (12, 8)
+        assert np.abs(z["pred_coronal"].astype(np.float32) - z["target_coronal"]).max() < 1e-3

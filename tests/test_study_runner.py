@@ -320,7 +320,7 @@ def test_records_only_executes_the_result_notebooks_and_trains_nothing(monkeypat
     executed = []
     monkeypatch.setattr(runner, "execute", lambda name, out, params, log, env=None: executed.append(name))
     monkeypatch.setattr(api, "ensure_data", lambda profile: tmp_path)
-    monkeypatch.setattr(runner, "build_book", lambda root, log: executed.append("book"))
+    monkeypatch.setattr(runner, "build_book", lambda root, log, profile: executed.append("book"))
     status = runner.run_study("smoke", records_only=True, log=lambda s: None)
     assert status == {}
     assert executed == ["01_data", *runner.AGGREGATE_NOTEBOOKS, "book"]
@@ -387,7 +387,7 @@ def test_a_failing_run_never_stops_the_study(monkeypatch, tmp_path, jobs):
 
     monkeypatch.setattr(runner, "execute", execute)
     monkeypatch.setattr(api, "ensure_data", lambda profile: tmp_path)
-    monkeypatch.setattr(runner, "build_book", lambda root, log: executed.append(("book", None, None)))
+    monkeypatch.setattr(runner, "build_book", lambda root, log, profile: executed.append(("book", None, None)))
     monkeypatch.setattr(runner, "select_seed_runs", lambda profile, only, log: [])
     monkeypatch.setattr(runner, "select_option_runs", lambda profile, only, log: [])
     monkeypatch.setattr(runner, "ensure_uncertainty", lambda profile, device, log: None)

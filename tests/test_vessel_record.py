@@ -135,7 +135,7 @@ def test_evaluate_run_writes_vessel_columns_and_their_means(tmp_path, monkeypatc
     raw = 400.0 * target  # a raw TOF: evaluate_run scores against target / max
     preds = {"sub-001": BRAIN + 0.5 * (target - BRAIN), "sub-002": np.full(SHAPE, 0.3, np.float32),
              "sub-003": target + 0.05}
-    cfg = SimpleNamespace(method="stub", method_kwargs={}, steps=7, epochs=None, batch_size=4, ema=None,
+    cfg = SimpleNamespace(method="stub", method_kwargs={}, steps=7, epochs=None, batch_size=4, ema=None, ema_mode="method",
                           data=SimpleNamespace(root=str(tmp_path / "data"), target="angio", window=5, eval_stride=1))
     monkeypatch.setattr(evaluate_mod, "load_run_method", lambda *a, **k: (_Stub(), cfg, {"step": 7}))
     monkeypatch.setattr(evaluate_mod, "synthesize_subjects", lambda method, data, subs, *a, **k: (

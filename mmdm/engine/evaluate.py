@@ -26,6 +26,7 @@ from mmdm.engine.distributed import resolve_device
 from mmdm.engine.infer import check_amp, load_run_method, synthesize_subjects
 from mmdm.engine.rundir import (METRIC_COLUMNS, VESSEL_SCORE_COLUMNS, RecordWriter, run_lock, run_paths,
                                 run_provenance, run_status, write_metrics_csv, write_table_csv)
+from mmdm.engine.spec import resolve_ema
 from mmdm.io import check_output_path, save_nifti, tof_fraction_descrip
 from mmdm.metrics import evaluate_volumes
 from mmdm.regions import REGION_COLUMNS, SLICE_COLUMNS, region_errors, region_summary, slice_errors
@@ -96,12 +97,12 @@ def training_footing(cfg: Any, method: Any, ckpt: dict[str, Any]) -> dict[str, A
     optimiser steps (configured, and of the evaluated checkpoint), which weights were evaluated
     (the weight average or the raw weights) and the average's setting, the batch size and the
     learning rate of every optimiser group."""
-    ema = cfg.ema if cfg.ema is not None else method.ema_config()
+    ema = resolve_ema(cfg, method)
     lrs = {g: float(c.lr) for g, c in method.optim_configs().items()}
     return {"steps": cfg.steps, "epochs": cfg.epochs if cfg.steps is None else None,
             "checkpoint_step": ckpt.get("step"), "batch_size": cfg.batch_size,
             "ema_evaluated": bool(ckpt.get("ema_used")), "ema": to_dict(ema) if ema is not None else None,
-            "ema_mode": getattr(cfg, "ema_mode", None), "lr": lrs}
+            "ema_mode": cfg.ema_mode, "lr": lrs}
 
 
 def check_evaluation_args(split: str, steps: int | None, eta: float | None, n_samples: int, batch_size: int,

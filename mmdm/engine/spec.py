@@ -31,6 +31,15 @@ RUNTIME_KEYS = frozenset({"device", "num_workers", "log_every", "image_every", "
                           "val_volume_steps", "deterministic"})
 
 
+#: How the weight average is decided (``TrainConfig.ema_mode``): ``method`` each method's own default
+#: (its official code's average, or none), ``all`` the same average for every method (``TrainConfig.ema``,
+#: or :data:`SHARED_EMA`), ``none`` raw weights for every method.
+EMA_MODES = ("method", "all", "none")
+#: The average every method keeps under ``ema_mode="all"`` when ``TrainConfig.ema`` is not set: the one the
+#: diffusion baselines' CPU-sized configurations keep (decay 0.995 every step from step 100).
+SHARED_EMA = EMAConfig(decay=0.995, start_step=100, every=1)
+
+
 @dataclass
 class TrainConfig:
     """One training run (YAML-loadable with :func:`mmdm.config.load_yaml`).
@@ -48,6 +57,10 @@ class TrainConfig:
     (:func:`mmdm.engine.precision.resolve_amp`); ``"none"`` (or ``"fp32"``) = fp32. Weights,
     gradients and optimiser state are fp32 in every case. ``channels_last``: the networks and batches in channels-last memory format.
     ``image_every``/``val_every``/``checkpoint_every`` = 0 disables them.
+
+    ``ema_mode`` (:data:`EMA_MODES`): one rule for the weight average of every method -- each
+    method's own (``method``; ``ema`` overrides it), the same for all (``all``: ``ema`` or
+    :data:`SHARED_EMA`), or none (``none``); what evaluation loads follows it (:func:`resolve_ema`).
 
     ``emphasis``: the vessel emphasis of every method's per-pixel terms (issue #15;
     :class:`mmdm.losses.emphasis.EmphasisConfig`, kind ``none`` = the published objective).
@@ -74,6 +87,7 @@ class TrainConfig:
     channels_last: bool = False
     grad_clip: float | None = None
     ema: EMAConfig | None = None  # None: the method's own default (method.ema_config())
+    ema_mode: str = "method"
     deterministic: bool = False
     checkpoint_every: int = 1000
     keep_last: int = 3
@@ -106,6 +120,11 @@ class TrainConfig:
             raise ConfigError(f"TrainConfig.grad_clip must be > 0 or null, got {self.grad_clip}")
         if self.ema is not None:
             self.ema.validate("TrainConfig.ema")
+        if self.ema_mode not in EMA_MODES:
+            raise ConfigError(f"TrainConfig.ema_mode: unknown value {self.ema_mode!r}; use one of {', '.join(EMA_MODES)}")
+        if self.ema_mode == "none" and self.ema is not None:
+            raise ConfigError("TrainConfig: ema_mode 'none' (raw weights for every method) contradicts the average "
+                              "given in ema; drop one of them")
         if self.val_windows < 0:
             raise ConfigError(f"TrainConfig.val_windows must be >= 0, got {self.val_windows}")
         if self.val_volumes < 0:
@@ -173,6 +192,15 @@ def build_method_from_config(cfg: TrainConfig, allow_code: bool = False) -> Synt
         raise ConfigError(f"method '{cfg.method}' is built for {win}-slice windows but data.window is "
                           f"{cfg.data.window}; make them equal")
     return method
+
+
+def resolve_ema(cfg: TrainConfig, method: SynthesisMethod) -> EMAConfig | None:
+    """The weight average a run keeps under ``cfg.ema_mode`` (None: raw weights only)."""
+    if cfg.ema_mode == "none":
+        return None
+    if cfg.ema_mode == "all":
+        return cfg.ema if cfg.ema is not None else SHARED_EMA
+    return cfg.ema if cfg.ema is not None else method.ema_config()
 
 
 def method_optim_configs(method: SynthesisMethod) -> dict[str, OptimConfig]:

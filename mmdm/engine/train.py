@@ -69,7 +69,7 @@ from mmdm.engine.precision import PrecisionError, precision_info
 from mmdm.engine.rundir import (RunLockedError, end_session, heartbeat, run_lock, run_paths, start_session, supersede,
                                 truncate_validation_log, utc_now)
 from mmdm.engine.spec import (TrainConfig, build_method_from_config, check_checkpoint_config, check_run_dir,
-                              method_optim_configs)
+                              method_optim_configs, resolve_ema)
 from mmdm.engine.validation import ValidationVessels
 from mmdm.engine.volume_validation import ValidationVolumes
 from mmdm.io import os_error_message, write_json
@@ -136,7 +136,7 @@ class Trainer:
             self.optimizers[name] = torch.optim.Adam(self.method.param_groups(name, params), lr=oc.lr,
                                                      betas=tuple(oc.betas), weight_decay=oc.weight_decay)
             self.grad_clip[name] = cfg.grad_clip if cfg.grad_clip is not None else oc.grad_clip
-        self.ema_cfg = cfg.ema if cfg.ema is not None else self.method.ema_config()
+        self.ema_cfg = resolve_ema(cfg, self.method)
         self.ema = EMA(self.method, self.ema_cfg) if self.ema_cfg is not None else None
         seed = int(np.random.SeedSequence([cfg.seed, self.info.rank, 17]).generate_state(1)[0])
         self.generator = torch.Generator(device=self.device).manual_seed(seed)

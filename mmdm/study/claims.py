@@ -22,7 +22,8 @@ from mmdm.stats import holm, paired_comparison, smallest_holm_p, verdict
 from mmdm.study.records import (HIGHER_IS_BETTER, METRICS, VESSEL_HIGHER_IS_BETTER, VESSEL_SCORE_HIGHER_IS_BETTER,
                                 paper_results)
 from mmdm.study.runs import BASELINES, REFERENCE_RUN
-from mmdm.study.tables import LABELS, fmt
+from mmdm.study.seeds import seeded_name, split_seed
+from mmdm.study.tables import LABELS, fmt, seed_groups
 
 DIRECTION = {**HIGHER_IS_BETTER, **VESSEL_HIGHER_IS_BETTER, **VESSEL_SCORE_HIGHER_IS_BETTER}
 
@@ -120,3 +121,121 @@ def evaluate_claims(per_subject: pd.DataFrame, sources: tuple[str, ...] = ("T1w"
                        "verdict": overall})
         comps.append(df)
     return pd.DataFrame(claims), pd.concat(comps, ignore_index=True)
+
+
+# ----------------------------------------------------------------------------
+# verdicts over all seeds
+
+#: The rule that decides a claim over every seed, stated before any verdict is computed.
+SEED_RULE = ("each run's test subjects are first averaged over all of its seeds (a run with one seed counts as it "
+             "is); each comparison is then tested on those seed-averaged subjects exactly as for one seed (bootstrap "
+             "95 % CI of the mean difference, Wilcoxon signed-rank p, Holm-corrected within the claim); a comparison "
+             "holds (or is contradicted) only when, in addition, the mean difference goes the same way in every "
+             "pairing of a seed of A with a seed of B; otherwise it is not shown. A claim holds when every comparison "
+             "holds and is contradicted when any is contradicted")
+
+
+def seed_averaged(per_subject: pd.DataFrame) -> pd.DataFrame:
+    """``per_subject`` with the seeds of every run averaged: one row per (run, subject), the run named by
+    its seed-0 name (``mmdm-full-s2`` joins ``mmdm-full``), numeric columns the mean over its seeds, and
+    ``n_seeds`` how many seeds the subject's value averages."""
+    if not len(per_subject):
+        return per_subject.assign(n_seeds=pd.Series(dtype=int))
+    df = per_subject.copy()
+    df["run"] = [split_seed(r)[0] for r in df.run]
+    num = [c for c in df.columns if c not in ("run", "subject") and pd.api.types.is_numeric_dtype(df[c])]
+    out = df.groupby(["run", "subject"], as_index=False)[num].mean()
+    out["n_seeds"] = df.groupby(["run", "subject"]).size().to_numpy()
+    return out
+
+
+def _pairing_signs(per_subject: pd.DataFrame, groups: dict[str, list[str]], a: str, b: str, m: str) -> list[float]:
+    """Mean difference A − B (over common subjects) for every pairing of a seed of A with a seed of B."""
+    out = []
+    for ra in groups.get(a, []):
+        for rb in groups.get(b, []):
+            pa = per_subject[per_subject.run == ra].set_index("subject")[m]
+            pb = per_subject[per_subject.run == rb].set_index("subject")[m]
+            common = pa.index.intersection(pb.index)
+            if len(common):
+                out.append(float((pa.loc[common] - pb.loc[common]).mean()))
+    return out
+
+
+def evaluate_claims_over_seeds(per_subject: pd.DataFrame, sources: tuple[str, ...] = ("T1w", "T2w", "FLAIR"),
+                               n_boot: int = 10000) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """The claims decided over every seed by :data:`SEED_RULE`, with the single-seed verdicts beside.
+
+    Returns ``(claims, comparisons, per_seed)``: ``claims`` as :func:`evaluate_claims` (verdict over all
+    seeds) plus ``seeds`` (how many seeds each compared run has, e.g. "3 vs 1") and one column
+    ``seed k`` per seed with the claim's verdict from the runs of that seed alone ("–" where a run of
+    the claim has no such seed); ``comparisons`` with ``pairings`` (how many seed pairings go the claimed
+    way, of how many); ``per_seed`` the per-seed verdict of every comparison."""
+    groups = seed_groups(per_subject)
+    avg = seed_averaged(per_subject)
+    claims, comps = evaluate_claims(avg.drop(columns="n_seeds"), sources, n_boot=n_boot)
+    pair_cols, verdicts = [], []
+    for r in comps.itertuples():
+        signs = _pairing_signs(per_subject, groups, r.better, r.worse, r.metric) if r.metric in per_subject else []
+        sign = 1.0 if DIRECTION[r.metric] else -1.0
+        claimed = sum(s * sign > 0 for s in signs)
+        pair_cols.append(f"{claimed} of {len(signs)}")
+        v = r.verdict
+        if v == "holds" and claimed != len(signs):
+            v = "not shown"
+        elif v == "contradicted" and sum(s * sign < 0 for s in signs) != len(signs):
+            v = "not shown"
+        verdicts.append(v)
+    comps = comps.assign(pairings=pair_cols, verdict=verdicts)
+    overall = []
+    for key, df in comps.groupby("claim", sort=False):
+        overall.append("contradicted" if (df.verdict == "contradicted").any() else
+                       "holds" if (df.verdict == "holds").all() else "not shown")
+    claims = claims.assign(verdict=overall)
+    # the number of seeds of every run a claim compares
+    keys = list(comps.drop_duplicates("claim").claim)
+    seeds_text = []
+    for key in keys:
+        c = comps[comps.claim == key]
+        by_count: dict[int, list[str]] = {}
+        for r in dict.fromkeys([*c.better, *c.worse]):
+            by_count.setdefault(len(groups.get(r, [])), []).append(r)
+        seeds_text.append("; ".join(f"{n}: {', '.join(rs)}" for n, rs in sorted(by_count.items(), reverse=True)))
+    claims.insert(claims.columns.get_loc("verdict"), "seeds per run", seeds_text)
+    # single-seed verdicts: seed k of every run that has it, seed 0 of the others (marked *)
+    seeds = sorted({split_seed(r)[1] for r in per_subject.run}) if len(per_subject) else []
+    per_seed_rows = []
+    for k in seeds:
+        one, fell_back = _seed_slice(per_subject, groups, k)
+        ck, dk = evaluate_claims(one, sources, n_boot=n_boot)
+        col = []
+        for i, key in enumerate(keys):
+            d = dk[dk.claim == key]
+            involved = set(d.better) | set(d.worse)
+            col.append(ck.verdict[i] + ("*" if involved & fell_back else ""))
+        claims[f"seed {k}"] = col
+        per_seed_rows.append(dk.assign(seed=k))
+    per_seed = pd.concat(per_seed_rows, ignore_index=True) if per_seed_rows else pd.DataFrame()
+    return claims, comps, per_seed
+
+
+def _seed_slice(per_subject: pd.DataFrame, groups: dict[str, list[str]], k: int) -> tuple[pd.DataFrame, set[str]]:
+    """The records of seed ``k`` named by their seed-0 names: each run's seed ``k`` where it has one, else its
+    seed 0; and the runs that fell back to seed 0."""
+    parts, fell_back = [], set()
+    for base, runs in groups.items():
+        want = seeded_name(base, k)
+        pick = want if want in runs else base
+        if pick not in runs:
+            continue
+        if pick != want:
+            fell_back.add(base)
+        parts.append(per_subject[per_subject.run == pick].assign(run=base))
+    return (pd.concat(parts, ignore_index=True) if parts else per_subject.iloc[0:0]), fell_back
+
+
+def single_seed_runs(per_subject: pd.DataFrame, sources: tuple[str, ...] = ("T1w", "T2w", "FLAIR")) -> list[str]:
+    """The runs the claims compare that have a record of one seed only (seed 0)."""
+    groups = seed_groups(per_subject)
+    compared = {x for c in paper_claims(sources) for a, b, _ in c.comparisons for x in (a, b)}
+    return sorted(r for r in compared if len(groups.get(r, [])) == 1)

@@ -12,7 +12,7 @@ from mmdm.study.sweep import FIDELITY_AND_VESSELS, SWEEPS, collect_sweep, get_sw
 
 def _cmd_study(args: argparse.Namespace) -> int:
     if args.book_only:
-        build_book()
+        build_book(profile=args.profile)
         return 0
     overrides = {}
     if args.dataset:

@@ -36,6 +36,7 @@ from mmdm.study import api
 from mmdm.study.backends import (BACKENDS, LocalBackend, Outcome, RayBackend, describe_failure, job_threads, require_ray,
                                  set_job_threads, thread_env, threads_message, user_threads)
 from mmdm.study.executed import tidy_notebook
+from mmdm.study.footing import budget_markdown, footing_markdown
 from mmdm.study.frontier import ensure_frontier
 from mmdm.study.premise import ensure_premise
 from mmdm.study.profiles import StudyProfile, get_profile
@@ -361,17 +362,30 @@ def run_study(profile: str | StudyProfile = "quick", only: Sequence[str] | None 
         out = generated / f"{name}.ipynb"
         attempt(name, lambda name=name, out=out: execute(name, out, {"profile": profile.name}, log), out)
     if book:
-        attempt("book", lambda: build_book(root, log), root / "_build")
+        attempt("book", lambda: build_book(root, log, profile), root / "_build")
     log(f"study '{profile.name}' finished in {time.time() - t0:.0f} s")
     if failures:
         raise StudyIncomplete(failures)
     return status
 
 
-def build_book(root: Path | None = None, log: Callable[[str], None] = print) -> Path:
-    """The deviations page, then `jupyter-book build` (warnings are errors)."""
+def write_generated_markdown(root: Path, profile: StudyProfile) -> None:
+    """``book/generated/``: deviations.md, footing.md (:func:`mmdm.study.footing.footing_markdown` of the
+    profile's records) and budgets.md (:func:`mmdm.study.footing.budget_markdown` of the profile)."""
+    gen = root / "book" / "generated"
+    write_text(gen / "deviations.md", deviations_markdown())
+    write_text(gen / "footing.md", footing_markdown(api.results_dir(profile), profile))
+    write_text(gen / "budgets.md", budget_markdown(profile))
+
+
+def build_book(root: Path | None = None, log: Callable[[str], None] = print,
+               profile: StudyProfile | str = "standard") -> Path:
+    """The generated Markdown (the deviations page; the methods page's footing table and the limitations
+    page's budget sentences, from ``profile`` and its records), then `jupyter-book build` (warnings are
+    errors)."""
     root = root or repo_root()
-    write_text(root / "book" / "generated" / "deviations.md", deviations_markdown())
+    profile = get_profile(profile)
+    write_generated_markdown(root, profile)
     log("[book] jupyter-book build")
     exe = Path(sys.executable).with_name("jupyter-book")
     proc = subprocess.run([str(exe if exe.exists() else "jupyter-book"), "build", str(root), "--warningiserror",

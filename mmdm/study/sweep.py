@@ -302,6 +302,20 @@ SWEEPS: dict[str, Sweep] = {
                        train={"crops": {"vessel_share": 0.7, "background_share": 0.3}}, reference="bbdm",
                        note="30 % of the crops centred on air"),
         )),
+    "ema": Sweep(
+        name="ema",
+        description="decides the weight-average rule of the standard profile (TrainConfig.ema_mode) once for every "
+                    "method: MMDM full and three baselines (Pix2Pix, BBDM, ResViT: the GANs without an average of "
+                    "their own, and a diffusion baseline with one) in the standard set-up, each trained with raw "
+                    "weights (ema_mode none) and with the same average (ema_mode all: decay 0.995 from step 100), "
+                    "2000 steps, whole-volume validation. Defined before it ran; not yet run",
+        steps=2000, val_every=400,
+        base_train={"crops": CROPS, "emphasis": TOP20},
+        points=tuple(SweepPoint(f"{run}-{mode}", method=m, variant=v, train={"ema_mode": mode}, method_overrides=mo)
+                     for run, m, v, mo in (("mmdm-full", "mmdm", "full", {**LR3, "naws_lr": 1e-2}),
+                                           ("pix2pix", "pix2pix", None, {}), ("bbdm", "bbdm", None, LR3),
+                                           ("resvit", "resvit", None, {}))
+                     for mode in ("none", "all"))),
 }
 
 
@@ -456,6 +470,20 @@ def rank_points(table: pd.DataFrame, rule: SelectionRule) -> pd.DataFrame:
             .drop(columns="_rank").reset_index(drop=True))
 
 
+def ema_decision(table: pd.DataFrame) -> dict[str, Any]:
+    """The weight-average rule chosen by the sweep ``ema`` (points ``<run>-none`` and ``<run>-all``), fixed
+    before it ran: for each run, the average *helps* when its point ranks above the raw-weights point in
+    the sweep's ranking (:func:`sweep_summary`); ``ema_mode`` is ``"all"`` when it helps for more than
+    half of the runs, else ``"none"`` (one rule for every method either way). Returns the choice and
+    the per-run outcome."""
+    order = {p: i for i, p in enumerate(table["point"])}
+    runs = sorted({p.rsplit("-", 1)[0] for p in order if p.endswith(("-none", "-all"))})
+    helps = {r: order[f"{r}-all"] < order[f"{r}-none"] for r in runs if f"{r}-all" in order and f"{r}-none" in order}
+    if not helps:
+        raise ValueError("the sweep has no run with both an '-all' and a '-none' point: nothing to decide")
+    return {"ema_mode": "all" if sum(helps.values()) > len(helps) / 2 else "none", "helps": helps}
+
+
 def sweep_curves(name: str, results_root: str | Path = "results/sweeps") -> pd.DataFrame:
     """Every validation of every point of a recorded sweep (``summary.csv``): point, step, val_loss,
     recovery, vessel_psnr; empty when the sweep has no records."""
@@ -497,5 +525,5 @@ def recorded_sweeps(results_root: str | Path = "results/sweeps") -> list[Sweep]:
     return [sw for sw in SWEEPS.values() if (root / sw.name / "summary.csv").is_file()]
 
 
-__all__ = ["FIDELITY_AND_VESSELS", "HAZE_RULE", "ReferenceRule", "SELECTION_RULE", "SWEEPS", "SelectionRule", "VESSEL_ONLY", "rank_points", "Sweep", "SweepPoint", "collect_sweep", "compare_precision", "get_sweep", "point_config", "recorded_sweeps", "sweep_curves",
+__all__ = ["ema_decision", "FIDELITY_AND_VESSELS", "HAZE_RULE", "ReferenceRule", "SELECTION_RULE", "SWEEPS", "SelectionRule", "VESSEL_ONLY", "rank_points", "Sweep", "SweepPoint", "collect_sweep", "compare_precision", "get_sweep", "point_config", "recorded_sweeps", "sweep_curves",
            "run_sweep", "sweep_summary"]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Collection
+from typing import Collection, Mapping
 
 import pandas as pd
 
@@ -11,7 +11,7 @@ from mmdm.stats import compare_to_reference, holm, paired_comparison
 from mmdm.study.records import (METRIC_LABELS, METRIC_LABELS_VESSEL, METRICS, VESSEL_HIGHER_IS_BETTER,
                                 VESSEL_SCORE_HIGHER_IS_BETTER, VESSEL_SCORE_LABELS, paper_results)
 from mmdm.study.runs import REFERENCE_RUN, get_option, labelled_rows, study_runs
-from mmdm.study.seeds import seed_differences, seed_spread
+from mmdm.study.seeds import seed_differences, seed_spread, split_seed
 
 TABLE_TITLES = {"table1": "Table 1: comparison methods", "table2": "Table 2: ablation of the MIP loss and NAWS",
                 "table3": "Table 3: modality combinations"}
@@ -54,20 +54,40 @@ def short_labels(table: str, sources: tuple[str, ...] = ("T1w", "T2w", "FLAIR"),
             for label, run in table_rows(table, sources, present)}
 
 
-def results_table(table: str, per_subject: pd.DataFrame, sources: tuple[str, ...] = ("T1w", "T2w", "FLAIR"),
-                  with_paper: bool = True, metrics: tuple[str, ...] = METRICS) -> pd.DataFrame:
-    """One row per table row: ``ours`` as mean ± sd over test subjects, and the paper's value.
+def seed_groups(per_subject: pd.DataFrame) -> dict[str, list[str]]:
+    """Seed-0 run name -> its recorded runs in seed order (itself and its ``-s<k>`` repeats)."""
+    out: dict[str, list[tuple[int, str]]] = {}
+    for r in sorted(set(per_subject.run)) if len(per_subject) else []:
+        base, seed = split_seed(r)
+        out.setdefault(base, []).append((seed, r))
+    return {b: [r for _, r in sorted(v)] for b, v in out.items()}
 
-    Runs without a complete record show "–" (not yet run).
+
+def results_table(table: str, per_subject: pd.DataFrame, sources: tuple[str, ...] = ("T1w", "T2w", "FLAIR"),
+                  with_paper: bool = True, metrics: tuple[str, ...] = METRICS,
+                  notes: Mapping[str, str] | None = None) -> pd.DataFrame:
+    """One row per table row: ``ours`` as mean ± sd, and the paper's value.
+
+    A row whose run has records of several seeds (``run``, ``run-s1``, ...) shows the mean over its seeds of
+    each seed's mean over the test subjects ± the sd between seeds; a row with one seed the mean ± sd over
+    test subjects; column ``seeds`` says which. Runs without a complete record show "–" (not yet run).
+    ``notes``: run -> a note added to its row label in parentheses (e.g. "not converged",
+    :func:`mmdm.study.footing.not_converged`).
     """
     paper = paper_results()
     paper = paper[paper.table == table].set_index("run")
+    groups = seed_groups(per_subject)
     rows = []
     for label, run in table_rows(table, sources, present=set(per_subject.run) if len(per_subject) else set()):
         vals = per_subject[per_subject.run == run]
-        row = {"row": label, "run": run, "n": len(vals)}
+        seeds = groups.get(run, [run] if len(vals) else [])
+        if notes and run in notes:
+            label = f"{label} ({notes[run]})"
+        row = {"row": label, "run": run, "n": len(vals), "seeds": len(seeds)}
         for m in metrics:
             v = vals[m] if m in vals else pd.Series(dtype=float)
+            if len(seeds) > 1 and m in per_subject:
+                v = pd.Series([per_subject.loc[per_subject.run == r, m].mean() for r in seeds])
             mean, sd = (v.mean(), v.std(ddof=1) if len(v) > 1 else float("nan")) if len(v) else (float("nan"),) * 2
             name = f"{LABELS[m]} (ours)" if with_paper else LABELS[m]
             row[name] = fmt(mean, m) + ("" if pd.isna(sd) else f" ± {fmt(sd, m)}")
@@ -78,12 +98,13 @@ def results_table(table: str, per_subject: pd.DataFrame, sources: tuple[str, ...
 
 
 def side_by_side(table: str, per_subject: pd.DataFrame, sources: tuple[str, ...] = ("T1w", "T2w", "FLAIR"),
-                 metrics: tuple[str, ...] = METRIC_FAMILIES["volume"]) -> pd.DataFrame:
+                 metrics: tuple[str, ...] = METRIC_FAMILIES["volume"],
+                 notes: Mapping[str, str] | None = None) -> pd.DataFrame:
     """:func:`results_table` laid out for reading: one row per table row (the paper's row label),
     the number of test subjects, then for each metric *ours* (mean ± sd) and the *paper*'s value
     side by side under one two-level header (metric, ours | paper)."""
-    flat = results_table(table, per_subject, sources, with_paper=True, metrics=metrics)
-    columns = {("", "n"): flat["n"]}
+    flat = results_table(table, per_subject, sources, with_paper=True, metrics=metrics, notes=notes)
+    columns = {("", "n"): flat["n"], ("", "seeds"): flat["seeds"]}
     for m in metrics:
         columns[(LABELS[m], "ours")] = flat[f"{LABELS[m]} (ours)"]
         columns[(LABELS[m], "paper")] = flat[f"{LABELS[m]} (paper)"]
@@ -182,14 +203,15 @@ def comparisons_by_claim(comparisons: pd.DataFrame,
     95 % CI and the Holm-adjusted Wilcoxon p in the metric's own digits, and the verdict."""
     from mmdm.study.claims import paper_claims  # lazy: claims imports this module (LABELS, fmt)
 
-    cols = ["A vs B", "metric", "n", "A − B (95 % CI)", "p (Holm)", "verdict"]
+    cols = ["A vs B", "metric", "n", "A − B (95 % CI)", "p (Holm)", "pairings", "verdict"]
     out = []
     for claim in paper_claims(sources):
         c = comparisons[comparisons["claim"] == claim.key] if "claim" in comparisons else comparisons.iloc[0:0]
         rows = [{"A vs B": f"{r.better} vs {r.worse}", "metric": LABELS[r.metric], "n": r.n,
                  "A − B (95 % CI)": "–" if pd.isna(r.diff) else
                  f"{fmt(r.diff, r.metric)} [{fmt(r.ci_low, r.metric)}, {fmt(r.ci_high, r.metric)}]",
-                 "p (Holm)": "–" if pd.isna(r.p_holm) else f"{r.p_holm:.3g}", "verdict": r.verdict}
+                 "p (Holm)": "–" if pd.isna(r.p_holm) else f"{r.p_holm:.3g}",
+                 "pairings": getattr(r, "pairings", "–"), "verdict": r.verdict}
                 for r in c.itertuples()]
         out.append((claim.text, pd.DataFrame(rows, columns=cols).set_index("A vs B")))
     return out

@@ -1,0 +1,197 @@
+"""What each table row was given, and whether it had converged: the footing of a comparison.
+
+A verdict between two rows is about the methods only when both had the same
+footing: the same optimiser steps, the same weight-average rule, a learning
+rate chosen the same way, and a budget at which both have stopped improving.
+:func:`footing_table` reads every row's record (summary.json, config.yaml,
+provenance.json, validation.jsonl) and says what it had; :func:`convergence`
+applies the study's convergence rule to its validation curves;
+:func:`budget_markdown` writes the limitations page's sentences about budgets
+from the profile itself, so that they cannot drift from what the runs did.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import pandas as pd
+import yaml
+
+from mmdm.config import from_dict
+from mmdm.engine.spec import TrainConfig, build_method_from_config, resolve_ema
+from mmdm.study.profiles import StudyProfile
+from mmdm.study.records import record_complete, vessel_curves, volume_curves
+from mmdm.study.runs import REFERENCE_RUN, study_runs
+from mmdm.study.tables import table_rows
+
+#: The convergence rule: over the last quarter of its steps, a row's validation whole-volume PSNR improves by
+#: less than this many dB ...
+CONVERGED_PSNR_DB = 0.3
+#: ... and its validation vessel contrast recovery by less than this.
+CONVERGED_RECOVERY = 0.03
+CONVERGENCE_RULE = (f"a row has converged when, over the last quarter of its steps, its validation whole-volume PSNR "
+                    f"improves by less than {CONVERGED_PSNR_DB:g} dB and its validation vessel contrast recovery by "
+                    f"less than {CONVERGED_RECOVERY:g} (the best value after three quarters of the steps minus the "
+                    "value of the last validation at or before them)")
+
+
+def convergence(curve: pd.DataFrame, psnr_db: float = CONVERGED_PSNR_DB,
+                recovery: float = CONVERGED_RECOVERY) -> dict[str, Any]:
+    """The convergence rule (:data:`CONVERGENCE_RULE`) on one run's validation curve (columns ``step``,
+    ``psnr``: whole-volume PSNR, ``recovery``: vessel contrast recovery).
+
+    Returns ``{"converged": True/False/None, "psnr_gain", "recovery_gain", "from_step", "to_step"}``;
+    ``converged`` is None (undecided) when the curve has no whole-volume PSNR or no validation at or
+    before three quarters of its steps and one after."""
+    out: dict[str, Any] = {"converged": None, "psnr_gain": float("nan"), "recovery_gain": float("nan"),
+                           "from_step": None, "to_step": None}
+    c = curve.dropna(subset=["psnr"]).sort_values("step") if len(curve) and "psnr" in curve else curve.iloc[0:0]
+    if not len(c):
+        return out
+    last = int(c.step.max())
+    start = c[c.step <= 0.75 * last]
+    after = c[c.step > 0.75 * last]
+    if not len(start) or not len(after):
+        return out
+    ref = start.iloc[-1]
+    out["psnr_gain"] = float(after.psnr.max() - ref.psnr)
+    if "recovery" in c and pd.notna(ref.recovery) and after.recovery.notna().any():
+        out["recovery_gain"] = float(after.recovery.max() - ref.recovery)
+    out.update(from_step=int(ref.step), to_step=last)
+    rec_ok = pd.isna(out["recovery_gain"]) or out["recovery_gain"] < recovery
+    out["converged"] = bool(out["psnr_gain"] < psnr_db and rec_ok)
+    return out
+
+
+def run_curves(results_dir: str | Path) -> pd.DataFrame:
+    """Every record's validation curve for the convergence rule: ``run, step, psnr, recovery``; the
+    whole-volume vessel recovery where recorded, else the validation windows' one."""
+    vol = volume_curves(results_dir)
+    win = vessel_curves(results_dir)[["run", "step", "recovery"]].rename(columns={"recovery": "window_recovery"})
+    if not len(vol):
+        return pd.DataFrame(columns=["run", "step", "psnr", "recovery"])
+    df = vol[["run", "step", "psnr", "vessel_recovery"]].merge(win, on=["run", "step"], how="left")
+    df["recovery"] = df.vessel_recovery.where(df.vessel_recovery.notna(), df.window_recovery)
+    return df[["run", "step", "psnr", "recovery"]]
+
+
+def not_converged(results_dir: str | Path) -> dict[str, str]:
+    """Run -> a note for its table row, for every record whose curves fail the convergence rule
+    (records without whole-volume validation curves are not judged)."""
+    curves = run_curves(results_dir)
+    out = {}
+    for run, c in curves.groupby("run"):
+        v = convergence(c)
+        if v["converged"] is False:
+            out[run] = "not converged"
+    return out
+
+
+def _ema_text(ema: dict[str, Any] | None, evaluated: bool | None) -> str:
+    if not evaluated:
+        return "raw weights"
+    if not ema:
+        return "weight average"
+    return f"average, decay {ema.get('decay')} from step {ema.get('start_step')} (every {ema.get('every', 1)})"
+
+
+def _record_footing(rec: Path) -> dict[str, Any]:
+    """What the record says its row was given (newer records carry it in summary.json's ``training``;
+    for older ones it is read from config.yaml, the method's configuration and the checkpoint entry)."""
+    summary = json.loads((rec / "summary.json").read_text())
+    prov = summary.get("provenance") or {}
+    cfg = yaml.safe_load((rec / "config.yaml").read_text()) if (rec / "config.yaml").is_file() else {}
+    tr = summary.get("training")
+    ckpt = summary.get("checkpoint") or {}
+    if tr is None:  # a record written before the footing was recorded
+        tr = {"checkpoint_step": ckpt.get("step"), "batch_size": cfg.get("batch_size"), "ema_evaluated": ckpt.get("ema"),
+              "ema_mode": cfg.get("ema_mode", "method"), **_method_settings(cfg)}
+    lr = tr.get("lr")
+    lr_text = ", ".join(f"{g} {v:g}" if len(lr) > 1 else f"{v:g}" for g, v in lr.items()) if isinstance(lr, dict) else "–"
+    wall = prov.get("train_wall_s")
+    return {"steps": tr.get("checkpoint_step"), "EMA rule": tr.get("ema_mode") or "method",
+            "weights evaluated": _ema_text(tr.get("ema"), tr.get("ema_evaluated")),
+            "lr": lr_text, "batch": tr.get("batch_size"),
+            "train (min)": "–" if wall is None else f"{wall / 60:.1f}"}
+
+
+def _method_settings(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Learning rates and weight average of a stored run's method (built from its config.yaml)."""
+    try:
+        tc = from_dict(TrainConfig, cfg)
+        method = build_method_from_config(tc)
+        ema = resolve_ema(tc, method)
+        return {"lr": {g: float(c.lr) for g, c in method.optim_configs().items()},
+                "ema": None if ema is None else {"decay": ema.decay, "start_step": ema.start_step, "every": ema.every}}
+    except Exception:  # noqa: BLE001 - an unreadable config leaves these cells empty rather than the page
+        return {"lr": None, "ema": None}
+
+
+def footing_table(results_dir: str | Path, table: str = "table1",
+                  sources: Sequence[str] = ("T1w", "T2w", "FLAIR")) -> pd.DataFrame:
+    """One row per row of ``table`` with a record: optimiser steps, the EMA rule and the weights
+    evaluated, learning rate(s), batch size, training wall time and whether it converged
+    (:func:`convergence`; "no curve" for a record without whole-volume validation curves)."""
+    results_dir = Path(results_dir)
+    present = {p.name for p in results_dir.iterdir() if record_complete(p)} if results_dir.is_dir() else set()
+    curves = run_curves(results_dir)
+    rows = []
+    for label, run in table_rows(table, tuple(sources), present=present):
+        if run not in present:
+            continue
+        v = convergence(curves[curves.run == run]) if len(curves) else {"converged": None}
+        if v["converged"] is None:
+            conv = "no curve"
+        else:
+            conv = ("yes" if v["converged"] else "no") + (f" (+{v['psnr_gain']:.2f} dB, "
+                                                          f"+{v['recovery_gain']:.3f} recovery)")
+        rows.append({"row": label, **_record_footing(results_dir / run), "converged": conv})
+    cols = ["row", "steps", "EMA rule", "weights evaluated", "lr", "batch", "train (min)", "converged"]
+    return pd.DataFrame(rows, columns=cols).set_index("row")
+
+
+def footing_markdown(results_dir: str | Path, profile: StudyProfile) -> str:
+    """The methods page's footing section: the rule, then :func:`footing_table` as a Markdown table."""
+    t = footing_table(results_dir, "table1", profile.sources)
+    head = (f"What each row of Table 1 in the `{profile.name}` records was given, read from its record. "
+            f"Convergence: {CONVERGENCE_RULE}; a row that fails it is marked *not converged* in Table 1 "
+            "({doc}`generated/04_results`), and a record written before whole-volume validation has no curve to "
+            "judge.\n\n")
+    if t.empty:
+        return head + f"No Table 1 record of profile `{profile.name}` yet.\n"
+    lines = ["| row | " + " | ".join(t.columns) + " |", "|" + "---|" * (len(t.columns) + 1)]
+    lines += ["| " + " | ".join([str(i), *[str(x) for x in r]]) + " |" for i, r in zip(t.index, t.to_numpy())]
+    return head + "\n".join(lines) + "\n"
+
+
+EMA_MODE_TEXT = {"method": "each method keeps its own official weight average (DDPM, BBDM and RDDM one, MMDM and "
+                           "the GANs none), and each is evaluated with what it keeps",
+                 "all": "every method keeps the same weight average and is evaluated with it",
+                 "none": "no method keeps a weight average: every row is evaluated with its raw weights"}
+
+
+def budget_markdown(profile: StudyProfile) -> str:
+    """The limitations page's sentences about the budgets of ``profile``'s table rows, from the profile."""
+    runs = [r for r in study_runs(profile.sources) if r.tables]
+    steps = {r.name: profile.run_steps(r.method) for r in runs}
+    mode = str(profile.train.get("ema_mode", "method"))
+    if profile.steps is None:
+        budget = f"every row trains {profile.epochs} epochs"
+    elif len(set(steps.values())) == 1:
+        budget = (f"every row of Tables 1-3 trains the same {next(iter(steps.values()))} optimiser steps "
+                  f"(batch {profile.batch_size}), as the paper trains every method for the same number of epochs")
+    else:
+        common = steps[REFERENCE_RUN]
+        other = sorted({f"{r.method} {n}" for r in runs if (n := steps[r.name]) != common})
+        budget = (f"the rows do NOT all get the same budget: MMDM trains {common} optimiser steps (batch "
+                  f"{profile.batch_size}), while {', '.join(other)}")
+    return (f"In the `{profile.name}` profile {budget}; on the weight average, {EMA_MODE_TEXT.get(mode, mode)}. "
+            "A step costs each method a different wall time; the methods page's footing table lists the steps, "
+            "weights, learning rate, batch and training wall time of every Table 1 record, and whether it "
+            "converged.\n")
+
+
+__all__ = ["CONVERGED_PSNR_DB", "CONVERGED_RECOVERY", "CONVERGENCE_RULE", "budget_markdown", "convergence",
+           "footing_markdown", "footing_table", "not_converged", "run_curves"]

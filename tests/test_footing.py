@@ -1,0 +1,118 @@
+"""Equal footing: one weight-average rule for every method, the same steps for every table row of the
+standard profile, the footing table, the convergence rule and the budget sentences generated from a profile."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from mmdm.config import ConfigError
+from mmdm.engine.spec import SHARED_EMA, TrainConfig, resolve_ema
+from mmdm.methods import build_method
+from mmdm.optim import EMAConfig
+from mmdm.study import footing
+from mmdm.study.profiles import CLAIM_RUNS, get_profile
+from mmdm.study.runs import study_runs
+from mmdm.study.sweep import ema_decision
+
+
+def test_ema_mode_is_one_rule_for_every_method():
+    bbdm, mmdm = build_method("bbdm", config="small"), build_method("mmdm", variant="base", config="small")
+    own = TrainConfig(ema_mode="method")
+    assert resolve_ema(own, bbdm) == bbdm.ema_config() and resolve_ema(own, mmdm) is None  # unequal
+    for method in (bbdm, mmdm):
+        assert resolve_ema(TrainConfig(ema_mode="none"), method) is None
+        assert resolve_ema(TrainConfig(ema_mode="all"), method) == SHARED_EMA
+        custom = EMAConfig(decay=0.9, start_step=0)
+        assert resolve_ema(TrainConfig(ema_mode="all", ema=custom), method) == custom
+    with pytest.raises(ConfigError, match="ema_mode"):
+        TrainConfig(ema_mode="some").validate()
+    with pytest.raises(ConfigError, match="contradicts"):
+        TrainConfig(ema_mode="none", ema=EMAConfig()).validate()
+
+
+def test_standard_profile_gives_every_row_the_same_steps_one_ema_rule_and_three_seeds():
+    std = get_profile("standard")
+    rows = [r for r in study_runs(std.sources) if r.tables]
+    assert len({std.run_steps(r.method) for r in rows}) == 1
+    assert std.train["ema_mode"] in ("none", "all")  # never each method's own
+    assert set(CLAIM_RUNS) == {r.name for r in study_runs()} and len(CLAIM_RUNS) == 13
+    assert set(std.seed_runs) == set(CLAIM_RUNS) and len(std.seeds) >= 3
+
+
+def test_convergence_rule_on_constructed_curves():
+    steps = np.arange(1, 9) * 500
+    flat = pd.DataFrame({"step": steps, "psnr": [20, 22, 23, 23.5, 23.6, 23.7, 23.7, 23.8],
+                         "recovery": [0.1, 0.3, 0.4, 0.45, 0.46, 0.46, 0.47, 0.47]})
+    v = footing.convergence(flat)
+    # three quarters of 4000 = 3000: the reference is step 3000 (23.7), the best after it 23.8
+    assert v["converged"] is True and v["from_step"] == 3000 and v["psnr_gain"] == pytest.approx(0.1)
+    assert v["recovery_gain"] == pytest.approx(0.01)
+    rising = flat.assign(recovery=[0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35])
+    r = footing.convergence(rising)
+    assert r["converged"] is False and r["recovery_gain"] == pytest.approx(0.1)
+    psnr_up = flat.assign(psnr=[20, 21, 22, 23, 24, 25, 25.2, 25.4])
+    assert footing.convergence(psnr_up)["converged"] is False  # +0.4 dB over the last quarter
+    assert footing.convergence(flat.iloc[:0])["converged"] is None
+    assert footing.convergence(flat.assign(psnr=np.nan))["converged"] is None
+
+
+def _record(root, run, steps, psnr, with_curves=True, training=None):
+    rec = root / run
+    rec.mkdir(parents=True)
+    summary = {"method": run.split("-")[0], "checkpoint": {"step": int(steps[-1]), "ema": False},
+               "provenance": {"train_wall_s": 600.0}}
+    if training is not None:
+        summary["training"] = training
+    (rec / "summary.json").write_text(json.dumps(summary))
+    (rec / "config.yaml").write_text(yaml.safe_dump({"batch_size": 4}))
+    if with_curves:
+        (rec / "validation.jsonl").write_text("".join(
+            json.dumps({"step": int(s), "vessel": {"recovery": 0.5}, "volume": {"psnr": p, "vessel_recovery": 0.5}})
+            + "\n" for s, p in zip(steps, psnr)))
+
+
+def test_footing_table_and_not_converged_rows_from_records(tmp_path):
+    steps = [1000, 2000, 3000, 4000]
+    tr = {"checkpoint_step": 4000, "batch_size": 4, "ema_evaluated": False, "ema": None, "ema_mode": "none",
+          "lr": {"main": 3e-4}}
+    _record(tmp_path, "mmdm-full", steps, [20, 22, 22.9, 23.0], training=tr)
+    _record(tmp_path, "pix2pix", steps, [20, 21, 22, 23.0], training={**tr, "lr": {"generator": 2e-4,
+                                                                                    "discriminator": 2e-4}})
+    _record(tmp_path, "bbdm", steps, [], with_curves=False, training=tr)
+    assert footing.not_converged(tmp_path) == {"pix2pix": "not converged"}
+    t = footing.footing_table(tmp_path)
+    assert list(t.index) == ["Pix2Pix", "BBDM", "MMDM (ours in the paper)"]  # rows with records, paper order
+    assert t.loc["MMDM (ours in the paper)", "converged"].startswith("yes")
+    assert t.loc["Pix2Pix", "converged"].startswith("no (+1.00 dB")
+    assert t.loc["BBDM", "converged"] == "no curve"
+    assert t.loc["Pix2Pix", "lr"] == "generator 0.0002, discriminator 0.0002"
+    assert t.loc["BBDM", "weights evaluated"] == "raw weights" and t.loc["BBDM", "train (min)"] == "10.0"
+    md = footing.footing_markdown(tmp_path, get_profile("standard"))
+    assert "| Pix2Pix | 4000 | none |" in md and footing.CONVERGENCE_RULE in md
+
+
+def test_budget_sentences_follow_the_profile():
+    import dataclasses
+
+    std = get_profile("standard")
+    text = footing.budget_markdown(std)
+    assert f"the same {std.steps} optimiser steps" in text and "raw weights" in text
+    unequal = dataclasses.replace(std, steps_per_method={"pix2pix": 2 * std.steps},
+                                  train={**std.train, "ema_mode": "method"})
+    text = footing.budget_markdown(unequal)
+    assert "do NOT all get the same budget" in text and f"pix2pix {2 * std.steps}" in text
+    assert "its own official weight average" in text
+
+
+def test_ema_decision_follows_the_pairs_ranking():
+    table = pd.DataFrame({"point": ["a-all", "a-none", "b-none", "b-all", "c-all", "c-none"]})
+    out = ema_decision(table)
+    assert out == {"ema_mode": "all", "helps": {"a": True, "b": False, "c": True}}
+    assert ema_decision(table.iloc[[1, 0, 2, 3]])["ema_mode"] == "none"  # one of two is not a majority
+    with pytest.raises(ValueError, match="nothing to decide"):
+        ema_decision(pd.DataFrame({"point": ["x"]}))
