@@ -3,8 +3,8 @@
 1. ``mmdm sweep run NAME`` (:func:`mmdm.study.sweep.run_sweep`): trains every point (finished ones are
    skipped, interrupted ones resume) and copies their records to ``results/sweeps/NAME/``;
 2. :func:`mmdm.study.haze.evaluate_sweep`: synthesises the 4 validation subjects of every point
-   (whole volumes, every slice, stride 2, 10 sampling steps) and measures the haze, PSNR and vessel
-   recovery -> ``results/sweeps/NAME/validation_volumes.csv`` / ``.json``;
+   (whole volumes, every slice, non-overlapping windows (stride 5), 5 sampling steps) and measures
+   the haze, PSNR and vessel recovery -> ``results/sweeps/NAME/validation_volumes.csv`` / ``.json``;
 3. :func:`mmdm.study.haze.judge_sweep`: the rule the sweep declares (``Sweep.rule``) ->
    ``results/sweeps/NAME/selection.csv``.
 

@@ -317,7 +317,7 @@ def evaluate_run_validation(run_dir: str | Path, subjects: Sequence[str] | None 
 
 
 def evaluate_sweep(name: str, runs_root: str | Path = "runs/sweeps", results_root: str | Path = "results/sweeps",
-                   stride: int = 2, steps: int = 10, log: Callable[[str], None] = print) -> pd.DataFrame:
+                   stride: int = 5, steps: int = 5, log: Callable[[str], None] = print) -> pd.DataFrame:
     """:func:`evaluate_run_validation` for every trained point of sweep ``name``; writes
     ``results_root/name/validation_volumes.csv`` (one row per point and subject) and
     ``validation_volumes.json`` (how it was made) and returns the table."""
