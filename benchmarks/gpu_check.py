@@ -82,13 +82,13 @@ from mmdm.engine.infer import synthesize_volume  # noqa: E402
 from mmdm.engine.train import TrainConfig, Trainer  # noqa: E402
 from mmdm.io import write_json, write_text  # noqa: E402
 from mmdm.methods import build_method  # noqa: E402
+from mmdm.study.runs import REFERENCE_METHOD, REFERENCE_VARIANT, baselines  # noqa: E402
 
 PARTS = ("env", "train", "synthesis", "run", "nets", "ddp")  # cheapest and most telling first
-#: every method of Table 1 plus MMDM full, as registry name and factory kwargs (config added per size)
-METHODS: list[tuple[str, dict[str, Any]]] = [
-    ("mmdm", {"variant": "full"}), ("pix2pix", {}), ("ddpm", {}), ("resvit", {}), ("bbdm", {}), ("unest", {}),
-    ("rddm", {}),
-]
+#: every method of Table 1 (the registry's declarations) with MMDM full first, as registry name and
+#: factory kwargs (config added per size)
+METHODS: list[tuple[str, dict[str, Any]]] = [(REFERENCE_METHOD, {"variant": REFERENCE_VARIANT}),
+                                             *((m, {}) for m in baselines())]
 SOURCES = ("T1w", "T2w", "FLAIR")
 #: used when no committed frontier record can be read
 DEFAULT_RECOMMENDATION = {"steps": 5, "stride": 2, "mode": "independent"}

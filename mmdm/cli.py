@@ -27,7 +27,7 @@ from mmdm.data.ixi import add_ixi_parser
 from mmdm.data.phantom import PROFILES, build_cohort
 from mmdm.engine.cli import add_evaluate_run_parser, add_synthesize_parser, add_train_parser, user_errors
 from mmdm.io import write_text
-from mmdm.methods import DISPLAY_NAMES, METHODS, deviations_markdown
+from mmdm.methods import METHODS, deviations_markdown, display_name, method_class
 from mmdm.metrics import evaluate_files
 from mmdm.study.cli import add_study_parser, add_sweep_parser
 
@@ -78,8 +78,10 @@ def _cmd_methods(args: argparse.Namespace) -> int:
         else:
             print(text)
         return 0
-    for name in METHODS.names():
-        print(f"{name:10s}{DISPLAY_NAMES.get(name, '')}")
+    for name in METHODS.names():  # registry name, paper name, family, variants
+        cls = method_class(name)
+        variants = f"variants: {', '.join(cls.variants)}" if cls.variants else ""
+        print(f"{name:10s}{display_name(name):26s}{cls.family:11s}{variants}".rstrip())
     return 0
 
 

@@ -29,6 +29,13 @@ class Registry(Generic[T]):
         except KeyError:
             raise KeyError(f"unknown {self.kind} '{name}'; known: {', '.join(sorted(self._items))}") from None
 
+    def unregister(self, name: str) -> T:
+        """Remove ``name`` (e.g. a method a test registered); returns what it was registered as."""
+        try:
+            return self._items.pop(name)
+        except KeyError:
+            raise KeyError(f"unknown {self.kind} '{name}'; known: {', '.join(sorted(self._items))}") from None
+
     def names(self) -> list[str]:
         return sorted(self._items)
 

@@ -154,11 +154,11 @@ def test_book_renders_every_page(smoke_study):
     assert f"The cohort has {n_subjects}" in re.sub(r"<[^>]+>", "", " ".join(data_page.split()))
     assert data_page.count("<img") >= 3
     assert (html / "book" / "generated" / "05_qualitative.html").read_text().count("<img") >= 5  # one per view
-    from mmdm.methods import DISPLAY_NAMES, METHODS
+    from mmdm.methods import METHODS, display_name
 
     deviations = (html / "book" / "generated" / "deviations.html").read_text()
     for name in METHODS.names():
-        assert DISPLAY_NAMES[name].split(" (")[0] in deviations
+        assert display_name(name).split(" (")[0] in deviations
 
 
 @pytest.mark.slow

@@ -8,7 +8,7 @@ import yaml
 
 from mmdm.config import ConfigError, dump_yaml, from_dict, to_dict
 from mmdm.diffusion import skip_timesteps
-from mmdm.methods import METHODS, MMDM, VARIANTS, MMDMConfig, build_method, mmdm_config
+from mmdm.methods import METHODS, MMDM, VARIANTS, MMDMConfig, build_method
 
 #: Networks small enough for CPU tests; H, W must be multiples of 2.
 TINY = dict(
@@ -48,7 +48,7 @@ def test_every_variant_trains_and_samples_with_2_and_3_modalities(variant, sourc
         grads = [p.grad for p in module.parameters() if p.requires_grad]
         assert all(g is not None for g in grads), f"no gradient reached {name}"
         assert any(g.abs().sum() > 0 for g in grads), f"zero gradient in {name}"
-    use_mip, use_naws = VARIANTS[variant]
+    use_mip, use_naws = (VARIANTS[variant].overrides[k] for k in ("use_mip", "use_naws"))
     assert (model.naws is not None) == use_naws
     if use_naws:  # the learned variances are trained too (eq. (11) depends on them)
         assert model.naws.p0.grad.abs() > 0 and bool((model.naws.pm.grad.abs() > 0).all())
@@ -130,8 +130,9 @@ def test_clear_errors_for_missing_or_misshaped_sources():
 
 def test_registry_builds_every_variant_and_lists_known_names():
     assert "mmdm" in METHODS.names()
-    for variant, (use_mip, use_naws) in VARIANTS.items():
-        cfg = mmdm_config(variant, "small")
+    for variant, v in VARIANTS.items():
+        use_mip, use_naws = v.overrides["use_mip"], v.overrides["use_naws"]
+        cfg = MMDM.make_config("small", variant=variant)
         assert (cfg.use_mip, cfg.use_naws) == (use_mip, use_naws) and cfg.variant == variant
     with pytest.raises(KeyError, match="unknown method 'mmdn'; known: .*mmdm"):
         build_method("mmdn")
@@ -146,7 +147,7 @@ def test_registry_builds_every_variant_and_lists_known_names():
 
 
 def test_named_configurations_have_the_documented_sizes():
-    paper = mmdm_config(config="paper")
+    paper = MMDM.make_config("paper")
     assert paper.variant == "full" and paper.sources == ALL and paper.window == 5
     assert paper.branch_net == "resunet" and paper.shared_time_embedding
     assert paper.resunet.base == 8 and tuple(paper.resunet.mult) == (1, 2, 4, 8) and paper.resunet.groups == 8
@@ -157,14 +158,14 @@ def test_named_configurations_have_the_documented_sizes():
     assert paper.bridge.objective == "ysubx" and paper.mip_tau == 0.75
     assert paper.optim.lr == 1e-4 and tuple(paper.optim.betas) == (0.5, 0.999)
     assert paper.shared_noise and paper.naws_per_sample and paper.sampling == "coupled"
-    small = mmdm_config(config="small")
+    small = MMDM.make_config("small")
     assert small.bridge.sample_steps < paper.bridge.sample_steps
     assert small.fusion.unet.base < paper.fusion.unet.base
     # small is derived from paper: same structure, narrower
     assert small.branch_net == paper.branch_net and small.fusion.mixer == paper.fusion.mixer
     assert small.resunet.base < paper.resunet.base and small.resunet.mult == paper.resunet.mult
     assert small.fusion.unet.conv_resample == paper.fusion.unet.conv_resample
-    depthwise = mmdm_config(config="depthwise")
+    depthwise = MMDM.make_config("depthwise")
     assert depthwise.branch_net == "restormer" and depthwise.fusion.mixer == "restormer"
 
 
@@ -182,7 +183,7 @@ def test_paper_sized_model_runs_at_32x32():
 
 
 def test_config_round_trips_through_yaml_and_rebuilds_the_same_model():
-    cfg = mmdm_config("mip", "small", sources=("T2w", "FLAIR"), **TINY)
+    cfg = MMDM.make_config("small", ("T2w", "FLAIR"), variant="mip", **TINY)
     text = dump_yaml(cfg)
     back = from_dict(MMDMConfig, yaml.safe_load(text))
     assert back == cfg and to_dict(back) == to_dict(cfg)
@@ -256,7 +257,7 @@ def test_training_loss_recomputed_from_the_paper_equations(variant):
     and the Gumbel noise from the same generator in the same order; the networks are the model's."""
     torch.manual_seed(0)
     model = build_method("mmdm", variant=variant, config="small", **TINY)
-    use_mip, use_naws = VARIANTS[variant]
+    use_mip, use_naws = (VARIANTS[variant].overrides[k] for k in ("use_mip", "use_naws"))
     if use_naws:  # learned variances away from their initial 1, so that every term of eq. (11) matters
         with torch.no_grad():
             model.naws.p0.fill_(0.8)

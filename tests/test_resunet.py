@@ -12,7 +12,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from mmdm.config import ConfigError, to_dict
-from mmdm.methods import build_method, mmdm_config
+from mmdm.methods import MMDM, build_method
 from mmdm.methods.mmdm import depthwise_config
 from mmdm.nets import (
     CrossModalFusion,
@@ -217,7 +217,7 @@ def test_config_dict_from_before_branch_net_builds_the_depthwise_model() -> None
     old["fusion"].pop("mixer")
     old["fusion"].pop("attention")
     old["fusion"]["unet"].pop("conv_resample")
-    cfg = mmdm_config(config=old)
+    cfg = MMDM.make_config(old)
     assert cfg.branch_net == "restormer" and not cfg.shared_time_embedding and cfg.fusion.mixer == "restormer"
     a, b = build_method("mmdm", config=old), build_method("mmdm", config="depthwise")
     assert {k: v.shape for k, v in a.state_dict().items()} == {k: v.shape for k, v in b.state_dict().items()}

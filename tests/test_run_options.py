@@ -46,10 +46,10 @@ def _per_subject(values: dict[str, list[float]], metric: str = "psnr") -> pd.Dat
 
 def test_option_runs_resolve_the_strongest_baseline_from_seed_zero_records(monkeypatch):
     from mmdm.study import runner
-    from mmdm.study.runs import BASELINES
+    from mmdm.study.runs import baselines
 
     prof = get_profile("standard")
-    values = {b: [20.0, 21.0] for b in BASELINES}
+    values = {b: [20.0, 21.0] for b in baselines()}
     values["bbdm"] = [30.0, 31.0]
     monkeypatch.setattr(runner, "load_records", lambda _: (_per_subject(values), pd.DataFrame()))
     items = runner.select_option_runs(prof)

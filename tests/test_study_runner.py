@@ -139,10 +139,10 @@ def test_seed_names_round_trip():
 
 
 def test_strongest_baseline_is_decided_by_seed_zero_records_of_every_baseline():
-    from mmdm.study.runs import BASELINES
+    from mmdm.study.runs import baselines
     from mmdm.study.seeds import resolve_seed_runs, strongest_baseline
 
-    values = {b: [20.0 + i, 20.0 + i] for i, b in enumerate(BASELINES)}
+    values = {b: [20.0 + i, 20.0 + i] for i, b in enumerate(baselines())}
     values["resvit"] = [40.0, 41.0]
     values["mmdm-full"] = [50.0, 50.0]  # not a baseline
     per_subject = _per_subject(values)

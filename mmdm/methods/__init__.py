@@ -5,7 +5,9 @@ builds a method by name. Each method class registers itself with
 ``@register_method(name)`` (:mod:`mmdm.methods.base`, which holds
 :data:`METHODS`) when its module is imported; this package imports them all.
 A new method: a module here with a :class:`SynthesisMethod` subclass that
-declares ``config_class`` and ``named_configs``, plus one import line below.
+declares itself (``config_class``, ``named_configs``, ``display_name``,
+``family``, ``table1``, ``variants``), plus one import line below; the study's
+run list, the tables, the benchmarks and the book read those declarations.
 """
 
 from __future__ import annotations
@@ -14,21 +16,28 @@ from typing import Any
 
 from mmdm.methods import bbdm as _bbdm, ddpm as _ddpm, pix2pix as _pix2pix  # noqa: F401  (the Table 1 baselines)
 from mmdm.methods import rddm as _rddm, resvit as _resvit, unest as _unest  # noqa: F401
-from mmdm.methods.base import METHODS, Batch, OptimConfig, SynthesisMethod, register_method
-from mmdm.methods.mmdm import MMDM, VARIANTS, MMDMConfig, mmdm_config
+from mmdm.methods.base import METHODS, Batch, OptimConfig, SynthesisMethod, Variant, method_class, register_method
+from mmdm.methods.mmdm import MMDM, VARIANTS, MMDMConfig
 
 #: MMDM's named configurations (``MMDM.named_configs``), kept under its former name.
 NAMED_CONFIGS = MMDM.named_configs
 
 
 def build_method(name: str, **kw: Any) -> SynthesisMethod:
-    """Build the registered method ``name`` with the keyword arguments of its class's
-    :meth:`~SynthesisMethod.make_config` (``config``, ``sources``, overrides; MMDM: ``variant``)."""
+    """Build the registered method ``name`` with the keyword arguments of
+    :meth:`~SynthesisMethod.make_config` (``config``, ``sources``, ``variant``, overrides)."""
     return METHODS.get(name)(**kw)
 
-#: The paper's name of each registered method, in the order of its Table 1.
-DISPLAY_NAMES = {"pix2pix": "Pix2Pix", "ddpm": "DDPM", "resvit": "ResViT", "bbdm": "BBDM", "unest": "UNest",
-                 "rddm": "RDDM", "mmdm": "MMDM (ours in the paper)"}
+
+def display_name(name: str) -> str:
+    """The paper's name of the registered method ``name`` (its ``display_name``; else ``name``)."""
+    return method_class(name).display_name or name
+
+
+def table1_methods() -> list[str]:
+    """The registered methods that are rows of Table 1, in the paper's row order (``table1``)."""
+    rows = [(method_class(n).table1, n) for n in METHODS.names() if method_class(n).table1 is not None]
+    return [n for _, n in sorted(rows)]
 
 
 def method_deviations() -> dict[str, list[str]]:
@@ -79,13 +88,15 @@ def deviations_markdown() -> str:
              "## The training set-up of the CPU profiles", "",
              *[f"- {d}" for d in SETUP_DEVIATIONS], ""]
     devs = method_deviations()
-    order = [n for n in DISPLAY_NAMES if n in devs] + [n for n in devs if n not in DISPLAY_NAMES]
+    rows = table1_methods()
+    order = [n for n in rows if n in devs] + [n for n in devs if n not in rows]
     for name in order:
-        lines += [f"## {DISPLAY_NAMES.get(name, name)}", "", f"Registry name `{name}`, module `mmdm/methods/{name}.py`.", ""]
+        lines += [f"## {display_name(name)}", "", f"Registry name `{name}`, module `mmdm/methods/{name}.py`.", ""]
         lines += [f"- {d}" for d in devs[name]] or ["- none recorded"]
         lines.append("")
     return "\n".join(lines)
 
 
-__all__ = ["DISPLAY_NAMES", "deviations_markdown", "method_deviations", "METHODS", "MMDM", "NAMED_CONFIGS", "VARIANTS",
-           "Batch", "MMDMConfig", "OptimConfig", "SynthesisMethod", "build_method", "mmdm_config", "register_method"]
+__all__ = ["deviations_markdown", "display_name", "method_class", "method_deviations", "METHODS", "MMDM",
+           "NAMED_CONFIGS", "VARIANTS", "Batch", "MMDMConfig", "OptimConfig", "SynthesisMethod", "Variant",
+           "build_method", "register_method", "table1_methods"]

@@ -7,11 +7,15 @@ evaluation code and the CLI only talk to this interface (:class:`SynthesisMethod
 ``ema_config``, ``log_scalars`` and the attributes ``sources``, ``window``,
 ``spatial_multiple``; they never read a method's own config.
 
-A new method subclasses :class:`SynthesisMethod`, declares its config
-dataclass and named configurations once as class attributes
-(``config_class``, ``named_configs``) and registers with
-:func:`register_method`; :meth:`SynthesisMethod.build` is the one generic
-builder behind ``build_method(name, config=..., sources=..., **overrides)``.
+A new method subclasses :class:`SynthesisMethod`, declares everything about
+itself once as class attributes (``config_class``, ``named_configs``,
+``display_name``, ``family``, ``table1``, ``variants``) and registers with
+:func:`register_method`; :meth:`SynthesisMethod.make_config` is the one config
+assembly and :meth:`SynthesisMethod.build` the one builder behind
+``build_method(name, config=..., sources=..., variant=..., **overrides)``. The
+study, its tables, the benchmarks and the book read these declarations
+(:func:`method_class`), so a new method is its module plus one import line in
+:mod:`mmdm.methods`.
 
 A batch is a dict::
 
@@ -56,6 +60,16 @@ MAIN = "main"
 #: Registered method name -> factory ``(**kw) -> SynthesisMethod`` (see :func:`register_method`).
 METHODS: Registry[Callable[..., "SynthesisMethod"]] = Registry("method")
 M = TypeVar("M", bound=type)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A named change of a method's config: field ``overrides`` (nested dicts merge) applied on
+    top of a named configuration, and the ``label`` of its table row (e.g. MMDM's ablation
+    flags, Table 2; UNest's objective presets)."""
+
+    overrides: dict[str, Any]
+    label: str
 
 
 @dataclass
@@ -122,6 +136,16 @@ class SynthesisMethod(nn.Module):
     #: The method's config dataclass and its named configurations (e.g. ``paper``, ``small``).
     config_class: ClassVar[type | None] = None
     named_configs: ClassVar[dict[str, Callable[[], Any]]] = {}
+    #: The method's name in the paper and the tables (empty: the registry name).
+    display_name: ClassVar[str] = ""
+    #: What kind of model it is: ``"diffusion"``, ``"bridge"``, ``"GAN"``, ... (the book groups by it).
+    family: ClassVar[str] = ""
+    #: Its position among the rows of the paper's Table 1 (sorted ascending); None: not a row of Table 1.
+    table1: ClassVar[float | None] = None
+    #: Named changes of the config (:class:`Variant`), in the order of their table rows.
+    variants: ClassVar[dict[str, Variant]] = {}
+    #: The variant a *named* config gets when none is given (None: the config as it is).
+    default_variant: ClassVar[str | None] = None
     #: Source modality names this instance expects, in the order it uses them.
     sources: tuple[str, ...] = ()
     #: Slices per window K, or None if any K is accepted.
@@ -152,13 +176,48 @@ class SynthesisMethod(nn.Module):
             raise ValueError(f"{self.name} has one way to sample; it cannot switch to mode {mode!r}")
 
     @classmethod
-    def make_config(cls, config: Any = "paper", sources: Sequence[str] | None = None, **overrides: Any) -> Any:
-        """The method's config: a name in :attr:`named_configs`, a ``config_class`` instance or
-        a dict, then ``sources`` and keyword ``overrides`` (:func:`assemble_config`)."""
+    def config_from_dict(cls, data: dict[str, Any]) -> Any:
+        """A ``config_class`` instance from a plain dict (e.g. YAML); a method whose stored configs
+        changed shape over time reads the older ones here."""
+        return from_dict(cls.config_class, data)
+
+    @classmethod
+    def make_config(cls, config: Any = "paper", sources: Sequence[str] | None = None, variant: str | None = None,
+                    **overrides: Any) -> Any:
+        """The method's config, the same way for every method.
+
+        ``config``: a name in :attr:`named_configs` (e.g. ``"paper"``, ``"small"``), a
+        ``config_class`` instance or a plain dict; then the overrides of ``variant`` (a key of
+        :attr:`variants`; a named config without one gets :attr:`default_variant`), then
+        ``sources`` and keyword ``overrides`` (nested dicts merge); ``validate()`` runs last.
+        """
         if cls.config_class is None:
             raise TypeError(f"{cls.__name__} declares no config_class")
-        return assemble_config(cls.config_class, cls.named_configs, config, sources, overrides,
-                               cls.__name__)
+        label = cls.__name__
+        if isinstance(config, str):
+            if config not in cls.named_configs:
+                raise ConfigError(f"unknown {label} configuration {config!r}; known: "
+                                  f"{', '.join(sorted(cls.named_configs))}")
+            cfg = cls.named_configs[config]()
+            variant = variant if variant is not None else cls.default_variant
+        elif isinstance(config, cls.config_class):
+            cfg = config
+        elif isinstance(config, dict):
+            cfg = cls.config_from_dict(config)
+        else:
+            raise ConfigError(f"config must be a name, a {cls.config_class.__name__} or a dict, "
+                              f"got {type(config).__name__}")
+        if variant is not None:
+            if variant not in cls.variants:
+                known = ", ".join(cls.variants) or "none"
+                raise ConfigError(f"unknown {label} variant {variant!r}; known: {known}")
+            cfg = replace(cfg, cls.variants[variant].overrides)
+        overrides = dict(overrides)
+        if sources is not None:
+            overrides["sources"] = list(sources)
+        cfg = replace(cfg, overrides) if overrides else cfg
+        cfg.validate()
+        return cfg
 
     @classmethod
     def build(cls, *args: Any, **kw: Any) -> "SynthesisMethod":
@@ -268,34 +327,6 @@ class SynthesisMethod(nn.Module):
         return [sources[m] for m in self.sources]
 
 
-def assemble_config(cls: type, named: Mapping[str, Callable[[], Any]], config: Any = "paper",
-                    sources: Sequence[str] | None = None, overrides: dict[str, Any] | None = None,
-                    label: str | None = None) -> Any:
-    """Build a method's config dataclass ``cls``, the same way for every method.
-
-    ``config``: a name in ``named`` (e.g. ``"paper"``, ``"small"``), a ``cls``
-    instance or a plain dict (e.g. from YAML); then ``sources`` and keyword
-    ``overrides`` (nested dicts merge) are applied and ``cfg.validate()`` runs.
-    """
-    label = label or cls.__name__.removesuffix("Config")
-    if isinstance(config, str):
-        if config not in named:
-            raise ConfigError(f"unknown {label} configuration {config!r}; known: {', '.join(sorted(named))}")
-        cfg = named[config]()
-    elif isinstance(config, cls):
-        cfg = config
-    elif isinstance(config, dict):
-        cfg = from_dict(cls, config)
-    else:
-        raise ConfigError(f"config must be a name, a {cls.__name__} or a dict, got {type(config).__name__}")
-    overrides = dict(overrides or {})
-    if sources is not None:
-        overrides["sources"] = list(sources)
-    cfg = replace(cfg, overrides) if overrides else cfg
-    cfg.validate()
-    return cfg
-
-
 class GatedMethod(SynthesisMethod):
     """Shared set-up of the one-network diffusion baselines (DDPM, BBDM, RDDM): the
     config, the sources, and the gating module through which they see the sources
@@ -326,7 +357,7 @@ class GatedMethod(SynthesisMethod):
 
 def register_method(name: str) -> Callable[[M], M]:
     """Class decorator: register a :class:`SynthesisMethod` subclass as ``name`` (sets ``cls.name``);
-    its factory is the generic :meth:`SynthesisMethod.build`."""
+    its factory is the generic :meth:`SynthesisMethod.build` (``factory.method_class`` is ``cls``)."""
 
     def deco(cls: M) -> M:
         cls.name = name
@@ -334,9 +365,15 @@ def register_method(name: str) -> Callable[[M], M]:
         def factory(*args: Any, **kw: Any) -> SynthesisMethod:
             return cls.build(*args, **kw)
 
+        factory.method_class = cls  # type: ignore[attr-defined]
         factory.__module__, factory.__qualname__ = cls.__module__, f"{cls.__name__}.build"
         factory.__doc__ = f"Build {cls.__name__}: ``build_method({name!r}, config=..., sources=..., **overrides)``."
         METHODS.register(name)(factory)
         return cls
 
     return deco
+
+
+def method_class(name: str) -> type[SynthesisMethod]:
+    """The class registered as ``name`` (``KeyError`` listing the known names otherwise)."""
+    return METHODS.get(name).method_class  # type: ignore[attr-defined]

@@ -126,6 +126,9 @@ class BBDM(GatedMethod):
 
     config_class = BBDMConfig
     named_configs = {"paper": paper_config, "small": small_config}
+    display_name = "BBDM"
+    family = "bridge"
+    table1 = 4
 
     def __init__(self, cfg: BBDMConfig | None = None):
         super().__init__()

@@ -117,6 +117,9 @@ class DDPM(GatedMethod):
 
     config_class = DDPMConfig
     named_configs = {"paper": paper_config, "small": small_config}
+    display_name = "DDPM"
+    family = "diffusion"
+    table1 = 2
 
     def __init__(self, cfg: DDPMConfig | None = None):
         super().__init__()

@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from mmdm.config import ConfigError
 from mmdm.diffusion import SAMPLING_MODES, BridgeConfig, BrownianBridge, randn_like, sample_multibranch
 from mmdm.losses import NAWS, hybrid_loss
-from mmdm.methods.base import MAIN, Batch, OptimConfig, SynthesisMethod, register_method
+from mmdm.methods.base import MAIN, Batch, OptimConfig, SynthesisMethod, Variant, register_method
 from mmdm.nets import (
     CrossModalFusion,
     FusionConfig,
@@ -77,12 +77,13 @@ DEVIATIONS: list[str] = [
 
 BRANCH_NETS = ("resunet", "restormer")
 
-#: variant name -> (use_mip, use_naws)
-VARIANTS: dict[str, tuple[bool, bool]] = {
-    "base": (False, False),
-    "mip": (True, False),
-    "naws": (False, True),
-    "full": (True, True),
+#: The ablation variants of Table 2 in the paper's row order: the MIP loss (eq. (7)) and NAWS (eq. (11))
+#: switched on and off (the paper's rows "MMDM", "+L_MIP", "+NWAS", "+NWAS, L_MIP").
+VARIANTS: dict[str, Variant] = {
+    "base": Variant({"use_mip": False, "use_naws": False}, "MMDM (base)"),
+    "mip": Variant({"use_mip": True, "use_naws": False}, "+L_MIP"),
+    "naws": Variant({"use_mip": False, "use_naws": True}, "+NAWS"),
+    "full": Variant({"use_mip": True, "use_naws": True}, "+NAWS, L_MIP (full)"),
 }
 
 
@@ -170,7 +171,8 @@ class MMDMConfig:
     @property
     def variant(self) -> str:
         """The Table 2 variant these flags correspond to."""
-        return next(k for k, v in VARIANTS.items() if v == (self.use_mip, self.use_naws))
+        flags = {"use_mip": self.use_mip, "use_naws": self.use_naws}
+        return next(k for k, v in VARIANTS.items() if v.overrides == flags)
 
 
 def paper_config() -> MMDMConfig:
@@ -244,12 +246,6 @@ NAMED_CONFIGS = {"paper": paper_config, "small": small_config, "depthwise": dept
                  "small-depthwise": small_depthwise_config}
 
 
-def mmdm_config(variant: str | None = None, config: str | MMDMConfig | dict = "paper",
-                sources: tuple[str, ...] | list[str] | None = None, **overrides: Any) -> MMDMConfig:
-    """Assemble an :class:`MMDMConfig` (:meth:`MMDM.make_config` with ``variant`` first)."""
-    return MMDM.make_config(config, sources, variant=variant, **overrides)
-
-
 @register_method("mmdm")
 class MMDM(SynthesisMethod):
     """The multi-modal diffusion model of the paper (Fig. 1) with all ablation switches."""
@@ -257,26 +253,17 @@ class MMDM(SynthesisMethod):
     config_class = MMDMConfig
     named_configs = NAMED_CONFIGS
 
-    @classmethod
-    def make_config(cls, config: str | MMDMConfig | dict = "paper", sources: Sequence[str] | None = None,
-                    variant: str | None = None, **overrides: Any) -> MMDMConfig:
-        """Assemble an :class:`MMDMConfig`.
+    display_name = "MMDM (ours in the paper)"
+    family = "bridge"
+    table1 = 7
+    variants = VARIANTS
+    default_variant = "full"  # a named config is the full model unless a variant says otherwise
 
-        ``config``: a named configuration (``"paper"``, ``"small"``), a config
-        object or a plain dict (e.g. loaded from YAML). ``variant`` sets
-        ``use_mip``/``use_naws`` (default: ``"full"`` for a named config; a given
-        object or dict keeps its flags). ``sources`` selects the modalities
-        (Table 3); further keyword arguments override fields (nested dicts merge).
-        """
-        if isinstance(config, str):
-            variant = variant or "full"
-        elif isinstance(config, dict):
-            config = legacy_config_dict(config)
-        if variant is not None:
-            if variant not in VARIANTS:
-                raise ConfigError(f"unknown MMDM variant {variant!r}; known: {', '.join(VARIANTS)}")
-            overrides = {**overrides, "use_mip": VARIANTS[variant][0], "use_naws": VARIANTS[variant][1]}
-        return super().make_config(config, sources, **overrides)
+    @classmethod
+    def config_from_dict(cls, data: dict[str, Any]) -> MMDMConfig:
+        """A stored config dict, read through :func:`legacy_config_dict` (older records); its flags
+        are kept (no default variant)."""
+        return super().config_from_dict(legacy_config_dict(data))
 
     def __init__(self, cfg: MMDMConfig | None = None):
         super().__init__()

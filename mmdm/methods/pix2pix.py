@@ -290,6 +290,9 @@ class Pix2Pix(ConditionalGAN):
 
     config_class = Pix2PixConfig
     named_configs = {"paper": paper_config, "small": small_config}
+    display_name = "Pix2Pix"
+    family = "GAN"
+    table1 = 1
 
     def __init__(self, cfg: Pix2PixConfig | None = None):
         super().__init__()

@@ -142,6 +142,9 @@ class RDDM(GatedMethod):
 
     config_class = RDDMConfig
     named_configs = {"paper": paper_config, "small": small_config}
+    display_name = "RDDM"
+    family = "diffusion"
+    table1 = 6
 
     def __init__(self, cfg: RDDMConfig | None = None):
         super().__init__()

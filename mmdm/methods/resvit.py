@@ -86,6 +86,9 @@ class ResViT(ConditionalGAN):
 
     config_class = ResViTConfig
     named_configs = {"paper": paper_config, "small": small_config}
+    display_name = "ResViT"
+    family = "GAN"
+    table1 = 3
     spatial_multiple = ResViTGenerator.spatial_multiple
 
     def __init__(self, cfg: ResViTConfig | None = None):

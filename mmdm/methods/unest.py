@@ -46,15 +46,13 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mmdm.config import ConfigError, replace
+from mmdm.config import ConfigError
 from mmdm.losses.adversarial import discriminator_loss, generator_adversarial_loss
-from mmdm.methods.base import MAIN, OptimConfig, assemble_config, register_method
+from mmdm.methods.base import OptimConfig, Variant, register_method
 from mmdm.methods.pix2pix import ConditionalGAN, validate_gan_fields
 from mmdm.nets.gating import GatingConfig, ModalityGating
 from mmdm.nets.patchgan import PatchGAN, PatchGANConfig
@@ -180,28 +178,14 @@ def small_config() -> UNestConfig:
     return cfg
 
 
-NAMED_CONFIGS = {"paper": paper_config, "small": small_config}
-
 #: Objective presets applied on top of a named configuration: the published method and the study's
 #: paired variant (the settings UNest had in the study before the unpaired objective).
-VARIANTS: dict[str, dict[str, Any]] = {
-    "unpaired": {"objective": "unpaired", "lambda_l1": 0.0, "train_mask": "sources", "infer_mask": "sources",
-                 "optim": {"lr": 1e-4}, "optim_d": {"lr": 1e-4}},
-    "paired": {"objective": "paired", "lambda_l1": 100.0, "train_mask": "target", "infer_mask": "predicted",
-               "optim": {"lr": 2e-4}, "optim_d": {"lr": 2e-4}},
+VARIANTS: dict[str, Variant] = {
+    "unpaired": Variant({"objective": "unpaired", "lambda_l1": 0.0, "train_mask": "sources", "infer_mask": "sources",
+                         "optim": {"lr": 1e-4}, "optim_d": {"lr": 1e-4}}, "UNest (unpaired, the published objective)"),
+    "paired": Variant({"objective": "paired", "lambda_l1": 100.0, "train_mask": "target", "infer_mask": "predicted",
+                       "optim": {"lr": 2e-4}, "optim_d": {"lr": 2e-4}}, "UNest (paired variant)"),
 }
-
-
-def unest_config(config: str | UNestConfig | dict = "paper", sources: tuple[str, ...] | list[str] | None = None,
-                 variant: str | None = None, **overrides: Any) -> UNestConfig:
-    """Assemble a :class:`UNestConfig` from a named config / object / dict, an objective
-    ``variant`` (``"unpaired"``, ``"paired"``; None keeps the config's), ``sources`` and overrides."""
-    if variant is not None:
-        if variant not in VARIANTS:
-            raise ConfigError(f"unknown UNest variant {variant!r}; use one of {sorted(VARIANTS)}")
-        base = assemble_config(UNestConfig, NAMED_CONFIGS, config, label="UNest")
-        config = replace(base, VARIANTS[variant])
-    return assemble_config(UNestConfig, NAMED_CONFIGS, config, sources, overrides, "UNest")
 
 
 def foreground_mask(window: Tensor, threshold: float, dilation: int) -> Tensor:
@@ -269,14 +253,13 @@ class UNest(ConditionalGAN):
     """
 
     config_class = UNestConfig
-    named_configs = NAMED_CONFIGS
-
-    @classmethod
-    def make_config(cls, config: str | UNestConfig | dict = "paper", sources: tuple[str, ...] | list[str] | None = None,
-                    variant: str | None = None, **overrides: Any) -> UNestConfig:
-        """:func:`unest_config`: ``build_method("unest", config="small", variant="paired")``; no variant
-        (or ``"unpaired"``) is the published unpaired objective."""
-        return unest_config(config, sources, variant, **overrides)
+    #: ``build_method("unest", config="small", variant="paired")``; no variant (or ``"unpaired"``)
+    #: is the published unpaired objective.
+    named_configs = {"paper": paper_config, "small": small_config}
+    display_name = "UNest"
+    family = "GAN"
+    table1 = 5
+    variants = VARIANTS
 
     def __init__(self, cfg: UNestConfig | None = None):
         super().__init__()

@@ -72,7 +72,7 @@ from mmdm.stats import MIN_WILCOXON_N, holm, paired_comparison, summarise, verdi
 from mmdm.study.api import analysis_dir, results_dir, runs_dir
 from mmdm.study.profiles import get_profile
 from mmdm.study.records import VESSELS_LEARNED_RECOVERY, portable
-from mmdm.study.runs import BASELINES, REFERENCE_RUN, study_runs
+from mmdm.study.runs import REFERENCE_RUN, baselines, study_runs
 from mmdm.study.vessel_eval import cohort_segmentation, reference_volumes
 from mmdm.vessel_contrast import LUMEN_FRACTION
 from mmdm.vessel_segmentation import DEFAULT_RADIUS_BINS_MM, VesselSegConfig, centreline_samples, segment_vessels
@@ -381,7 +381,7 @@ def findings(table: pd.DataFrame, sources: Sequence[str], score: str = "recovery
                    + ("This supports the premise that fusion recovers what one source alone shows."
                       if v == "holds" else "This contradicts the premise." if v == "contradicted"
                       else "This neither supports nor contradicts the premise."))
-    base = [(b, compare(table, full, b, "one", score)) for b in BASELINES if b in runs]
+    base = [(b, compare(table, full, b, "one", score)) for b in baselines() if b in runs]
     base = [(b, c) for b, c in base if c["n"]]
     if base:
         verdicts = judged([c for _, c in base])

@@ -64,7 +64,7 @@ from mmdm.paths import project_path, repo_root
 from mmdm.study.api import analysis_dir, runs_dir
 from mmdm.study.profiles import get_profile
 from mmdm.study.records import portable
-from mmdm.study.runs import BASELINES, REFERENCE_RUN
+from mmdm.study.runs import REFERENCE_RUN, baselines
 from mmdm.study.vessel_eval import reference_volumes
 
 ARTEFACTS = ("bias", "motion", "ghosting", "noise", "spike", "blur")
@@ -117,7 +117,7 @@ PROFILE_SETTINGS: dict[str, RobustnessConfig] = {
 
 def robustness_runs() -> list[str]:
     """The Table 1 runs: MMDM full and the six baselines."""
-    return [REFERENCE_RUN, *BASELINES]
+    return [REFERENCE_RUN, *baselines()]
 
 
 def degradation_seed(seed: int, artefact: str, severity: int, subject: str, modality: str) -> int:

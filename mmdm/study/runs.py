@@ -3,6 +3,10 @@
 Table 1 compares MMDM ("full") with the six baselines, Table 2 the ablation
 variants of MMDM, Table 3 MMDM on modality subsets. "full" with all sources
 is shared by the three tables, so 13 models answer them.
+
+The rows come from the methods' own declarations (:mod:`mmdm.methods`): a
+registered method with a ``table1`` position is a baseline of Table 1, labelled
+by its ``display_name``; MMDM's ``variants`` are the rows of Table 2.
 """
 
 from __future__ import annotations
@@ -11,14 +15,36 @@ from dataclasses import dataclass, field
 from itertools import combinations
 from typing import Any, Sequence
 
-#: Table 1 rows in the paper's order.
-BASELINES = ("pix2pix", "ddpm", "resvit", "bbdm", "unest", "rddm")
-#: Table 2 rows in the paper's order (the paper's "MMDM", "+L_MIP", "+NWAS", "+NWAS, L_MIP").
-VARIANTS = ("base", "mip", "naws", "full")
-VARIANT_LABELS = {"base": "MMDM (base)", "mip": "+L_MIP", "naws": "+NAWS", "full": "+NAWS, L_MIP (full)"}
-METHOD_LABELS = {"pix2pix": "Pix2Pix", "ddpm": "DDPM", "resvit": "ResViT", "bbdm": "BBDM", "unest": "UNest",
-                 "rddm": "RDDM", "mmdm": "MMDM (ours in the paper)"}
-REFERENCE_RUN = "mmdm-full"
+from mmdm.methods import display_name, method_class, table1_methods
+
+#: The method of the paper and the variant every comparison is made against.
+REFERENCE_METHOD = "mmdm"
+REFERENCE_VARIANT = "full"
+REFERENCE_RUN = f"{REFERENCE_METHOD}-{REFERENCE_VARIANT}"
+
+
+def baselines() -> tuple[str, ...]:
+    """Table 1's comparison methods in the paper's row order: every registered method with a
+    ``table1`` position except the reference."""
+    return tuple(m for m in table1_methods() if m != REFERENCE_METHOD)
+
+
+def ablation_variants() -> tuple[str, ...]:
+    """Table 2's rows in the paper's order: the reference method's variants."""
+    return tuple(method_class(REFERENCE_METHOD).variants)
+
+
+def variant_label(method: str, variant: str) -> str:
+    """The row label of ``method``'s variant ``variant`` (its :class:`~mmdm.methods.Variant` label)."""
+    variants = method_class(method).variants
+    if variant not in variants:
+        raise KeyError(f"{method} has no variant '{variant}'; known: {', '.join(variants) or 'none'}")
+    return variants[variant].label
+
+
+def method_label(method: str) -> str:
+    """The row label of ``method`` in Table 1 (its ``display_name``)."""
+    return display_name(method)
 
 
 @dataclass(frozen=True)
@@ -113,15 +139,15 @@ def study_runs(sources: Sequence[str] = ("T1w", "T2w", "FLAIR")) -> list[RunSpec
     """The 13 runs (for three sources) in execution order: MMDM full first, then Table 1's
     baselines, Table 2's other variants, Table 3's modality subsets."""
     sources = tuple(sources)
-    full = RunSpec(REFERENCE_RUN, "mmdm", "full", None, ("table1", "table2", "table3"),
-                   {"table1": METHOD_LABELS["mmdm"], "table2": VARIANT_LABELS["full"],
-                    "table3": " + ".join(sources)})
+    ref, var = REFERENCE_METHOD, REFERENCE_VARIANT
+    full = RunSpec(REFERENCE_RUN, ref, var, None, ("table1", "table2", "table3"),
+                   {"table1": method_label(ref), "table2": variant_label(ref, var), "table3": " + ".join(sources)})
     runs = [full]
-    runs += [RunSpec(m, m, None, None, ("table1",), {"table1": METHOD_LABELS[m]}) for m in BASELINES]
-    runs += [RunSpec(f"mmdm-{v}", "mmdm", v, None, ("table2",), {"table2": VARIANT_LABELS[v]})
-             for v in VARIANTS if v != "full"]
+    runs += [RunSpec(m, m, None, None, ("table1",), {"table1": method_label(m)}) for m in baselines()]
+    runs += [RunSpec(f"{ref}-{v}", ref, v, None, ("table2",), {"table2": variant_label(ref, v)})
+             for v in ablation_variants() if v != var]
     for sub in combinations(sources, len(sources) - 1) if len(sources) > 2 else []:
-        runs.append(RunSpec(run_name("mmdm", "full", sub, sources), "mmdm", "full", tuple(sub), ("table3",),
+        runs.append(RunSpec(run_name(ref, var, sub, sources), ref, var, tuple(sub), ("table3",),
                             {"table3": " + ".join(sub)}))
     return runs
 

@@ -16,7 +16,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from mmdm.study.runs import BASELINES, REFERENCE_RUN, RunSpec, study_runs
+from mmdm.study.runs import REFERENCE_RUN, RunSpec, baselines, study_runs
 
 STRONGEST_BASELINE = "strongest-baseline"
 _SEED_SUFFIX = re.compile(r"^(?P<base>.+)-s(?P<seed>[1-9][0-9]*)$")
@@ -34,7 +34,7 @@ def seeded_name(run: str, seed: int) -> str:
 
 def strongest_baseline(per_subject: pd.DataFrame, metric: str = "psnr") -> str | None:
     """The Table 1 baseline (seed 0) with the highest mean ``metric``; None without any record."""
-    sub = per_subject[per_subject.run.isin(BASELINES)] if len(per_subject) else per_subject
+    sub = per_subject[per_subject.run.isin(baselines())] if len(per_subject) else per_subject
     if not len(sub) or metric not in sub:
         return None
     means = sub.groupby("run")[metric].mean().dropna()
@@ -49,7 +49,7 @@ def resolve_seed_runs(names: Sequence[str], per_subject: pd.DataFrame,
     for name in names:
         if name == STRONGEST_BASELINE:
             best = strongest_baseline(per_subject)
-            missing = [b for b in BASELINES if b not in set(per_subject.get("run", []))]
+            missing = [b for b in baselines() if b not in set(per_subject.get("run", []))]
             if best is None or missing:
                 notes.append(f"'{STRONGEST_BASELINE}' is decided once every baseline has a seed-0 record "
                              f"(missing: {', '.join(missing) or 'none'})")

@@ -37,7 +37,7 @@ from mmdm.paths import project_path, repo_root
 from mmdm.study.api import analysis_dir, runs_dir
 from mmdm.study.profiles import get_profile
 from mmdm.study.records import portable
-from mmdm.study.runs import BASELINES, METHOD_LABELS, REFERENCE_RUN
+from mmdm.study.runs import REFERENCE_RUN, baselines, method_label
 from mmdm.vessel_contrast import HEAD_THRESHOLD
 
 #: Voxels kept around the head's bounding box.
@@ -51,11 +51,11 @@ TRUTH = "ground truth"
 
 def viewer_runs() -> list[str]:
     """The Table 1 runs, in the paper's order: MMDM full, then the baselines."""
-    return [REFERENCE_RUN, *BASELINES]
+    return [REFERENCE_RUN, *baselines()]
 
 
 def run_label(run: str) -> str:
-    return "MMDM full" if run == REFERENCE_RUN else METHOD_LABELS.get(run, run)
+    return "MMDM full" if run == REFERENCE_RUN else method_label(run)
 
 
 def head_box(target: np.ndarray, threshold: float = HEAD_THRESHOLD, margin: int = MARGIN) -> tuple[slice, ...]:
