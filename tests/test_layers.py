@@ -17,7 +17,7 @@ LAYERS = [
     {"mmdm.nets", "mmdm.diffusion", "mmdm.losses"},
     {"mmdm.methods"},
     {"mmdm.engine.rundir", "mmdm.engine.checkpoint", "mmdm.engine.distributed", "mmdm.engine.batches",
-     "mmdm.engine.ema", "mmdm.engine.panels", "mmdm.engine.validation"},
+     "mmdm.engine.ema", "mmdm.engine.panels", "mmdm.engine.validation", "mmdm.engine.migrate"},
     {"mmdm.engine.spec"},
     {"mmdm.engine.train", "mmdm.engine.infer"},
     {"mmdm.engine.evaluate"},

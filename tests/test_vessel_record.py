@@ -20,6 +20,7 @@ from mmdm.data.volumes import Volume
 from mmdm.engine.evaluate import evaluate_run, subject_vessel_scores, vessel_summary
 from mmdm.engine.infer import SubjectSynthesis
 from mmdm.engine.rundir import METRIC_COLUMNS, read_metrics_csv
+from mmdm.methods.base import SynthesisMethod
 from mmdm.study.records import (VALIDATION_LOG, VESSEL_SCORES, export_record, load_records, read_validation_log,
                                 runs_without_learned_vessels, vessel_curves)
 
@@ -115,7 +116,7 @@ def test_a_subject_without_vessel_contrast_gets_nan_and_is_left_out_of_the_means
     assert none["recovery"] is None and none["psnr"] is None and none["n_scored"] == 0
 
 
-class _Stub:
+class _Stub(SynthesisMethod):
     def objective(self):
         return "stub objective"
 
@@ -128,7 +129,7 @@ def test_evaluate_run_writes_vessel_columns_and_their_means(tmp_path, monkeypatc
     raw = 400.0 * target  # a raw TOF: evaluate_run scores against target / max
     preds = {"sub-001": BRAIN + 0.5 * (target - BRAIN), "sub-002": np.full(SHAPE, 0.3, np.float32),
              "sub-003": target + 0.05}
-    cfg = SimpleNamespace(method="stub", method_kwargs={},
+    cfg = SimpleNamespace(method="stub", method_kwargs={}, method_config=None,
                           data=SimpleNamespace(root=str(tmp_path / "data"), target="angio", window=5, eval_stride=1))
     monkeypatch.setattr(evaluate_mod, "load_run_method", lambda *a, **k: (_Stub(), cfg, {"step": 7}))
     monkeypatch.setattr(evaluate_mod, "synthesize_subjects", lambda method, data, subs, *a, **k: (

@@ -25,6 +25,7 @@ from mmdm.engine.infer import check_amp, load_run_method, synthesize_subjects
 from mmdm.engine.rundir import (METRIC_COLUMNS, VESSEL_SCORE_COLUMNS, RecordWriter, run_lock, run_paths,
                                 run_provenance, run_status, write_metrics_csv)
 from mmdm.io import check_output_path, save_nifti, tof_fraction_descrip
+from mmdm.methods.base import SynthesisMethod
 from mmdm.metrics import evaluate_volumes
 from mmdm.vessel_contrast import HEAD_THRESHOLD, phantom_vessel_scores, vessel_scores
 
@@ -138,6 +139,20 @@ def evaluate_run(run_dir: str | Path, split: str = "test", steps: int | None = N
                          progress, amp)
 
 
+def sampling_record(method: SynthesisMethod, steps: int | None, eta: float | None, **extra: Any) -> dict[str, Any]:
+    """How the predictions were sampled, with the values actually used (never None for "the config's
+    default"): ``steps``, ``eta``, ``spacing``, ``clip_x0`` of the method's sampler
+    (:meth:`~mmdm.methods.base.SynthesisMethod.sampler_settings`; all None for a one-pass method, whose
+    ``sampler`` is None), the sampling ``mode`` where the method has several, then ``extra``."""
+    used = method.sampler_settings(steps, eta)
+    out: dict[str, Any] = {"steps": used["sample_steps"] if used else None, "eta": used["eta"] if used else None,
+                           "spacing": used["spacing"] if used else None, "clip_x0": used["clip_x0"] if used else None,
+                           "sampler": "iterative" if used else "one pass"}
+    if method.sampling_modes:
+        out["mode"] = method.sampling_mode
+    return {**out, **extra}
+
+
 def _evaluate(p, run_dir, method, cfg, ckpt, subs, split, steps, eta, n_samples, batch_size, dev, seed, progress,
               amp) -> dict[str, Any]:
     record = RecordWriter(p.root)
@@ -159,16 +174,16 @@ def _evaluate(p, run_dir, method, cfg, ckpt, subs, split, steps, eta, n_samples,
     stds = {k: float(np.std([r[k] for r in rows], ddof=1)) if len(rows) > 1 else 0.0 for k in METRIC_COLUMNS}
     return record.finish({
         "run": str(Path(run_dir)), "method": cfg.method, "method_kwargs": cfg.method_kwargs,
-        "objective": method.objective(),
+        "method_config": cfg.method_config, "objective": method.objective(),
         "split": split, "n_subjects": len(rows), "subjects": [r["subject"] for r in rows],
         "metrics": means, "metrics_std": stds, "vessel": vessel_summary(rows),
-        "sampling": {"steps": steps, "eta": eta, "n_samples": n_samples, "seed": seed,
-                     "window": cfg.data.window, "stride": cfg.data.eval_stride, "amp": amp},
+        "sampling": sampling_record(method, steps, eta, n_samples=n_samples, seed=seed, window=cfg.data.window,
+                                    stride=cfg.data.eval_stride, amp=amp),
         "checkpoint": {"file": ckpt.get("file"), "step": ckpt.get("step"), "ema": ckpt.get("ema_used")},
         "evaluation": record.session(dev),
         "provenance": run_provenance(run_dir),
     })
 
 
-__all__ = ["check_evaluation_args", "evaluate_run", "subject_vessel_scores", "vessel_summary",
+__all__ = ["check_evaluation_args", "evaluate_run", "sampling_record", "subject_vessel_scores", "vessel_summary",
            "VESSEL_SCORE_DEFINITION"]
