@@ -35,7 +35,7 @@ from mmdm.study import api
 from mmdm.study.backends import BACKENDS, LocalBackend, Outcome, RayBackend, describe_failure, require_ray
 from mmdm.study.executed import tidy_notebook
 from mmdm.study.frontier import ensure_frontier
-from mmdm.study.profiles import StudyProfile, get_profile
+from mmdm.study.profiles import StudyProfile, get_profile, setup_deviations
 from mmdm.study.records import load_records, record_complete
 from mmdm.study.runs import RunSpec, option_spec, study_runs
 from mmdm.study.seeds import resolve_seed_runs, seed_specs, split_seed
@@ -339,7 +339,7 @@ def run_study(profile: str | StudyProfile = "quick", only: Sequence[str] | None 
 def build_book(root: Path | None = None, log: Callable[[str], None] = print) -> Path:
     """The deviations page, then `jupyter-book build` (warnings are errors)."""
     root = root or repo_root()
-    write_text(root / "book" / "generated" / "deviations.md", deviations_markdown())
+    write_text(root / "book" / "generated" / "deviations.md", deviations_markdown(setup_deviations()))
     log("[book] jupyter-book build")
     exe = Path(sys.executable).with_name("jupyter-book")
     proc = subprocess.run([str(exe if exe.exists() else "jupyter-book"), "build", str(root), "--warningiserror",
