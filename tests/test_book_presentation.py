@@ -13,10 +13,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from mmdm.study.claims import comparisons_by_claim
 from mmdm.study.executed import relative_text, tidy_notebook
 from mmdm.study.figures import fig3_view, zoom_box
 from mmdm.study.records import METRICS, paper_results
-from mmdm.study.tables import (DECIMALS, METRIC_FAMILIES, comparisons_by_claim, fmt, provenance_table, side_by_side,
+from mmdm.study.tables import (DECIMALS, METRIC_FAMILIES, fmt, provenance_table, side_by_side,
                                table_rows)
 
 ROOT = Path(__file__).resolve().parents[1]
