@@ -31,16 +31,17 @@ BRAIN, LUMEN, RIM = 0.3, 1.0, 0.5  # target intensities: vessel-free brain, lume
 
 def phantom_case():
     """A tiny hand-made phantom: a brain block, one straight artery along z through (6, 6) (fraction 1),
-    its four in-plane face neighbours at fraction 0.3 (a rim, not lumen). Returns (target, fraction, brain)."""
+    its four in-plane face neighbours at fraction 0.05 (the outer partial-volume band, not lumen). Returns
+    (target, fraction, brain)."""
     fraction = np.zeros(SHAPE, np.float32)
     fraction[6, 6, :] = 1.0
     for dx, dy in ((1, 0), (-1, 0), (0, 1), (0, -1)):
-        fraction[6 + dx, 6 + dy, :] = 0.3
+        fraction[6 + dx, 6 + dy, :] = 0.05
     brain = np.zeros(SHAPE, bool)
     brain[2:10, 2:10, :] = True
     target = np.where(brain, BRAIN, 0.0).astype(np.float32)
     target[fraction > 0] = RIM
-    target[fraction > 0.5] = LUMEN
+    target[fraction >= 0.1] = LUMEN
     return target, fraction, brain
 
 

@@ -34,8 +34,8 @@ VESSEL_SCORE_DEFINITION = (
     "Threshold-free vessel score (mmdm.vessel_contrast), prediction and target both scaled by the target's maximum. "
     "recovery: (mean prediction on the vessel lumen - mean prediction on vessel-free brain) / (the same for the "
     "real TOF-MRA); 1 = the target's vessel contrast, 0 = vessels as dark as the brain. psnr: PSNR (dB, data "
-    "range 1) inside the lumen dilated by 1 voxel. Lumen: phantom vessel fraction > 0.5 (mask_source "
-    "'ground_truth'); without ground truth the brightest 1 % of the real TOF-MRA inside its head mask "
+    "range 1) inside the lumen dilated by 1 voxel. Lumen: phantom vessel fraction >= 0.1 "
+    "(mmdm.vessel_segmentation.phantom_lumen; mask_source 'ground_truth'); without ground truth the brightest 1 % of the real TOF-MRA inside its head mask "
     "(target > 0.05; 'bright_target'). Vessel-free brain: the brain (head) mask minus every vessel voxel dilated "
     "by 1 voxel. Means and sample sd over the subjects that could be scored (n_scored).")
 
@@ -45,7 +45,7 @@ def subject_vessel_scores(pred: np.ndarray, target: np.ndarray, data_root: str |
     """``vessel_recovery``, ``vessel_psnr`` and ``mask_source`` of one subject's prediction.
 
     ``pred`` and ``target`` are both scaled by the target's maximum (evaluate_run's
-    convention). On a phantom cohort the lumen is the ground truth's vessel fraction > 0.5
+    convention). On a phantom cohort the lumen is :func:`mmdm.vessel_segmentation.phantom_lumen`
     (:func:`mmdm.vessel_contrast.phantom_vessel_scores`, inside the phantom's brain mask); on
     other data the brightest 1 % of ``target`` inside its head mask (``target >``
     :data:`HEAD_THRESHOLD`). A subject that cannot be scored (e.g. a target without vessel
