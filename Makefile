@@ -8,9 +8,10 @@ TORCH_SPEC ?= torch==2.13.0
 PROFILE ?= quick
 # parallel runs of the study (one per GPU; on a CPU the cores are shared out)
 JOBS ?= 1
-# the phantom cohort each study profile uses (mmdm/study/profiles.py)
-COHORT = $(if $(filter smoke,$(PROFILE)),tiny,$(if $(filter paper,$(PROFILE)),paper,$(if $(filter standard,$(PROFILE)),standard,quick)))
-DATA ?= data/phantom-$(COHORT)
+# the phantom cohort and data directory of the study profile, as mmdm/study/profiles.py defines them
+# (read when a recipe needs them, after `setup` has installed the package)
+COHORT = $(shell $(BIN)/mmdm study --profile $(PROFILE) --show cohort)
+DATA ?= $(shell $(BIN)/mmdm study --profile $(PROFILE) --show data-dir)
 WORKERS ?= 2
 
 .PHONY: setup data book study test test-slow test-all gpu-check clean-venv

@@ -30,6 +30,7 @@ from mmdm.io import write_text
 from mmdm.methods import METHODS, deviations_markdown, display_name, method_class
 from mmdm.metrics import evaluate_files
 from mmdm.study.cli import add_study_parser, add_sweep_parser
+from mmdm.study.profiles import setup_deviations
 
 EPILOG = """examples:
   mmdm data phantom --profile quick --out data/phantom-quick
@@ -72,7 +73,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 def _cmd_methods(args: argparse.Namespace) -> int:
     if args.deviations:
-        text = deviations_markdown()
+        text = deviations_markdown(setup_deviations())
         if args.out:
             write_text(args.out, text)
         else:

@@ -94,15 +94,16 @@ def replace(obj: T, overrides: dict[str, Any] | None) -> T:
     """Return a copy of dataclass ``obj`` with (possibly nested) ``overrides`` applied."""
     if not overrides:
         return obj
-    merged = _deep_merge(to_dict(obj), overrides)
+    merged = deep_merge(to_dict(obj), overrides)
     return from_dict(type(obj), merged)
 
 
-def _deep_merge(base: dict, over: dict) -> dict:
+def deep_merge(base: dict, over: dict) -> dict:
+    """``base`` updated by ``over``: nested dicts merge key by key, any other value replaces."""
     out = dict(base)
     for k, v in over.items():
         if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _deep_merge(out[k], v)
+            out[k] = deep_merge(out[k], v)
         else:
             out[k] = v
     return out

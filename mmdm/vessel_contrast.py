@@ -18,8 +18,9 @@ not enough to cross it. The scores here need none:
 
 Masks
 -----
-* Phantom (ground truth): the lumen is ``vessel fraction > 0.5``
-  (:func:`phantom_lumen`; the fraction is stored as
+* Phantom (ground truth): the lumen is ``vessel fraction >= 0.1``
+  (:func:`mmdm.vessel_segmentation.phantom_lumen`, the one lumen of every vessel
+  metric; records made before it used ``> 0.5`` here; the fraction is stored as
   ``derivatives/phantom/sub-XXX/sub-XXX_vesselfraction.nii.gz``, read by
   :func:`mmdm.data.phantom.load_ground_truth`); vessel-free brain is the brain
   mask minus every voxel with any lumen (fraction > 0) dilated by ``margin``.
@@ -41,10 +42,9 @@ import numpy as np
 from scipy import ndimage
 
 from mmdm.stats import top_count
+from mmdm.vessel_segmentation import phantom_lumen
 
 
-#: The phantom's lumen: voxels whose vessel (partial-volume) fraction exceeds this.
-LUMEN_FRACTION = 0.5
 #: Without a brain mask (IXI), voxels of the target scaled to [0, 1] above this form the head mask.
 HEAD_THRESHOLD = 0.05
 #: Share of the brain's voxels that :func:`bright_mask` takes as vessels when there is no ground truth.
@@ -92,13 +92,6 @@ def dilate(mask: np.ndarray, iterations: int) -> np.ndarray:
     return ndimage.binary_dilation(mask, iterations=iterations) if iterations and mask.any() else mask.copy()
 
 
-def phantom_lumen(vessel_fraction: Any, threshold: float = LUMEN_FRACTION) -> np.ndarray:
-    """The phantom's lumen: vessel fraction ``> threshold`` (default 0.5)."""
-    if not 0.0 <= threshold < 1.0:
-        raise ValueError(f"the lumen threshold must be in [0, 1), got {threshold}")
-    return np.asarray(vessel_fraction) > threshold
-
-
 def bright_mask(target: Any, brain_mask: Any = None, fraction: float = DEFAULT_BRIGHT_FRACTION) -> np.ndarray:
     """The brightest ``fraction`` of the target's voxels inside ``brain_mask`` (whole volume without one).
 
@@ -130,7 +123,7 @@ def vessel_free_brain(brain_mask: Any, vessel_mask: Any, margin: int = 1) -> np.
 def _means(p: np.ndarray, t: np.ndarray, lumen: np.ndarray, background: np.ndarray) -> dict[str, float]:
     if not lumen.any():
         raise ValueError("the lumen mask is empty: no vessel to score. Pass the subject's vessel mask "
-                         "(phantom: vessel fraction > 0.5) or use bright_mask(target, brain_mask)")
+                         "(phantom: phantom_lumen(vessel_fraction)) or use bright_mask(target, brain_mask)")
     if not background.any():
         raise ValueError("no vessel-free brain voxel is left (brain mask minus the dilated vessel mask is empty); "
                          "pass the brain mask or lower the margin")
@@ -222,7 +215,8 @@ def vessel_scores(pred: Any, target: Any, brain_mask: Any = None, lumen_mask: An
 def phantom_vessel_scores(pred: Any, target: Any, vessel_fraction: Any, brain_mask: Any, margin: int = 1,
                           dilate_voxels: int = 1, data_range: float | None = None,
                           lumen_in_brain: bool = False) -> dict[str, float | str]:
-    """:func:`vessel_scores` of a phantom subject: lumen = fraction > 0.5, any lumen (> 0) kept out of the brain.
+    """:func:`vessel_scores` of a phantom subject: lumen = :func:`phantom_lumen` (fraction >= 0.1), any lumen
+    (fraction > 0) kept out of the vessel-free brain.
 
     By default the lumen is not restricted to the brain mask: on the quick
     cohort's first subject 105 of its 341 lumen voxels (31 %) lie outside it

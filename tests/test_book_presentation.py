@@ -13,10 +13,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from mmdm.study.claims import comparisons_by_claim
 from mmdm.study.executed import relative_text, tidy_notebook
 from mmdm.study.figures import fig3_view, zoom_box
 from mmdm.study.records import METRICS, paper_results
-from mmdm.study.tables import (DECIMALS, METRIC_FAMILIES, comparisons_by_claim, fmt, provenance_table, side_by_side,
+from mmdm.study.tables import (DECIMALS, METRIC_FAMILIES, fmt, provenance_table, side_by_side,
                                table_rows)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,11 +39,13 @@ def test_side_by_side_puts_ours_beside_the_papers_value_for_every_metric():
         t = side_by_side("table1", ps, metrics=metrics)
         assert list(t.index) == [label for label, _ in table_rows("table1")]
         assert t.columns.nlevels == 2
-        assert [c for c in t.columns if c[0]] == [(lab, who) for lab in t.columns.get_level_values(0)[1::2]
-                                                  for who in ("ours", "paper")]
+        # leading unlabelled columns (n, seeds), then every metric as (label, ours) beside (label, paper)
+        labels = list(dict.fromkeys(c[0] for c in t.columns if c[0]))
+        assert len(labels) == len(metrics)
+        assert [c for c in t.columns if c[0]] == [(lab, who) for lab in labels for who in ("ours", "paper")]
         for (label, run), (_, row) in zip(table_rows("table1"), t.iterrows()):
             v = ps[ps.run == run]
-            for m, lab in zip(metrics, t.columns.get_level_values(0)[1::2]):
+            for m, lab in zip(metrics, labels):
                 assert row[(lab, "paper")] == fmt(paper.at[run, m], m)
                 if len(v):
                     assert row[(lab, "ours")] == f"{fmt(v[m].mean(), m)} ± {fmt(v[m].std(ddof=1), m)}"

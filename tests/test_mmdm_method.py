@@ -138,7 +138,7 @@ def test_registry_builds_every_variant_and_lists_known_names():
         build_method("mmdn")
     with pytest.raises(ConfigError, match="unknown MMDM variant 'fulll'; known: base, mip, naws, full"):
         build_method("mmdm", variant="fulll", config="small", **TINY)
-    with pytest.raises(ConfigError, match="known: depthwise, paper, small, small-depthwise"):
+    with pytest.raises(ConfigError, match="known: paper, small"):
         build_method("mmdm", config="huge")
     with pytest.raises(ConfigError, match="at least 2 modalities"):
         build_method("mmdm", config="small", sources=("T1w",), **TINY)
@@ -165,8 +165,6 @@ def test_named_configurations_have_the_documented_sizes():
     assert small.branch_net == paper.branch_net and small.fusion.mixer == paper.fusion.mixer
     assert small.resunet.base < paper.resunet.base and small.resunet.mult == paper.resunet.mult
     assert small.fusion.unet.conv_resample == paper.fusion.unet.conv_resample
-    depthwise = MMDM.make_config("depthwise")
-    assert depthwise.branch_net == "restormer" and depthwise.fusion.mixer == "restormer"
 
 
 def test_paper_sized_model_runs_at_32x32():

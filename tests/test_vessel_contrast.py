@@ -1,4 +1,4 @@
-"""Threshold-free vessel scores: contrast recovery, vessel PSNR, bright mask (issue #15)."""
+"""Threshold-free vessel scores: contrast recovery, vessel PSNR, bright mask, the phantom's lumen."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from mmdm.vessel_contrast import (bright_mask, contrast_recovery, phantom_lumen, phantom_vessel_scores,
-                               vessel_free_brain, vessel_psnr, vessel_scores)
+from mmdm import vessel_contrast
+from mmdm.vessel_contrast import (bright_mask, contrast_recovery, phantom_vessel_scores,
+                                  vessel_free_brain, vessel_psnr, vessel_scores)
+from mmdm.vessel_segmentation import LUMEN_MIN_FRACTION, phantom_lumen
 
 
 def _case():
@@ -108,12 +110,12 @@ def test_vessel_scores_without_ground_truth_uses_the_bright_mask_and_says_so():
     assert s["contrast_recovery"] == pytest.approx(0.5)
 
 
-def test_phantom_scores_use_fraction_above_a_half_and_exclude_any_lumen():
+def test_phantom_scores_use_the_one_lumen_and_exclude_any_lumen():
     _, target, lumen, brain, ring = _case()
     vf = np.zeros(target.shape, np.float32)
     vf[lumen] = 0.8
-    vf[ring] = 0.3  # partial-volume rim: not lumen, not vessel-free either
-    vf[2, 2, 2] = 0.5  # exactly one half: not lumen (strict >)
+    vf[ring] = 0.05  # the outer partial-volume band: not lumen, not vessel-free either
+    vf[2, 2, 2] = 0.09  # just under the lumen's 0.1
     assert np.array_equal(phantom_lumen(vf), lumen)
     pred = np.where(brain, 0.2, 0.0)
     pred[lumen] = 0.5
@@ -163,3 +165,21 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="NaN"):
         contrast_recovery(np.full(target.shape, np.nan), target, lumen, brain)
     assert vessel_free_brain(brain, lumen, 0).sum() == brain.sum() - lumen.sum()
+
+
+def test_every_vessel_metric_uses_one_lumen_at_a_tenth_of_a_voxel():
+    """One definition: the segmentation ground truth and the contrast score see the same voxels,
+    f >= 0.1 (the edge included), and the contrast score's lumen really is that mask."""
+    vf = np.array([0.0, 0.05, 0.0999, 0.1, 0.3, 0.5, 1.0], np.float32).reshape(1, 1, 7)
+    assert LUMEN_MIN_FRACTION == 0.1
+    assert phantom_lumen(vf).ravel().tolist() == [False, False, False, True, True, True, True]
+    assert vessel_contrast.phantom_lumen is phantom_lumen  # no second definition
+    from mmdm.engine import validation
+    assert validation.phantom_lumen is phantom_lumen
+    # the score's lumen: a prediction bright only on the 0.1-0.3 voxels recovers part of the contrast
+    target = np.where(vf >= 0.1, 1.0, 0.2).astype(np.float32)
+    brain = np.ones(vf.shape, bool)
+    pred = np.where((vf >= 0.1) & (vf < 0.5), 1.0, 0.2).astype(np.float32)
+    s = phantom_vessel_scores(pred, target, vf, brain, margin=0)
+    assert s["lumen_voxels"] == 4 and s["lumen_target"] == pytest.approx(1.0)
+    assert s["lumen_pred"] == pytest.approx((2 * 1.0 + 2 * 0.2) / 4)

@@ -21,6 +21,7 @@ from mmdm.engine.evaluate import evaluate_run, subject_vessel_scores, vessel_sum
 from mmdm.engine.infer import SubjectSynthesis
 from mmdm.engine.rundir import METRIC_COLUMNS, read_metrics_csv
 from mmdm.optim import OptimConfig
+from mmdm.methods.base import SynthesisMethod
 from mmdm.study.records import (VALIDATION_LOG, VESSEL_SCORES, export_record, load_records, read_validation_log,
                                 runs_without_learned_vessels, vessel_curves)
 
@@ -31,16 +32,17 @@ BRAIN, LUMEN, RIM = 0.3, 1.0, 0.5  # target intensities: vessel-free brain, lume
 
 def phantom_case():
     """A tiny hand-made phantom: a brain block, one straight artery along z through (6, 6) (fraction 1),
-    its four in-plane face neighbours at fraction 0.3 (a rim, not lumen). Returns (target, fraction, brain)."""
+    its four in-plane face neighbours at fraction 0.05 (the outer partial-volume band, not lumen). Returns
+    (target, fraction, brain)."""
     fraction = np.zeros(SHAPE, np.float32)
     fraction[6, 6, :] = 1.0
     for dx, dy in ((1, 0), (-1, 0), (0, 1), (0, -1)):
-        fraction[6 + dx, 6 + dy, :] = 0.3
+        fraction[6 + dx, 6 + dy, :] = 0.05
     brain = np.zeros(SHAPE, bool)
     brain[2:10, 2:10, :] = True
     target = np.where(brain, BRAIN, 0.0).astype(np.float32)
     target[fraction > 0] = RIM
-    target[fraction > 0.5] = LUMEN
+    target[fraction >= 0.1] = LUMEN
     return target, fraction, brain
 
 
@@ -116,7 +118,7 @@ def test_a_subject_without_vessel_contrast_gets_nan_and_is_left_out_of_the_means
     assert none["recovery"] is None and none["psnr"] is None and none["n_scored"] == 0
 
 
-class _Stub:
+class _Stub(SynthesisMethod):
     def objective(self):
         return "stub objective"
 
@@ -135,7 +137,8 @@ def test_evaluate_run_writes_vessel_columns_and_their_means(tmp_path, monkeypatc
     raw = 400.0 * target  # a raw TOF: evaluate_run scores against target / max
     preds = {"sub-001": BRAIN + 0.5 * (target - BRAIN), "sub-002": np.full(SHAPE, 0.3, np.float32),
              "sub-003": target + 0.05}
-    cfg = SimpleNamespace(method="stub", method_kwargs={}, steps=7, epochs=None, batch_size=4, ema=None, ema_mode="method",
+    cfg = SimpleNamespace(method="stub", method_kwargs={}, method_config=None, steps=7, epochs=None, batch_size=4,
+                          ema=None, ema_mode="method",
                           data=SimpleNamespace(root=str(tmp_path / "data"), target="angio", window=5, eval_stride=1))
     monkeypatch.setattr(evaluate_mod, "load_run_method", lambda *a, **k: (_Stub(), cfg, {"step": 7}))
     monkeypatch.setattr(evaluate_mod, "synthesize_subjects", lambda method, data, subs, *a, **k: (

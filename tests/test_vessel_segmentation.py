@@ -23,7 +23,7 @@ from mmdm.vessel_segmentation import (
     fit_segmentation,
     fragmentation,
     mip_dice,
-    phantom_vessel_mask,
+    phantom_lumen,
     recovered_length_by_radius,
     segment_vessels,
 )
@@ -274,9 +274,9 @@ def test_phantom_tof_segmentation_recovers_vessels_and_blur_lowers_it(phantom_pa
     test_subj, val_subj = phantom_pair
     cfg = VesselSegConfig(background_size=3)  # wider than the widest vessel at the tiny profile's 4 mm voxels
     fitted = fit_segmentation({val_subj.id: val_subj.images["angio"]},
-                              {val_subj.id: phantom_vessel_mask(val_subj.vessel_fraction)}, cfg,
+                              {val_subj.id: phantom_lumen(val_subj.vessel_fraction)}, cfg,
                               masks={val_subj.id: val_subj.brain_mask})
-    gt = phantom_vessel_mask(test_subj.vessel_fraction)
+    gt = phantom_lumen(test_subj.vessel_fraction)
     args = dict(centerlines=test_subj.centerlines, affine=test_subj.affine, brain_mask=test_subj.brain_mask,
                 subject=test_subj.id)
     sharp = evaluate_vessels(test_subj.images["angio"], gt, fitted, **args)

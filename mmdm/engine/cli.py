@@ -19,13 +19,13 @@ from typing import Any, Callable
 
 import yaml
 
-from mmdm.config import ConfigError, _deep_merge, from_dict, load_yaml, to_dict
+from mmdm.config import ConfigError, load_yaml, to_dict
 from mmdm.data.layout import DatasetError
 from mmdm.engine.distributed import env_ranks
 from mmdm.engine.evaluate import evaluate_run
 from mmdm.engine.infer import AMP_MODES, synthesize_files
 from mmdm.engine.rundir import RunLockedError
-from mmdm.engine.spec import ALLOW_CODE_HELP, TrainConfig
+from mmdm.engine.spec import ALLOW_CODE_HELP, TrainConfig, resolve
 from mmdm.engine.train import train
 from mmdm.io import os_error_message
 
@@ -82,7 +82,8 @@ def parse_set(items: list[str] | None) -> dict[str, Any]:
 
 
 def config_from_args(args: argparse.Namespace):
-    """The TrainConfig of ``mmdm train``: YAML (or the defaults), then the convenience flags, then ``--set``."""
+    """The TrainConfig of ``mmdm train``: YAML (or the defaults), then the convenience flags, then ``--set``
+    (:func:`mmdm.engine.spec.resolve`; a flag that changes the method drops a stored ``method_config``)."""
     if args.config is not None:
         base = to_dict(load_yaml(TrainConfig, args.config))
     else:
@@ -112,10 +113,7 @@ def config_from_args(args: argparse.Namespace):
             flags[k] = v
     if args.steps is not None and args.epochs is None:
         flags["epochs"] = None
-    merged = _deep_merge(_deep_merge(base, flags), parse_set(args.set))
-    cfg = from_dict(TrainConfig, merged)
-    cfg.validate()
-    return cfg
+    return resolve(base, flags, parse_set(args.set))
 
 
 @user_errors

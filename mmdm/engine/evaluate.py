@@ -28,6 +28,7 @@ from mmdm.engine.rundir import (METRIC_COLUMNS, VESSEL_SCORE_COLUMNS, RecordWrit
                                 run_provenance, run_status, write_metrics_csv, write_table_csv)
 from mmdm.engine.spec import resolve_ema
 from mmdm.io import check_output_path, save_nifti, tof_fraction_descrip
+from mmdm.methods.base import SynthesisMethod
 from mmdm.metrics import evaluate_volumes
 from mmdm.regions import REGION_COLUMNS, SLICE_COLUMNS, region_errors, region_summary, slice_errors
 from mmdm.vessel_contrast import HEAD_THRESHOLD, phantom_vessel_scores, vessel_scores
@@ -37,8 +38,8 @@ VESSEL_SCORE_DEFINITION = (
     "Threshold-free vessel score (mmdm.vessel_contrast), prediction and target both scaled by the target's maximum. "
     "recovery: (mean prediction on the vessel lumen - mean prediction on vessel-free brain) / (the same for the "
     "real TOF-MRA); 1 = the target's vessel contrast, 0 = vessels as dark as the brain. psnr: PSNR (dB, data "
-    "range 1) inside the lumen dilated by 1 voxel. Lumen: phantom vessel fraction > 0.5 (mask_source "
-    "'ground_truth'); without ground truth the brightest 1 % of the real TOF-MRA inside its head mask "
+    "range 1) inside the lumen dilated by 1 voxel. Lumen: phantom vessel fraction >= 0.1 "
+    "(mmdm.vessel_segmentation.phantom_lumen; mask_source 'ground_truth'); without ground truth the brightest 1 % of the real TOF-MRA inside its head mask "
     "(target > 0.05; 'bright_target'). Vessel-free brain: the brain (head) mask minus every vessel voxel dilated "
     "by 1 voxel. Means and sample sd over the subjects that could be scored (n_scored).")
 
@@ -48,7 +49,7 @@ def subject_vessel_scores(pred: np.ndarray, target: np.ndarray, data_root: str |
     """``vessel_recovery``, ``vessel_psnr`` and ``mask_source`` of one subject's prediction.
 
     ``pred`` and ``target`` are both scaled by the target's maximum (evaluate_run's
-    convention). On a phantom cohort the lumen is the ground truth's vessel fraction > 0.5
+    convention). On a phantom cohort the lumen is :func:`mmdm.vessel_segmentation.phantom_lumen`
     (:func:`mmdm.vessel_contrast.phantom_vessel_scores`, inside the phantom's brain mask); on
     other data the brightest 1 % of ``target`` inside its head mask (``target >``
     :data:`HEAD_THRESHOLD`). A subject that cannot be scored (e.g. a target without vessel
@@ -162,6 +163,20 @@ def evaluate_run(run_dir: str | Path, split: str = "test", steps: int | None = N
                          progress, amp)
 
 
+def sampling_record(method: SynthesisMethod, steps: int | None, eta: float | None, **extra: Any) -> dict[str, Any]:
+    """How the predictions were sampled, with the values actually used (never None for "the config's
+    default"): ``steps``, ``eta``, ``spacing``, ``clip_x0`` of the method's sampler
+    (:meth:`~mmdm.methods.base.SynthesisMethod.sampler_settings`; all None for a one-pass method, whose
+    ``sampler`` is None), the sampling ``mode`` where the method has several, then ``extra``."""
+    used = method.sampler_settings(steps, eta)
+    out: dict[str, Any] = {"steps": used["sample_steps"] if used else None, "eta": used["eta"] if used else None,
+                           "spacing": used["spacing"] if used else None, "clip_x0": used["clip_x0"] if used else None,
+                           "sampler": "iterative" if used else "one pass"}
+    if method.sampling_modes:
+        out["mode"] = method.sampling_mode
+    return {**out, **extra}
+
+
 def _evaluate(p, run_dir, method, cfg, ckpt, subs, split, steps, eta, n_samples, batch_size, dev, seed, progress,
               amp) -> dict[str, Any]:
     record = RecordWriter(p.root)
@@ -187,17 +202,17 @@ def _evaluate(p, run_dir, method, cfg, ckpt, subs, split, steps, eta, n_samples,
     stds = {k: float(np.std([r[k] for r in rows], ddof=1)) if len(rows) > 1 else 0.0 for k in METRIC_COLUMNS}
     return record.finish({
         "run": str(Path(run_dir)), "method": cfg.method, "method_kwargs": cfg.method_kwargs,
-        "objective": method.objective(),
+        "method_config": cfg.method_config, "objective": method.objective(),
         "split": split, "n_subjects": len(rows), "subjects": [r["subject"] for r in rows],
         "metrics": means, "metrics_std": stds, "vessel": vessel_summary(rows), "regions": region_summary(regions),
         "training": training_footing(cfg, method, ckpt),
-        "sampling": {"steps": steps, "eta": eta, "n_samples": n_samples, "seed": seed,
-                     "window": cfg.data.window, "stride": cfg.data.eval_stride, "amp": amp},
+        "sampling": sampling_record(method, steps, eta, n_samples=n_samples, seed=seed, window=cfg.data.window,
+                                    stride=cfg.data.eval_stride, amp=amp),
         "checkpoint": {"file": ckpt.get("file"), "step": ckpt.get("step"), "ema": ckpt.get("ema_used")},
         "evaluation": record.session(dev),
         "provenance": run_provenance(run_dir),
     })
 
 
-__all__ = ["check_evaluation_args", "evaluate_run", "subject_vessel_scores", "vessel_summary",
+__all__ = ["check_evaluation_args", "evaluate_run", "sampling_record", "subject_vessel_scores", "vessel_summary",
            "VESSEL_SCORE_DEFINITION"]

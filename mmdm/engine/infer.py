@@ -42,7 +42,6 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm  # not tqdm.auto: in a kernel without ipywidgets it warns with a path on import
 
-from mmdm.config import load_yaml
 from mmdm.data.dataset import DataConfig, load_subject_volumes, window_starts
 from mmdm.data.layout import Layout
 from mmdm.data.volumes import NormConfig, Volume, check_same_grid, load_volume, normalise
@@ -50,7 +49,7 @@ from mmdm.engine.checkpoint import CheckpointManager, load_checkpoint
 from mmdm.engine.distributed import resolve_device
 from mmdm.engine.precision import resolve_amp
 from mmdm.engine.rundir import run_paths
-from mmdm.engine.spec import TrainConfig, build_method_from_config, is_code_reference, method_factory
+from mmdm.engine.spec import TrainConfig, build_method_from_config, is_code_reference, load_run_config, method_factory
 from mmdm.io import check_output_path, save_nifti, tof_fraction_descrip
 from mmdm.methods.base import SynthesisMethod
 
@@ -244,7 +243,7 @@ def load_run_method(run_dir: str | Path, checkpoint: str = "latest", device: str
     p = run_paths(run_dir)
     if not p.config.is_file():
         raise FileNotFoundError(f"{run_dir} is not a run directory (no config.yaml); train one with `mmdm train`")
-    cfg = load_yaml(TrainConfig, p.config)
+    cfg = load_run_config(p.config)
     if is_code_reference(cfg.method) and not allow_code:
         method_factory(cfg.method, allow_code=False)  # raises the refusal, before anything is imported
     device = resolve_device(str(device)) if not isinstance(device, torch.device) else device

@@ -8,17 +8,19 @@ whole-volume synthesis use.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from mmdm.config import ConfigError, load_yaml, replace, to_dict
+from mmdm.config import ConfigError, deep_merge, from_dict, load_yaml, to_dict
 from mmdm.data.crops import CropConfig
 from mmdm.data.dataset import DataConfig
 from mmdm.engine.checkpoint import CheckpointManager
 from mmdm.engine.distributed import resolve_device
 from mmdm.engine.precision import AMP_REQUESTS, resolve_amp
+from mmdm.engine.migrate import migrate_record
 from mmdm.engine.rundir import run_paths
 from mmdm.losses.emphasis import EmphasisConfig
 from mmdm.methods import METHODS, SynthesisMethod
@@ -47,7 +49,12 @@ class TrainConfig:
     ``batch_size`` is per process (paper: 4). Exactly one of ``steps`` (total
     optimiser steps) and ``epochs`` is used; ``steps`` wins when both are set.
     ``method_kwargs`` go to the method's factory (e.g. ``variant``, ``config``,
-    overrides); ``sources`` defaults to ``data.sources``. ``method`` is a
+    overrides); ``sources`` defaults to ``data.sources``. ``method_config``: the
+    method's resolved config, every field (a plain dict); training fills it in from
+    ``method_kwargs`` (:func:`resolve_method_config`) and every record keeps it. When it
+    is set it is what is built (:meth:`~mmdm.methods.base.SynthesisMethod.from_resolved`)
+    and ``method_kwargs`` only records how it was asked for, so editing a named
+    configuration never changes a run that was made with it. ``method`` is a
     registry name (``mmdm``) or ``"module:factory"`` for a method defined
     outside the package (built when training from this config; a stored run naming one is
     loaded only with ``allow_code``, since that imports and runs the module).
@@ -76,6 +83,7 @@ class TrainConfig:
 
     method: str = "mmdm"
     method_kwargs: dict[str, Any] = field(default_factory=lambda: {"variant": "full", "config": "paper"})
+    method_config: dict[str, Any] | None = None
     data: DataConfig = field(default_factory=DataConfig)
     steps: int | None = None
     epochs: int | None = 200
@@ -140,6 +148,28 @@ class TrainConfig:
             self.crops.validate()
 
 
+def resolve(base: TrainConfig | dict[str, Any], *layers: dict[str, Any] | None) -> TrainConfig:
+    """The one config resolution of the study, the sweeps and ``mmdm train``: ``base`` (a
+    :class:`TrainConfig` or its dict), then each layer in order, each a dict shaped like a
+    TrainConfig (e.g. ``{"method_kwargs": {"optim": {"lr": 3e-4}}}``, ``{"crops": None}``).
+
+    Nested dicts merge key by key; any other value, None included, replaces what was there
+    (``crops: None`` drops the crops). A layer that changes ``method`` or ``method_kwargs``
+    without giving ``method_config`` drops the base's resolved ``method_config``, which no
+    longer describes what is asked for (training resolves it again). The result is validated.
+    """
+    merged = to_dict(base) if not isinstance(base, dict) else dict(base)
+    for layer in layers:
+        if not layer:
+            continue
+        if ("method" in layer or "method_kwargs" in layer) and "method_config" not in layer:
+            merged["method_config"] = None
+        merged = deep_merge(merged, layer)
+    cfg = from_dict(TrainConfig, merged)
+    cfg.validate()
+    return cfg
+
+
 #: What a stored run may not do without the user's consent (the ``--allow-code`` flags' help).
 ALLOW_CODE_HELP = ("let the run's config.yaml name a method as 'package.module:callable': that module is IMPORTED "
                    "AND ITS CODE EXECUTED with the config's arguments. Only for run directories you made or trust; "
@@ -172,13 +202,45 @@ def method_factory(name: str, allow_code: bool = False) -> Callable[..., Synthes
         raise ConfigError(str(e.args[0])) from None
 
 
-def build_method_from_config(cfg: TrainConfig, allow_code: bool = False) -> SynthesisMethod:
-    """Build ``cfg.method`` with ``cfg.method_kwargs`` (``sources`` defaulting to ``cfg.data.sources``)
-    and check it against the data (sources available, window size). A ``"module:callable"``
-    method needs ``allow_code`` (:func:`method_factory`)."""
+def _method_class(cfg: TrainConfig, allow_code: bool) -> type[SynthesisMethod] | None:
+    """The registered class behind ``cfg.method`` (None for a ``"module:callable"`` factory, which
+    is not imported here)."""
+    if is_code_reference(cfg.method):
+        return None
+    return getattr(method_factory(cfg.method, allow_code=allow_code), "method_class", None)
+
+
+def _factory_kwargs(cfg: TrainConfig) -> dict[str, Any]:
     kw = dict(cfg.method_kwargs)
     kw.setdefault("sources", tuple(cfg.data.sources))
-    method = method_factory(cfg.method, allow_code=allow_code)(**kw)
+    return kw
+
+
+def resolve_method_config(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with ``method_config`` filled in: the config ``method_kwargs`` resolve to now (named
+    configuration, variant, sources, overrides), every field as a plain dict. Unchanged when it is
+    already set or the method is a ``"module:callable"`` factory (rebuilt from its keyword arguments)."""
+    if cfg.method_config is not None:
+        return cfg
+    cls = _method_class(cfg, allow_code=False)
+    if cls is None or cls.config_class is None:
+        return cfg
+    return dataclasses.replace(cfg, method_config=to_dict(cls.make_config(**_factory_kwargs(cfg))))
+
+
+def build_method_from_config(cfg: TrainConfig, allow_code: bool = False) -> SynthesisMethod:
+    """Build ``cfg.method`` from ``cfg.method_config`` when set (nothing else is read), else with
+    ``cfg.method_kwargs`` (``sources`` defaulting to ``cfg.data.sources``), and check it against
+    the data (sources available, window size). A ``"module:callable"`` method needs
+    ``allow_code`` (:func:`method_factory`)."""
+    cls = _method_class(cfg, allow_code)
+    if cfg.method_config is not None:
+        if cls is None:
+            raise ConfigError(f"method '{cfg.method}' is not a registered method class, so it cannot be rebuilt "
+                              "from method_config; give its factory's arguments in method_kwargs instead")
+        method = cls.from_resolved(cfg.method_config)
+    else:
+        method = method_factory(cfg.method, allow_code=allow_code)(**_factory_kwargs(cfg))
     if not isinstance(method, SynthesisMethod):
         raise ConfigError(f"method '{cfg.method}' built a {type(method).__name__}, not a "
                           "mmdm.methods.SynthesisMethod; subclass it (training_losses, sample, optim_configs, ...)")
@@ -212,10 +274,11 @@ def method_optim_configs(method: SynthesisMethod) -> dict[str, OptimConfig]:
     return configs
 
 
-def load_train_config(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
-    """Load a TrainConfig from YAML with optional nested overrides."""
+def load_run_config(path: str | Path) -> TrainConfig:
+    """A stored run's TrainConfig (its ``config.yaml``), with ``method_config`` filled in for a
+    record written before runs kept it (:func:`mmdm.engine.migrate.migrate_record`)."""
     cfg = load_yaml(TrainConfig, path)
-    return replace(cfg, overrides) if overrides else cfg
+    return from_dict(TrainConfig, migrate_record(to_dict(cfg)), str(path)) if cfg.method_config is None else cfg
 
 
 def _diff_configs(a: Any, b: Any, prefix: str = "") -> list[str]:
@@ -232,10 +295,13 @@ def _diff_configs(a: Any, b: Any, prefix: str = "") -> list[str]:
 def config_differences(stored: dict[str, Any], cfg: TrainConfig) -> list[str]:
     """The differences (outside :data:`RUNTIME_KEYS`) between a stored config (as a dict: a
     run's config.yaml or a checkpoint's ``config``) and ``cfg``, one ``key: stored != given`` each."""
-    a = {k: v for k, v in stored.items() if k not in RUNTIME_KEYS}
+    a = {k: v for k, v in migrate_record(stored).items() if k not in RUNTIME_KEYS}
     b = {k: v for k, v in to_dict(cfg).items() if k not in RUNTIME_KEYS}
     if "amp" in a and a["amp"] != b.get("amp") and _same_precision(str(a["amp"]), str(b.get("amp")), cfg.device):
         a["amp"] = b["amp"]  # e.g. a run stored with "none" continued as "auto" on a CPU where auto is fp32
+    if a.get("method_config") is not None and b.get("method_config") is not None:
+        # the resolved configs decide; the keyword arguments only say how each was asked for
+        a.pop("method_kwargs", None), b.pop("method_kwargs", None)
     return _diff_configs(a, b)
 
 
@@ -263,7 +329,7 @@ def check_run_dir(run_dir: str | Path, cfg: TrainConfig, resume: bool) -> bool:
                               "cannot be matched to this run's config. Use another --run-dir, or pass --force-new "
                               "to move the old files aside (into superseded-<time>/) and start over.")
         return False
-    stored = load_yaml(TrainConfig, p.config)
+    stored = load_run_config(p.config)
     diff = config_differences(to_dict(stored), cfg)
     if diff:
         raise ConfigError(f"{run_dir} holds a run with a different config ({'; '.join(diff[:8])}). "
@@ -289,5 +355,5 @@ def check_checkpoint_config(path: str | Path, state: dict[str, Any], cfg: TrainC
 
 
 __all__ = ["ALLOW_CODE_HELP", "RUNTIME_KEYS", "TrainConfig", "build_method_from_config", "check_checkpoint_config",
-           "check_run_dir", "config_differences", "is_code_reference", "load_train_config", "method_factory",
-           "method_optim_configs"]
+           "check_run_dir", "config_differences", "is_code_reference", "load_run_config", "method_factory",
+           "method_optim_configs", "resolve", "resolve_method_config"]

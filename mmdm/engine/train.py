@@ -69,7 +69,7 @@ from mmdm.engine.precision import PrecisionError, precision_info
 from mmdm.engine.rundir import (RunLockedError, end_session, heartbeat, run_lock, run_paths, start_session, supersede,
                                 truncate_validation_log, utc_now)
 from mmdm.engine.spec import (TrainConfig, build_method_from_config, check_checkpoint_config, check_run_dir,
-                              method_optim_configs, resolve_ema)
+                              method_optim_configs, resolve_ema, resolve_method_config)
 from mmdm.engine.validation import ValidationVessels
 from mmdm.engine.volume_validation import ValidationVolumes
 from mmdm.io import os_error_message, write_json
@@ -96,6 +96,8 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, run_dir: str | Path, info: DistInfo | None = None,
                  progress: bool = True, profile: str | None = None):
         cfg.validate()
+        # the run is built from, and recorded with, its resolved method config (every field)
+        cfg = resolve_method_config(cfg)
         self.cfg = cfg
         self.paths = run_paths(run_dir)
         self.info = info or DistInfo(device=torch.device("cpu"))

@@ -8,7 +8,7 @@ windows and scores them with :func:`mmdm.vessel_contrast.vessel_scores`:
   target's vessel contrast, 0 shows none of it;
 * PSNR inside the dilated lumen.
 
-On a phantom cohort the lumen is the ground truth (vessel fraction > 0.5), the
+On a phantom cohort the lumen is the ground truth (:func:`mmdm.vessel_segmentation.phantom_lumen`), the
 brain its brain mask; on data without ground truth (IXI) the lumen is the
 brightest voxels of the real TOF inside a foreground mask, as in the run
 records. The windows are spread evenly over the validation windows of the
@@ -28,7 +28,8 @@ from mmdm.data.dataset import WindowDataset
 from mmdm.data.phantom import has_ground_truth, load_ground_truth
 from mmdm.engine.batches import collate, to_device
 from mmdm.methods.base import SynthesisMethod
-from mmdm.vessel_contrast import HEAD_THRESHOLD, phantom_lumen, vessel_scores
+from mmdm.vessel_contrast import HEAD_THRESHOLD, vessel_scores
+from mmdm.vessel_segmentation import phantom_lumen
 
 #: Share of each subject's axial extent the validation windows are drawn from (the middle).
 CENTRAL_SHARE = 0.5

@@ -12,7 +12,7 @@ run list, the tables, the benchmarks and the book read those declarations.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 from mmdm.methods import bbdm as _bbdm, ddpm as _ddpm, pix2pix as _pix2pix  # noqa: F401  (the Table 1 baselines)
 from mmdm.methods import rddm as _rddm, resvit as _resvit, unest as _unest  # noqa: F401
@@ -51,42 +51,14 @@ def method_deviations() -> dict[str, list[str]]:
     return out
 
 
-#: Where the training set-up of the CPU profiles (smoke, quick, standard) departs from every method's
-#: published one (issue #15); the `paper` profile keeps the published objectives.
-SETUP_DEVIATIONS = [
-    "**Vessel emphasis (every method).** In each method's per-pixel reconstruction term the brightest 1 % of "
-    "each training window's target voxels weigh x20, computed from the target image alone: MMDM's MSE part "
-    "of eq. (7) for the fused and every branch prediction (the MIP part as published), the L1 of Pix2Pix, "
-    "ResViT and UNest's paired variant, DDPM's noise MSE, BBDM's objective and both RDDM terms at the same "
-    "pixels. Why: at a CPU budget an unweighted loss learns no artery; the form and strength were chosen on "
-    "the validation split by the recorded sweeps (the sweeps page). UNest's published objective is unpaired "
-    "and has no term that compares a synthesis with its own target, so the emphasis does not apply to it.",
-    "**2.5D crops (every method).** Training windows are 48x48 in-plane crops of 5 slices, 70 % of them "
-    "centred on the target's brightest voxels, instead of whole slices (the sweeps page: more vessel "
-    "recovery per step, at a fifth of the pixels). Synthesis still slides over whole slices.",
-    "**Learning rate 3e-4 for MMDM and the diffusion baselines** (DDPM, BBDM, RDDM), chosen for MMDM on "
-    "the validation split and given to the diffusion baselines for the same set-up; the GANs keep their "
-    "published 2e-4.",
-    "**NAWS's p_i at their own learning rate, 1e-2** (`naws_lr`; the paper is silent, the authors' code "
-    "uses the model's): at the model's rate they move by at most that rate per step, so in a short run "
-    "the learnt weighting stays at its start.",
-    "**Extra runs beside the tables (standard profile).** MMDM full and the strongest baseline are trained "
-    "once more without the emphasis, everything else equal (the emphasis ablation on the results page), and "
-    "DDPM with x0 prediction fills a labelled extra row of Table 1 after the published eps row (the sweep "
-    "ddpm-prediction chose x0 over v and eps on the validation split); `RUN_OPTIONS` in `mmdm/study/runs.py`.",
-    "**Precision.** The CPU profiles train in fp32: bf16 autocast agreed with fp32 within the seed "
-    "spread (the sweeps page) but was hardly faster for the small networks on crops. The `paper` profile "
-    "uses bf16 autocast, the usual practice on GPUs.",
-]
-
-
-def deviations_markdown() -> str:
-    """A MyST page listing every method's deviations (written into the book by `mmdm methods --deviations`)."""
+def deviations_markdown(setup_deviations: Sequence[str] = ()) -> str:
+    """A MyST page listing every method's deviations (written into the book by `mmdm methods --deviations`),
+    after the study's ``setup_deviations`` (:func:`mmdm.study.profiles.setup_deviations`)."""
     lines = ["# Deviations from the official implementations", "",
              "Generated from the `DEVIATIONS` list of each method module in `mmdm/methods/` and the study's "
-             "training set-up (`SETUP_DEVIATIONS` in `mmdm/methods/__init__.py`).", "",
+             "training set-up (`SETUP` in `mmdm/study/profiles.py`).", "",
              "## The training set-up of the CPU profiles", "",
-             *[f"- {d}" for d in SETUP_DEVIATIONS], ""]
+             *[f"- {d}" for d in setup_deviations], ""]
     devs = method_deviations()
     rows = table1_methods()
     order = [n for n in rows if n in devs] + [n for n in devs if n not in rows]

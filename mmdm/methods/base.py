@@ -41,13 +41,15 @@ A method whose objective has no per-pixel term against its target declares
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, ContextManager, Mapping, Sequence, TypeVar
 
 import torch
 from torch import Tensor, nn
 
-from mmdm.config import ConfigError, from_dict, replace
+from mmdm.config import ConfigError, from_dict, replace, to_dict
+from mmdm.diffusion.sampling import SamplerConfig
 from mmdm.losses.emphasis import PixelLoss
 from mmdm.nets.gating import ModalityGating
 from mmdm.optim import EMAConfig, OptimConfig
@@ -224,6 +226,41 @@ class SynthesisMethod(nn.Module):
         """The generic builder: ``cls(cls.make_config(*args, **kw))``."""
         return cls(cls.make_config(*args, **kw))
 
+    @classmethod
+    def from_resolved(cls, data: Mapping[str, Any]) -> "SynthesisMethod":
+        """Rebuild the method from a resolved config (every field, the plain dict of
+        :meth:`resolved_config`), with no named configuration, variant or default involved:
+        what a run record holds is what is built."""
+        if cls.config_class is None:
+            raise TypeError(f"{cls.__name__} declares no config_class; it cannot be rebuilt from a resolved config")
+        cfg = from_dict(cls.config_class, dict(data), f"{cls.__name__} resolved config")
+        cfg.validate()
+        return cls(cfg)
+
+    def resolved_config(self) -> dict[str, Any] | None:
+        """This instance's config, every field, as a plain dict (YAML/JSON-ready); the run
+        records keep it and :meth:`from_resolved` rebuilds the method from it. None for a
+        method without a ``config_class`` instance in ``cfg`` (it is rebuilt from its factory's
+        keyword arguments instead)."""
+        cfg = getattr(self, "cfg", None)
+        if self.config_class is None or not isinstance(cfg, self.config_class):
+            return None
+        return to_dict(cfg)
+
+    def sampler_settings(self, steps: int | None = None, eta: float | None = None) -> dict[str, Any] | None:
+        """The settings :meth:`sample` uses when called with ``steps``/``eta`` (None: the config's):
+        ``sample_steps``, ``spacing``, ``eta``, ``clip_x0`` of the method's sampler
+        (:class:`~mmdm.diffusion.sampling.SamplerConfig`), so that a record holds the values used,
+        not a null meaning "the default". None for a method with no iterative sampler (one pass)."""
+        cfg = getattr(self, "cfg", None)
+        found = [getattr(cfg, f.name) for f in dataclasses.fields(cfg)] if dataclasses.is_dataclass(cfg) else []
+        samplers = [v for v in found if isinstance(v, SamplerConfig)]
+        if not samplers:
+            return None
+        sc = samplers[0]
+        return {"sample_steps": int(sc.sample_steps if steps is None else steps),
+                "eta": float(sc.eta if eta is None else eta), "spacing": sc.spacing, "clip_x0": bool(sc.clip_x0)}
+
     def training_losses(self, batch: Batch, generator: torch.Generator | None = None,
                         group: str = MAIN) -> dict[str, Tensor]:
         """The losses of optimiser group ``group`` (a key of :meth:`optimizer_groups`; ``"main"``:
@@ -367,6 +404,7 @@ def register_method(name: str) -> Callable[[M], M]:
 
         factory.method_class = cls  # type: ignore[attr-defined]
         factory.__module__, factory.__qualname__ = cls.__module__, f"{cls.__name__}.build"
+        factory.method_class = cls  # the class behind the name: rebuilding a record uses cls.from_resolved
         factory.__doc__ = f"Build {cls.__name__}: ``build_method({name!r}, config=..., sources=..., **overrides)``."
         METHODS.register(name)(factory)
         return cls

@@ -50,7 +50,6 @@ from mmdm.nets import (
     RestormerUNet,
     RestormerUNetConfig,
     TimeEmbedding,
-    UNetConfig,
 )
 from mmdm.nets.fusion import authors_fusion_unet
 
@@ -206,44 +205,7 @@ def small_config() -> MMDMConfig:
     return cfg
 
 
-def depthwise_config() -> MMDMConfig:
-    """The study's earlier `paper` model, kept as a named option: the original Restormer's
-    depthwise Restormer-UNet branches (dim 8, mult 1,2,4,8), the earlier fusion mixers
-    (3x3 conv + Restormer block + 1x1) and fusion UNet (stride-2 conv resampling, GroupNorm
-    8), one time embedding per network (13.8 M parameters)."""
-    cfg = paper_config()
-    cfg.branch_net = "restormer"
-    cfg.branch = RestormerUNetConfig(dim=8, mult=(1, 2, 4, 8), num_blocks=(1, 1, 1, 1), heads=(1, 1, 1, 1))
-    cfg.shared_time_embedding = False
-    cfg.fusion = FusionConfig(mixer="restormer", unet=UNetConfig(base=32, mult=(1, 4, 8), num_res_blocks=2))
-    return cfg
-
-
-def small_depthwise_config() -> MMDMConfig:
-    """The study's earlier `small` model (the standard records made before the authors'
-    network came in were trained with it): :func:`depthwise_config` with the small fusion UNet
-    (16, mult 1,2,4, one res block per level) and 20 sampling steps; 1,296,197 parameters."""
-    cfg = depthwise_config()
-    cfg.bridge = dataclasses.replace(cfg.bridge, sample_steps=20)
-    cfg.fusion = dataclasses.replace(cfg.fusion, unet=UNetConfig(base=16, mult=(1, 2, 4), num_res_blocks=1))
-    return cfg
-
-
-def legacy_config_dict(data: dict[str, Any]) -> dict[str, Any]:
-    """A config dict written before ``branch_net`` existed describes the depthwise model:
-    fill in the keys that make it load as that model (old run directories stay usable)."""
-    if "branch_net" in data:
-        return data
-    data = {**data, "branch_net": "restormer", "shared_time_embedding": False}
-    fusion = dict(data.get("fusion") or {})
-    fusion.setdefault("mixer", "restormer")
-    fusion.setdefault("unet", dataclasses.asdict(depthwise_config().fusion.unet))
-    data["fusion"] = fusion
-    return data
-
-
-NAMED_CONFIGS = {"paper": paper_config, "small": small_config, "depthwise": depthwise_config,
-                 "small-depthwise": small_depthwise_config}
+NAMED_CONFIGS = {"paper": paper_config, "small": small_config}
 
 
 @register_method("mmdm")
@@ -259,11 +221,6 @@ class MMDM(SynthesisMethod):
     variants = VARIANTS
     default_variant = "full"  # a named config is the full model unless a variant says otherwise
 
-    @classmethod
-    def config_from_dict(cls, data: dict[str, Any]) -> MMDMConfig:
-        """A stored config dict, read through :func:`legacy_config_dict` (older records); its flags
-        are kept (no default variant)."""
-        return super().config_from_dict(legacy_config_dict(data))
 
     def __init__(self, cfg: MMDMConfig | None = None):
         super().__init__()

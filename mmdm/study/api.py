@@ -10,13 +10,13 @@ import json
 from pathlib import Path
 from typing import Sequence
 
-from mmdm.config import ConfigError, replace
+from mmdm.config import ConfigError
 from mmdm.data.dataset import DataConfig
 from mmdm.data.layout import DatasetError, Layout
 from mmdm.data.phantom import ensure_cohort
 from mmdm.engine.evaluate import evaluate_run
 from mmdm.engine.rundir import is_finished, run_paths, run_status
-from mmdm.engine.spec import TrainConfig
+from mmdm.engine.spec import TrainConfig, resolve
 from mmdm.engine.train import train
 from mmdm.io import write_text
 from mmdm.paths import project_path
@@ -84,20 +84,20 @@ def make_spec(method: str, variant: str | None, sources: str | Sequence[str] | N
 
 
 def train_config(spec: RunSpec, profile: StudyProfile, seed: int = 0, device: str | None = None):
-    """The engine's TrainConfig of one run under ``profile``."""
+    """The engine's TrainConfig of one run under ``profile``, by :func:`mmdm.engine.spec.resolve`:
+    the run (the profile's named method configuration, sources, steps) -> the profile's method
+    overrides -> the run option's method overrides -> the profile's ``train`` -> the option's ``train``."""
     sources = tuple(spec.sources or profile.sources)
-    kw = spec.method_kwargs(profile.method_config, profile.sources)
-    kw.update(profile.method_overrides.get(spec.method, {}))
     option = get_option(spec.option) if spec.option else None
-    if option:
-        kw.update(option.method)
     data = DataConfig(root=str(project_path(profile.data_dir)), sources=sources, eval_stride=profile.eval_stride)
-    cfg = TrainConfig(method=spec.method, method_kwargs=kw, data=data, steps=profile.run_steps(spec.method),
-                      epochs=profile.epochs, batch_size=profile.batch_size, seed=seed,
-                      device=device or profile.device, checkpoint_every=profile.checkpoint_every,
-                      image_every=profile.image_every, log_every=profile.log_every)
-    cfg = replace(cfg, profile.train) if profile.train else cfg
-    return replace(cfg, option.train) if option and option.train else cfg
+    base = TrainConfig(method=spec.method, method_kwargs=spec.method_kwargs(profile.method_config, profile.sources),
+                       data=data, steps=profile.run_steps(spec.method), epochs=profile.epochs,
+                       batch_size=profile.batch_size, seed=seed, device=device or profile.device,
+                       checkpoint_every=profile.checkpoint_every, image_every=profile.image_every,
+                       log_every=profile.log_every)
+    return resolve(base, {"method_kwargs": profile.method_overrides.get(spec.method, {})},
+                   {"method_kwargs": option.method if option else {}}, profile.train,
+                   option.train if option else None)
 
 
 def ensure_data(profile: StudyProfile | str, progress: bool = True) -> Path:

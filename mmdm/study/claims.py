@@ -239,3 +239,23 @@ def single_seed_runs(per_subject: pd.DataFrame, sources: tuple[str, ...] = ("T1w
     groups = seed_groups(per_subject)
     compared = {x for c in paper_claims(sources) for a, b, _ in c.comparisons for x in (a, b)}
     return sorted(r for r in compared if len(groups.get(r, [])) == 1)
+
+
+def comparisons_by_claim(comparisons: pd.DataFrame,
+                         sources: tuple[str, ...] = ("T1w", "T2w", "FLAIR")) -> list[tuple[str, pd.DataFrame]]:
+    """The comparisons behind the claims (:func:`evaluate_claims`) for reading, one
+    table per claim in the claims' order: ``(claim text, table)``, the table with one row per
+    comparison (the claimed-better run A against B), the mean difference A − B with its bootstrap
+    95 % CI and the Holm-adjusted Wilcoxon p in the metric's own digits, and the verdict."""
+    cols = ["A vs B", "metric", "n", "A − B (95 % CI)", "p (Holm)", "pairings", "verdict"]
+    out = []
+    for claim in paper_claims(sources):
+        c = comparisons[comparisons["claim"] == claim.key] if "claim" in comparisons else comparisons.iloc[0:0]
+        rows = [{"A vs B": f"{r.better} vs {r.worse}", "metric": LABELS[r.metric], "n": r.n,
+                 "A − B (95 % CI)": "–" if pd.isna(r.diff) else
+                 f"{fmt(r.diff, r.metric)} [{fmt(r.ci_low, r.metric)}, {fmt(r.ci_high, r.metric)}]",
+                 "p (Holm)": "–" if pd.isna(r.p_holm) else f"{r.p_holm:.3g}",
+                 "pairings": getattr(r, "pairings", "–"), "verdict": r.verdict}
+                for r in c.itertuples()]
+        out.append((claim.text, pd.DataFrame(rows, columns=cols).set_index("A vs B")))
+    return out

@@ -5,12 +5,16 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mmdm.study.profiles import PROFILES
+from mmdm.study.profiles import PROFILES, get_profile
 from mmdm.study.runner import build_book, run_study
 from mmdm.study.sweep import FIDELITY_AND_VESSELS, SWEEPS, collect_sweep, get_sweep, run_sweep, sweep_summary
 
 
 def _cmd_study(args: argparse.Namespace) -> int:
+    if args.show:
+        profile = get_profile(args.profile, dataset=args.dataset)
+        print(profile.cohort if args.show == "cohort" else profile.data_dir)
+        return 0
     if args.book_only:
         build_book(profile=args.profile)
         return 0
@@ -58,6 +62,8 @@ def add_study_parser(subparsers) -> argparse.ArgumentParser:
                    help="train and evaluate nothing: execute the result notebooks on the records already in "
                    "results/PROFILE and build the book (how the published book is rebuilt)")
     p.add_argument("--book-only", action="store_true", help="only rebuild the book from the executed notebooks")
+    p.add_argument("--show", choices=["cohort", "data-dir"], default=None,
+                   help="print the profile's phantom cohort or its data directory and exit (the Makefile reads them)")
     p.set_defaults(func=_cmd_study)
     return p
 

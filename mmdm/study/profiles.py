@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mmdm.config import ConfigError, replace
+from mmdm.data.dataset import DataConfig
+from mmdm.methods import METHODS
 from mmdm.study.runs import LABELLED_ROWS, study_runs
 
 
@@ -73,50 +75,154 @@ class StudyProfile:
         return self.steps_per_method.get(method, self.steps)
 
 
-#: The vessel set-up of the CPU profiles (issue #15), chosen on the validation split by the recorded
-#: sweeps ``vessel`` and ``vessel-round3`` (``mmdm sweep show vessel``; results/sweeps/): 48x48 crops, 70 %
-#: centred on the target's brightest voxels, the brightest 1 % of each window's target voxels weighted x20
-#: in every method's per-pixel term, the validation vessel score every 200 steps, and with it the whole-volume
-#: validation of what the tables measure (4 validation subjects, every slice; window stride 5, 5 sampler steps).
-VESSEL_TRAIN: dict[str, Any] = {
-    "crops": {"size": [48, 48], "vessel_share": 0.7, "quantile": 0.99},
-    "emphasis": {"kind": "top_fraction", "fraction": 0.01, "weight": 20.0},
-    "val_every": 200, "val_windows": 8, "val_volumes": 4, "val_volume_stride": 5, "val_volume_steps": 5,
-    "ema_mode": "none",
-}
-#: The weight-average rule above is one rule for every method (``TrainConfig.ema_mode``): raw weights for all, the
-#: MMDM authors' and the GANs' practice, until the sweep ``ema`` (mmdm/study/sweep.py; every method with and
-#: without the same average, ranked on validation) is recorded and decides it (:func:`mmdm.study.sweep.ema_decision`).
+def sci(x: float) -> str:
+    """A learning rate as the prose writes it: 3e-4, 1e-2."""
+    mantissa, exp = f"{x:.0e}".split("e")
+    return f"{mantissa}e{int(exp)}"
+
 
 #: Every run a claim of the claims page compares (Tables 1-3: MMDM full, the six baselines, the other three MMDM
 #: variants, the three modality pairs): the profiles that decide claims train each with every seed.
 CLAIM_RUNS: tuple[str, ...] = tuple(r.name for r in study_runs())
-#: Learning rates of the CPU profiles: 3e-4 for MMDM (sweep `vessel`: 0.27 against 0.09 validation recovery
-#: at 1e-4 after 800 steps) and, for the same set-up, for the three diffusion baselines; NAWS's p_i at 1e-2
-#: (the sweeps' best point). The GANs keep their published 2e-4.
-VESSEL_METHODS: dict[str, dict[str, Any]] = {
-    "mmdm": {"optim": {"lr": 3e-4}, "naws_lr": 1e-2},
-    **{m: {"optim": {"lr": 3e-4}} for m in ("ddpm", "bbdm", "rddm")},
-}
 
-#: The ablation of the vessel emphasis (issue #15): MMDM full and the strongest baseline trained again
+
+@dataclass(frozen=True)
+class TrainingSetup:
+    """The training set-up of the CPU profiles (smoke, quick, standard), every number once.
+
+    Chosen on the validation split by the recorded sweeps ``vessel`` and ``vessel-round3``
+    (``mmdm sweep show vessel``; results/sweeps/): ``crop`` x ``crop`` in-plane crops of the
+    window's slices, ``crop_vessel_share`` of them centred on the target's brightest voxels (above
+    its ``crop_quantile``); the brightest ``emphasis_fraction`` of each window's target voxels
+    weighted ``emphasis_weight`` in every method's per-pixel term; Adam at ``lr`` for the methods in
+    ``lr_methods`` (MMDM; sweep ``vessel``: 0.27 against 0.09 validation recovery at 1e-4 after 800
+    steps, and the diffusion baselines for the same set-up), NAWS's p_i at ``naws_lr``; the
+    validation vessel score every ``val_every`` steps on ``val_windows`` windows, and with it the
+    whole-volume validation of what the tables measure (``val_volumes`` validation subjects, every
+    slice; window stride ``val_volume_stride``, ``val_volume_steps`` sampler steps); one weight-average
+    rule ``ema_mode`` for every method (raw weights, the MMDM authors' and the GANs' practice, until the
+    sweep ``ema`` is recorded and decides it: :func:`mmdm.study.sweep.ema_decision`). The profiles'
+    ``train`` and ``method_overrides``, their descriptions, the sweeps' starting point and the
+    deviations page (:func:`setup_deviations`) are derived from it.
+    """
+
+    crop: int = 48
+    crop_vessel_share: float = 0.7
+    crop_quantile: float = 0.99
+    emphasis_fraction: float = 0.01
+    emphasis_weight: float = 20.0
+    lr: float = 3e-4
+    lr_methods: tuple[str, ...] = ("mmdm", "ddpm", "bbdm", "rddm")
+    naws_lr: float = 1e-2
+    val_every: int = 200
+    val_windows: int = 8
+    val_volumes: int = 4
+    val_volume_stride: int = 5
+    val_volume_steps: int = 5
+    ema_mode: str = "none"
+
+    def crops(self, size: int | None = None) -> dict[str, Any]:
+        """The :class:`~mmdm.data.crops.CropConfig` overrides (``size``: another crop side)."""
+        side = size or self.crop
+        return {"size": [side, side], "vessel_share": self.crop_vessel_share, "quantile": self.crop_quantile}
+
+    def emphasis(self) -> dict[str, Any]:
+        """The :class:`~mmdm.losses.emphasis.EmphasisConfig` of the set-up."""
+        return {"kind": "top_fraction", "fraction": self.emphasis_fraction, "weight": self.emphasis_weight}
+
+    def train(self) -> dict[str, Any]:
+        """The TrainConfig overrides of every run of a CPU profile."""
+        return {"crops": self.crops(), "emphasis": self.emphasis(), "val_every": self.val_every,
+                "val_windows": self.val_windows, "val_volumes": self.val_volumes,
+                "val_volume_stride": self.val_volume_stride, "val_volume_steps": self.val_volume_steps,
+                "ema_mode": self.ema_mode}
+
+    def lr_override(self) -> dict[str, Any]:
+        """The method keyword arguments that set the learning rate."""
+        return {"optim": {"lr": self.lr}}
+
+    def method_overrides(self) -> dict[str, dict[str, Any]]:
+        """Per method, its keyword arguments of the set-up (learning rate; MMDM's NAWS rate too)."""
+        out = {m: self.lr_override() for m in self.lr_methods}
+        out["mmdm"] = {**out.get("mmdm", {}), "naws_lr": self.naws_lr}
+        return out
+
+    @property
+    def emphasis_words(self) -> str:
+        return f"brightest {100 * self.emphasis_fraction:g} % x{self.emphasis_weight:g}"
+
+    @property
+    def crop_words(self) -> str:
+        return f"{self.crop}x{self.crop} crops"
+
+    def summary(self) -> str:
+        """The set-up in a few words, for the profile descriptions."""
+        return (f"{self.crop_words}, {self.emphasis_words}, lr {sci(self.lr)} for the diffusion methods, NAWS lr "
+                f"{sci(self.naws_lr)}")
+
+
+#: The set-up of the CPU profiles.
+SETUP = TrainingSetup()
+VESSEL_TRAIN: dict[str, Any] = SETUP.train()
+VESSEL_METHODS: dict[str, dict[str, Any]] = SETUP.method_overrides()
+
+
+def setup_deviations(setup: TrainingSetup = SETUP) -> list[str]:
+    """Where the training set-up of the CPU profiles departs from every method's published one (the
+    `paper` profile keeps the published objectives); the deviations page lists them."""
+    window = DataConfig().window
+    gan_lr = ", ".join(sorted({sci(METHODS.get(m).method_class.make_config("small").optim.lr)
+                               for m in ("pix2pix", "resvit")}))
+    fraction = f"{100 * setup.emphasis_fraction:g} %"
+    return [
+        f"**Vessel emphasis (every method).** In each method's per-pixel reconstruction term the brightest {fraction} "
+        f"of each training window's target voxels weigh x{setup.emphasis_weight:g}, computed from the target image "
+        "alone: MMDM's MSE part of eq. (7) for the fused and every branch prediction (the MIP part as published), "
+        "the L1 of Pix2Pix, ResViT and UNest's paired variant, DDPM's noise MSE, BBDM's objective and both RDDM "
+        "terms at the same pixels. Why: at a CPU budget an unweighted loss learns no artery; the form and strength "
+        "were chosen on the validation split by the recorded sweeps (the sweeps page). UNest's published objective "
+        "is unpaired and has no term that compares a synthesis with its own target, so the emphasis does not "
+        "apply to it.",
+        f"**2.5D crops (every method).** Training windows are {setup.crop}x{setup.crop} in-plane crops of {window} "
+        f"slices, {100 * setup.crop_vessel_share:g} % of them centred on the target's brightest voxels, instead "
+        "of whole slices (the sweeps page: more vessel recovery per step, at a fifth of the pixels). Synthesis "
+        "still slides over whole slices.",
+        f"**Learning rate {sci(setup.lr)} for MMDM and the diffusion baselines** (DDPM, BBDM, RDDM), chosen for "
+        "MMDM on the validation split and given to the diffusion baselines for the same set-up; the GANs keep "
+        f"their published {gan_lr}.",
+        f"**NAWS's p_i at their own learning rate, {sci(setup.naws_lr)}** (`naws_lr`; the paper is silent, the "
+        "authors' code uses the model's): at the model's rate they move by at most that rate per step, so in a "
+        "short run the learnt weighting stays at its start.",
+        "**Extra runs beside the tables (standard profile).** MMDM full and the strongest baseline are trained "
+        "once more without the emphasis, everything else equal (the emphasis ablation on the results page), and "
+        "DDPM with x0 prediction fills a labelled extra row of Table 1 after the published eps row (the sweep "
+        "ddpm-prediction chose x0 over v and eps on the validation split); `RUN_OPTIONS` in `mmdm/study/runs.py`.",
+        "**Precision.** The CPU profiles train in fp32: bf16 autocast agreed with fp32 within the seed "
+        "spread (the sweeps page) but was hardly faster for the small networks on crops. The `paper` profile "
+        "uses bf16 autocast, the usual practice on GPUs.",
+    ]
+
+
+#: The ablation of the vessel emphasis: MMDM full and the strongest baseline trained again
 #: without it, everything else equal.
 EMPHASIS_ABLATION: tuple[tuple[str, str], ...] = (("mmdm-full", "no-emphasis"), ("strongest-baseline", "no-emphasis"))
+#: The smoke profile's crop side (its tiny phantom's slices are smaller than the set-up's crops).
+SMOKE_CROP = 32
 
 PROFILES: dict[str, StudyProfile] = {
     "smoke": StudyProfile(
-        name="smoke", description="every run, tiny: a 6-subject 4 mm phantom, 3 training steps on 32x32 crops "
-        "with the vessel emphasis, 2 sampling steps, one test subject; checks the machinery, says nothing about "
+        name="smoke", description="every run, tiny: a 6-subject 4 mm phantom, 3 training steps on "
+        f"{SMOKE_CROP}x{SMOKE_CROP} crops with the vessel emphasis, 2 sampling steps, one test subject; checks the machinery, says nothing about "
         "the methods",
         cohort="tiny", steps=3, checkpoint_every=3, image_every=0, log_every=1, eval_sample_steps=2,
         eval_stride=5, eval_subjects=1, seeds=(0, 1), seed_runs=("mmdm-full",), uncertainty_samples=2,
         uncertainty_subjects=1, uncertainty_steps=3, frontier_steps=(2, 3), frontier_strides=(2, 5),
-        train={**VESSEL_TRAIN, "crops": {**VESSEL_TRAIN["crops"], "size": [32, 32]}, "val_every": 3,
-               "val_windows": 2, "val_volumes": 1, "val_volume_steps": 2},
+        train={**VESSEL_TRAIN, "crops": SETUP.crops(SMOKE_CROP), "val_every": 3, "val_windows": 2,
+               "val_volumes": 1, "val_volume_steps": 2},
         method_overrides=VESSEL_METHODS, option_runs=EMPHASIS_ABLATION),
     "quick": StudyProfile(
         name="quick", description="the CPU main job: 40-subject 2 mm phantom (28/4/8), small models with the "
-        "vessel set-up of the standard profile (48x48 crops, emphasis), 120 steps per run (more for the fast GAN "
+        f"vessel set-up of the standard profile ({SETUP.crop_words}, emphasis), 120 steps per run (more for the fast GAN "
         "baselines; too few to learn vessels), 5 sampling steps, windows every 5th slice",
         cohort="quick", steps=120, steps_per_method={"pix2pix": 600, "resvit": 300, "unest": 300},
         checkpoint_every=60, image_every=60, eval_sample_steps=5, eval_stride=5, uncertainty_samples=3,
@@ -124,8 +230,8 @@ PROFILES: dict[str, StudyProfile] = {
         train={**VESSEL_TRAIN, "val_every": 60}, method_overrides=VESSEL_METHODS),
     "standard": StudyProfile(
         name="standard", description="the published book: the standard cohort (the quick one plus 8 test "
-        "subjects: 28/4/16), small models, the vessel set-up (48x48 crops, brightest 1 % x20, lr 3e-4 for the "
-        "diffusion methods, NAWS lr 1e-2; chosen on validation by the recorded sweeps), 2000 steps per diffusion "
+        f"subjects: 28/4/16), small models, the vessel set-up ({SETUP.summary()}; chosen on validation by the "
+        "recorded sweeps), 2000 steps per diffusion "
         "run (more for Pix2Pix), 10 sampling steps, windows every 2nd slice; 3 seeds of MMDM full, MMDM base and "
         "the strongest baseline; MMDM full and the strongest baseline once more without the emphasis; DDPM with x0 "
         "prediction as a labelled extra row; uncertainty "

@@ -157,9 +157,10 @@ def load_records(results_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
         prov = summary.get("provenance", {})
         git = prov.get("git") or {}
         kw = summary.get("method_kwargs", {})
+        resolved = summary.get("method_config") or {}
         runs.append({
             "run": rec.name, "method": summary.get("method"), "variant": kw.get("variant"),
-            "sources": "+".join(kw.get("sources", [])), "objective": summary.get("objective"),
+            "sources": "+".join(resolved.get("sources") or kw.get("sources", [])), "objective": summary.get("objective"),
             "n_subjects": summary.get("n_subjects"),
             "steps": summary.get("checkpoint", {}).get("step"), "profile": prov.get("profile"),
             "device": summary.get("evaluation", {}).get("device_name", ""),

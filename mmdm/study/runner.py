@@ -39,7 +39,7 @@ from mmdm.study.executed import tidy_notebook
 from mmdm.study.footing import budget_markdown, footing_markdown
 from mmdm.study.frontier import ensure_frontier
 from mmdm.study.premise import ensure_premise
-from mmdm.study.profiles import StudyProfile, get_profile
+from mmdm.study.profiles import StudyProfile, get_profile, setup_deviations
 from mmdm.study.records import load_records, record_complete
 from mmdm.study.robustness import ensure_robustness
 from mmdm.study.runs import RunSpec, option_spec, study_runs
@@ -373,7 +373,7 @@ def write_generated_markdown(root: Path, profile: StudyProfile) -> None:
     """``book/generated/``: deviations.md, footing.md (:func:`mmdm.study.footing.footing_markdown` of the
     profile's records) and budgets.md (:func:`mmdm.study.footing.budget_markdown` of the profile)."""
     gen = root / "book" / "generated"
-    write_text(gen / "deviations.md", deviations_markdown())
+    write_text(gen / "deviations.md", deviations_markdown(setup_deviations()))
     write_text(gen / "footing.md", footing_markdown(api.results_dir(profile), profile))
     write_text(gen / "budgets.md", budget_markdown(profile))
 

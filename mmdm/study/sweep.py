@@ -1,4 +1,4 @@
-"""Recorded sweeps on the validation split: how the study's training settings were chosen (issue #15).
+"""Recorded sweeps on the validation split: how the study's training settings were chosen.
 
 A sweep is a named list of training runs (:class:`SweepPoint`) that differ
 from a study profile's run in a few settings: the vessel emphasis, crops, the
@@ -31,12 +31,13 @@ from typing import Any, Callable, Sequence
 
 import pandas as pd
 
-from mmdm.config import ConfigError, replace, save_yaml
+from mmdm.config import ConfigError, save_yaml
 from mmdm.engine.rundir import VALIDATION_LOG, run_status
+from mmdm.engine.spec import resolve
 from mmdm.io import write_text
 from mmdm.paths import project_path
 from mmdm.study.api import ensure_data, make_spec, train_config
-from mmdm.study.profiles import get_profile
+from mmdm.study.profiles import SETUP, get_profile
 from mmdm.study.records import read_validation_log
 
 #: whole-volume validation scores kept in a sweep's summary.csv (as ``volume_<score>``)
@@ -127,9 +128,11 @@ class Sweep:
     val_volume_steps: int | None = 5
 
 
-#: The vessel set-up the sweep starts from: 48x48 crops, 70 % centred on bright target voxels.
-CROPS = {"size": [48, 48], "vessel_share": 0.7, "quantile": 0.99}
-TOP20 = {"kind": "top_fraction", "fraction": 0.01, "weight": 20.0}
+#: The set-up's crops and emphasis (:data:`mmdm.study.profiles.SETUP`: 48x48 crops, 70 % centred on bright
+#: target voxels; the brightest 1 % x20), the values the sweeps started from and chose. A collected point
+#: keeps its resolved config (results/sweeps/<sweep>/<point>/config.yaml).
+CROPS = SETUP.crops()
+TOP20 = SETUP.emphasis()
 
 #: The selection rule of the haze sweeps (written before they ran): whole validation volumes.
 HAZE_RULE = ReferenceRule("haze-reference", "each candidate point is judged against its reference point (same method, steps and seed) on the "
@@ -140,8 +143,8 @@ HAZE_RULE = ReferenceRule("haze-reference", "each candidate point is judged agai
              "not more than 0.03 below; of several adopted candidates of one method, the one with the lowest "
              "background bias")
 
-#: The learning rate round 1 pointed to (the issue's probes used it too); the small config's own is 1e-4.
-LR3 = {"optim": {"lr": 3e-4}}
+#: The learning rate round 1 pointed to (3e-4, the probes before it used it too); the small config's own is 1e-4.
+LR3 = SETUP.lr_override()
 
 SWEEPS: dict[str, Sweep] = {
     "vessel-round1": Sweep(
@@ -332,17 +335,12 @@ def point_config(sweep: Sweep, point: SweepPoint, device: str = "cpu"):
     stays repeatable), then the sweep's settings, then the point's."""
     profile = dataclasses.replace(get_profile(sweep.profile), train={}, method_overrides={})
     spec = make_spec(point.method, point.variant, None, profile)
-    cfg = train_config(spec, profile, 0, device)
-    cfg.method_kwargs = {**cfg.method_kwargs, **point.method_overrides}
     shared = {"steps": sweep.steps, "epochs": None, "val_every": sweep.val_every, "val_windows": sweep.val_windows,
               "checkpoint_every": sweep.steps // 2, "image_every": 0, "val_volumes": sweep.val_volumes,
               "val_volume_stride": sweep.val_volume_stride, "val_volume_steps": sweep.val_volume_steps}
-    cfg = replace(cfg, shared)
-    for layer in (sweep.base_train, point.train):
-        if layer:
-            cfg = replace(cfg, layer)  # nested dicts merge; None replaces a whole sub-config (crops: None)
-    cfg.validate()
-    return cfg
+    # nested dicts merge; None replaces a whole sub-config (crops: None)
+    return resolve(train_config(spec, profile, 0, device), {"method_kwargs": point.method_overrides}, shared,
+                   sweep.base_train, point.train)
 
 
 def _run_one(cfg_path: Path, run_dir: Path, threads: int, log: Callable[[str], None]) -> tuple[str, int]:

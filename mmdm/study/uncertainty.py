@@ -30,6 +30,7 @@ from scipy.stats import spearmanr
 
 from mmdm.data.layout import Layout
 from mmdm.engine.distributed import resolve_device
+from mmdm.engine.evaluate import sampling_record
 from mmdm.engine.infer import load_run_method, synthesize_subjects
 from mmdm.engine.rundir import RecordWriter
 from mmdm.io import atomic_path, write_text
@@ -122,8 +123,7 @@ def run_uncertainty(run_dir: str | Path, out_dir: str | Path, subjects: Sequence
         tmp.write_bytes(buf.getvalue())
     record.finish(portable({
         "analysis": "uncertainty", "run": str(run_dir), "profile": profile, "subjects": list(subjects),
-        "sampling": {"n_samples": n_samples, "steps": steps, "stride": stride, "seed": seed,
-                     "mode": method.sampling_mode},
+        "sampling": sampling_record(method, steps, None, n_samples=n_samples, stride=stride, seed=seed),
         "checkpoint_step": ckpt.get("step"), **record.session(dev, git_root=repo_root())}))
     return out_dir
 

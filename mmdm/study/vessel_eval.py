@@ -22,7 +22,7 @@ from mmdm.data.layout import TARGET_MODALITY, Layout
 from mmdm.data.phantom import has_ground_truth, load_ground_truth
 from mmdm.data.volumes import load_volume
 from mmdm.vessel_contrast import HEAD_THRESHOLD
-from mmdm.vessel_segmentation import VesselSegConfig, evaluate_vessels, fit_segmentation, phantom_vessel_mask, segment_vessels
+from mmdm.vessel_segmentation import VesselSegConfig, evaluate_vessels, fit_segmentation, phantom_lumen, segment_vessels
 
 
 def reference_volumes(root: Path, subject: str, cfg: VesselSegConfig | None = None):
@@ -31,7 +31,7 @@ def reference_volumes(root: Path, subject: str, cfg: VesselSegConfig | None = No
     target = vol.data / float(vol.data.max())
     if has_ground_truth(root):
         gt = load_ground_truth(root, subject)
-        return target, phantom_vessel_mask(gt["vessel_fraction"]), gt["brain_mask"], gt["centerlines"], vol.affine
+        return target, phantom_lumen(gt["vessel_fraction"]), gt["brain_mask"], gt["centerlines"], vol.affine
     brain = target > HEAD_THRESHOLD
     return target, segment_vessels(target, cfg or VesselSegConfig(), brain), brain, None, vol.affine
 
