@@ -3,7 +3,7 @@
 A method is an ``nn.Module`` that turns a training batch into losses and
 source windows into a synthesised target window. The training engine, the
 evaluation code and the CLI only talk to this interface (:class:`SynthesisMethod`):
-``training_losses``, ``sample``, ``optimizer_groups``, ``optim_configs``,
+``train_step``, ``training_losses``, ``sample``, ``optimizer_groups``, ``optim_configs``,
 ``ema_config``, ``log_scalars`` and the attributes ``sources``, ``window``,
 ``spatial_multiple``; they never read a method's own config.
 
