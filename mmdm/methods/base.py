@@ -112,7 +112,7 @@ class StepContext:
         loss = losses["loss"]
         if not torch.isfinite(loss.detach()).all():
             raise FloatingPointError(
-                f"non-finite loss {float(loss)} at step {self.step} (group '{group}'). Lower the learning "
+                f"non-finite loss {float(loss.detach())} at step {self.step} (group '{group}'). Lower the learning "
                 "rate, set grad_clip, or check the data for extreme values; resume from the last checkpoint.")
         multi = len(self.optimizers) > 1
         logs: dict[str, Tensor] = {}
