@@ -10,7 +10,7 @@ import torch
 from mmdm.config import ConfigError, from_dict
 from mmdm.losses.emphasis import EmphasisConfig, PixelLoss, emphasis_weights, weighted_l1, weighted_mse
 from mmdm.losses.hybrid import hybrid_loss
-from mmdm.stats import top_count as n_emphasised
+from mmdm.stats import top_count
 
 
 def emphasised_loss(pred, target, cfg, base="mse", reduction="mean"):
@@ -39,11 +39,11 @@ def _tied_target() -> torch.Tensor:
     return t
 
 
-def test_n_emphasised_rounds_and_keeps_at_least_one():
-    assert n_emphasised(500, 0.01) == 5
-    assert n_emphasised(100, 0.07) == 7  # 0.07 * 100 = 7.000000000000001 must not become 8
-    assert n_emphasised(10, 0.01) == 1
-    assert n_emphasised(3, 0.99) == 3
+def test_top_count_rounds_and_keeps_at_least_one():
+    assert top_count(500, 0.01) == 5
+    assert top_count(100, 0.07) == 7  # 0.07 * 100 = 7.000000000000001 must not become 8
+    assert top_count(10, 0.01) == 1
+    assert top_count(3, 0.99) == 3
 
 
 def test_top_fraction_emphasises_exactly_k_voxels_per_sample_with_deterministic_ties():
@@ -69,7 +69,7 @@ def test_weights_are_per_sample_not_per_batch():
     t[1] *= 0.01  # sample 1 in [0, 0.01), sample 0 in [1, 2): a batch-wide cut would skip sample 1
     t[0] += 1.0
     w = emphasis_weights(t, EmphasisConfig(kind="top_fraction", fraction=0.05, weight=3.0))
-    k = n_emphasised(3 * 8 * 8, 0.05)
+    k = top_count(3 * 8 * 8, 0.05)
     assert (w[0] == 3.0).sum() == k and (w[1] == 3.0).sum() == k
 
 

@@ -101,3 +101,46 @@ def test_two_gloo_processes_equal_one_process_with_the_combined_batch(tmp_path):
     assert done["world_size"] == 2 and done["steps"] == 8 and done["steps_per_epoch"] == 3
     prov = json.loads((ddp_run / "provenance.json").read_text())
     assert len(prov["sessions"]) == 1 and prov["sessions"][0]["world_size"] == 2
+
+
+NO_NORM = {"generator": {"norm": "none", "dropout": 0.0}, "discriminator": {"norm": "none"}}
+
+
+def _gan_cfg(data: Path, batch_size: int) -> TrainConfig:
+    # no normalisation and no dropout: the only coupling between samples is the mean of the losses (and
+    # no bias ahead of a norm, whose gradient is rounding noise that Adam would blow up to a full step)
+    kw = {"config": "small", **NO_NORM}
+    return TrainConfig(method="pix2pix", method_kwargs=kw, data=DataConfig(root=str(data), sources=("T1w", "T2w")),
+                       steps=3, epochs=None, batch_size=batch_size, seed=5, device="cpu", checkpoint_every=3,
+                       image_every=0, log_every=1)
+
+
+@pytest.mark.slow  # about a minute: two trainings and two spawned processes
+@pytest.mark.skipif(not dist.is_gloo_available(), reason="torch built without gloo")
+def test_a_gans_discriminator_then_generator_step_under_ddp_equals_one_process(tmp_path):
+    """The GAN step runs two forward passes through DDP (D's, which makes the fake, then G's, which
+    scores the same fake): both groups' gradients are averaged across processes as in one process."""
+    make_dataset(tmp_path / "data", n=5, shape=(32, 32, 8))
+    single = train(_gan_cfg(tmp_path / "data", 4), tmp_path / "single", progress=False)
+    ddp_run = tmp_path / "ddp"
+    mp.spawn(_worker, args=(2, _free_port(), to_dict(_gan_cfg(tmp_path / "data", 2)), str(ddp_run)), nprocs=2,
+             join=True)
+    a = load_checkpoint(CheckpointManager(single / "checkpoints").latest())
+    b = load_checkpoint(CheckpointManager(ddp_run / "checkpoints").latest())
+    assert a["step"] == b["step"] == 3 and b["world_size"] == 2
+    for k, v in a["model"].items():
+        torch.testing.assert_close(b["model"][k], v, rtol=1e-4, atol=1e-5)
+    for group in ("discriminator", "generator"):  # Adam's moments: both groups stepped on averaged gradients
+        for i, st in a["optimizers"][group]["state"].items():
+            torch.testing.assert_close(b["optimizers"][group]["state"][i]["exp_avg"], st["exp_avg"],
+                                       rtol=1e-3, atol=1e-6)
+    init = build_method_small_pix2pix()
+    for net in ("net.", "discriminator."):  # both networks moved far beyond the tolerance (3 steps at lr 2e-4)
+        assert max((v - init[k]).abs().max() for k, v in a["model"].items() if k.startswith(net)) > 3e-4, net
+
+
+def build_method_small_pix2pix() -> dict:
+    from mmdm.methods import build_method
+
+    torch.manual_seed(5)
+    return build_method("pix2pix", config="small", sources=("T1w", "T2w"), **NO_NORM).state_dict()

@@ -10,7 +10,7 @@ import torch
 
 from mmdm.config import ConfigError
 from mmdm.methods import METHODS, SynthesisMethod, Variant, build_method, display_name, register_method
-from mmdm.methods import table1_methods
+from mmdm.methods import deviations_markdown, table1_methods
 from mmdm.study.runs import (REFERENCE_METHOD, REFERENCE_RUN, ablation_variants, baselines, study_runs,
                              variant_label)
 from mmdm.study.tables import table_rows
@@ -72,6 +72,7 @@ def test_a_registered_toy_method_is_a_study_run_and_a_table1_row_and_goes_away_a
     rows = [run for _, run in table_rows("table1")]
     assert rows.index(first) < rows.index("toy") < rows.index(table1_methods()[2])
     assert rows[-1] == REFERENCE_RUN  # the reference stays the last row, as in the paper
+    assert "| Toy (a test method) | `toy` | regression | 2 | `double` (Toy x2) |" in deviations_markdown()  # the book
     METHODS.unregister("toy")
     assert "toy" not in baselines() and "toy" not in {r.name for r in study_runs()}
     assert "toy" not in [run for _, run in table_rows("table1")]

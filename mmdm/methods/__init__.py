@@ -61,6 +61,15 @@ def deviations_markdown(setup_deviations: Sequence[str] = ()) -> str:
              *[f"- {d}" for d in setup_deviations], ""]
     devs = method_deviations()
     rows = table1_methods()
+    lines += ["## The methods", "", "As each method module declares itself (`display_name`, `family`, `table1`, "
+              "`variants` of its class).", "", "| Method | Registry name | Family | Table 1 row | Variants |",
+              "|---|---|---|---|---|"]
+    for name in rows + [n for n in METHODS.names() if n not in rows]:
+        cls = method_class(name)
+        row = rows.index(name) + 1 if name in rows else "-"
+        variants = "; ".join(f"`{v}` ({x.label})" for v, x in cls.variants.items()) or "-"
+        lines.append(f"| {display_name(name)} | `{name}` | {cls.family or '-'} | {row} | {variants} |")
+    lines.append("")
     order = [n for n in rows if n in devs] + [n for n in devs if n not in rows]
     for name in order:
         lines += [f"## {display_name(name)}", "", f"Registry name `{name}`, module `mmdm/methods/{name}.py`.", ""]

@@ -3,7 +3,7 @@
 A method is an ``nn.Module`` that turns a training batch into losses and
 source windows into a synthesised target window. The training engine, the
 evaluation code and the CLI only talk to this interface (:class:`SynthesisMethod`):
-``training_losses``, ``sample``, ``optimizer_groups``, ``optim_configs``,
+``train_step``, ``training_losses``, ``sample``, ``optimizer_groups``, ``optim_configs``,
 ``ema_config``, ``log_scalars`` and the attributes ``sources``, ``window``,
 ``spatial_multiple``; they never read a method's own config.
 
@@ -114,7 +114,7 @@ class StepContext:
         loss = losses["loss"]
         if not torch.isfinite(loss.detach()).all():
             raise FloatingPointError(
-                f"non-finite loss {float(loss)} at step {self.step} (group '{group}'). Lower the learning "
+                f"non-finite loss {float(loss.detach())} at step {self.step} (group '{group}'). Lower the learning "
                 "rate, set grad_clip, or check the data for extreme values; resume from the last checkpoint.")
         multi = len(self.optimizers) > 1
         logs: dict[str, Tensor] = {}
