@@ -402,7 +402,6 @@ def register_method(name: str) -> Callable[[M], M]:
         def factory(*args: Any, **kw: Any) -> SynthesisMethod:
             return cls.build(*args, **kw)
 
-        factory.method_class = cls  # type: ignore[attr-defined]
         factory.__module__, factory.__qualname__ = cls.__module__, f"{cls.__name__}.build"
         factory.method_class = cls  # the class behind the name: rebuilding a record uses cls.from_resolved
         factory.__doc__ = f"Build {cls.__name__}: ``build_method({name!r}, config=..., sources=..., **overrides)``."
