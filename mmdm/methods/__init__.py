@@ -19,8 +19,6 @@ from mmdm.methods import rddm as _rddm, resvit as _resvit, unest as _unest  # no
 from mmdm.methods.base import METHODS, Batch, OptimConfig, SynthesisMethod, Variant, method_class, register_method
 from mmdm.methods.mmdm import MMDM, VARIANTS, MMDMConfig
 
-#: MMDM's named configurations (``MMDM.named_configs``), kept under its former name.
-NAMED_CONFIGS = MMDM.named_configs
 
 
 def build_method(name: str, **kw: Any) -> SynthesisMethod:
@@ -79,5 +77,5 @@ def deviations_markdown(setup_deviations: Sequence[str] = ()) -> str:
 
 
 __all__ = ["deviations_markdown", "display_name", "method_class", "method_deviations", "METHODS", "MMDM",
-           "NAMED_CONFIGS", "VARIANTS", "Batch", "MMDMConfig", "OptimConfig", "SynthesisMethod", "Variant",
+           "VARIANTS", "Batch", "MMDMConfig", "OptimConfig", "SynthesisMethod", "Variant",
            "build_method", "register_method", "table1_methods"]
