@@ -74,8 +74,8 @@ from mmdm.study.profiles import get_profile
 from mmdm.study.records import VESSELS_LEARNED_RECOVERY, portable
 from mmdm.study.runs import REFERENCE_RUN, baselines, study_runs
 from mmdm.study.vessel_eval import cohort_segmentation, reference_volumes
-from mmdm.vessel_contrast import LUMEN_FRACTION
-from mmdm.vessel_segmentation import DEFAULT_RADIUS_BINS_MM, VesselSegConfig, centreline_samples, segment_vessels
+from mmdm.vessel_segmentation import (DEFAULT_RADIUS_BINS_MM, LUMEN_MIN_FRACTION, VesselSegConfig, centreline_samples,
+                                      phantom_lumen, segment_vessels)
 
 #: A segment is visible in a modality when its contrast-to-noise ratio exceeds this many noise sigmas.
 VISIBILITY_K = 3.0
@@ -159,7 +159,7 @@ def segment_scores(pred: np.ndarray, target: np.ndarray, labels: np.ndarray, fra
         if sl is not None:
             big = tuple(slice(max(a.start - SHELL, 0), min(a.stop + SHELL, n)) for a, n in zip(sl, labels.shape))
             own = labels[big] == s
-            lumen = own & (fraction[big] > LUMEN_FRACTION)
+            lumen = own & phantom_lumen(fraction[big])
             if not lumen.any():
                 lumen = own
             ring = ndimage.binary_dilation(own, struct, iterations=SHELL) & ~own & clean[big]
@@ -255,7 +255,7 @@ def run_premise(data_root: str | Path, runs: Mapping[str, Path], out_dir: str | 
         "analysis": "premise", "profile": profile, "subjects": list(subjects), "sources": list(sources),
         "runs": scored, "runs_missing": [r for r in runs if r not in scored],
         "visibility_k": VISIBILITY_K, "shell": SHELL, "background_max_fraction": BACKGROUND_MAX_FRACTION,
-        "lumen_fraction": LUMEN_FRACTION, "radius_bins_mm": list(DEFAULT_RADIUS_BINS_MM),
+        "lumen_fraction": LUMEN_MIN_FRACTION, "radius_bins_mm": list(DEFAULT_RADIUS_BINS_MM),
         "recovered_at": RECOVERED_AT, "segmentation": _seg_summary(seg_cfg),
         **record.session("cpu", git_root=repo_root())}))
     return out
