@@ -17,9 +17,6 @@ from mmdm.methods import rddm as _rddm, resvit as _resvit, unest as _unest  # no
 from mmdm.methods.base import METHODS, Batch, OptimConfig, SynthesisMethod, register_method
 from mmdm.methods.mmdm import MMDM, VARIANTS, MMDMConfig, mmdm_config
 
-#: MMDM's named configurations (``MMDM.named_configs``), kept under its former name.
-NAMED_CONFIGS = MMDM.named_configs
-
 
 def build_method(name: str, **kw: Any) -> SynthesisMethod:
     """Build the registered method ``name`` with the keyword arguments of its class's
@@ -59,5 +56,5 @@ def deviations_markdown(setup_deviations: Sequence[str] = ()) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["DISPLAY_NAMES", "deviations_markdown", "method_deviations", "METHODS", "MMDM", "NAMED_CONFIGS", "VARIANTS",
+__all__ = ["DISPLAY_NAMES", "deviations_markdown", "method_deviations", "METHODS", "MMDM", "VARIANTS",
            "Batch", "MMDMConfig", "OptimConfig", "SynthesisMethod", "build_method", "mmdm_config", "register_method"]

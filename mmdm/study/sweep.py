@@ -35,13 +35,11 @@ from mmdm.io import write_text
 from mmdm.paths import project_path
 from mmdm.study.api import ensure_data, make_spec, train_config
 from mmdm.study.profiles import SETUP, get_profile
-from mmdm.study.records import read_validation_log
+from mmdm.study.records import TRAINING_RECORD_FILES, read_validation_log
 
 #: How a sweep's points are ranked: validation only, fixed before the sweep ran.
 SELECTION_RULE = ("mean validation contrast recovery of the last two validations, to 0.01 (higher is better); "
                   "equal ones are ordered by the last validation loss (lower is better)")
-#: Files of a point's run directory that its record keeps.
-RECORD_FILES = ("config.yaml", "provenance.json", "train_complete.json", VALIDATION_LOG)
 
 
 @dataclass(frozen=True)
@@ -262,7 +260,7 @@ def collect_sweep(name: str, runs_root: str | Path = "runs/sweeps",
             continue
         dst = dst_root / p.name
         dst.mkdir(parents=True, exist_ok=True)
-        for f in RECORD_FILES:
+        for f in TRAINING_RECORD_FILES:
             if (src / f).is_file():
                 tmp = dst / f".{f}.tmp"
                 shutil.copyfile(src / f, tmp)
