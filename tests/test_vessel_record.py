@@ -1,4 +1,4 @@
-"""The threshold-free vessel score in the run records (issue #15): per-subject columns of
+"""The threshold-free vessel score in the run records: per-subject columns of
 metrics.csv and means in summary.json (mmdm.engine.evaluate), the validation log carried into a
 record and read back as curves, and load_records' vessel columns and objective (mmdm.study.records)."""
 

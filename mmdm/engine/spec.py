@@ -51,8 +51,8 @@ class TrainConfig:
     optimiser state. ``channels_last``: the networks and batches in channels-last memory format.
     ``image_every``/``val_every``/``checkpoint_every`` = 0 disables them.
 
-    ``emphasis``: the vessel emphasis of every method's per-pixel terms (issue #15;
-    :class:`mmdm.losses.emphasis.EmphasisConfig`, kind ``none`` = the published objective).
+    ``emphasis``: the vessel emphasis of every method's per-pixel terms
+    (:class:`mmdm.losses.emphasis.EmphasisConfig`, kind ``none`` = the published objective).
     ``crops``: 2.5D training crops (:class:`mmdm.data.crops.CropConfig`; their
     ``multiple`` is raised to the network's spatial multiple) instead of whole-slice
     windows (null). ``val_every``: validation losses on ``val_batches`` batches and the

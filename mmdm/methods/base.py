@@ -19,7 +19,7 @@ A batch is a dict::
 
 with K adjacent axial slices (the 2.5D window) and intensities in [-1, 1].
 The engine may add ``"weights"`` (B, K, H, W): the vessel-emphasis map of the
-target (:attr:`SynthesisMethod.emphasis`, issue #15), computed once per batch.
+target (:attr:`SynthesisMethod.emphasis`), computed once per batch.
 
 Vessel emphasis, the same for every method: each method's per-pixel
 reconstruction term goes through :meth:`SynthesisMethod.pixel_loss` with the
@@ -72,13 +72,13 @@ class SynthesisMethod(nn.Module):
     spatial_multiple: int = 1
     #: Sampling modes :attr:`sampling_mode` can take (MMDM: coupled, independent); empty: none.
     sampling_modes: tuple[str, ...] = ()
-    #: Vessel emphasis of the per-pixel terms (issue #15); the engine sets it from ``TrainConfig.emphasis``.
+    #: Vessel emphasis of the per-pixel terms; the engine sets it from ``TrainConfig.emphasis``.
     emphasis: EmphasisConfig = EmphasisConfig()
     #: Whether the objective has a per-pixel term against the target that the emphasis can weight
     #: (False for UNest's unpaired objective: it never compares a prediction with its own target).
     supports_emphasis: ClassVar[bool] = True
 
-    # -- vessel emphasis (issue #15) ---------------------------------------------------
+    # -- vessel emphasis ---------------------------------------------------------------
     def emphasis_map(self, batch: Batch, x0: Tensor) -> Tensor | None:
         """The emphasis weights of this batch (``batch["weights"]`` when the engine computed them,
         else from ``x0``), or None when :attr:`emphasis` builds no map (every weight 1)."""

@@ -144,7 +144,7 @@ class BBDM(GatedMethod):
         x_t = self.bridge.q_sample(x0, y, t, noise)
         target = self.bridge.objective(x0, y, t, noise)
         out = self.net(torch.cat([x_t, y], dim=1), t)
-        # the emphasis map of x0 weights the objective's pixels (issue #15; none: the published loss)
+        # the emphasis map of x0 weights the objective's pixels (none: the published loss)
         loss = self.pixel_loss(out, target, self.emphasis_map(batch, x0), "l1" if self.cfg.loss == "l1" else "mse")
         logs: dict[str, Tensor] = {}
         if self.emphasis.kind == "steerable":

@@ -93,7 +93,7 @@ class MMDMConfig:
     ``"independent"`` (see :func:`mmdm.diffusion.sample_multibranch`).
     ``mip_gumbel``: Gumbel noise in the soft MIP (eq. (6); False is this
     project's noise-free option). ``mip_noise_scale``: the Gumbel draw's scale in the soft MIP
-    (1: the paper's standard Gumbel; issue #15 measures smaller ones, as the standard draw is
+    (1: the paper's standard Gumbel; the sweeps measure smaller ones, as the standard draw is
     large next to intensities in [-1, 1]). ``naws_lr``: Adam's learning rate for NAWS's
     ``p_i`` (None: the model's, as the authors' code; the paper is silent). ``naws_per_sample``: delta_t of each sample in NAWS (the paper) instead of
     the first sample's (the authors' code).
@@ -315,7 +315,7 @@ class MMDM(SynthesisMethod):
         preds = [self.branch_x0(m, self.bridge.q_sample(x0, y, t, e), y, t)
                  for m, y, e in zip(self.sources, ys, noises)]
         fused = self.fusion(preds, ys, t)
-        # the vessel emphasis (issue #15) weights the MSE part of every x0 loss; none: eq. (7) as published
+        # the vessel emphasis weights the MSE part of every x0 loss; none: eq. (7) as published
         hybrid = partial(hybrid_loss, use_mip=cfg.use_mip, tau=cfg.mip_tau, reduction="none", generator=generator,
                          gumbel=cfg.mip_gumbel, weights=self.emphasis_map(batch, x0), noise_scale=cfg.mip_noise_scale)
 

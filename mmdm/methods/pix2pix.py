@@ -148,7 +148,7 @@ class ConditionalGAN(SynthesisMethod):
     def _g_loss(self, cond: Tensor, fake: Tensor, target: Tensor, extras: dict[str, Tensor]) -> dict[str, Tensor]:
         c = self.cfg
         adv = generator_adversarial_loss(self.discriminator(cond.detach(), fake), c.gan_mode, c.real_label)
-        l1 = self.pixel_loss(fake, target, self._weights, "l1")  # emphasis-weighted (issue #15) when set
+        l1 = self.pixel_loss(fake, target, self._weights, "l1")  # emphasis-weighted when set
         extra = self.extra_generator_losses(extras, target)
         steer = self.image_emphasis(fake, target)
         if steer is not None:

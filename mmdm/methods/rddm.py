@@ -166,7 +166,7 @@ class RDDM(GatedMethod):
         noise = randn_like(x0, generator)
         x_t = self.process.q_sample(x0, res, t, noise)
         res_hat, eps_hat = self.predict_res_noise(x_t, x_in, t)
-        # the emphasis map of x0 weights both terms at its pixels (issue #15; none: the published losses)
+        # the emphasis map of x0 weights both terms at its pixels (none: the published losses)
         w, base = self.emphasis_map(batch, x0), "l1" if self.cfg.loss == "l1" else "mse"
         loss_res, loss_eps = self.pixel_loss(res_hat, res, w, base), self.pixel_loss(eps_hat, noise, w, base)
         loss = loss_res + loss_eps

@@ -238,8 +238,8 @@ def runs_without_learned_vessels(curves: pd.DataFrame,
     return sorted(best[best < threshold].index)
 
 
-#: Why a method's runs may stay below :data:`VESSELS_LEARNED_RECOVERY` under the CPU profiles' vessel set-up
-#: (issue #15): the study's reading of its own records and sweeps, shown only beside runs whose recorded
+#: Why a method's runs may stay below :data:`VESSELS_LEARNED_RECOVERY` under the CPU profiles' vessel set-up:
+#: the study's reading of its own records and sweeps, shown only beside runs whose recorded
 #: scores are in fact below it. Each is an explanation to be tested, not a measurement.
 NO_VESSELS_WHY: dict[str, str] = {
     "pix2pix": "Its per-pixel term is L1, whose minimiser is a weighted median rather than a mean: where the "

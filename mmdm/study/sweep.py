@@ -142,7 +142,7 @@ SWEEPS: dict[str, Sweep] = {
         )),
     "bf16": Sweep(
         name="bf16",
-        description="bf16 autocast on the CPU against fp32 (issue #17): MMDM full (small) in the vessel regime "
+        description="bf16 autocast on the CPU against fp32: MMDM full (small) in the vessel regime "
                     "(48x48 crops, brightest 1 % x20, lr 3e-4), 600 steps, 3 seeds each; the validation curves and the "
                     "vessel score must agree within the seed spread before bf16 may become a CPU default",
         steps=600, val_every=100,
@@ -165,7 +165,7 @@ SWEEPS: dict[str, Sweep] = {
     "ddpm-prediction": Sweep(
         name="ddpm-prediction",
         description="chooses, on the validation split, DDPM's prediction target for a second, labelled DDPM row "
-                    "of Table 1 (issue #13): Ho et al.'s eps (the Table 1 row), x0 (Ho et al. 2020 discuss "
+                    "of Table 1: Ho et al.'s eps (the Table 1 row), x0 (Ho et al. 2020 discuss "
                     "predicting x0) and v (Salimans & Ho 2022), each in the standard profile's set-up (small, "
                     "48x48 crops, brightest 1 % x20, lr 3e-4) with its DDPM budget of 2000 steps",
         steps=2000, val_every=400,
@@ -307,7 +307,7 @@ def sweep_curves(name: str, results_root: str | Path = "results/sweeps") -> pd.D
 
 
 def compare_precision(name: str = "bf16", results_root: str | Path = "results/sweeps") -> dict[str, Any] | None:
-    """fp32 against bf16 from a sweep whose points are named ``<fp32|bf16>-s<seed>`` (issue #17).
+    """fp32 against bf16 from a sweep whose points are named ``<fp32|bf16>-s<seed>``.
 
     For the last validation of every point: the mean and the seed spread (max - min over seeds)
     of the vessel recovery and of the validation loss, per precision; the two precisions
