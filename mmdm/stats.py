@@ -235,19 +235,6 @@ def _metric_columns(table: pd.DataFrame, metrics: Sequence[str] | None, higher_i
     return out
 
 
-def summarise_table(table: pd.DataFrame, metrics: Sequence[str] | None = None, method_col: str = "method",
-                    subject_col: str = "subject", n_boot: int = N_BOOT, seed: int = 0, ci: float = 0.95
-                    ) -> pd.DataFrame:
-    """One row per (method, metric): ``mean, sd, n, ci_low, ci_high`` of the per-subject values."""
-    _check_table(table, method_col, subject_col)
-    cols = _metric_columns(table, metrics, None, (method_col, subject_col))
-    rows = []
-    for method, grp in table.groupby(method_col, sort=False):
-        for metric in cols:
-            rows.append({"method": method, "metric": metric, **summarise(grp[metric].to_numpy(float), n_boot, seed, ci)})
-    return pd.DataFrame(rows)
-
-
 def compare_to_reference(table: pd.DataFrame, reference: str = "mmdm-full", metrics: Sequence[str] | None = None,
                          higher_is_better: Mapping[str, bool] | None = None, n_boot: int = N_BOOT, seed: int = 0,
                          ci: float = 0.95, alpha: float = 0.05, method_col: str = "method",

@@ -1,4 +1,4 @@
-"""Threshold-free vessel scores of a synthesised TOF-MRA volume (issue #15).
+"""Threshold-free vessel scores of a synthesised TOF-MRA volume.
 
 The segmentation-based metrics of :mod:`mmdm.vessel_segmentation` (clDice, Dice, ...)
 need a threshold and score 0 when a prediction has some vessel contrast but

@@ -1,4 +1,4 @@
-"""Test-only phantom subjects: a 16+ subject test split without changing existing subjects (issue #15)."""
+"""Test-only phantom subjects: a 16+ subject test split without changing existing subjects."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""2.5D crop sampling with vessel-centred crops from the target image (issue #15, item 3)."""
+"""2.5D crop sampling with vessel-centred crops from the target image."""
 
 from __future__ import annotations
 

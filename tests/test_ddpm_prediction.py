@@ -1,4 +1,4 @@
-"""DDPM's prediction targets (issue #13): eps (Ho et al. 2020, the default), x0 (Ho et al. 2020,
+"""DDPM's prediction targets: eps (Ho et al. 2020, the default), x0 (Ho et al. 2020,
 sec. 3.2) and v = sqrt(abar) eps - sqrt(1 - abar) x0 (Salimans & Ho 2022).
 
 The conversions are checked against the formulas computed from the betas by hand (numpy), the

@@ -1,4 +1,4 @@
-"""Vessel emphasis weight map and weighted reconstruction losses (issue #15)."""
+"""Vessel emphasis weight map and weighted reconstruction losses."""
 
 from __future__ import annotations
 

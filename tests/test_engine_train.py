@@ -212,7 +212,7 @@ def test_checkpoint_manager_keeps_last_k_and_survives_a_crash_while_writing(tmp_
     monkeypatch.undo()
     assert mgr.steps() == [4, 5]
     assert sorted(p.name for p in mgr.dir.iterdir()) == ["step-00000004.pt", "step-00000005.pt"]
-    state = mgr.load_latest()
+    state = mgr.load_newest()[1]
     assert state["step"] == 5 and torch.equal(state["w"], torch.full((3,), 5.0))
     with pytest.raises(ValueError, match="keep_last"):
         CheckpointManager(tmp_path, keep_last=0)
@@ -225,7 +225,7 @@ def test_unreadable_checkpoint_has_a_clear_error_and_falls_back(tmp_path):
     with pytest.raises(RuntimeError, match="cannot be read"):
         load_checkpoint(mgr.path(2))
     with pytest.warns(UserWarning, match=r"using checkpoint step-00000001\.pt: .*step-00000002\.pt cannot be read"):
-        assert mgr.load_latest()["step"] == 1
+        assert mgr.load_newest()[1]["step"] == 1
 
 
 # ----------------------------------------------------------------------------

@@ -142,3 +142,26 @@ def test_a_one_pass_method_records_no_sampler_settings():
     assert rec["sampler"] == "one pass" and rec["steps"] is None and rec["eta"] is None and "mode" not in rec
     rec = sampling_record(build_method("bbdm", config="small"), None, None)
     assert rec == {"steps": 20, "eta": 1.0, "spacing": "linear", "clip_x0": False, "sampler": "iterative"}
+
+
+def test_a_run_recorded_before_method_config_resumes_and_evaluates(tmp_path):
+    """A run directory of the old format (config.yaml and checkpoint without method_config) is
+    migrated where it is read: it evaluates, and training it further is accepted as the same run."""
+    import torch
+
+    cfg = _tiny_run(tmp_path)
+    run = train(cfg, tmp_path / "run", progress=False)
+    first = evaluate_run(run, steps=2, device="cpu", progress=False)
+    stored = yaml.safe_load((run / "config.yaml").read_text())
+    stored.pop("method_config")
+    (run / "config.yaml").write_text(yaml.safe_dump(stored, sort_keys=False))
+    ckpt_path = next((run / "checkpoints").iterdir())
+    state = load_checkpoint(ckpt_path, map_location="cpu")
+    state["config"].pop("method_config")
+    torch.save(state, ckpt_path)
+    assert load_run_config(run / "config.yaml").method_config == first["method_config"]
+    again = evaluate_run(run, steps=2, device="cpu", progress=False)
+    assert again["metrics"] == first["metrics"] and again["method_config"] == first["method_config"]
+    (run / "train_complete.json").unlink()
+    train(dataclasses.replace(cfg), run, progress=False)  # resumes: the stored config migrates to the same one
+    assert (run / "train_complete.json").is_file()

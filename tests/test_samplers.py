@@ -254,21 +254,6 @@ def test_multibranch_defaults_to_mean_fusion_and_rejects_bad_inputs():
         sample_multibranch(lambda xs, t: targets, [ys[0], ys[1][:, :2]], bridge)
 
 
-def test_per_sample_steps_match_scalar_steps():
-    bridge = BrownianBridge(BridgeConfig(num_timesteps=1000))
-    x0, y = _pair(shape=(3, 2, 4, 4))
-    xt = bridge.q_sample(x0, y, torch.tensor([999, 500, 20]), torch.randn_like(x0))
-    noise = torch.randn_like(x0)
-    t, n = torch.tensor([999, 500, 20]), torch.tensor([900, 0, 19])
-    batched = bridge_step(bridge, xt, y, x0, t, n, eta=1.0, noise=noise)
-    for i in range(3):
-        single = bridge_step(bridge, xt[i:i + 1], y[i:i + 1], x0[i:i + 1], int(t[i]), int(n[i]), eta=1.0,
-                             noise=noise[i:i + 1])
-        torch.testing.assert_close(batched[i:i + 1], single, atol=1e-12, rtol=0)
-    with pytest.raises(ValueError, match="0 <= n < t"):
-        bridge_step(bridge, xt, y, x0, t, torch.tensor([999, 0, 0]))
-
-
 # -- the one reverse loop ---------------------------------------------------------
 def test_reverse_loop_visits_the_schedule_and_reports_every_step_to_the_callback():
     from mmdm.diffusion import reverse_loop

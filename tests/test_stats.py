@@ -16,7 +16,6 @@ from mmdm.stats import (
     holm,
     paired_comparison,
     summarise,
-    summarise_table,
     wilcoxon_p,
 )
 
@@ -210,16 +209,6 @@ def test_unpaired_subjects_are_left_out():
     out = compare_to_reference(table, metrics=["psnr"], n_boot=200)
     assert out.set_index("method").loc["weak", "n"] == 10
     assert out.set_index("method").loc["strong", "n"] == 12
-
-
-def test_summarise_table():
-    table = constructed_table()
-    s = summarise_table(table, metrics=["psnr"], n_boot=500)
-    assert list(s["method"]) == ["mmdm-full", "weak", "strong", "noisy"]
-    weak = table.loc[table.method == "weak", "psnr"]
-    row = s.set_index("method").loc["weak"]
-    assert row["mean"] == pytest.approx(weak.mean()) and row["sd"] == pytest.approx(weak.std(ddof=1))
-    assert row["n"] == 12
 
 
 @pytest.mark.parametrize("n", [6, 8, 11])

@@ -1,4 +1,4 @@
-"""The threshold-free vessel score in the run records (issue #15): per-subject columns of
+"""The threshold-free vessel score in the run records: per-subject columns of
 metrics.csv and means in summary.json (mmdm.engine.evaluate), the validation log carried into a
 record and read back as curves, and load_records' vessel columns and objective (mmdm.study.records)."""
 
@@ -19,9 +19,11 @@ import mmdm.engine.evaluate as evaluate_mod
 from mmdm.data.volumes import Volume
 from mmdm.engine.evaluate import evaluate_run, subject_vessel_scores, vessel_summary
 from mmdm.engine.infer import SubjectSynthesis
-from mmdm.engine.rundir import METRIC_COLUMNS, read_metrics_csv
+from mmdm.engine.rundir import read_metrics_csv
+from mmdm.metrics import METRIC_KEYS
 from mmdm.optim import OptimConfig
 from mmdm.methods.base import SynthesisMethod
+from mmdm.metrics import METRIC_KEYS
 from mmdm.study.records import (VALIDATION_LOG, VESSEL_SCORES, export_record, load_records, read_validation_log,
                                 runs_without_learned_vessels, vessel_curves)
 
@@ -147,7 +149,7 @@ def test_evaluate_run_writes_vessel_columns_and_their_means(tmp_path, monkeypatc
     summary = evaluate_run(run, subjects=subjects, device="cpu", require_complete=False, progress=False)
 
     header = (run / "metrics.csv").read_text().splitlines()[0].split(",")
-    assert header == ["subject", *METRIC_COLUMNS, "vessel_recovery", "vessel_psnr"]
+    assert header == ["subject", *METRIC_KEYS, "vessel_recovery", "vessel_psnr"]
     rows = {r["subject"]: r for r in read_metrics_csv(run / "metrics.csv")}
     expected = {"sub-001": 0.5, "sub-002": 0.0, "sub-003": 1.0}
     for s in subjects:
@@ -162,7 +164,7 @@ def test_evaluate_run_writes_vessel_columns_and_their_means(tmp_path, monkeypatc
     assert v["psnr"] == pytest.approx(np.mean(psnrs), rel=1e-6)
     assert v["psnr_std"] == pytest.approx(np.std(psnrs, ddof=1), rel=1e-6)
     assert v["n_scored"] == 3 and v["mask_source"] == ["ground_truth"] and "contrast" in v["definition"]
-    assert set(summary["metrics"]) == set(METRIC_COLUMNS)  # the six paper metrics stay as they were
+    assert set(summary["metrics"]) == set(METRIC_KEYS)  # the six paper metrics stay as they were
     # the footing of the row: steps, weights evaluated, learning rate of each optimiser group
     assert summary["training"]["steps"] == 7 and summary["training"]["checkpoint_step"] == 7
     assert summary["training"]["lr"] == {"main": 2e-4} and summary["training"]["ema"] is None
@@ -248,7 +250,7 @@ def _record(root: Path, name: str, metrics: pd.DataFrame, summary: dict) -> None
 
 
 def test_load_records_exposes_vessel_columns_and_the_objective(tmp_path):
-    six = {k: [1.0, 2.0] for k in METRIC_COLUMNS}
+    six = {k: [1.0, 2.0] for k in METRIC_KEYS}
     new = pd.DataFrame({"subject": ["sub-001", "sub-002"], **six, "vessel_recovery": [0.2, 0.6],
                         "vessel_psnr": [10.0, 14.0]})
     old = pd.DataFrame({"subject": ["sub-001", "sub-002"], **six})

@@ -1,4 +1,4 @@
-"""Issue #15 in the trainer: the vessel emphasis in every method's loss, crops, the validation
+"""The vessel set-up in the trainer: the vessel emphasis in every method's loss, crops, the validation
 vessel score, the MIP noise scale, NAWS's own learning rate and the recorded sweeps."""
 
 from __future__ import annotations

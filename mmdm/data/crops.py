@@ -1,4 +1,4 @@
-"""2.5D training crops, a share of them centred on the target's bright voxels (issue #15, item 3).
+"""2.5D training crops, a share of them centred on the target's bright voxels.
 
 A crop is K adjacent axial slices of an in-plane ``size`` box, cut from
 subjects held in memory (e.g. :class:`mmdm.data.dataset.WindowDataset`'s

@@ -74,12 +74,6 @@ def window_starts(depth: int, window: int, stride: int) -> list[int]:
     return starts
 
 
-def to_windows(volume: np.ndarray | torch.Tensor, starts: Sequence[int], window: int) -> torch.Tensor:
-    """(X, Y, Z) volume -> (N, K, X, Y) stack of axial windows."""
-    v = torch.as_tensor(volume)
-    return torch.stack([v[:, :, s:s + window].permute(2, 0, 1) for s in starts])
-
-
 class WindowDataset(Dataset):
     """2.5D windows of K adjacent axial slices from the subjects of one split.
 
@@ -126,9 +120,3 @@ class WindowDataset(Dataset):
         win = lambda m: vols[m][:, :, z0:z0 + k].permute(2, 0, 1).contiguous()  # noqa: E731
         return {"sources": {m: win(m) for m in self.cfg.sources}, "target": win(self.cfg.target),
                 "subject": s, "z0": z0}
-
-    @property
-    def spatial_shape(self) -> tuple[int, int]:
-        s = self.subjects[0]
-        x, y, _ = self.volumes[s][self.cfg.target].shape
-        return int(x), int(y)

@@ -63,52 +63,27 @@ def step_coefficients(bridge: BrownianBridge, t: int, n: int) -> tuple[float, fl
     return m_t, m_n, coef, sigma2
 
 
-def bridge_step(bridge: BrownianBridge, x_t: Tensor, y: Tensor, x0_hat: Tensor, t: int | Tensor,
-                n: int | Tensor, eta: float = 1.0, noise: Tensor | None = None) -> Tensor:
+def bridge_step(bridge: BrownianBridge, x_t: Tensor, y: Tensor, x0_hat: Tensor, t: int, n: int,
+                eta: float = 1.0, noise: Tensor | None = None) -> Tensor:
     """One reverse step ``x_t -> x_n`` (n < t) with the bridge posterior (eq. (2)).
 
     ``x_n = mu_n + sqrt((delta_n - sigma2) / delta_t) (x_t - mu_t) + eta sqrt(sigma2) noise``
     with ``mu_s = (1 - m_s) x0_hat + m_s y`` (see the module docstring); for
-    ``n = 0`` the step returns ``x0_hat`` itself. ``t`` and ``n`` are ints (one
-    step for the whole batch) or integer tensors (B,) (per-sample steps).
+    ``n = 0`` the step returns ``x0_hat`` itself; one step ``t -> n`` for the whole batch.
     ``noise`` (standard Gaussian, like ``x_t``) is required when ``eta > 0`` and ``n > 0``.
     """
     if eta < 0:
         raise ValueError(f"eta must be >= 0, got {eta}")
-    if not torch.is_tensor(t) and not torch.is_tensor(n):
-        t, n = int(t), int(n)
-        m_t, m_n, coef, sigma2 = step_coefficients(bridge, t, n)
-        if n == 0:
-            return x0_hat
-        x_n = (1 - m_n) * x0_hat + m_n * y + coef * (x_t - (1 - m_t) * x0_hat - m_t * y)
-        if eta > 0:
-            if noise is None:
-                raise ValueError("bridge_step: eta > 0 needs a noise tensor (standard Gaussian, shaped like x_t)")
-            x_n = x_n + (eta * math.sqrt(sigma2)) * noise
-        return x_n
-    # per-sample timesteps: the same formulas on (B, 1, ..., 1) tensors
-    dev = bridge.m_t.device
-    tb = torch.as_tensor(t, device=dev).reshape(-1).long()
-    nb = torch.as_tensor(n, device=dev).reshape(-1).long()
-    if bool(((nb < 0) | (nb >= tb) | (tb >= bridge.num_timesteps)).any()):
-        raise ValueError(f"a reverse step needs 0 <= n < t < T={bridge.num_timesteps}, got t={t}, n={n}")
-    d_t, d_n = bridge.delta_t[tb], bridge.delta_t[nb]
-    if bool((d_t <= 0).any()):
-        raise ValueError(f"cannot step from t={t}: delta_t = 0 there (the bridge is pinned at that end)")
-    m_t, m_n = bridge.m_t[tb], bridge.m_t[nb]
-    sigma2 = ((d_t - d_n * ((1 - m_t) / (1 - m_n)) ** 2) * d_n / d_t).clamp_min(0)
-    coef = ((d_n - sigma2) / d_t).clamp_min(0).sqrt()
-    shape = (-1, *([1] * (x_t.ndim - 1)))
-    m_t, m_n, coef, sigma2 = (v.to(x_t).reshape(shape) for v in (m_t, m_n, coef, sigma2))
+    t, n = int(t), int(n)
+    m_t, m_n, coef, sigma2 = step_coefficients(bridge, t, n)
+    if n == 0:
+        return x0_hat
     x_n = (1 - m_n) * x0_hat + m_n * y + coef * (x_t - (1 - m_t) * x0_hat - m_t * y)
-    at_end = (nb == 0).to(x_t.device).reshape(shape)
     if eta > 0:
         if noise is None:
-            if not bool(at_end.all()):
-                raise ValueError("bridge_step: eta > 0 needs a noise tensor (standard Gaussian, shaped like x_t)")
-        else:
-            x_n = x_n + eta * sigma2.sqrt() * noise
-    return torch.where(at_end, x0_hat, x_n)
+            raise ValueError("bridge_step: eta > 0 needs a noise tensor (standard Gaussian, shaped like x_t)")
+        x_n = x_n + (eta * math.sqrt(sigma2)) * noise
+    return x_n
 
 
 def _clip(x: Tensor, clip: bool) -> Tensor:

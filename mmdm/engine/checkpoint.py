@@ -197,11 +197,6 @@ class CheckpointManager:
             raise RuntimeError(f"no readable checkpoint in {self.dir}: " + " | ".join(errors))
         return None
 
-    def load_latest(self, map_location: str | torch.device = "cpu") -> dict[str, Any] | None:
-        """The state of :meth:`load_newest` (None when there is no checkpoint)."""
-        found = self.load_newest(map_location)
-        return found[1] if found is not None else None
-
 
 @contextlib.contextmanager
 def isolated_rng() -> Iterator[None]:

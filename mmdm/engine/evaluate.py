@@ -24,12 +24,12 @@ from mmdm.data.layout import SPLIT_NAMES, Layout
 from mmdm.data.phantom import has_ground_truth, load_ground_truth
 from mmdm.engine.distributed import resolve_device
 from mmdm.engine.infer import check_amp, load_run_method, synthesize_subjects
-from mmdm.engine.rundir import (METRIC_COLUMNS, VESSEL_SCORE_COLUMNS, RecordWriter, run_lock, run_paths,
+from mmdm.engine.rundir import (VESSEL_SCORE_COLUMNS, RecordWriter, run_lock, run_paths,
                                 run_provenance, run_status, write_metrics_csv, write_table_csv)
 from mmdm.engine.spec import resolve_ema
 from mmdm.io import check_output_path, save_nifti, tof_fraction_descrip
 from mmdm.methods.base import SynthesisMethod
-from mmdm.metrics import evaluate_volumes
+from mmdm.metrics import METRIC_KEYS, evaluate_volumes
 from mmdm.regions import REGION_COLUMNS, SLICE_COLUMNS, region_errors, region_summary, slice_errors
 from mmdm.vessel_contrast import HEAD_THRESHOLD, phantom_vessel_scores, vessel_scores
 
@@ -198,8 +198,8 @@ def _evaluate(p, run_dir, method, cfg, ckpt, subs, split, steps, eta, n_samples,
     write_metrics_csv(p.metrics, rows)
     write_table_csv(p.regions, regions, ("subject", *REGION_COLUMNS))
     write_table_csv(p.slice_errors, slices, ("subject", *SLICE_COLUMNS))
-    means = {k: float(np.mean([r[k] for r in rows])) for k in METRIC_COLUMNS}
-    stds = {k: float(np.std([r[k] for r in rows], ddof=1)) if len(rows) > 1 else 0.0 for k in METRIC_COLUMNS}
+    means = {k: float(np.mean([r[k] for r in rows])) for k in METRIC_KEYS}
+    stds = {k: float(np.std([r[k] for r in rows], ddof=1)) if len(rows) > 1 else 0.0 for k in METRIC_KEYS}
     return record.finish({
         "run": str(Path(run_dir)), "method": cfg.method, "method_kwargs": cfg.method_kwargs,
         "method_config": cfg.method_config, "objective": method.objective(),

@@ -51,6 +51,7 @@ import torch
 
 from mmdm import __version__
 from mmdm.io import write_json, write_text
+from mmdm.metrics import METRIC_KEYS
 
 #: Packages whose versions go into provenance.json.
 KEY_PACKAGES = ("torch", "numpy", "scipy", "nibabel", "torchio", "scikit-image", "pandas", "pyyaml", "tqdm",
@@ -389,7 +390,6 @@ def end_session(run_dir: str | Path, **extra: Any) -> dict[str, Any]:
 # ----------------------------------------------------------------------------
 # record files
 
-METRIC_COLUMNS = ("psnr", "ssim", "rmse", "mip_psnr", "mip_ssim", "mip_rmse")
 #: Columns of metrics.csv after the six metrics: the threshold-free vessel score of each subject
 #: (:mod:`mmdm.vessel_contrast`: contrast recovery, PSNR inside the dilated vessel mask). Records
 #: written before they existed lack them.
@@ -404,7 +404,7 @@ def write_metrics_csv(path: str | Path, rows: list[dict[str, Any]]) -> Path:
                                                           if k not in extra):
         raise ValueError(f"rows disagree on the vessel score columns {VESSEL_SCORE_COLUMNS}: give every "
                          "subject the same columns (NaN where a score could not be computed)")
-    cols = ["subject", *METRIC_COLUMNS, *extra]
+    cols = ["subject", *METRIC_KEYS, *extra]
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n")
     w.writeheader()

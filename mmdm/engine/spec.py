@@ -69,8 +69,8 @@ class TrainConfig:
     method's own (``method``; ``ema`` overrides it), the same for all (``all``: ``ema`` or
     :data:`SHARED_EMA`), or none (``none``); what evaluation loads follows it (:func:`resolve_ema`).
 
-    ``emphasis``: the vessel emphasis of every method's per-pixel terms (issue #15;
-    :class:`mmdm.losses.emphasis.EmphasisConfig`, kind ``none`` = the published objective).
+    ``emphasis``: the vessel emphasis of every method's per-pixel terms
+    (:class:`mmdm.losses.emphasis.EmphasisConfig`, kind ``none`` = the published objective).
     ``crops``: 2.5D training crops (:class:`mmdm.data.crops.CropConfig`; their
     ``multiple`` is raised to the network's spatial multiple) instead of whole-slice
     windows (null). ``val_every``: validation losses on ``val_batches`` batches and the

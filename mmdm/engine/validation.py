@@ -1,4 +1,4 @@
-"""The vessel score of a model during training, on validation windows (issue #15, item 4).
+"""The vessel score of a model during training, on validation windows.
 
 Every ``val_every`` steps the trainer synthesises a fixed set of validation
 windows and scores them with :func:`mmdm.vessel_contrast.vessel_scores`:

@@ -1,10 +1,10 @@
-"""Vessel emphasis: a per-voxel weight map from the target image and weighted reconstruction losses (issue #15).
+"""Vessel emphasis: a per-voxel weight map from the target image and weighted reconstruction losses.
 
 Why
 ---
 Arteries fill 0.2-1 % of a 2.5D training window. With an unweighted
 per-pixel loss, a model at a CPU budget learns a smooth brain and no vessel
-(issue #15 measured ~10 % of the vessel contrast recovered after 600 steps);
+(the study measured ~10 % of the vessel contrast recovered after 600 steps);
 weighting each sample's brightest 1 % of target voxels x20 raised it to
 0.5-0.75 in the same budget. The field does the same on purpose: Olut et al.
 (2018, sGAN, T1+T2 -> MRA) add a loss on steerable-filter responses, Xia et
@@ -68,7 +68,7 @@ REDUCTIONS = ("mean", "none", "sum")
 
 @dataclass
 class EmphasisConfig:
-    """How strongly the target's bright sparse structures weigh in a per-pixel loss (issue #15).
+    """How strongly the target's bright sparse structures weigh in a per-pixel loss.
 
     ``kind``: one of :data:`EMPHASIS_KINDS`. ``fraction``: the share of each
     sample's voxels that counts as bright (0.01 = the brightest 1 %).

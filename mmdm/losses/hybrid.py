@@ -18,7 +18,7 @@ def hybrid_loss(pred: Tensor, target: Tensor, use_mip: bool = True, tau: float =
     "+NAWS" rows of Table 2). ``reduction="none"`` gives one value per sample
     (B,), which NAWS needs; ``"mean"`` gives the batch mean. ``gumbel``: see
     :func:`mmdm.losses.mip.mip_loss`, as ``noise_scale``. ``weights``: a vessel-emphasis map
-    (:func:`mmdm.losses.emphasis.emphasis_weights`) on the MSE part only (issue #15); the MIP
+    (:func:`mmdm.losses.emphasis.emphasis_weights`) on the MSE part only; the MIP
     term is left as the paper defines it.
     """
     if pred.shape != target.shape:

@@ -107,7 +107,7 @@ def mip_loss(pred: Tensor, target: Tensor, tau: float = 0.75, dim: int = 1, redu
     exactly. ``gumbel=False`` drops the noise (plain softmax relaxation), an
     option the paper does not have; ``noise_scale`` multiplies the standard
     Gumbel draw (1: the paper; 0 equals ``gumbel=False``), so the noise can be
-    set against the intensity range without changing ``tau`` (issue #15).
+    set against the intensity range without changing ``tau``.
     """
     if not noise_scale >= 0:
         raise ValueError(f"mip_loss: noise_scale must be >= 0, got {noise_scale}")

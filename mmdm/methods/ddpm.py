@@ -57,7 +57,7 @@ DEVIATIONS: list[str] = [
     "Prediction 'x0' or 'v' (DDPMConfig.prediction; not the Table 1 row, which predicts eps as Ho et al.): the "
     "network outputs x0 (Ho et al. 2020 discuss predicting x0 directly) or v = sqrt(abar) eps - sqrt(1 - abar) "
     "x0 (Salimans & Ho 2022) and is trained with the MSE to it; DDIM reads the output as x0 / v, with the same "
-    "clamping of x0. Offered because the eps row synthesises noise at the CPU budget (2000 steps; issue #13). The "
+    "clamping of x0. Offered because the eps row synthesises noise at the CPU budget (2000 steps). The "
     "standard profile trains x0 prediction as a labelled extra row of Table 1 (run ddpm-x0-prediction), chosen over "
     "eps and v on the validation split by the recorded sweep ddpm-prediction; the published eps row stays.",
 ]

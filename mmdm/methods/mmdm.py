@@ -97,7 +97,7 @@ class MMDMConfig:
     ``"independent"`` (see :func:`mmdm.diffusion.sample_multibranch`).
     ``mip_gumbel``: Gumbel noise in the soft MIP (eq. (6); False is this
     project's noise-free option). ``mip_noise_scale``: the Gumbel draw's scale in the soft MIP
-    (1: the paper's standard Gumbel; issue #15 measures smaller ones, as the standard draw is
+    (1: the paper's standard Gumbel; the sweeps measure smaller ones, as the standard draw is
     large next to intensities in [-1, 1]). ``naws_lr``: Adam's learning rate for NAWS's
     ``p_i`` (None: the model's, as the authors' code; the paper is silent). ``naws_per_sample``: delta_t of each sample in NAWS (the paper) instead of
     the first sample's (the authors' code).

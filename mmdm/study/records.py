@@ -23,20 +23,24 @@ import numpy as np
 import pandas as pd
 
 from mmdm.data.layout import Layout
-from mmdm.engine.rundir import REGIONS_FILE, SLICE_ERRORS_FILE, VALIDATION_LOG, run_paths
+from mmdm.engine.rundir import REGIONS_FILE, SLICE_ERRORS_FILE, VALIDATION_LOG, VESSEL_SCORE_COLUMNS, run_paths
 from mmdm.io import atomic_path, write_json, write_text
-from mmdm.metrics import axial_mip
+from mmdm.metrics import METRIC_KEYS, axial_mip
 from mmdm.regions import PANEL_ESTIMATE, REGION_COLUMNS, panel_regions
 from mmdm.paths import repo_root
 
-METRICS = ("psnr", "ssim", "rmse", "mip_psnr", "mip_ssim", "mip_rmse")
+#: The image metrics of the tables (the one tuple, :data:`mmdm.metrics.METRIC_KEYS`).
+METRICS = METRIC_KEYS
 HIGHER_IS_BETTER = {"psnr": True, "ssim": True, "rmse": False, "mip_psnr": True, "mip_ssim": True, "mip_rmse": False}
 METRIC_LABELS = {"psnr": "PSNR", "ssim": "SSIM", "rmse": "RMSE(%)", "mip_psnr": "MIP PSNR", "mip_ssim": "MIP SSIM",
                  "mip_rmse": "MIP RMSE(%)"}
-#: The files a record keeps; the trainer's validation log (VALIDATION_LOG) holds one JSON object per line,
+#: The files an evaluated run's record keeps (:func:`export_record`); the trainer's validation log
+#: (VALIDATION_LOG) holds one JSON object per line,
 #: ``{"step": 200, "losses": {...}, "vessel": {"recovery": ..., "psnr": ..., "n_windows": ...}}``.
 RECORD_FILES = ("config.yaml", "provenance.json", "metrics.csv", "vessel_metrics.csv", "scalars.csv", "panels.npz",
                 REGIONS_FILE, SLICE_ERRORS_FILE, VALIDATION_LOG, "summary.json")
+#: The files a training-only record keeps (a sweep point: trained and validated, never evaluated).
+TRAINING_RECORD_FILES = ("config.yaml", "provenance.json", "train_complete.json", VALIDATION_LOG)
 #: Vessel-continuity metrics (:mod:`mmdm.vessel_segmentation`) shown in the book, and their direction.
 VESSEL_METRICS = ("cldice", "dice", "mip_dice", "betti0_error")
 VESSEL_HIGHER_IS_BETTER = {"cldice": True, "dice": True, "mip_dice": True, "betti0_error": False}
@@ -44,7 +48,7 @@ METRIC_LABELS_VESSEL = {"cldice": "clDice", "dice": "vessel Dice", "mip_dice": "
                         "betti0_error": "Betti-0 error"}
 #: The threshold-free vessel score of each test subject (metrics.csv; :mod:`mmdm.vessel_contrast`), both higher is
 #: better. Records written before it existed lack these columns.
-VESSEL_SCORES = ("vessel_recovery", "vessel_psnr")
+VESSEL_SCORES = VESSEL_SCORE_COLUMNS
 VESSEL_SCORE_LABELS = {"vessel_recovery": "contrast recovery", "vessel_psnr": "vessel PSNR"}
 VESSEL_SCORE_HIGHER_IS_BETTER = {"vessel_recovery": True, "vessel_psnr": True}
 #: A run whose validation contrast recovery never reaches this did not learn to draw vessels.
@@ -313,8 +317,8 @@ def runs_without_learned_vessels(curves: pd.DataFrame,
     return sorted(best[best < threshold].index)
 
 
-#: Why a method's runs may stay below :data:`VESSELS_LEARNED_RECOVERY` under the CPU profiles' vessel set-up
-#: (issue #15): the study's reading of its own records and sweeps, shown only beside runs whose recorded
+#: Why a method's runs may stay below :data:`VESSELS_LEARNED_RECOVERY` under the CPU profiles' vessel set-up:
+#: the study's reading of its own records and sweeps, shown only beside runs whose recorded
 #: scores are in fact below it. Each is an explanation to be tested, not a measurement.
 NO_VESSELS_WHY: dict[str, str] = {
     "pix2pix": "Its per-pixel term is L1, whose minimiser is a weighted median rather than a mean: where the "

@@ -38,10 +38,11 @@ from mmdm.io import write_text
 from mmdm.paths import project_path
 from mmdm.study.api import ensure_data, make_spec, train_config
 from mmdm.study.profiles import SETUP, get_profile
-from mmdm.study.records import read_validation_log
+from mmdm.study.records import TRAINING_RECORD_FILES, read_validation_log
 
 #: whole-volume validation scores kept in a sweep's summary.csv (as ``volume_<score>``)
 VOLUME_COLUMNS = ("psnr", "ssim", "mip_psnr", "vessel_recovery")
+
 
 @dataclass(frozen=True)
 class SelectionRule:
@@ -89,8 +90,6 @@ class ReferenceRule:
     psnr_margin_db: None = None
     last_n: int = 2
     round_to: float = 0.01
-#: Files of a point's run directory that its record keeps.
-RECORD_FILES = ("config.yaml", "provenance.json", "train_complete.json", VALIDATION_LOG)
 
 
 @dataclass(frozen=True)
@@ -213,8 +212,7 @@ SWEEPS: dict[str, Sweep] = {
         )),
     "bf16": Sweep(
         name="bf16",
-        rule=VESSEL_ONLY, val_volumes=0,
-        description="bf16 autocast on the CPU against fp32 (issue #17): MMDM full (small) in the vessel regime "
+        description="bf16 autocast on the CPU against fp32: MMDM full (small) in the vessel regime "
                     "(48x48 crops, brightest 1 % x20, lr 3e-4), 600 steps, 3 seeds each; the validation curves and the "
                     "vessel score must agree within the seed spread before bf16 may become a CPU default",
         steps=600, val_every=100,
@@ -239,7 +237,7 @@ SWEEPS: dict[str, Sweep] = {
         name="ddpm-prediction",
         rule=VESSEL_ONLY, val_volumes=0,
         description="chooses, on the validation split, DDPM's prediction target for a second, labelled DDPM row "
-                    "of Table 1 (issue #13): Ho et al.'s eps (the Table 1 row), x0 (Ho et al. 2020 discuss "
+                    "of Table 1: Ho et al.'s eps (the Table 1 row), x0 (Ho et al. 2020 discuss "
                     "predicting x0) and v (Salimans & Ho 2022), each in the standard profile's set-up (small, "
                     "48x48 crops, brightest 1 % x20, lr 3e-4) with its DDPM budget of 2000 steps",
         steps=2000, val_every=400,
@@ -404,7 +402,7 @@ def collect_sweep(name: str, runs_root: str | Path = "runs/sweeps",
             continue
         dst = dst_root / p.name
         dst.mkdir(parents=True, exist_ok=True)
-        for f in RECORD_FILES:
+        for f in TRAINING_RECORD_FILES:
             if (src / f).is_file():
                 tmp = dst / f".{f}.tmp"
                 shutil.copyfile(src / f, tmp)
@@ -491,7 +489,7 @@ def sweep_curves(name: str, results_root: str | Path = "results/sweeps") -> pd.D
 
 
 def compare_precision(name: str = "bf16", results_root: str | Path = "results/sweeps") -> dict[str, Any] | None:
-    """fp32 against bf16 from a sweep whose points are named ``<fp32|bf16>-s<seed>`` (issue #17).
+    """fp32 against bf16 from a sweep whose points are named ``<fp32|bf16>-s<seed>``.
 
     For the last validation of every point: the mean and the seed spread (max - min over seeds)
     of the vessel recovery and of the validation loss, per precision; the two precisions

@@ -15,7 +15,7 @@ import re
 import shutil
 import tarfile
 from pathlib import Path, PurePosixPath
-from typing import Callable, Iterable
+from typing import Callable
 
 from mmdm.data.layout import DatasetError
 from mmdm.io import atomic_path
@@ -108,7 +108,3 @@ def extract_members(path: str | Path, target: str | Path,
                            "Delete it and download it again.") from e
     return written
 
-
-def member_names(members: Iterable[tarfile.TarInfo]) -> list[str]:
-    """Names of the regular files among ``members``."""
-    return [m.name for m in members if m.isfile()]

@@ -17,7 +17,7 @@ change the others:
 The split (:func:`cohort_splits`) is drawn over the first ``n_subjects``;
 ``extra_test_subjects`` appends test-only subjects with the next indices, so a
 cohort can gain test subjects while every existing subject and its split stay
-the same (the ``standard`` cohort: the ``quick`` one plus 8, issue #15).
+the same (the ``standard`` cohort: the ``quick`` one plus 8).
 """
 
 from __future__ import annotations
@@ -115,7 +115,7 @@ PROFILES: dict[str, PhantomConfig] = {
     "tiny": PhantomConfig(name="tiny", n_subjects=6, resolution=4.0, r_min_mm=0.4),
     "quick": PhantomConfig(name="quick", n_subjects=40, resolution=2.0),
     # the quick cohort's 40 subjects (same data, same 28/4/8 split) plus 8 test-only subjects: 16 test
-    # subjects, enough for a Wilcoxon/Holm family of comparisons to reach significance (issue #15)
+    # subjects, enough for a Wilcoxon/Holm family of comparisons to reach significance
     "standard": PhantomConfig(name="standard", n_subjects=40, resolution=2.0, extra_test_subjects=8),
     "paper": PhantomConfig(name="paper", n_subjects=140, resolution=1.0),
 }
