@@ -18,9 +18,11 @@ shows as faster, not as less efficient.
 
 Before/after: ``--base REF`` runs the same worker in a ``git worktree`` of ``REF`` and of this
 checkout, ALTERNATING (base, new, base, new, ...; ``--repeats`` each), every run a fresh
-process with ``--threads`` threads; medians and the load average around each run are kept. On a
-machine shared with other jobs the absolute times say little; the ratio of medians of
-interleaved runs does (``benchmarks/cpu_env.py``).
+process with ``--threads`` threads; medians and the load average around each run are kept. Each
+step is timed in wall seconds and in the process's CPU seconds (``time.process_time``): on a
+machine loaded beyond its cores a 1-thread process waits for a core most of the wall time, and
+the CPU time is the steadier measure of its work. The ratio of medians of interleaved runs is
+the result (``benchmarks/cpu_env.py``).
 
 Usage::
 
@@ -67,9 +69,10 @@ def conv_peak(iters: int = 5) -> float:
 
 
 def _timed(fn) -> float:
-    t0 = time.perf_counter()
+    """CPU seconds of the calling process (with 1 thread: the time it ran, not the time it waited)."""
+    t0 = time.process_time()
     fn()
-    return time.perf_counter() - t0
+    return time.process_time() - t0
 
 
 def _setup(config: str, size: tuple[int, int], batch: int):
@@ -119,17 +122,18 @@ def count_gflop(method, data) -> dict[str, float]:
 def worker(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     method, data, opt = _setup(args.config, args.size, args.batch)
-    flops = count_gflop(method, data)
+    flops = count_gflop(method, data) if args.count else {}
     for i in range(args.warmup):
         _step(method, data, opt, i)
-    times, losses = [], []
+    times, cpu, losses = [], [], []
     for i in range(args.steps):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         losses.append(_step(method, data, opt, 100 + i))
         times.append(time.perf_counter() - t0)
-    med = statistics.median(times)
+        cpu.append(time.process_time() - c0)
     return {"config": args.config, "size": list(args.size), "batch": args.batch, "threads": torch.get_num_threads(),
-            "step_s": {"median": med, "all": times}, **flops, "gflops_useful": flops["gflop_useful"] / med,
+            "step_s": {"median": statistics.median(times), "all": times},
+            "step_cpu_s": {"median": statistics.median(cpu), "all": cpu}, **flops,
             "first_loss": losses[0], "load_average": [round(v, 2) for v in os.getloadavg()]}
 
 
@@ -145,12 +149,12 @@ def ensure_worktree(ref: str) -> Path:
     return path
 
 
-def run_worker(code_root: Path, args: argparse.Namespace, config: str) -> dict[str, Any]:
+def run_worker(code_root: Path, args: argparse.Namespace, config: str, count: bool) -> dict[str, Any]:
     env = {**os.environ, "PYTHONPATH": str(code_root), "OMP_NUM_THREADS": str(args.threads),
            "MKL_NUM_THREADS": str(args.threads)}
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--config", config,
            "--size", f"{args.size[0]}x{args.size[1]}", "--batch", str(args.batch), "--threads", str(args.threads),
-           "--steps", str(args.steps), "--warmup", str(args.warmup)]
+           "--steps", str(args.steps), "--warmup", str(args.warmup)] + (["--count"] if count else [])
     out = subprocess.run(cmd, cwd=code_root, env=env, capture_output=True, text=True)
     if out.returncode:
         raise RuntimeError(f"worker failed in {code_root}:\n{out.stderr[-3000:]}")
@@ -166,26 +170,28 @@ def driver(args: argparse.Namespace) -> dict[str, Any]:
     info = machine()
     base = ensure_worktree(args.base)
     roots = {"base": base, "new": ROOT}
-    peaks: dict[str, list[float]] = {"matmul": [], "conv3x3": []}
+    peaks: dict[str, list[float]] = {"matmul": [], "conv3x3": []}  # per CPU second (process_time)
     runs: dict[str, dict[str, list[dict]]] = {c: {"base": [], "new": []} for c in args.configs}
     for r in range(args.repeats):
         for config in args.configs:
             for which in ("base", "new") if r % 2 == 0 else ("new", "base"):
-                res = run_worker(roots[which], args, config)
+                res = run_worker(roots[which], args, config, count=r == 0)
                 runs[config][which].append(res)
-                print(f"[{r + 1}/{args.repeats}] {config} {which}: {res['step_s']['median']:.2f} s/step, "
-                      f"load {res['load_average']}", flush=True)
+                print(f"[{r + 1}/{args.repeats}] {config} {which}: {res['step_s']['median']:.2f} s/step wall, "
+                      f"{res['step_cpu_s']['median']:.2f} s CPU, load {res['load_average']}", flush=True)
         peaks["matmul"].append(matmul_peak(args.matmul_n))
         peaks["conv3x3"].append(conv_peak())
     summary: dict[str, Any] = {}
     for config, by in runs.items():
         med = {w: statistics.median(x["step_s"]["median"] for x in by[w]) for w in by}
+        cpu = {w: statistics.median(x["step_cpu_s"]["median"] for x in by[w]) for w in by}
         useful = by["base"][0]["gflop_useful"]
         summary[config] = {
-            "step_s_median": med, "speedup": med["base"] / med["new"],
+            "step_cpu_s_median": cpu, "speedup_cpu": cpu["base"] / cpu["new"],
+            "step_s_median": med, "speedup_wall": med["base"] / med["new"],
             "gflop_per_step_useful": useful, "gflop_per_step_counted": {w: by[w][0]["gflop_counted"] for w in by},
-            "gflops_useful": {w: useful / med[w] for w in med},
-            "fraction_of_matmul_peak": {w: useful / med[w] / statistics.median(peaks["matmul"]) for w in med},
+            "gflops_useful_cpu": {w: useful / cpu[w] for w in cpu},
+            "fraction_of_matmul_peak_cpu": {w: useful / cpu[w] / statistics.median(peaks["matmul"]) for w in cpu},
             "first_loss": {w: by[w][0]["first_loss"] for w in by},
         }
     result = {"machine": info, "base": {"ref": args.base, "path": str(base)}, "threads": args.threads,
@@ -211,14 +217,20 @@ def markdown(r: dict[str, Any]) -> str:
              f"{r['repeats']} processes per commit, alternating.", "",
              f"Peaks: matmul {r['peaks_gflops']['matmul']['median']:.0f} GFLOP/s, 3x3 conv "
              f"{r['peaks_gflops']['conv3x3']['median']:.0f} GFLOP/s (medians).", "",
-             "| config | GFLOP/step (authors' form) | counted new | s/step base | s/step new | speed-up | "
-             "GFLOP/s base | GFLOP/s new | of matmul peak base / new |", "|---|---|---|---|---|---|---|---|---|"]
+             "| config | GFLOP/step (authors' form) | counted new | CPU s/step base | CPU s/step new | speed-up (CPU) | "
+             "wall s/step base / new | speed-up (wall) | GFLOP/s base / new (CPU) | of matmul peak base / new |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for c, s in r["summary"].items():
         lines.append(f"| {c} | {s['gflop_per_step_useful']:.1f} | {s['gflop_per_step_counted']['new']:.1f} | "
-                     f"{s['step_s_median']['base']:.2f} | {s['step_s_median']['new']:.2f} | {s['speedup']:.2f}x | "
-                     f"{s['gflops_useful']['base']:.0f} | {s['gflops_useful']['new']:.0f} | "
-                     f"{100 * s['fraction_of_matmul_peak']['base']:.0f} % / "
-                     f"{100 * s['fraction_of_matmul_peak']['new']:.0f} % |")
+                     f"{s['step_cpu_s_median']['base']:.2f} | {s['step_cpu_s_median']['new']:.2f} | "
+                     f"{s['speedup_cpu']:.2f}x | {s['step_s_median']['base']:.1f} / {s['step_s_median']['new']:.1f} | "
+                     f"{s['speedup_wall']:.2f}x | {s['gflops_useful_cpu']['base']:.0f} / "
+                     f"{s['gflops_useful_cpu']['new']:.0f} | "
+                     f"{100 * s['fraction_of_matmul_peak_cpu']['base']:.0f} % / "
+                     f"{100 * s['fraction_of_matmul_peak_cpu']['new']:.0f} % |")
+    lines += ["", "CPU s = the worker process's CPU time (`time.process_time`, 1 thread): on a machine whose load "
+              "exceeds its cores a process waits for a core most of the wall time, and its CPU time is the "
+              "steadier measure of the work; wall times are given too. GFLOP/s and peaks are per CPU second."]
     return "\n".join(lines) + "\n"
 
 
@@ -237,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--steps", type=int, default=3, help="timed steps per process")
     p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--count", action="store_true", help="(worker) count the FLOPs of a step too")
     p.add_argument("--repeats", type=int, default=3, help="processes per commit, alternating")
     p.add_argument("--matmul-n", type=int, default=1024)
     p.add_argument("--base", default="59d89a2", help="the commit to compare against")
