@@ -65,7 +65,7 @@ def gumbel_cumulative_mip(x: Tensor, tau: float = 0.75, dim: int = 1, reverse: b
     ``out[i] = sum_{j<=i} softmax_j((x_j + g_j) / tau) x_j`` along ``dim``
     (``j >= i`` with ``reverse=True``). ``noise`` may supply the Gumbel draw
     ``g`` (shaped like ``x``); otherwise it is drawn with ``generator``.
-    Vectorised with a triangular mask: memory is N times that of ``x``.
+    Computed as a running softmax along ``dim`` (one pass over the slices).
     """
     if tau <= 0:
         raise ValueError(f"the Gumbel-softmax temperature tau must be > 0, got {tau}")
@@ -74,14 +74,27 @@ def gumbel_cumulative_mip(x: Tensor, tau: float = 0.75, dim: int = 1, reverse: b
     g = gumbel_noise(x.shape, x, generator) if noise is None else noise
     if g.shape != x.shape:
         raise ValueError(f"Gumbel noise of shape {tuple(g.shape)} does not match x of shape {tuple(x.shape)}")
-    xm = x.movedim(dim, -1)  # (..., N)
-    logits = ((xm + g.movedim(dim, -1)) / tau).unsqueeze(-2)  # (..., 1, N_j)
-    idx = torch.arange(n, device=x.device)
-    allowed = idx[None, :] >= idx[:, None] if reverse else idx[None, :] <= idx[:, None]  # (N_i, N_j)
-    logits = logits.masked_fill(~allowed, float("-inf"))  # (..., N_i, N_j)
-    weights = torch.softmax(logits, dim=-1)
-    out = (weights * xm.unsqueeze(-2)).sum(-1)  # (..., N_i)
-    return out.movedim(-1, dim)
+    # The softmax over j <= i (j >= i reversed) for every i at once, as a running ("online")
+    # softmax along the slices: with m the running maximum of the logits l_j seen so far,
+    # s = sum exp(l_j - m) and a = sum exp(l_j - m) x_j, out_i = a / s. Equal to the masked N x N
+    # softmax up to rounding, and it touches each slice once. m only keeps exp() in range (it
+    # cancels in a / s), so it carries no gradient.
+    logits = (x + g) / tau
+    order = range(n - 1, -1, -1) if reverse else range(n)
+    outs: list[Tensor] = [x] * n
+    m = s = a = None
+    for i in order:
+        li, xi = logits.select(dim, i), x.select(dim, i)
+        if m is None:
+            m = li.detach()
+            s = torch.exp(li - m)  # 1, with the gradient of slice i's weight in the later rows
+            a = s * xi
+        else:
+            m_new = torch.maximum(m, li.detach())
+            decay, e = torch.exp(m - m_new), torch.exp(li - m_new)
+            s, a, m = s * decay + e, a * decay + e * xi, m_new
+        outs[i] = a / s
+    return torch.stack(outs, dim)
 
 
 def _mse(a: Tensor, b: Tensor, reduction: str) -> Tensor:
