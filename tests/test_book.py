@@ -336,7 +336,8 @@ def test_smoke_book_in_a_real_browser(smoke_study, tiny_cohort):
         assert r.viewport_width == 1280 and 600 < r.column_width < 1280, (r.page, r.viewport_width, r.column_width)
         assert r.screenshot.is_file() and r.screenshot.stat().st_size > 10_000
         assert r.screenshot.parent == html.parent / "browser-check"
-    assert by_page["book/generated/05_qualitative.html"].n_images == 5  # Fig. 3: one figure per view
+    # Fig. 3: one figure per view, then the error (prediction − target) on the sagittal and coronal slices
+    assert by_page["book/generated/05_qualitative.html"].n_images == 5 + 2
     # the slice viewer: one per shown test subject, every panel moved by its slider (checked in check_book)
     assert by_page["book/generated/13_viewer.html"].n_viewers == 1
     assert by_page["book/generated/06_training.html"].n_math >= 2  # the NAWS weights, typeset by MathJax
@@ -374,7 +375,7 @@ def test_published_book_from_the_committed_records_in_a_real_browser(tmp_path):
     problems = [p for r in reports for p in r.problems()]
     assert not problems, "\n".join(problems)
     by_page = {r.page: r for r in reports}
-    assert by_page["book/generated/05_qualitative.html"].n_images == 5
+    assert by_page["book/generated/05_qualitative.html"].n_images == 5 + 2
     assert not [t for t in by_page["book/generated/04_results.html"].scrolled_tables if "paper" in t]
     # the sweeps page: one figure per recorded sweep, plus the fp32/bf16 comparison
     from mmdm.study.sweep import recorded_sweeps

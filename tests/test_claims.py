@@ -166,6 +166,12 @@ def test_claims_over_seeds_hold_when_every_pairing_agrees():
     claims, comps, _ = evaluate_claims_over_seeds(res, n_boot=2000)
     naws = comps[comps.claim == "naws_mip_psnr"].iloc[0]
     assert naws.pairings == "9 of 9" and naws.verdict == "holds"
+    # a claim of several comparisons counts those that hold after the seed-pairing condition
+    keys = [c.key for c in paper_claims()]
+    for key, text in zip(keys, claims["this study (95 % CI)"]):
+        c = comps[comps.claim == key]
+        if len(c) > 1:
+            assert text.endswith(f"holds in {int((c.verdict == 'holds').sum())}")
 
 
 def test_results_table_shows_the_seed_spread_where_seeds_exist():

@@ -84,14 +84,20 @@ def test_footing_table_and_not_converged_rows_from_records(tmp_path):
     _record(tmp_path, "pix2pix", steps, [20, 21, 22, 23.0], training={**tr, "lr": {"generator": 2e-4,
                                                                                     "discriminator": 2e-4}})
     _record(tmp_path, "bbdm", steps, [], with_curves=False, training=tr)
+    _record(tmp_path, "rddm", [4000], [22.0], training={**tr, "lr": {"generator": 1e-4, "discriminator": 2e-4},
+                                                        "ema_evaluated": True,
+                                                        "ema": {"decay": 0.995, "start_step": 100, "every": 1}})
     assert footing.not_converged(tmp_path) == {"pix2pix": "not converged"}
     t = footing.footing_table(tmp_path)
-    assert list(t.index) == ["Pix2Pix", "BBDM", "MMDM (ours in the paper)"]  # rows with records, paper order
+    assert list(t.index) == ["Pix2Pix", "BBDM", "RDDM", "MMDM (ours in the paper)"]  # rows with records, in order
+    assert t.loc["RDDM", "converged"].startswith("not judged")  # one validation: too short for the rule
+    assert t.loc["RDDM", "lr"] == "generator 1e-4, discriminator 2e-4"
+    assert t.loc["RDDM", "weights evaluated"] == "EMA 0.995 from step 100"
     assert t.loc["MMDM (ours in the paper)", "converged"].startswith("yes")
     assert t.loc["Pix2Pix", "converged"].startswith("no (+1.00 dB")
     assert t.loc["BBDM", "converged"] == "no curve"
-    assert t.loc["Pix2Pix", "lr"] == "generator 0.0002, discriminator 0.0002"
-    assert t.loc["BBDM", "weights evaluated"] == "raw weights" and t.loc["BBDM", "train (min)"] == "10.0"
+    assert t.loc["Pix2Pix", "lr"] == "2e-4" and t.loc["MMDM (ours in the paper)", "lr"] == "3e-4"
+    assert t.loc["BBDM", "weights evaluated"] == "raw" and t.loc["BBDM", "train (min)"] == "10.0"
     md = footing.footing_markdown(tmp_path, get_profile("standard"))
     assert "| Pix2Pix | 4000 | none |" in md and footing.CONVERGENCE_RULE in md
 

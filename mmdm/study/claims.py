@@ -187,11 +187,13 @@ def evaluate_claims_over_seeds(per_subject: pd.DataFrame, sources: tuple[str, ..
             v = "not shown"
         verdicts.append(v)
     comps = comps.assign(pairings=pair_cols, verdict=verdicts)
-    overall = []
-    for key, df in comps.groupby("claim", sort=False):
+    overall, summaries = [], list(claims["this study (95 % CI)"])
+    for i, (key, df) in enumerate(comps.groupby("claim", sort=False)):
         overall.append("contradicted" if (df.verdict == "contradicted").any() else
                        "holds" if (df.verdict == "holds").all() else "not shown")
-    claims = claims.assign(verdict=overall)
+        if len(df) > 1:  # its count of comparisons that hold, after the seed-pairing condition
+            summaries[i] = _many_comparisons(df.reset_index(drop=True))
+    claims = claims.assign(verdict=overall, **{"this study (95 % CI)": summaries})
     # the number of seeds of every run a claim compares
     keys = list(comps.drop_duplicates("claim").claim)
     seeds_text = []

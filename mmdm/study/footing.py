@@ -91,10 +91,25 @@ def not_converged(results_dir: str | Path) -> dict[str, str]:
 
 def _ema_text(ema: dict[str, Any] | None, evaluated: bool | None) -> str:
     if not evaluated:
-        return "raw weights"
+        return "raw"
     if not ema:
-        return "weight average"
-    return f"average, decay {ema.get('decay')} from step {ema.get('start_step')} (every {ema.get('every', 1)})"
+        return "average"
+    every = ema.get("every", 1)
+    return f"EMA {ema.get('decay')} from step {ema.get('start_step')}" + (f", every {every}" if every != 1 else "")
+
+
+def _lr_text(lr: dict[str, float] | None) -> str:
+    """``{"main": 3e-4}`` -> "3e-4"; several groups with one rate -> that rate; else ``"generator 2e-4, ..."``."""
+    if not isinstance(lr, dict) or not lr:
+        return "–"
+
+    def short(v: float) -> str:
+        m, e = f"{v:.1e}".split("e")
+        return f"{m.rstrip('0').rstrip('.')}e{int(e)}"
+
+    if len(set(lr.values())) == 1:
+        return short(next(iter(lr.values())))
+    return ", ".join(f"{g} {short(v)}" for g, v in lr.items())
 
 
 def _record_footing(rec: Path) -> dict[str, Any]:
@@ -108,12 +123,10 @@ def _record_footing(rec: Path) -> dict[str, Any]:
     if tr is None:  # a record written before the footing was recorded
         tr = {"checkpoint_step": ckpt.get("step"), "batch_size": cfg.get("batch_size"), "ema_evaluated": ckpt.get("ema"),
               "ema_mode": cfg.get("ema_mode", "method"), **_method_settings(cfg)}
-    lr = tr.get("lr")
-    lr_text = ", ".join(f"{g} {v:g}" if len(lr) > 1 else f"{v:g}" for g, v in lr.items()) if isinstance(lr, dict) else "–"
     wall = prov.get("train_wall_s")
     return {"steps": tr.get("checkpoint_step"), "EMA rule": tr.get("ema_mode") or "method",
             "weights evaluated": _ema_text(tr.get("ema"), tr.get("ema_evaluated")),
-            "lr": lr_text, "batch": tr.get("batch_size"),
+            "lr": _lr_text(tr.get("lr")), "batch": tr.get("batch_size"),
             "train (min)": "–" if wall is None else f"{wall / 60:.1f}"}
 
 
@@ -133,7 +146,8 @@ def footing_table(results_dir: str | Path, table: str = "table1",
                   sources: Sequence[str] = ("T1w", "T2w", "FLAIR")) -> pd.DataFrame:
     """One row per row of ``table`` with a record: optimiser steps, the EMA rule and the weights
     evaluated, learning rate(s), batch size, training wall time and whether it converged
-    (:func:`convergence`; "no curve" for a record without whole-volume validation curves)."""
+    (:func:`convergence`; "no curve" for a record without whole-volume validation curves, "not judged"
+    for one whose curve is too short for the rule)."""
     results_dir = Path(results_dir)
     present = {p.name for p in results_dir.iterdir() if record_complete(p)} if results_dir.is_dir() else set()
     curves = run_curves(results_dir)
@@ -141,9 +155,12 @@ def footing_table(results_dir: str | Path, table: str = "table1",
     for label, run in table_rows(table, tuple(sources), present=present):
         if run not in present:
             continue
-        v = convergence(curves[curves.run == run]) if len(curves) else {"converged": None}
-        if v["converged"] is None:
+        mine = curves[curves.run == run] if len(curves) else curves
+        v = convergence(mine)
+        if not len(mine):
             conv = "no curve"
+        elif v["converged"] is None:
+            conv = "not judged (too few validations)"
         else:
             conv = ("yes" if v["converged"] else "no") + (f" (+{v['psnr_gain']:.2f} dB, "
                                                           f"+{v['recovery_gain']:.3f} recovery)")

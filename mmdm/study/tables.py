@@ -247,8 +247,13 @@ REGION_DECIMALS = {"psnr_brain": 2, "psnr_background": 2, "psnr_central": 2, "ps
                    "background_bright_share": 3}
 
 
-def region_table(table: str, regions: pd.DataFrame, sources: tuple[str, ...] = ("T1w", "T2w", "FLAIR")
-                 ) -> pd.DataFrame:
+#: the two halves of the region breakdown as the results page shows them (each fits the text column)
+REGION_GROUPS = {"psnr": ("psnr_brain", "psnr_background", "psnr_central", "psnr_outer", "central_minus_outer_psnr"),
+                 "haze": ("outer_error_share", "background_bias", "background_bright_share")}
+
+
+def region_table(table: str, regions: pd.DataFrame, sources: tuple[str, ...] = ("T1w", "T2w", "FLAIR"),
+                 columns: tuple[str, ...] = REGION_COLUMNS, with_source: bool = True) -> pd.DataFrame:
     """The region breakdown (:func:`mmdm.study.records.load_regions`) of every row of ``table``: mean ±
     sd over test subjects of each :data:`mmdm.regions.REGION_COLUMNS` column, the number of subjects and
     what they are computed on (``source``: the whole volumes, or the stored mid-sagittal slice of a
@@ -257,8 +262,10 @@ def region_table(table: str, regions: pd.DataFrame, sources: tuple[str, ...] = (
     rows = []
     for label, run in table_rows(table, sources, present=present):
         v = regions[regions.run == run] if len(regions) else regions
-        row = {"row": label, "n": len(v), "computed on": ", ".join(sorted(set(v.source))) if len(v) else "–"}
-        for c in REGION_COLUMNS:
+        row = {"row": label, "n": len(v)}
+        if with_source:
+            row["computed on"] = ", ".join(sorted(set(v.source))) if len(v) else "–"
+        for c in columns:
             x = v[c].astype(float) if len(v) else pd.Series(dtype=float)
             mean = x.mean() if len(x) else float("nan")
             sd = x.std(ddof=1) if len(x) > 1 else float("nan")
