@@ -130,3 +130,30 @@ def test_segment_table_of_a_phantom_subject(tiny_cohort):
         assert shown == vis["visible"][m]
     assert (t.n_visible == t.visible_in.apply(lambda v: len(v.split("+")) if v else 0)).all()
     assert set(t.visibility) <= set(premise.CLASSES)
+
+
+def test_the_ground_truth_as_a_prediction_recovers_every_scored_segment_and_the_record_resumes(tiny_cohort, tmp_path):
+    from mmdm.data.layout import TARGET_MODALITY, Layout
+    from mmdm.io import save_nifti
+    from mmdm.study.vessel_eval import reference_volumes
+
+    s = Layout(tiny_cohort).split("test")[0]
+    target, *_, affine = reference_volumes(tiny_cohort, s)
+    runs = {}
+    for name, vol in (("truth", target), ("flat", np.full(target.shape, 0.3, np.float32))):
+        runs[name] = tmp_path / "runs" / name
+        save_nifti(runs[name] / "predictions" / f"{s}_{TARGET_MODALITY}.nii.gz", vol, affine)
+    out = tmp_path / "premise"
+    seg = tmp_path / "seg.yaml"
+    premise.run_premise(tiny_cohort, {"truth": runs["truth"]}, out, [s], ("T1w", "T2w", "FLAIR"), seg, log=print)
+    first = (out / "recovery.csv").stat().st_mtime_ns
+    (out / "summary.json").unlink()  # as if interrupted before the second run was scored
+    premise.run_premise(tiny_cohort, runs, out, [s], ("T1w", "T2w", "FLAIR"), seg, log=print)
+    rec = premise.load_premise(out)
+    assert rec["summary"]["runs"] == ["flat", "truth"] and (out / "recovery.csv").stat().st_mtime_ns > first
+    t = rec["table"]
+    scored = t[t.tof_visible & (t.run == "truth")]
+    assert len(scored) > 0 and np.allclose(scored.recovery, 1.0)  # the TOF's own contrast, segment by segment
+    flat = t[t.tof_visible & (t.run == "flat")]
+    assert np.allclose(flat.recovery, 0.0) and np.nanmax(flat.centreline.to_numpy()) == 0.0
+    assert len(t[t.run == "truth"]) == len(t[t.run == "flat"]) == len(rec["segments"])  # scored once each

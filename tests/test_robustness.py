@@ -87,3 +87,10 @@ def test_drop_table_is_the_paired_change_to_the_worst_severity_and_curves_start_
     assert robustness.same_inputs(t)
     t.loc[(t.run == "pix2pix") & (t.severity == 2), "input_hash"] = "other"
     assert not robustness.same_inputs(t)
+
+
+def test_the_pages_severity_table_is_read_from_the_stated_parameters():
+    t = robustness.severity_table()
+    assert list(t.index) == list(robustness.ARTEFACTS)
+    assert t.loc["motion", "severity 3"] == "10°, 10 mm, 3"
+    assert t.loc["noise", "severity 2"] == f"{robustness.SEVERITIES['noise'][1]['std']:g}"

@@ -18,10 +18,15 @@ def _volumes(shape=(20, 24, 16)):
     return target, {"A": target / target.max() * 0.5, "B": np.clip(target / target.max() + 0.2, 0, 1)}
 
 
-def test_head_box_is_the_bounding_box_plus_margin_clipped_to_the_grid():
-    target, _ = _volumes()
+def test_head_box_holds_the_head_plus_margin_and_ignores_a_lone_bright_air_voxel():
+    target = np.zeros((40, 40, 30))
+    target[10:30, 12:28, 5:25] = 1.0
+    target[2, 37, 28] = 0.5  # one noisy air voxel far from the head
     box = viewer.head_box(target, margin=2)
-    assert box == (slice(2, 18), slice(3, 21), slice(0, 16))
+    for b, (lo, hi) in zip(box, [(10, 30), (12, 28), (5, 25)]):
+        assert b.start <= lo - 2 and b.stop >= hi + 2  # the whole head and the margin
+        assert b.start >= lo - 2 - 4 and b.stop <= hi + 2 + 4  # not stretched to the air voxel
+    assert viewer.head_box(target, margin=40) == (slice(0, 40), slice(0, 40), slice(0, 30))  # clipped
     with pytest.raises(ValueError, match="nothing to show"):
         viewer.head_box(np.zeros((4, 4, 4)))
 
@@ -36,7 +41,8 @@ def test_one_intensity_scale_and_axial_orientation():
     target, preds = _volumes()
     vols = viewer.subject_volumes(target * 7.0, preds)  # target in any units; predictions in its fractions
     assert list(vols) == [viewer.TRUTH, "A", "B"]
-    assert {v.shape for v in vols.values()} == {(16, 18, 16)}
+    box = viewer.head_box(target)
+    assert {v.shape for v in vols.values()} == {tuple(b.stop - b.start for b in box[::-1])}  # (Z, Y, X) of the crop
     assert vols[viewer.TRUTH].max() == 255 and vols["A"].max() == 128  # half the target's max on the same scale
     with pytest.raises(ValueError, match="shape"):
         viewer.subject_volumes(target, {"C": np.zeros((3, 3, 3))})

@@ -115,6 +115,35 @@ PROFILE_SETTINGS: dict[str, RobustnessConfig] = {
 }
 
 
+#: Each artefact's torchio transform and the parameters a severity sets (for :func:`severity_table`).
+TRANSFORMS = {"bias": "RandomBiasField (order 3): coefficients up to ±c", "motion": "RandomMotion: rotation, "
+              "translation, movements", "ghosting": "RandomGhosting: ghosts, intensity", "noise": "RandomNoise: "
+              "standard deviation", "spike": "RandomSpike: spikes, intensity", "blur": "RandomBlur: Gaussian "
+              "standard deviation (voxels)"}
+
+
+def describe_severity(artefact: str, p: dict[str, Any]) -> str:
+    """One severity's parameters in the order :data:`TRANSFORMS` names them, e.g. ``"5°, 5 mm, 2"``."""
+    if artefact == "bias":
+        return f"{p['coefficients']:g}"
+    if artefact == "motion":
+        return f"{p['degrees']:g}°, {p['translation']:g} mm, {p['num_transforms']}"
+    if artefact == "ghosting":
+        return f"{p['num_ghosts']}, {p['intensity']:g}"
+    if artefact == "noise":
+        return f"{p['std']:g}"
+    if artefact == "spike":
+        return f"{p['num_spikes']}, {p['intensity']:g}"
+    return f"{p['std_voxels']:g}"
+
+
+def severity_table(artefacts: Sequence[str] = ARTEFACTS) -> "pd.DataFrame":
+    """The stated severities, one row per artefact (from :data:`SEVERITIES`, so the page cannot drift)."""
+    return pd.DataFrame([{"artefact": a, "torchio transform": TRANSFORMS[a],
+                          **{f"severity {i + 1}": describe_severity(a, p) for i, p in enumerate(SEVERITIES[a])}}
+                         for a in artefacts]).set_index("artefact")
+
+
 def robustness_runs() -> list[str]:
     """The Table 1 runs: MMDM full and the six baselines."""
     return [REFERENCE_RUN, *baselines()]
