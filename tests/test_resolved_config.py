@@ -17,7 +17,8 @@ from mmdm.data.dataset import DataConfig
 from mmdm.engine.checkpoint import load_checkpoint
 from mmdm.engine.evaluate import evaluate_run
 from mmdm.engine.migrate import legacy_configs, legacy_method_config, migrate_record
-from mmdm.engine.spec import TrainConfig, build_method_from_config, load_run_config, resolve_method_config
+from mmdm.engine.spec import (TrainConfig, build_method_from_config, config_differences, load_run_config,
+                              resolve_method_config)
 from mmdm.engine.train import train
 from mmdm.methods import METHODS, build_method
 from mmdm.methods.mmdm import MMDM
@@ -98,6 +99,11 @@ def test_resolve_fills_the_resolved_config_and_keeps_a_given_one():
     assert resolve_method_config(r) is r
     stub = TrainConfig(method="test_resolved_config:no_such", method_kwargs={})
     assert resolve_method_config(stub).method_config is None  # code is never imported
+    # a stored record (old or new format) and a config given by name compare resolved on both sides
+    assert config_differences(to_dict(cfg), cfg) == [] == config_differences(to_dict(r), cfg)
+    other = TrainConfig(method="mmdm", method_kwargs={"config": "small", "variant": "full"},
+                        data=DataConfig(sources=("T1w", "T2w")))
+    assert any(d.startswith("method_config.use_naws") for d in config_differences(to_dict(r), other))
 
 
 def _committed_records() -> list[Path]:

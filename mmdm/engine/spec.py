@@ -294,9 +294,11 @@ def _diff_configs(a: Any, b: Any, prefix: str = "") -> list[str]:
 
 def config_differences(stored: dict[str, Any], cfg: TrainConfig) -> list[str]:
     """The differences (outside :data:`RUNTIME_KEYS`) between a stored config (as a dict: a
-    run's config.yaml or a checkpoint's ``config``) and ``cfg``, one ``key: stored != given`` each."""
+    run's config.yaml or a checkpoint's ``config``) and ``cfg``, one ``key: stored != given`` each.
+    Both sides are compared resolved: a stored record without ``method_config`` is migrated
+    (:func:`mmdm.engine.migrate.migrate_record`), ``cfg`` resolved (:func:`resolve_method_config`)."""
     a = {k: v for k, v in migrate_record(stored).items() if k not in RUNTIME_KEYS}
-    b = {k: v for k, v in to_dict(cfg).items() if k not in RUNTIME_KEYS}
+    b = {k: v for k, v in to_dict(resolve_method_config(cfg)).items() if k not in RUNTIME_KEYS}
     if "amp" in a and a["amp"] != b.get("amp") and _same_precision(str(a["amp"]), str(b.get("amp")), cfg.device):
         a["amp"] = b["amp"]  # e.g. a run stored with "none" continued as "auto" on a CPU where auto is fp32
     if a.get("method_config") is not None and b.get("method_config") is not None:
