@@ -5,9 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 
+import pandas as pd
+
+from mmdm.paths import project_path
 from mmdm.study.profiles import PROFILES
 from mmdm.study.runner import build_book, run_study
-from mmdm.study.sweep import SELECTION_RULE, SWEEPS, collect_sweep, run_sweep, sweep_summary
+from mmdm.study.sweep import SELECTION_RULE, SWEEPS, collect_sweep, get_sweep, run_sweep, sweep_summary
 
 
 def _cmd_study(args: argparse.Namespace) -> int:
@@ -78,8 +81,13 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
             print(f"sweep records: {out}")
         elif args.action == "collect":
             print(f"sweep records: {collect_sweep(args.name, args.runs, args.results)}")
+        sweep = get_sweep(args.name)
         print(f"ranked by: {SELECTION_RULE}")
         print(sweep_summary(args.name, args.results).to_string(index=False))
+        selection = project_path(args.results) / args.name / "selection.csv"
+        if sweep.rule != SELECTION_RULE and selection.is_file():  # a sweep judged by a rule of its own
+            print(f"\njudged by its own rule: {sweep.rule}")
+            print(pd.read_csv(selection).to_string(index=False))
     except (KeyError, RuntimeError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
