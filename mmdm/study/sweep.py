@@ -207,6 +207,13 @@ SWEEPS: dict[str, Sweep] = {
             SweepPoint("base-air30", variant="base", method_overrides=LR3,
                        train={"crops": {"vessel_share": 0.7, "background_share": 0.3}}, reference="base",
                        note="30 % of the crops centred on air"),
+            # added after the base points were judged, under the same rule: does the fix carry to the full model
+            # (MIP loss, NAWS with its own learning rate, as in the standard profile)?
+            SweepPoint("full", variant="full", method_overrides={**LR3, "naws_lr": 1e-2},
+                       note="reference: MMDM full, the standard set-up"),
+            SweepPoint("full-fusion-residual", variant="full",
+                       method_overrides={**LR3, "naws_lr": 1e-2, "fusion_residual": True}, reference="full",
+                       note="MMDM full, fusion predicts a correction to the branches' mean"),
         )),
     "haze-crops": Sweep(
         name="haze-crops",
