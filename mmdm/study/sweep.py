@@ -197,7 +197,8 @@ SWEEPS: dict[str, Sweep] = {
                     "standard cohort's training split, 200 steps (a short budget a shared 2-core machine finishes; "
                     "the standard runs train 2000), seed 0: the fusion as a correction to the mean of the branch "
                     "predictions (fusion_residual, a deviation from the authors' fusion) and 30 % air-centred crops "
-                    "(CropConfig.background_share), each against the unchanged set-up",
+                    "(CropConfig.background_share), each against the unchanged set-up; then MMDM full (MIP loss, NAWS "
+                    "with lr 1e-2) with and without the residual fusion",
         steps=200, val_every=200, rule=HAZE_RULE,
         base_train={"crops": CROPS, "emphasis": TOP20},
         points=(
