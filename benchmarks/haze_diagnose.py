@@ -15,7 +15,8 @@ For one trained run (MMDM or BBDM; e.g. a reference point of the sweeps
    settings (and, for a bridge that clamps or not, the other clamp setting);
 4. **window aggregation**: every window of the subject (stride 1) sampled once;
    the per-position-in-window background bias, the volume assembled from those
-   windows with stride 1 and with stride 2 (the standard profile's), its region
+   windows with stride 1 and with stride 2 (the standard profile's; ``--window-steps`` sampling
+   steps, default 5 to fit a shared machine), its region
    measures (:func:`mmdm.study.haze.haze_summary`) and banding, against the
    banding that the per-position bias alone predicts
    (:func:`mmdm.study.haze.aggregated_slice_bias`).
@@ -136,6 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("run", help="a trained run directory")
     ap.add_argument("--subject", default=None, help="validation subject (default: the first)")
     ap.add_argument("--steps", type=int, default=10, help="sampling steps (the standard profile's: 10)")
+    ap.add_argument("--window-steps", type=int, default=5,
+                    help="sampling steps of the every-window analysis (4.; default 5, the sweeps' validation)")
+    ap.add_argument("--no-windows", action="store_true", help="skip the every-window analysis (4.)")
     ap.add_argument("--clip-both", action="store_true", help="also sample with the other x0 clamp setting")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--name", default=None, help="output name (default: <sweep>-<point> from the run path)")
@@ -154,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {
         "command": "python " + " ".join([Path(sys.argv[0]).as_posix()] + (argv if argv is not None else sys.argv[1:])),
         "run": str(args.run), "method": cfg.method, "checkpoint_step": ck["step"], "ema_used": ck["ema_used"],
-        "subject": subject, "split": "val", "depth": depth, "sample_steps": args.steps, "machine": info,
+        "subject": subject, "split": "val", "depth": depth, "sample_steps": args.steps,
+        "window_sample_steps": args.window_steps, "machine": info,
         "clip_x0": bool(method.bridge.cfg.clip_x0)}
     print(f"[haze] {run.name}: crops", flush=True)
     result["crops"] = crop_composition(data, cfg.crops, cfg.seed)
@@ -180,12 +185,12 @@ def main(argv: list[str] | None = None) -> int:
     starts1 = window_starts(depth, k, 1)
     starts2 = window_starts(depth, k, 2)
     result["windows"] = {}
-    for clip in clips:
+    for clip in ([] if args.no_windows else clips):
         key = f"clip_x0={method.bridge.cfg.clip_x0 if clip is None else clip}"
         if clip is not None:
             method.bridge.cfg.clip_x0 = clip
         t1 = time.time()
-        preds = sample_windows(method, vols, data, starts1, args.steps, args.seed)
+        preds = sample_windows(method, vols, data, starts1, args.window_steps, args.seed)
         if clip is not None:
             method.bridge.cfg.clip_x0 = not clip
         tw = batch_at(vols, data, starts1)["target"]
@@ -195,13 +200,14 @@ def main(argv: list[str] | None = None) -> int:
             vol = assemble(preds, starts1, use, depth)
             prof = slice_profile(vol, target)
             predicted = aggregated_slice_bias(cb, depth, stride)
-            entry[f"stride{stride}"] = {**{kk: round(float(v), 4) for kk, v in haze_summary(vol, target).items()},
-                                        "banding_predicted_from_channel_bias": round(banding(predicted[k:depth - k]), 4),
-                                        "banding_interior": round(banding(prof["background_bias"].to_numpy()[k:depth - k]), 4),
-                                        "background": {kk: round(float(v), 4) for kk, v in
-                                                       background_stats(vol, target).items()},
-                                        "slice_background_bias": [round(float(v), 4) for v in prof["background_bias"]],
-                                        "slice_psnr": [round(float(v), 2) for v in prof["psnr"]]}
+            bias = prof["background_bias"].to_numpy()
+            entry[f"stride{stride}"] = {
+                **{kk: round(float(v), 4) for kk, v in haze_summary(vol, target).items()},
+                "banding_predicted_from_channel_bias": round(banding(predicted[k:depth - k]), 4),
+                "banding_interior": round(banding(bias[k:depth - k]), 4),
+                "background": {kk: round(float(v), 4) for kk, v in background_stats(vol, target).items()},
+                "slice_background_bias": [round(float(v), 4) for v in bias],
+                "slice_psnr": [round(float(v), 2) for v in prof["psnr"]]}
         result["windows"][key] = entry
     result["wall_s"] = round(time.time() - t0, 1)
     result["machine"]["load_average_end"] = load_average()

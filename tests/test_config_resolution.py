@@ -73,7 +73,8 @@ def test_a_sweep_point_is_the_profiles_run_then_the_sweep_then_the_point():
 def test_the_profiles_and_their_descriptions_follow_the_setup():
     std, quick, smoke = PROFILES["standard"], PROFILES["quick"], PROFILES["smoke"]
     assert std.train == SETUP.train() and std.method_overrides == SETUP.method_overrides()
-    assert std.method_overrides["mmdm"] == {"optim": {"lr": SETUP.lr}, "naws_lr": SETUP.naws_lr}
+    assert std.method_overrides["mmdm"] == {"optim": {"lr": SETUP.lr}, "naws_lr": SETUP.naws_lr,
+                                            "fusion_residual": SETUP.fusion_residual}
     assert smoke.train["crops"]["size"] == [SMOKE_CROP, SMOKE_CROP]
     assert SETUP.summary() in std.description and SETUP.crop_words in quick.description
     assert f"{SMOKE_CROP}x{SMOKE_CROP} crops" in smoke.description

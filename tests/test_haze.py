@@ -240,3 +240,25 @@ def test_probes_report_every_stage_and_the_sampler_output(method):
     out = trace[trace["stage"] == "output"].iloc[0]
     direct = background_stats(((final + 1) / 2).numpy(), ((batch["target"] + 1) / 2).numpy())
     assert out["bias"] == pytest.approx(direct["bias"])
+
+
+def test_judge_sweep_reads_the_recorded_volumes_and_writes_its_verdicts(tmp_path, monkeypatch):
+    from mmdm.study import sweep as sweep_mod
+    from mmdm.study.haze import judge_sweep
+
+    pts = (sweep_mod.SweepPoint("ref"), sweep_mod.SweepPoint("fix", reference="ref"),
+           sweep_mod.SweepPoint("untrained", reference="ref"))
+    monkeypatch.setitem(sweep_mod.SWEEPS, "t", sweep_mod.Sweep("t", "test", pts, rule="test rule"))
+    with pytest.raises(FileNotFoundError, match="no whole-volume validation"):
+        judge_sweep("t", tmp_path)
+    rows = [{"point": p, "subject": s, "psnr": psnr + jitter, "recovery": rec, "background_bias": bias + jitter / 100}
+            for p, psnr, rec, bias in (("ref", 20.0, 0.3, 0.10), ("fix", 19.9, 0.29, 0.01))
+            for s, jitter in (("sub-a", -0.5), ("sub-b", 0.5))]
+    (tmp_path / "t").mkdir()
+    pd.DataFrame(rows).to_csv(tmp_path / "t" / "validation_volumes.csv", index=False)
+    out = judge_sweep("t", tmp_path).set_index("point")
+    assert list(out.index) == ["ref", "fix"]  # the untrained point has no rows and no verdict
+    assert out.loc["fix", "adopted"] is True and out.loc["fix", "d_psnr"] == pytest.approx(-0.1)
+    assert out.loc["fix", "background_bias"] == pytest.approx(0.01)  # the mean over subjects
+    saved = pd.read_csv(tmp_path / "t" / "selection.csv")
+    assert list(saved["point"]) == ["ref", "fix"] and bool(saved.loc[1, "adopted"])

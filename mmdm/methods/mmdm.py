@@ -69,9 +69,10 @@ DEVIATIONS: list[str] = [
     "The paper states 200 sampling steps and the authors' config 50; the 'paper' configuration uses 200.",
     "The authors' branch attention (one softmax over all C x C channel pairs of raw dot products) is "
     "computed in fp32 even under bf16 autocast: its logits are sums over every pixel of the window.",
-    "Option fusion_residual (off in the 'paper' configuration): the fusion network predicts a correction "
-    "added to the mean of the branch predictions, its last convolution initialised to zero so that training "
-    "starts from that mean; the authors' fusion outputs x0_hat directly. See the methods page for why.",
+    "fusion_residual (on in the CPU profiles, chosen by the validation sweep haze-fusion; off in the 'paper' "
+    "configuration and profile): the fusion network predicts a correction added to the mean of the branch "
+    "predictions, its last convolution initialised to zero so that training starts from that mean; the "
+    "authors' fusion outputs x0_hat directly and, at a short budget, paints all-air windows grey.",
 ]
 
 BRANCH_NETS = ("resunet", "restormer")

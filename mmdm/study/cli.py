@@ -5,9 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 
+import pandas as pd
+
+from mmdm.paths import project_path
 from mmdm.study.profiles import PROFILES, get_profile
 from mmdm.study.runner import build_book, run_study
-from mmdm.study.sweep import FIDELITY_AND_VESSELS, SWEEPS, collect_sweep, get_sweep, run_sweep, sweep_summary
+from mmdm.study.sweep import (FIDELITY_AND_VESSELS, SWEEPS, ReferenceRule, collect_sweep, get_sweep, run_sweep,
+                              sweep_summary)
 
 
 def _cmd_study(args: argparse.Namespace) -> int:
@@ -85,8 +89,13 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
             print(f"sweep records: {out}")
         elif args.action == "collect":
             print(f"sweep records: {collect_sweep(args.name, args.runs, args.results)}")
-        print(f"ranked by: {get_sweep(args.name).rule.text}")
+        sweep = get_sweep(args.name)
+        print(f"ranked by: {sweep.rule.text}")
         print(sweep_summary(args.name, args.results).to_string(index=False))
+        selection = project_path(args.results) / args.name / "selection.csv"
+        if isinstance(sweep.rule, ReferenceRule) and selection.is_file():  # each point against its reference
+            print(f"\njudged by its own rule: {sweep.rule.text}")
+            print(pd.read_csv(selection).to_string(index=False))
     except (KeyError, RuntimeError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

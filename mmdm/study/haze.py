@@ -284,13 +284,15 @@ def sampler_trace(method: Any, batch: dict, steps: int, generator: torch.Generat
 
 def evaluate_run_validation(run_dir: str | Path, subjects: Sequence[str] | None = None, stride: int = 2,
                             steps: int | None = 10, seed: int = 0, batch_size: int = 8,
-                            progress: bool = False, clip_x0: bool | None = None) -> pd.DataFrame:
+                            progress: bool = False, clip_x0: bool | None = None,
+                            use_ema: bool = True) -> pd.DataFrame:
     """Synthesise the validation subjects of a trained run (whole volumes, every slice, the
     sliding window of ``stride``, ``steps`` sampling steps, one generator seeded ``seed`` per
     subject) and measure them: one row per subject with :func:`haze_summary` and, on a phantom,
     the vessel contrast recovery (:func:`mmdm.vessel_contrast.phantom_vessel_scores`).
-    ``clip_x0``: override the sampler's clamp of x0 (None: the run's setting)."""
-    method, cfg, info = load_run_method(run_dir)
+    ``clip_x0``: override the sampler's clamp of x0 (None: the run's setting); ``use_ema``: the
+    run's weight average when it kept one (as the records), else its raw weights."""
+    method, cfg, info = load_run_method(run_dir, use_ema=use_ema)
     if clip_x0 is not None:
         method.bridge.cfg.clip_x0 = bool(clip_x0)
     data: DataConfig = cfg.data
@@ -317,16 +319,30 @@ def evaluate_run_validation(run_dir: str | Path, subjects: Sequence[str] | None 
 
 
 def evaluate_sweep(name: str, runs_root: str | Path = "runs/sweeps", results_root: str | Path = "results/sweeps",
-                   stride: int = 5, steps: int = 5, log: Callable[[str], None] = print) -> pd.DataFrame:
+                   stride: int = 5, steps: int = 5, reuse: bool = True,
+                   log: Callable[[str], None] = print) -> pd.DataFrame:
     """:func:`evaluate_run_validation` for every trained point of sweep ``name``; writes
     ``results_root/name/validation_volumes.csv`` (one row per point and subject) and
-    ``validation_volumes.json`` (how it was made) and returns the table."""
+    ``validation_volumes.json`` (how it was made) and returns the table. ``reuse``: keep the
+    rows of points measured before with the same stride and steps."""
     sweep = get_sweep(name)
     src = project_path(runs_root) / name
+    dst = project_path(results_root) / name
     frames, made = [], {}
+    old_csv, old_json = dst / "validation_volumes.csv", dst / "validation_volumes.json"
+    if reuse and old_csv.is_file() and old_json.is_file():  # points measured before with the same settings
+        meta = json.loads(old_json.read_text())
+        if meta.get("stride") == stride and meta.get("sample_steps") == steps:
+            old = pd.read_csv(old_csv)
+            for point, g in old.groupby("point", sort=False):
+                frames.append(g)
+                made[point] = meta["points"].get(point, {})
     t0 = time.time()
     for p in sweep.points:
         run_dir = src / p.name
+        if p.name in made:
+            log(f"[haze] {p.name}: measured before, kept")
+            continue
         if not (run_dir / "train_complete.json").is_file():
             log(f"[haze] {p.name}: not trained, skipped")
             continue
@@ -338,7 +354,6 @@ def evaluate_sweep(name: str, runs_root: str | Path = "runs/sweeps", results_roo
                         "wall_s": round(time.time() - t1, 1)}
         log(f"[haze] {p.name}: {len(df)} validation subjects in {time.time() - t1:.0f} s")
     table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-    dst = project_path(results_root) / name
     dst.mkdir(parents=True, exist_ok=True)
     write_text(dst / "validation_volumes.csv", table.to_csv(index=False))
     meta = {"what": "whole validation volumes, every slice", "stride": stride, "sample_steps": steps, "seed": 0,

@@ -277,7 +277,8 @@ SWEEPS: dict[str, Sweep] = {
                     "standard cohort's training split, 200 steps (a short budget a shared 2-core machine finishes; "
                     "the standard runs train 2000), seed 0: the fusion as a correction to the mean of the branch "
                     "predictions (fusion_residual, a deviation from the authors' fusion) and 30 % air-centred crops "
-                    "(CropConfig.background_share), each against the unchanged set-up",
+                    "(CropConfig.background_share), each against the unchanged set-up; then MMDM full (MIP loss, NAWS "
+                    "with lr 1e-2) with and without the residual fusion",
         steps=200, val_every=200, rule=HAZE_RULE,
         base_train={"crops": CROPS, "emphasis": TOP20},
         points=(
@@ -287,6 +288,13 @@ SWEEPS: dict[str, Sweep] = {
             SweepPoint("base-air30", variant="base", method_overrides=LR3,
                        train={"crops": {"vessel_share": 0.7, "background_share": 0.3}}, reference="base",
                        note="30 % of the crops centred on air"),
+            # added after the base points were judged, under the same rule: does the fix carry to the full model
+            # (MIP loss, NAWS with its own learning rate, as in the standard profile)?
+            SweepPoint("full", variant="full", method_overrides={**LR3, "naws_lr": 1e-2},
+                       note="reference: MMDM full, the standard set-up"),
+            SweepPoint("full-fusion-residual", variant="full",
+                       method_overrides={**LR3, "naws_lr": 1e-2, "fusion_residual": True}, reference="full",
+                       note="MMDM full, fusion predicts a correction to the branches' mean"),
         )),
     "haze-crops": Sweep(
         name="haze-crops",
