@@ -160,7 +160,7 @@ def footing_table(results_dir: str | Path, table: str = "table1",
         if not len(mine):
             conv = "no curve"
         elif v["converged"] is None:
-            conv = "not judged (too few validations)"
+            conv = "not judged"
         else:
             conv = ("yes" if v["converged"] else "no") + (f" (+{v['psnr_gain']:.2f} dB, "
                                                           f"+{v['recovery_gain']:.3f} recovery)")
@@ -174,8 +174,8 @@ def footing_markdown(results_dir: str | Path, profile: StudyProfile) -> str:
     t = footing_table(results_dir, "table1", profile.sources)
     head = (f"What each row of Table 1 in the `{profile.name}` records was given, read from its record. "
             f"Convergence: {CONVERGENCE_RULE}; a row that fails it is marked *not converged* in Table 1 "
-            "({doc}`generated/04_results`), and a record written before whole-volume validation has no curve to "
-            "judge.\n\n")
+            "({doc}`generated/04_results`); *not judged*: too few validations for the rule; *no curve*: a record "
+            "written before whole-volume validation.\n\n")
     if t.empty:
         return head + f"No Table 1 record of profile `{profile.name}` yet.\n"
     lines = ["| row | " + " | ".join(t.columns) + " |", "|" + "---|" * (len(t.columns) + 1)]
