@@ -177,11 +177,28 @@ def conv_pairs(pairs: Sequence[nn.Sequential], x: Tensor) -> Tensor:
     out = F.conv2d(x, weight.to(x.dtype), edge[:, 1, 1].to(x.dtype), padding=1)
     diff = (edge - edge[:, 1:2, 1:2]).to(out.dtype)                         # 0 at [1, 1]
     cols = _edge_index(w).to(x.device)
-    out[:, :, 0, :] += diff[:, 0, cols]                                     # first and last rows, corners too
-    out[:, :, -1, :] += diff[:, 2, cols]
-    out[:, :, 1:-1, 0] += diff[:, 1, 0:1]                                   # first and last columns in between
-    out[:, :, 1:-1, -1] += diff[:, 1, 2:3]
-    return out
+    return _AddBorder.apply(out, diff[:, 0, cols], diff[:, 2, cols], diff[:, 1, 0:1], diff[:, 1, 2:3])
+
+
+class _AddBorder(torch.autograd.Function):
+    """``out`` (B, O, H, W) plus ``top``/``bottom`` (O, W) on its first/last row and ``left``/``right``
+    (O, 1) on its first/last column between them, in place. Autograd's own in-place ops on views
+    would copy the whole gradient once per view; here the gradient passes through untouched and
+    the four corrections get its sums over the batch on their rows and columns."""
+
+    @staticmethod
+    def forward(ctx, out: Tensor, top: Tensor, bottom: Tensor, left: Tensor, right: Tensor) -> Tensor:
+        ctx.mark_dirty(out)
+        out[:, :, 0, :] += top
+        out[:, :, -1, :] += bottom
+        out[:, :, 1:-1, 0] += left
+        out[:, :, 1:-1, -1] += right
+        return out
+
+    @staticmethod
+    def backward(ctx, g: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        return (g, g[:, :, 0, :].sum(0), g[:, :, -1, :].sum(0), g[:, :, 1:-1, 0].sum((0, 2)).unsqueeze(1),
+                g[:, :, 1:-1, -1].sum((0, 2)).unsqueeze(1))
 
 
 class DenseMDTA(nn.Module):
