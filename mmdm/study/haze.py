@@ -229,8 +229,8 @@ def sampler_trace(method: Any, batch: dict, steps: int, generator: torch.Generat
                   haze: float = HAZE_LEVEL) -> tuple[pd.DataFrame, Tensor]:
     """Run the method's own bridge sampler on a batch of windows and record, at every visited step,
     the background bias of what each stage predicts (raw) and of what drives the step (clamped
-    when ``clip_x0``; None: the method's setting). Returns the rows (``i, t, stage, bias, hazy``)
-    and the final prediction (N, K, H, W) in [-1, 1].
+    when ``clip_x0``; None: the method's setting), then of the output, raw and clamped to [-1, 1].
+    Returns the rows (``i, t, stage, bias, hazy``) and the final prediction (N, K, H, W).
 
     The wiring repeats the method's ``sample`` (branches -> fusion -> multi-branch sampler for
     MMDM, gating -> one bridge for BBDM) with recording wrappers around the networks."""
@@ -275,6 +275,9 @@ def sampler_trace(method: Any, batch: dict, steps: int, generator: torch.Generat
         final = sample_bridge(x0_fn, y, method.bridge, steps=steps, generator=generator, clip_x0=clip_x0,
                               callback=after_step)
     record("output", final, torch.zeros(1, dtype=torch.long))
+    # the stored image is clamped once (the whole-volume synthesis; BBDM's image saving): in the air a
+    # noisy but unbiased output gains a positive bias there
+    record("output clamped", final.clamp(-1, 1), torch.zeros(1, dtype=torch.long))
     return pd.DataFrame(rows), final
 
 
