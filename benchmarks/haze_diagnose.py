@@ -139,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=10, help="sampling steps (the standard profile's: 10)")
     ap.add_argument("--window-steps", type=int, default=5,
                     help="sampling steps of the every-window analysis (4.; default 5, the sweeps' validation)")
+    ap.add_argument("--raw-weights", action="store_true", help="the raw weights instead of the run's EMA")
     ap.add_argument("--no-windows", action="store_true", help="skip the every-window analysis (4.)")
     ap.add_argument("--clip-both", action="store_true", help="also sample with the other x0 clamp setting")
     ap.add_argument("--seed", type=int, default=0)
@@ -148,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     info = machine()
     run = project_path(args.run)
-    method, cfg, ck = load_run_method(run)
+    method, cfg, ck = load_run_method(run, use_ema=not args.raw_weights)
     data = cfg.data
     subject = args.subject or Layout(project_path(data.root)).split("val")[0]
     k = data.window
@@ -211,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         result["windows"][key] = entry
     result["wall_s"] = round(time.time() - t0, 1)
     result["machine"]["load_average_end"] = load_average()
-    name = args.name or f"{run.parent.name}-{run.name}"
+    name = args.name or f"{run.parent.name}-{run.name}" + ("-raw" if args.raw_weights else "")
     OUT.mkdir(parents=True, exist_ok=True)
     write_text(OUT / f"diagnose-{name}.json", json.dumps(result, indent=1) + "\n")
     print(json.dumps({k: result[k] for k in ("crops", "x0_by_timestep")}, indent=1))

@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(1)
-    evaluate_sweep(args.name)
+    evaluate_sweep(args.name, jobs=args.jobs)
     table = judge_sweep(args.name)
     info["load_average_end"] = load_average()
     meta = {"command": "python " + " ".join([Path(sys.argv[0]).as_posix()] + (argv or sys.argv[1:])),

@@ -236,10 +236,11 @@ def test_probes_report_every_stage_and_the_sampler_output(method):
     assert set(x0["stage"]) == stages and sorted(set(x0["t"])) == [0, 500, 999]
     trace, final = sampler_trace(model, batch, steps=3, generator=torch.Generator().manual_seed(0))
     assert final.shape == batch["target"].shape
-    assert sorted(set(trace["i"])) == [0, 1, 2, 3] and set(trace["stage"]) == stages | {"output"}
-    out = trace[trace["stage"] == "output"].iloc[0]
-    direct = background_stats(((final + 1) / 2).numpy(), ((batch["target"] + 1) / 2).numpy())
-    assert out["bias"] == pytest.approx(direct["bias"])
+    assert sorted(set(trace["i"])) == [0, 1, 2, 3] and set(trace["stage"]) == stages | {"output", "output clamped"}
+    target = ((batch["target"] + 1) / 2).numpy()
+    for stage, pred in (("output", final), ("output clamped", final.clamp(-1, 1))):
+        row = trace[trace["stage"] == stage].iloc[0]
+        assert row["bias"] == pytest.approx(background_stats(((pred + 1) / 2).numpy(), target)["bias"])
 
 
 def test_judge_sweep_reads_the_recorded_volumes_and_writes_its_verdicts(tmp_path, monkeypatch):

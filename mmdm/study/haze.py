@@ -37,6 +37,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -229,8 +230,8 @@ def sampler_trace(method: Any, batch: dict, steps: int, generator: torch.Generat
                   haze: float = HAZE_LEVEL) -> tuple[pd.DataFrame, Tensor]:
     """Run the method's own bridge sampler on a batch of windows and record, at every visited step,
     the background bias of what each stage predicts (raw) and of what drives the step (clamped
-    when ``clip_x0``; None: the method's setting). Returns the rows (``i, t, stage, bias, hazy``)
-    and the final prediction (N, K, H, W) in [-1, 1].
+    when ``clip_x0``; None: the method's setting), then of the output, raw and clamped to [-1, 1].
+    Returns the rows (``i, t, stage, bias, hazy``) and the final prediction (N, K, H, W).
 
     The wiring repeats the method's ``sample`` (branches -> fusion -> multi-branch sampler for
     MMDM, gating -> one bridge for BBDM) with recording wrappers around the networks."""
@@ -275,6 +276,9 @@ def sampler_trace(method: Any, batch: dict, steps: int, generator: torch.Generat
         final = sample_bridge(x0_fn, y, method.bridge, steps=steps, generator=generator, clip_x0=clip_x0,
                               callback=after_step)
     record("output", final, torch.zeros(1, dtype=torch.long))
+    # the stored image is clamped once (the whole-volume synthesis; BBDM's image saving): in the air a
+    # noisy but unbiased output gains a positive bias there
+    record("output clamped", final.clamp(-1, 1), torch.zeros(1, dtype=torch.long))
     return pd.DataFrame(rows), final
 
 
@@ -319,12 +323,12 @@ def evaluate_run_validation(run_dir: str | Path, subjects: Sequence[str] | None 
 
 
 def evaluate_sweep(name: str, runs_root: str | Path = "runs/sweeps", results_root: str | Path = "results/sweeps",
-                   stride: int = 5, steps: int = 5, reuse: bool = True,
+                   stride: int = 5, steps: int = 5, reuse: bool = True, jobs: int = 1,
                    log: Callable[[str], None] = print) -> pd.DataFrame:
     """:func:`evaluate_run_validation` for every trained point of sweep ``name``; writes
     ``results_root/name/validation_volumes.csv`` (one row per point and subject) and
     ``validation_volumes.json`` (how it was made) and returns the table. ``reuse``: keep the
-    rows of points measured before with the same stride and steps."""
+    rows of points measured before with the same stride and steps; ``jobs``: points measured at once."""
     sweep = get_sweep(name)
     src = project_path(runs_root) / name
     dst = project_path(results_root) / name
@@ -338,21 +342,28 @@ def evaluate_sweep(name: str, runs_root: str | Path = "runs/sweeps", results_roo
                 frames.append(g)
                 made[point] = meta["points"].get(point, {})
     t0 = time.time()
+    todo = []
     for p in sweep.points:
-        run_dir = src / p.name
         if p.name in made:
             log(f"[haze] {p.name}: measured before, kept")
-            continue
-        if not (run_dir / "train_complete.json").is_file():
+        elif not (src / p.name / "train_complete.json").is_file():
             log(f"[haze] {p.name}: not trained, skipped")
-            continue
+        else:
+            todo.append(p.name)
+
+    def one(point: str) -> tuple[str, pd.DataFrame, float]:
         t1 = time.time()
-        df = evaluate_run_validation(run_dir, stride=stride, steps=steps)
-        df.insert(0, "point", p.name)
-        frames.append(df)
-        made[p.name] = {"checkpoint_step": df.attrs["checkpoint_step"], "ema_used": df.attrs["ema_used"],
-                        "wall_s": round(time.time() - t1, 1)}
-        log(f"[haze] {p.name}: {len(df)} validation subjects in {time.time() - t1:.0f} s")
+        df = evaluate_run_validation(src / point, stride=stride, steps=steps)
+        log(f"[haze] {point}: {len(df)} validation subjects in {time.time() - t1:.0f} s")
+        return point, df, time.time() - t1
+
+    # points side by side in threads (the networks' kernels release the GIL); rows in the sweep's order
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        for point, df, wall in pool.map(one, todo):
+            df.insert(0, "point", point)
+            frames.append(df)
+            made[point] = {"checkpoint_step": df.attrs["checkpoint_step"], "ema_used": df.attrs["ema_used"],
+                           "wall_s": round(wall, 1)}
     table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     dst.mkdir(parents=True, exist_ok=True)
     write_text(dst / "validation_volumes.csv", table.to_csv(index=False))
