@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -231,6 +232,7 @@ def run_robustness(data_root: str | Path, runs: dict[str, Path], out_dir: str | 
         if progress else None
     refs: dict[str, Any] = {}
     checkpoints: dict[str, Any] = {}
+    unscored: set[str] = set()
     try:
         for name, run_dir in runs.items():
             if not todo[name]:
@@ -253,7 +255,12 @@ def run_robustness(data_root: str | Path, runs: dict[str, Path], out_dir: str | 
                                             stride=stride or tcfg.data.eval_stride, steps=steps, norm=tcfg.data.norm,
                                             generator=gen, progress=False)
                     q = evaluate_volumes(res["mean"], target)
-                    v = subject_vessel_scores(res["mean"], target, root, s)
+                    with warnings.catch_warnings(record=True) as caught:  # why a subject has no score: once
+                        warnings.simplefilter("always")
+                        v = subject_vessel_scores(res["mean"], target, root, s)
+                    if caught and s not in unscored:
+                        unscored.add(s)
+                        log(f"[robustness] {caught[0].message}")
                     rows.append({"run": name, "subject": s, "artefact": art, "severity": sev,
                                  "input_hash": input_hash(srcs), **{k: q[k] for k in ("psnr", "ssim", "mip_psnr")},
                                  "vessel_recovery": v["vessel_recovery"]})
