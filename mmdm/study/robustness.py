@@ -322,15 +322,19 @@ def same_inputs(table: pd.DataFrame) -> bool:
 
 def ensure_robustness(profile, device: str | None = None, log: Callable[[str], None] = print,
                       progress: bool = True) -> Path | None:
-    """The profile's robustness record, synthesised with the Table 1 runs' checkpoints unless complete.
+    """The profile's robustness record, synthesised with the Table 1 runs' checkpoints unless complete (every
+    Table 1 run trained here measured).
     Returns None (and says why) when no Table 1 run is trained here."""
     profile = get_profile(profile)
     out = analysis_dir(profile) / "robustness"
-    if (out / "summary.json").is_file():
-        log(f"[skip] robustness: record complete ({out})")
-        return out
     runs = {n: runs_dir(profile) / n for n in robustness_runs()}
     missing = [n for n, d in runs.items() if not run_paths(d).train_complete.is_file()]
+    if (out / "summary.json").is_file():
+        new = [n for n in runs if n not in missing and n not in json.loads((out / "summary.json").read_text())["runs"]]
+        if not new:
+            log(f"[skip] robustness: record complete ({out})")
+            return out
+        log(f"[robustness] the record has no measurement of {', '.join(new)}, trained here now")
     if len(missing) == len(runs):
         log(f"[skip] robustness: no Table 1 run under {runs_dir(profile)} holds a trained model (a record alone "
             f"cannot be sampled); run `mmdm study --profile {profile.name}` where the checkpoints are")
