@@ -296,7 +296,8 @@ def class_table(table: pd.DataFrame, score: str = "recovery", by: str = "visibil
     rows = []
     for (run, cls), g in subj.groupby(["run", by], sort=False):
         s = summarise(g[score].to_numpy(), seed=seed)
-        nseg = int((t[(t.run == run) & (t[by] == cls)] if len(t) else t)["tof_visible"].astype(bool).sum())
+        sel = t[(t.run == run) & (t[by] == cls)]
+        nseg = int((sel["tof_visible"].astype(bool) & np.isfinite(sel[score])).sum())  # the segments scored
         rows.append({"run": run, by: cls, "mean": s["mean"], "ci_low": s["ci_low"], "ci_high": s["ci_high"],
                      "subjects": s["n"], "segments": nseg})
     return pd.DataFrame(rows, columns=["run", by, "mean", "ci_low", "ci_high", "subjects", "segments"])
