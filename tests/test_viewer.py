@@ -94,3 +94,31 @@ def test_moving_the_slider_changes_every_panel_in_headless_chromium(tmp_path):
     assert n == 2 and not errors
     assert problems == ['frozen: panel "C" did not change with the slider',
                         'frozen: panel "C" did not change with the slab MIP']
+
+
+def test_the_record_is_cut_from_the_predictions_here_and_again_when_another_run_has_some(tiny_cohort, tmp_path,
+                                                                                       monkeypatch):
+    from mmdm.data.layout import TARGET_MODALITY, Layout
+    from mmdm.io import save_nifti
+    from mmdm.study.vessel_eval import reference_volumes
+
+    monkeypatch.setenv("MMDM_ROOT", str(tmp_path))
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "phantom-tiny").symlink_to(tiny_cohort)
+    said = []
+    assert viewer.ensure_viewer("smoke", log=said.append) is None and "no Table 1 run" in said[-1]
+    s = Layout(tiny_cohort).split("test")[0]
+    target, *_, affine = reference_volumes(tiny_cohort, s)
+
+    def predict(run):
+        save_nifti(tmp_path / "runs" / "smoke" / run / "predictions" / f"{s}_{TARGET_MODALITY}.nii.gz", target, affine)
+
+    predict("mmdm-full")
+    out = viewer.ensure_viewer("smoke", log=said.append)
+    assert list(viewer.load_viewer(out)["subjects"][s]) == [viewer.TRUTH, "MMDM full"]
+    assert viewer.ensure_viewer("smoke", log=said.append) == out and "record complete" in said[-1]
+    predict("pix2pix")
+    viewer.ensure_viewer("smoke", log=said.append)
+    panels = viewer.load_viewer(out)["subjects"][s]
+    assert list(panels) == [viewer.TRUTH, "MMDM full", "Pix2Pix"]
+    np.testing.assert_array_equal(panels["Pix2Pix"], panels[viewer.TRUTH])  # the target as a prediction

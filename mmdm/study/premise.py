@@ -296,7 +296,8 @@ def class_table(table: pd.DataFrame, score: str = "recovery", by: str = "visibil
     rows = []
     for (run, cls), g in subj.groupby(["run", by], sort=False):
         s = summarise(g[score].to_numpy(), seed=seed)
-        nseg = int((t[(t.run == run) & (t[by] == cls)] if len(t) else t)["tof_visible"].astype(bool).sum())
+        sel = t[(t.run == run) & (t[by] == cls)]
+        nseg = int((sel["tof_visible"].astype(bool) & np.isfinite(sel[score])).sum())  # the segments scored
         rows.append({"run": run, by: cls, "mean": s["mean"], "ci_low": s["ci_low"], "ci_high": s["ci_high"],
                      "subjects": s["n"], "segments": nseg})
     return pd.DataFrame(rows, columns=["run", by, "mean", "ci_low", "ci_high", "subjects", "segments"])
@@ -411,19 +412,23 @@ def findings(table: pd.DataFrame, sources: Sequence[str], score: str = "recovery
 
 def ensure_premise(profile, device: str | None = None, log: Callable[[str], None] = print,
                    progress: bool = True) -> Path | None:
-    """The profile's premise record from the runs' written predictions, unless complete. Returns None (and
-    says why) when no run has predictions here or the dataset has no vessel ground truth."""
+    """The profile's premise record from the runs' written predictions, unless complete (every run with
+    predictions here scored). Returns None (and says why) when no run has predictions here or the dataset
+    has no vessel ground truth."""
     profile = get_profile(profile)
     out = analysis_dir(profile) / "premise"
+    runs = {n: runs_dir(profile) / n for n in premise_runs(profile.sources)}
+    runs = {n: d for n, d in runs.items() if (d / "predictions").is_dir()}
     if (out / "summary.json").is_file():
-        log(f"[skip] premise: record complete ({out})")
-        return out
+        new = [n for n in runs if n not in json.loads((out / "summary.json").read_text())["runs"]]
+        if not new:
+            log(f"[skip] premise: record complete ({out})")
+            return out
+        log(f"[premise] the record has no score of {', '.join(new)}, whose predictions are here now")
     root = project_path(profile.data_dir)
     if not has_ground_truth(root):
         log(f"[skip] premise: {root} has no vessel ground truth (phantom only)")
         return None
-    runs = {n: runs_dir(profile) / n for n in premise_runs(profile.sources)}
-    runs = {n: d for n, d in runs.items() if (d / "predictions").is_dir()}
     if not runs:
         log(f"[skip] premise: no run under {runs_dir(profile)} has written predictions; run `mmdm study "
             f"--profile {profile.name}` where they are")

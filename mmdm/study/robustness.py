@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -231,6 +232,7 @@ def run_robustness(data_root: str | Path, runs: dict[str, Path], out_dir: str | 
         if progress else None
     refs: dict[str, Any] = {}
     checkpoints: dict[str, Any] = {}
+    unscored: set[str] = set()
     try:
         for name, run_dir in runs.items():
             if not todo[name]:
@@ -253,7 +255,12 @@ def run_robustness(data_root: str | Path, runs: dict[str, Path], out_dir: str | 
                                             stride=stride or tcfg.data.eval_stride, steps=steps, norm=tcfg.data.norm,
                                             generator=gen, progress=False)
                     q = evaluate_volumes(res["mean"], target)
-                    v = subject_vessel_scores(res["mean"], target, root, s)
+                    with warnings.catch_warnings(record=True) as caught:  # why a subject has no score: once
+                        warnings.simplefilter("always")
+                        v = subject_vessel_scores(res["mean"], target, root, s)
+                    if caught and s not in unscored:
+                        unscored.add(s)
+                        log(f"[robustness] {caught[0].message}")
                     rows.append({"run": name, "subject": s, "artefact": art, "severity": sev,
                                  "input_hash": input_hash(srcs), **{k: q[k] for k in ("psnr", "ssim", "mip_psnr")},
                                  "vessel_recovery": v["vessel_recovery"]})
@@ -315,15 +322,19 @@ def same_inputs(table: pd.DataFrame) -> bool:
 
 def ensure_robustness(profile, device: str | None = None, log: Callable[[str], None] = print,
                       progress: bool = True) -> Path | None:
-    """The profile's robustness record, synthesised with the Table 1 runs' checkpoints unless complete.
+    """The profile's robustness record, synthesised with the Table 1 runs' checkpoints unless complete (every
+    Table 1 run trained here measured).
     Returns None (and says why) when no Table 1 run is trained here."""
     profile = get_profile(profile)
     out = analysis_dir(profile) / "robustness"
-    if (out / "summary.json").is_file():
-        log(f"[skip] robustness: record complete ({out})")
-        return out
     runs = {n: runs_dir(profile) / n for n in robustness_runs()}
     missing = [n for n, d in runs.items() if not run_paths(d).train_complete.is_file()]
+    if (out / "summary.json").is_file():
+        new = [n for n in runs if n not in missing and n not in json.loads((out / "summary.json").read_text())["runs"]]
+        if not new:
+            log(f"[skip] robustness: record complete ({out})")
+            return out
+        log(f"[robustness] the record has no measurement of {', '.join(new)}, trained here now")
     if len(missing) == len(runs):
         log(f"[skip] robustness: no Table 1 run under {runs_dir(profile)} holds a trained model (a record alone "
             f"cannot be sampled); run `mmdm study --profile {profile.name}` where the checkpoints are")

@@ -231,15 +231,22 @@ def make_viewer(data_root: str | Path, runs: Mapping[str, Path], out_dir: str | 
 
 def ensure_viewer(profile, device: str | None = None, log: Callable[[str], None] = print,
                   progress: bool = True) -> Path | None:
-    """The profile's viewer record from the Table 1 runs' written predictions, unless complete. Returns
+    """The profile's viewer record from the Table 1 runs' written predictions, unless complete (a panel of
+    every Table 1 run with predictions here). Returns
     None (and says why) when no prediction is here."""
     profile = get_profile(profile)
     out = analysis_dir(profile) / "viewer"
-    if (out / "summary.json").is_file():
-        log(f"[skip] viewer: record complete ({out})")
-        return out
     runs = {n: runs_dir(profile) / n for n in viewer_runs()}
     runs = {n: d for n, d in runs.items() if (d / "predictions").is_dir()}
+    if (out / "summary.json").is_file():
+        summary = json.loads((out / "summary.json").read_text())
+        new = [n for n in runs if n not in summary["runs"]]
+        if not new:
+            log(f"[skip] viewer: record complete ({out})")
+            return out
+        log(f"[viewer] the record has no panel of {', '.join(new)}, whose predictions are here now")
+        for s in summary["subjects"]:  # cut again with every panel
+            (out / f"{s}.npz").unlink(missing_ok=True)
     if not runs:
         log(f"[skip] viewer: no Table 1 run under {runs_dir(profile)} has written predictions")
         return None
