@@ -87,8 +87,7 @@ VESSEL_TRAIN: dict[str, Any] = {
 #: (the sweeps' best point). The GANs keep their published 2e-4.
 #: MMDM's fusion predicts a correction to the mean of its branch predictions (fusion_residual; sweep
 #: `haze-fusion`, 200 steps: validation background bias 0.159 -> -0.004 (base) and 0.112 -> -0.001 (full),
-#: whole-volume PSNR +7.6 and +7.4 dB), a
-#: deviation from the authors' fusion that the paper profile does not take.
+#: whole-volume PSNR +7.6 and +7.4 dB), a deviation from the authors' fusion that the paper profile does not take.
 VESSEL_METHODS: dict[str, dict[str, Any]] = {
     "mmdm": {"optim": {"lr": 3e-4}, "naws_lr": 1e-2, "fusion_residual": True},
     **{m: {"optim": {"lr": 3e-4}} for m in ("ddpm", "bbdm", "rddm")},
