@@ -212,6 +212,7 @@ SWEEPS: dict[str, Sweep] = {
         )),
     "bf16": Sweep(
         name="bf16",
+        rule=VESSEL_ONLY, val_volumes=0,
         description="bf16 autocast on the CPU against fp32: MMDM full (small) in the vessel regime "
                     "(48x48 crops, brightest 1 % x20, lr 3e-4), 600 steps, 3 seeds each; the validation curves and the "
                     "vessel score must agree within the seed spread before bf16 may become a CPU default",
