@@ -346,3 +346,15 @@ def test_precision_comparison_agrees_within_the_seed_spread(tmp_path, monkeypatc
     shifted.to_csv(tmp_path / "p" / "summary.csv", index=False)
     assert not sweep_mod.compare_precision("p", tmp_path)["agree"]["recovery"]["agree"]
     assert sweep_mod.compare_precision("missing", tmp_path) is None
+
+
+def test_every_recorded_sweep_is_ranked_by_its_declared_rule():
+    """The sweeps page ranks every recorded sweep: a sweep recorded before whole-volume validation
+    must declare a rule that its records can satisfy (the vessel score alone)."""
+    from mmdm.study.sweep import recorded_sweeps, sweep_summary
+
+    recorded = recorded_sweeps()
+    assert recorded, "results/sweeps holds the recorded sweeps"
+    for sw in recorded:
+        table = sweep_summary(sw.name)
+        assert len(table) == len({p.name for p in sw.points} & set(table["point"])) > 0, sw.name
