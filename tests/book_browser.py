@@ -54,10 +54,17 @@ def find_chromium() -> tuple[str, str] | None:
     return (browser, driver) if browser and driver else None
 
 
+def is_redirect(page: Path) -> bool:
+    """A page that only forwards the reader (the book's root ``index.html``: a meta refresh to the first
+    page). Inspecting it races with the navigation it starts, and the page it forwards to is checked."""
+    head = page.read_text(errors="replace")[:2000].lower()
+    return 'http-equiv="refresh"' in head and "<article" not in head
+
+
 def book_pages(html_dir: Path) -> list[Path]:
     """Every HTML page of a built book (not the copies of its sources or static files)."""
     pages = [p for p in sorted(html_dir.rglob("*.html"))
-             if not set(p.relative_to(html_dir).parts[:-1]) & set(NOT_PAGES)]
+             if not set(p.relative_to(html_dir).parts[:-1]) & set(NOT_PAGES) and not is_redirect(p)]
     if not pages:
         raise FileNotFoundError(f"{html_dir}: no HTML page; build the book first (make book)")
     return pages

@@ -122,3 +122,16 @@ def test_the_record_is_cut_from_the_predictions_here_and_again_when_another_run_
     panels = viewer.load_viewer(out)["subjects"][s]
     assert list(panels) == [viewer.TRUTH, "MMDM full", "Pix2Pix"]
     np.testing.assert_array_equal(panels["Pix2Pix"], panels[viewer.TRUTH])  # the target as a prediction
+
+
+def test_the_browser_check_skips_the_redirect_page_and_keeps_every_real_page(tmp_path):
+    """The book's root index.html only forwards to the first page (a meta refresh); inspecting it races
+    with that navigation, so the check leaves it out, and only it."""
+    from book_browser import book_pages
+
+    (tmp_path / "index.html").write_text('<meta http-equiv="Refresh" content="0; url=book/intro.html" />\n')
+    (tmp_path / "book").mkdir()
+    (tmp_path / "book" / "intro.html").write_text("<html><body><article>intro</article></body></html>")
+    (tmp_path / "book" / "notes.html").write_text('<html><head><meta http-equiv="refresh" content="30"></head>'
+                                                 "<body><article>a page that also refreshes</article></body></html>")
+    assert [p.relative_to(tmp_path).as_posix() for p in book_pages(tmp_path)] == ["book/intro.html", "book/notes.html"]
