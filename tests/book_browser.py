@@ -186,6 +186,17 @@ return {overflow, broken, rawMath, wrapped, scrolled, hiddenBars,
 """
 
 # Wait (up to the script timeout) until MathJax has typeset the page, where the page has maths.
+# Until the document has loaded and has a body (a busy machine may run a script before that).
+_WAIT_READY = r"""
+const done = arguments[arguments.length - 1];
+const t0 = Date.now();
+(function poll() {
+  if (document.readyState === 'complete' && document.body) done(true);
+  else if (Date.now() - t0 > 20000) done(false);
+  else setTimeout(poll, 50);
+})();
+"""
+
 _WAIT_MATH = r"""
 const done = arguments[arguments.length - 1];
 const hasMath = document.querySelector('.math, span.math, div.math') !== null;
@@ -286,6 +297,8 @@ def check_book(html_dir: str | Path, forbidden: Sequence[str], shots: str | Path
             for page in pages or book_pages(html_dir):
                 rel = page.relative_to(html_dir).as_posix()
                 drv.get(f"{url}/{rel}")
+                if not drv.execute_async_script(_WAIT_READY):
+                    raise RuntimeError(f"{rel}: the page did not finish loading within 20 s")
                 drv.execute_async_script(_WAIT_MATH)
                 res = drv.execute_script(_INSPECT)
                 n_viewers, viewer_problems = check_viewers(drv)
