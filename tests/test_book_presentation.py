@@ -17,7 +17,7 @@ from mmdm.study.claims import comparisons_by_claim
 from mmdm.study.executed import relative_text, tidy_notebook
 from mmdm.study.figures import fig3_view, zoom_box
 from mmdm.study.records import METRICS, paper_results
-from mmdm.study.tables import (DECIMALS, METRIC_FAMILIES, fmt, provenance_table, side_by_side,
+from mmdm.study.tables import (DECIMALS, METRIC_FAMILIES, SUBJECTS_SEEDS, fmt, provenance_table, side_by_side,
                                table_rows)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,7 +51,7 @@ def test_side_by_side_puts_ours_beside_the_papers_value_for_every_metric():
                     assert row[(lab, "ours")] == f"{fmt(v[m].mean(), m)} ± {fmt(v[m].std(ddof=1), m)}"
                 else:
                     assert row[(lab, "ours")] == "–"
-            assert row[("", "n")] == len(v)
+            assert row[("", SUBJECTS_SEEDS)] == (f"{len(v)} × 1" if len(v) else "–")  # one seed per run here
     assert METRIC_FAMILIES["volume"] + METRIC_FAMILIES["mip"] == METRICS
 
 

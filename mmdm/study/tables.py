@@ -97,14 +97,20 @@ def results_table(table: str, per_subject: pd.DataFrame, sources: tuple[str, ...
     return pd.DataFrame(rows).set_index("row")
 
 
+#: Header of :func:`side_by_side`'s first column: test subjects × seeds of the row.
+SUBJECTS_SEEDS = "n × seeds"
+
+
 def side_by_side(table: str, per_subject: pd.DataFrame, sources: tuple[str, ...] = ("T1w", "T2w", "FLAIR"),
                  metrics: tuple[str, ...] = METRIC_FAMILIES["volume"],
                  notes: Mapping[str, str] | None = None) -> pd.DataFrame:
     """:func:`results_table` laid out for reading: one row per table row (the paper's row label),
-    the number of test subjects, then for each metric *ours* (mean ± sd) and the *paper*'s value
+    the number of test subjects × seeds (:data:`SUBJECTS_SEEDS`), then for each metric *ours* (mean ± sd) and the *paper*'s value
     side by side under one two-level header (metric, ours | paper)."""
     flat = results_table(table, per_subject, sources, with_paper=True, metrics=metrics, notes=notes)
-    columns = {("", "n"): flat["n"], ("", "seeds"): flat["seeds"]}
+    # test subjects and seeds in one narrow column ("16 × 3"), so that three metric pairs fit the text column
+    columns = {("", SUBJECTS_SEEDS): [f"{n} × {k}" if n else "–"
+                                            for n, k in zip(flat["n"], flat["seeds"])]}
     for m in metrics:
         columns[(LABELS[m], "ours")] = flat[f"{LABELS[m]} (ours)"]
         columns[(LABELS[m], "paper")] = flat[f"{LABELS[m]} (paper)"]
