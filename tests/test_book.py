@@ -131,8 +131,8 @@ def test_results_page_has_every_row_with_the_records_numbers(smoke_study):
                 return fmt(v.mean(), m) + (f" ± {fmt(v.std(ddof=1), m)}" if len(v) > 1 else "")
 
             for family in METRIC_FAMILIES.values():
-                # n, seeds, then ours and the paper's for each metric of the family, side by side
-                expected = ["1", str(len(seeds))] + [v for m in family for v in (ours(m), fmt(theirs[m], m))]
+                # n × seeds, then ours and the paper's for each metric of the family, side by side
+                expected = [f"1 × {len(seeds)}"] + [v for m in family for v in (ours(m), fmt(theirs[m], m))]
                 assert expected in rows[label], (label, expected, rows[label])
             n_rows += 1
     assert n_rows == 7 + 4 + 4
