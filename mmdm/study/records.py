@@ -17,7 +17,7 @@ import io
 import json
 import shutil
 from pathlib import Path
-from typing import Collection
+from typing import Callable, Collection
 
 import numpy as np
 import pandas as pd
@@ -188,37 +188,15 @@ def _complete_records(results_dir: Path) -> list[Path]:
     return [p for p in sorted(results_dir.iterdir()) if p.is_dir() and record_complete(p)] if results_dir.is_dir() else []
 
 
-def load_regions(results_dir: str | Path) -> pd.DataFrame:
-    """The region breakdown (:mod:`mmdm.regions`) of every complete record: ``run, subject, source``
-    and :data:`mmdm.regions.REGION_COLUMNS`, one row per test subject.
-
-    ``source`` says what a row is computed on: :data:`REGIONS_MEASURED` (the record's regions.csv),
-    or, for a record written before regions.csv existed, :data:`mmdm.regions.PANEL_ESTIMATE` (one row,
-    the subject of its panels.npz, from the stored mid-sagittal slice; None when it has no panels)."""
+def _measured_or_estimated(results_dir: str | Path, filename: str, estimate: Callable[[dict], list[dict]],
+                           cols: list[str]) -> pd.DataFrame:
+    """One table over every complete record: its ``filename`` (``source`` :data:`REGIONS_MEASURED`) or,
+    for a record written before that file existed, the rows ``estimate`` makes from
+    :func:`mmdm.regions.panel_regions` of its panels.npz (``source`` :data:`mmdm.regions.PANEL_ESTIMATE`)."""
     rows = []
     for rec in _complete_records(Path(results_dir)):
-        if (rec / REGIONS_FILE).is_file():
-            r = pd.read_csv(rec / REGIONS_FILE)
-            r.insert(0, "run", rec.name)
-            r.insert(2, "source", REGIONS_MEASURED)
-            rows.append(r)
-        elif (rec / "panels.npz").is_file():
-            with np.load(rec / "panels.npz") as z:
-                est = panel_regions({k: z[k] for k in z.files})
-            rows.append(pd.DataFrame([{"run": rec.name, "subject": est["subject"], "source": PANEL_ESTIMATE,
-                                       **est["regions"]}]))
-    cols = ["run", "subject", "source", *REGION_COLUMNS]
-    return pd.concat(rows, ignore_index=True)[cols] if rows else pd.DataFrame(columns=cols)
-
-
-def load_slice_errors(results_dir: str | Path) -> pd.DataFrame:
-    """The per-slice error profile of every complete record: ``run, subject, source, z, position, mse,
-    psnr, background_bias`` (:func:`mmdm.regions.slice_errors`); ``source`` as in :func:`load_regions`
-    (a record without slice_errors.csv: the profile along its stored mid-sagittal slice)."""
-    rows = []
-    for rec in _complete_records(Path(results_dir)):
-        if (rec / SLICE_ERRORS_FILE).is_file():
-            r = pd.read_csv(rec / SLICE_ERRORS_FILE)
+        if (rec / filename).is_file():
+            r = pd.read_csv(rec / filename)
             r.insert(0, "run", rec.name)
             r.insert(2, "source", REGIONS_MEASURED)
             rows.append(r)
@@ -226,9 +204,27 @@ def load_slice_errors(results_dir: str | Path) -> pd.DataFrame:
             with np.load(rec / "panels.npz") as z:
                 est = panel_regions({k: z[k] for k in z.files})
             rows.append(pd.DataFrame([{"run": rec.name, "subject": est["subject"], "source": PANEL_ESTIMATE, **r}
-                                      for r in est["slices"]]))
-    cols = ["run", "subject", "source", "z", "position", "mse", "psnr", "background_bias"]
+                                      for r in estimate(est)]))
     return pd.concat(rows, ignore_index=True)[cols] if rows else pd.DataFrame(columns=cols)
+
+
+def load_regions(results_dir: str | Path) -> pd.DataFrame:
+    """The region breakdown (:mod:`mmdm.regions`) of every complete record: ``run, subject, source``
+    and :data:`mmdm.regions.REGION_COLUMNS`, one row per test subject.
+
+    ``source`` says what a row is computed on: :data:`REGIONS_MEASURED` (the record's regions.csv),
+    or, for a record written before regions.csv existed, :data:`mmdm.regions.PANEL_ESTIMATE` (one row,
+    the subject of its panels.npz, from the stored mid-sagittal slice; None when it has no panels)."""
+    return _measured_or_estimated(results_dir, REGIONS_FILE, lambda est: [est["regions"]],
+                                  ["run", "subject", "source", *REGION_COLUMNS])
+
+
+def load_slice_errors(results_dir: str | Path) -> pd.DataFrame:
+    """The per-slice error profile of every complete record: ``run, subject, source, z, position, mse,
+    psnr, background_bias`` (:func:`mmdm.regions.slice_errors`); ``source`` as in :func:`load_regions`
+    (a record without slice_errors.csv: the profile along its stored mid-sagittal slice)."""
+    return _measured_or_estimated(results_dir, SLICE_ERRORS_FILE, lambda est: est["slices"],
+                                  ["run", "subject", "source", "z", "position", "mse", "psnr", "background_bias"])
 
 
 def read_validation_log(path: str | Path) -> list[dict]:
