@@ -56,15 +56,15 @@ from mmdm.engine.rundir import environment_info, git_info
 from mmdm.io import write_text
 from mmdm.metrics import psnr
 from mmdm.paths import project_path
+from mmdm.regions import BACKGROUND_THRESHOLD, BRIGHT_BACKGROUND, CENTRAL_SHARE
 from mmdm.study.sweep import get_sweep
 from mmdm.vessel_contrast import phantom_vessel_scores
 
-#: A target voxel below this fraction of the volume's maximum is background (air).
-BACKGROUND_LEVEL = 0.05
-#: A background voxel predicted above this is hazy.
-HAZE_LEVEL = 0.1
-#: Share of the axial slices that counts as the centre of the stack.
-CENTRAL_SHARE = 0.5
+#: The region breakdown's definitions (:mod:`mmdm.regions`), under the names this module's measures use:
+#: background (air) is a target below 0.05 of its maximum, a background voxel above 0.1 is hazy, and the
+#: central half of the axial slices is the centre of the stack.
+BACKGROUND_LEVEL = BACKGROUND_THRESHOLD
+HAZE_LEVEL = BRIGHT_BACKGROUND
 
 
 # ---------------------------------------------------------------------------
