@@ -122,3 +122,25 @@ def test_ema_decision_follows_the_pairs_ranking():
     assert ema_decision(table.iloc[[1, 0, 2, 3]])["ema_mode"] == "none"  # one of two is not a majority
     with pytest.raises(ValueError, match="nothing to decide"):
         ema_decision(pd.DataFrame({"point": ["x"]}))
+
+
+def test_records_note_says_where_records_predate_the_profile(tmp_path):
+    import dataclasses
+
+    std = get_profile("standard")
+    tr = {"checkpoint_step": std.steps, "batch_size": 4, "ema_mode": "none"}
+    for run in ("mmdm-full", "mmdm-full-s1", "mmdm-full-s2", "bbdm"):
+        _record(tmp_path, run, [std.steps], [20.0], training=tr)
+    # every row at the profile's steps, but only MMDM full has all its seeds
+    note = footing.records_note(tmp_path, std)
+    assert "trained for" not in note  # the steps agree with the profile
+    assert "1 of the 2 runs the profile repeats" in note and "(mmdm-full)" in note
+    # a row at another budget is named with its steps
+    _record(tmp_path, "pix2pix", [std.steps // 2], [20.0], training={**tr, "checkpoint_step": std.steps // 2})
+    note = footing.records_note(tmp_path, std)
+    assert f"{std.steps // 2} steps: pix2pix" in note and f"now trains {std.steps}" in note
+    # records that match a profile repeating nothing: no note
+    single = dataclasses.replace(std, seeds=(0,), seed_runs=())
+    (tmp_path / "pix2pix" / "summary.json").unlink()
+    assert footing.records_note(tmp_path, single) == ""
+    assert footing.records_note(tmp_path / "none", std) == ""

@@ -183,6 +183,41 @@ def footing_markdown(results_dir: str | Path, profile: StudyProfile) -> str:
     return head + "\n".join(lines) + "\n"
 
 
+def records_note(results_dir: str | Path, profile: StudyProfile) -> str:
+    """One paragraph for the results page: how the records shown differ from what ``profile`` now
+    trains (optimiser steps of each Table 1-3 row; seeds of the runs it repeats), read from the
+    records, so that the profile's description never stands for records made under an older one.
+    Empty when the records match the profile."""
+    results_dir = Path(results_dir)
+    present = {p.name for p in results_dir.iterdir() if record_complete(p)} if results_dir.is_dir() else set()
+    runs = [r for r in study_runs(profile.sources) if r.tables and r.name in present]
+    if not runs:
+        return ""
+    parts = []
+    steps: dict[int | None, list[str]] = {}
+    for r in runs:
+        steps.setdefault(_record_footing(results_dir / r.name)["steps"], []).append(r.name)
+    expected = {profile.run_steps(r.method) for r in runs}
+    if profile.steps is not None and (len(steps) > 1 or set(steps) != expected):
+        counts = sorted(steps.items(), key=lambda kv: (-len(kv[1]), kv[0] or 0))
+        said = "; ".join(f"{k if k is not None else 'unknown'} steps: {', '.join(v) if len(v) <= 3 else f'{len(v)} rows'}"
+                         for k, v in counts)
+        parts.append(f"the records' Table 1-3 rows were trained for {said} (the profile now trains "
+                     f"{', '.join(str(s) for s in sorted(expected))})")
+    seeds = [s for s in profile.seeds if s != 0]
+    repeated = [r.name for r in runs if r.name in profile.seed_runs]
+    if seeds and repeated:
+        have = [r for r in repeated if all(f"{r}-s{s}" in present for s in seeds)]
+        if len(have) < len(repeated):
+            parts.append(f"{len(have)} of the {len(repeated)} runs the profile repeats with seeds "
+                         f"{', '.join(str(s) for s in profile.seeds)} have a record for every seed "
+                         f"({', '.join(have) if have else 'none'}); the others show seed 0 only")
+    if not parts:
+        return ""
+    return ("These records predate the profile as described: " + "; ".join(parts) +
+            ". The methods page's footing table lists what every row had.")
+
+
 EMA_MODE_TEXT = {"method": "each method keeps its own official weight average (DDPM, BBDM and RDDM one, MMDM and "
                            "the GANs none), and each is evaluated with what it keeps",
                  "all": "every method keeps the same weight average and is evaluated with it",
