@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from mmdm.study.runner import job_env
+from mmdm.study.runner import job_env, jobs_message
 
 
 def test_parallel_cpu_jobs_share_the_cores(monkeypatch):
@@ -86,6 +86,16 @@ def test_parallel_gpu_jobs_get_one_gpu_each_and_the_users_threads_are_kept(monke
     monkeypatch.setenv("OMP_NUM_THREADS", "5")
     assert [job_env(i, 3, 2, Path("/r"))["CUDA_VISIBLE_DEVICES"] for i in range(3)] == ["0", "1", "0"]
     assert "OMP_NUM_THREADS" not in job_env(0, 2, 0, Path("/r"))  # the user's setting wins
+    assert "OMP_NUM_THREADS" not in job_env(0, 2, 1, Path("/r"))
+    assert "up to 2 per GPU" in jobs_message(3, 2) and "one GPU each" in jobs_message(2, 2)
+
+
+def test_jobs_sharing_a_gpu_share_the_cpu_cores_too(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    envs = [job_env(i, 8, 1, Path("/r")) for i in range(8)]
+    assert {e["CUDA_VISIBLE_DEVICES"] for e in envs} == {"0"}
+    assert {e["OMP_NUM_THREADS"] for e in envs} == {"2"}  # 16 cores // 8 jobs
 
 
 def test_invocation_is_a_papermill_command_that_reproduces_the_parameters(monkeypatch):

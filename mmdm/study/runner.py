@@ -230,21 +230,26 @@ def _gpu_count() -> int:
 
 
 def job_env(i: int, jobs: int, n_gpu: int, root: Path) -> dict[str, str]:
-    """Environment of the ``i``-th of ``jobs`` jobs: one GPU each where there are GPUs; on a CPU
-    machine the cores shared out (:func:`~mmdm.study.backends.job_threads`: cores // jobs threads,
-    :func:`~mmdm.study.backends.thread_env`) unless the user has set ``OMP_NUM_THREADS``."""
+    """Environment of the ``i``-th of ``jobs`` jobs: the GPUs dealt out in turn where there are
+    GPUs (more jobs than GPUs share them: small networks leave a GPU mostly idle in one process),
+    and on every machine the CPU cores shared out (:func:`~mmdm.study.backends.job_threads`:
+    cores // jobs threads, :func:`~mmdm.study.backends.thread_env`: data loading and metrics run
+    on the CPU beside a GPU too) unless the user has set ``OMP_NUM_THREADS``."""
     env = {"MMDM_ROOT": str(root)}
     if n_gpu:
         env["CUDA_VISIBLE_DEVICES"] = str(i % n_gpu)
-    elif user_threads() is None:
+    if user_threads() is None:
         env.update(thread_env(job_threads(jobs)))
     return env
 
 
 def jobs_message(jobs: int, n_gpu: int) -> str:
     """The log line that says what each job gets (GPUs, or threads on the CPU)."""
+    threads = (f"OMP_NUM_THREADS={user_threads()} set by the user: kept for every job" if user_threads() is not None
+               else threads_message(jobs, job_threads(jobs)))
     if n_gpu:
-        return f"[jobs] {jobs} job(s) on {n_gpu} GPU(s): one GPU each"
+        share = "one GPU each" if jobs <= n_gpu else f"up to {-(-jobs // n_gpu)} per GPU"
+        return f"[jobs] {jobs} job(s) on {n_gpu} GPU(s): {share}; {threads}"
     if user_threads() is not None:
         return f"[jobs] {jobs} job(s); OMP_NUM_THREADS={user_threads()} set by the user: kept for every job"
     return f"[jobs] {threads_message(jobs, job_threads(jobs))}"
