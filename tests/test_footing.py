@@ -17,7 +17,7 @@ from mmdm.optim import EMAConfig
 from mmdm.study import footing
 from mmdm.study.profiles import CLAIM_RUNS, get_profile
 from mmdm.study.runs import study_runs
-from mmdm.study.sweep import ema_decision
+from mmdm.study.sweep import SETUP_POINTS, SWEEPS, ema_decision, setup_decision
 
 
 def test_ema_mode_is_one_rule_for_every_method():
@@ -122,6 +122,24 @@ def test_ema_decision_follows_the_pairs_ranking():
     assert ema_decision(table.iloc[[1, 0, 2, 3]])["ema_mode"] == "none"  # one of two is not a majority
     with pytest.raises(ValueError, match="nothing to decide"):
         ema_decision(pd.DataFrame({"point": ["x"]}))
+
+
+def test_setup_decision_ranks_mmdm_points_among_themselves():
+    rows = [("top1-w20", "mmdm", 0.40, 24.0), ("none", "mmdm", 0.10, 24.3), ("top3-w20", "mmdm", 0.45, 23.2),
+            ("slices-top1-w20", "mmdm", 0.50, 22.0), ("pix2pix-none", "pix2pix", 0.05, 30.0),
+            ("pix2pix-top1-w20", "pix2pix", 0.20, 29.9)]
+    table = pd.DataFrame([{"point": p, "method": m, "recovery": r, "volume_psnr": v, "val_loss": 0.1}
+                          for p, m, r, v in rows])
+    out = setup_decision(table)
+    # Pix2Pix's 30 dB does not make every MMDM point ineligible; slices (2.3 dB below 24.3) is out,
+    # top3 (1.1 dB below) too: top1-w20 is the best eligible MMDM point
+    assert out["winner"] == "top1-w20" and out["changes"] == {}
+    assert out["ranking"][:2] == ["top1-w20", "none"] and out["pix2pix_emphasis_helps"] is True
+    table.loc[table.point == "top3-w20", "volume_psnr"] = 24.0
+    assert setup_decision(table)["changes"] == {"emphasis_fraction": 0.03}
+    # every point of the sweep has a meaning, and the current set-up is the no-change point
+    mmdm_points = {p.name for p in SWEEPS["setup-fidelity"].points if p.method == "mmdm"}
+    assert mmdm_points == set(SETUP_POINTS)
 
 
 def test_records_note_says_where_records_predate_the_profile(tmp_path):

@@ -257,7 +257,9 @@ SWEEPS: dict[str, Sweep] = {
                     "validation (every slice of the 4 validation subjects, window stride 5, 5 sampler steps) and "
                     "ranked by fidelity and vessels together: the emphasis (none, brightest 1 % / 3 % x20), crops "
                     "against whole slices, lr 1e-4 against 3e-4, the MIP loss's Gumbel noise 0.1 with NAWS lr 1e-2; "
-                    "Pix2Pix with and without the emphasis. Defined before it ran; not yet run",
+                    "Pix2Pix with and without the emphasis. The set-up follows the first of the MMDM points ranked "
+                    "among themselves; the Pix2Pix pair says whether the emphasis helps a baseline too "
+                    "(`setup_decision`, written before the sweep's results were read)",
         base_train={"crops": CROPS, "emphasis": TOP20},
         points=(
             SweepPoint("none", train={"emphasis": {"kind": "none"}}, method_overrides={**LR3, "naws_lr": 1e-2},
@@ -319,7 +321,8 @@ SWEEPS: dict[str, Sweep] = {
                     "method: MMDM full and three baselines (Pix2Pix, BBDM, ResViT: the GANs without an average of "
                     "their own, and a diffusion baseline with one) in the standard set-up, each trained with raw "
                     "weights (ema_mode none) and with the same average (ema_mode all: decay 0.995 from step 100), "
-                    "2000 steps, whole-volume validation. Defined before it ran; not yet run",
+                    "2000 steps, whole-volume validation; the average is kept for every method when it ranks above "
+                    "raw weights for more than half of the four (`ema_decision`, written before the sweep ran)",
         steps=2000, val_every=400,
         base_train={"crops": CROPS, "emphasis": TOP20},
         points=tuple(SweepPoint(f"{run}-{mode}", method=m, variant=v, train={"ema_mode": mode}, method_overrides=mo)
@@ -490,6 +493,41 @@ def ema_decision(table: pd.DataFrame) -> dict[str, Any]:
     return {"ema_mode": "all" if sum(helps.values()) > len(helps) / 2 else "none", "helps": helps}
 
 
+#: What each MMDM point of the sweep ``setup-fidelity`` would change in the set-up (:data:`SETUP`) if it won;
+#: ``top1-w20`` is the set-up as it stands.
+SETUP_POINTS: dict[str, dict[str, Any]] = {
+    "top1-w20": {},
+    "none": {"emphasis": "none"},
+    "top3-w20": {"emphasis_fraction": 0.03},
+    "slices-top1-w20": {"crops": "whole slices"},
+    "top1-w20-lr1e-4": {"lr": 1e-4},
+    "top1-w20-gumbel0.1": {"mip_noise_scale": 0.1},
+}
+
+
+def setup_decision(table: pd.DataFrame) -> dict[str, Any]:
+    """The set-up chosen by the sweep ``setup-fidelity``, by a rule fixed before it ran.
+
+    The set-up is chosen for MMDM (as the vessel sweeps chose it) and given to every method: the MMDM
+    points alone are ranked by the sweep's rule (:data:`FIDELITY_AND_VESSELS`, so the PSNR margin is
+    taken from the best MMDM point, not from a baseline's), and the first one is the set-up
+    (:data:`SETUP_POINTS` says what it changes). The Pix2Pix pair says whether the emphasis helps a
+    baseline too: ``pix2pix-top1-w20`` ranked above ``pix2pix-none`` by the same rule. ``table``: the
+    rows of :func:`sweep_summary` (columns ``point``, ``method``, ``recovery``, ``volume_psnr``,
+    ``val_loss``)."""
+    mmdm = table[table["method"] == "mmdm"]
+    if mmdm.empty:
+        raise ValueError("the sweep has no MMDM point: nothing to decide")
+    ranked = rank_points(mmdm, FIDELITY_AND_VESSELS)
+    winner = str(ranked["point"].iloc[0])
+    pair = table[table["point"].isin(["pix2pix-top1-w20", "pix2pix-none"])]
+    helps = None
+    if len(pair) == 2:
+        helps = bool(rank_points(pair, FIDELITY_AND_VESSELS)["point"].iloc[0] == "pix2pix-top1-w20")
+    return {"winner": winner, "changes": SETUP_POINTS.get(winner, {"unknown point": winner}),
+            "ranking": [str(p) for p in ranked["point"]], "pix2pix_emphasis_helps": helps}
+
+
 def sweep_curves(name: str, results_root: str | Path = "results/sweeps") -> pd.DataFrame:
     """Every validation of every point of a recorded sweep (``summary.csv``): point, step, val_loss,
     recovery, vessel_psnr; empty when the sweep has no records."""
@@ -531,5 +569,5 @@ def recorded_sweeps(results_root: str | Path = "results/sweeps") -> list[Sweep]:
     return [sw for sw in SWEEPS.values() if (root / sw.name / "summary.csv").is_file()]
 
 
-__all__ = ["ema_decision", "FIDELITY_AND_VESSELS", "HAZE_RULE", "ReferenceRule", "SELECTION_RULE", "SWEEPS", "SelectionRule", "VESSEL_ONLY", "rank_points", "Sweep", "SweepPoint", "collect_sweep", "compare_precision", "get_sweep", "point_config", "recorded_sweeps", "sweep_curves",
+__all__ = ["ema_decision", "setup_decision", "SETUP_POINTS", "FIDELITY_AND_VESSELS", "HAZE_RULE", "ReferenceRule", "SELECTION_RULE", "SWEEPS", "SelectionRule", "VESSEL_ONLY", "rank_points", "Sweep", "SweepPoint", "collect_sweep", "compare_precision", "get_sweep", "point_config", "recorded_sweeps", "sweep_curves",
            "run_sweep", "sweep_summary"]
