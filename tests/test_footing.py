@@ -162,3 +162,25 @@ def test_records_note_says_where_records_predate_the_profile(tmp_path):
     (tmp_path / "pix2pix" / "summary.json").unlink()
     assert footing.records_note(tmp_path, single) == ""
     assert footing.records_note(tmp_path / "none", std) == ""
+
+
+def test_sweep_decisions_in_words_with_convergence():
+    from mmdm.study.profiles import SETUP
+    from mmdm.study.sweep import sweep_convergence, sweep_decision_markdown
+
+    table = pd.DataFrame({"point": ["a-all", "a-none", "b-all", "b-none"]})
+    steps = [400, 800, 1200, 1600, 2000]
+    curves = pd.concat([
+        pd.DataFrame({"point": "a-all", "step": steps, "volume_psnr": [20, 22, 23, 23.1, 23.2],
+                      "volume_vessel_recovery": [0.1, 0.3, 0.4, 0.41, 0.42]}),
+        pd.DataFrame({"point": "a-none", "step": steps, "volume_psnr": [20, 21, 22, 23, 24],
+                      "volume_vessel_recovery": [0.1, 0.2, 0.3, 0.4, 0.5]})])
+    conv = sweep_convergence(curves).set_index("point")
+    # the last quarter of 2000 steps starts after step 1500: reference 1200, best after it 1600/2000
+    assert conv.loc["a-all", "converged"] and conv.loc["a-all", "from_step"] == 1200
+    assert conv.loc["a-all", "psnr_gain"] == pytest.approx(0.2) and not conv.loc["a-none", "converged"]
+    text = sweep_decision_markdown("ema", table, curves)
+    assert "`ema_mode: all`" in text and "a: helps" in text and f"use `ema_mode: {SETUP.ema_mode}`" in text
+    assert "Converged at 2000 steps" in text and "a-none: no (+2.00 dB" in text
+    assert sweep_decision_markdown("vessel", table, curves.iloc[0:0]) == ""
+    assert sweep_convergence(curves.drop(columns="volume_psnr")).empty

@@ -528,6 +528,49 @@ def setup_decision(table: pd.DataFrame) -> dict[str, Any]:
             "ranking": [str(p) for p in ranked["point"]], "pix2pix_emphasis_helps": helps}
 
 
+def sweep_convergence(curves: pd.DataFrame) -> pd.DataFrame:
+    """Per point of a sweep with whole-volume validation: the study's convergence rule
+    (:func:`mmdm.study.footing.convergence`) over its last quarter of steps (``point``, ``converged``,
+    ``psnr_gain``, ``recovery_gain``, ``from_step``, ``to_step``); empty without whole-volume curves."""
+    from mmdm.study.footing import convergence
+
+    if curves.empty or "volume_psnr" not in curves or curves["volume_psnr"].isna().all():
+        return pd.DataFrame()
+    rows = []
+    for point, g in curves.groupby("point", sort=False):
+        c = pd.DataFrame({"step": g["step"], "psnr": g["volume_psnr"], "recovery": g["volume_vessel_recovery"]})
+        rows.append({"point": point, **convergence(c)})
+    return pd.DataFrame(rows)
+
+
+def sweep_decision_markdown(name: str, table: pd.DataFrame, curves: pd.DataFrame) -> str:
+    """What a recorded sweep decided, in words, by the decision rule written with it: the weight average
+    (``ema``: :func:`ema_decision`) or the set-up (``setup-fidelity``: :func:`setup_decision`), and, for a
+    sweep with whole-volume validation, which points meet the convergence rule at their last step.
+    Empty for a sweep that decides nothing beyond its ranking."""
+    lines = []
+    if name == "ema":
+        d = ema_decision(table)
+        helps = ", ".join(f"{r}: {'helps' if h else 'does not help'}" for r, h in d["helps"].items())
+        lines.append(f"**Decision:** `ema_mode: {d['ema_mode']}` for every method ({helps}; the average is kept "
+                     "when it ranks above raw weights for more than half of the runs). The CPU profiles use "
+                     f"`ema_mode: {SETUP.ema_mode}`.")
+    elif name == "setup-fidelity":
+        d = setup_decision(table)
+        change = ", ".join(f"{k} {v}" for k, v in d["changes"].items()) or "no change"
+        helps = {True: "helps", False: "does not help", None: "is not measured"}[d["pix2pix_emphasis_helps"]]
+        lines.append(f"**Decision:** the first MMDM point is `{d['winner']}` ({change} to the set-up; MMDM points "
+                     f"in order: {', '.join(d['ranking'])}); the emphasis {helps} Pix2Pix by the same rule.")
+    conv = sweep_convergence(curves)
+    if len(conv):
+        judged = conv[conv["converged"].notna()]
+        if len(judged):
+            said = "; ".join(f"{r.point}: {'yes' if r.converged else 'no'} ({r.psnr_gain:+.2f} dB, "
+                             f"{r.recovery_gain:+.3f} recovery after step {r.from_step})" for r in judged.itertuples())
+            lines.append(f"**Converged at {int(judged['to_step'].max())} steps** (the footing's rule): {said}.")
+    return "\n\n".join(lines)
+
+
 def sweep_curves(name: str, results_root: str | Path = "results/sweeps") -> pd.DataFrame:
     """Every validation of every point of a recorded sweep (``summary.csv``): point, step, val_loss,
     recovery, vessel_psnr; empty when the sweep has no records."""
@@ -569,5 +612,5 @@ def recorded_sweeps(results_root: str | Path = "results/sweeps") -> list[Sweep]:
     return [sw for sw in SWEEPS.values() if (root / sw.name / "summary.csv").is_file()]
 
 
-__all__ = ["ema_decision", "setup_decision", "SETUP_POINTS", "FIDELITY_AND_VESSELS", "HAZE_RULE", "ReferenceRule", "SELECTION_RULE", "SWEEPS", "SelectionRule", "VESSEL_ONLY", "rank_points", "Sweep", "SweepPoint", "collect_sweep", "compare_precision", "get_sweep", "point_config", "recorded_sweeps", "sweep_curves",
+__all__ = ["ema_decision", "setup_decision", "sweep_convergence", "sweep_decision_markdown", "SETUP_POINTS", "FIDELITY_AND_VESSELS", "HAZE_RULE", "ReferenceRule", "SELECTION_RULE", "SWEEPS", "SelectionRule", "VESSEL_ONLY", "rank_points", "Sweep", "SweepPoint", "collect_sweep", "compare_precision", "get_sweep", "point_config", "recorded_sweeps", "sweep_curves",
            "run_sweep", "sweep_summary"]
