@@ -6,7 +6,8 @@ BIN := $(VENV)/bin
 # A CPU build of torch; override for a GPU box, e.g. `make TORCH_SPEC="torch" study`.
 TORCH_SPEC ?= torch==2.13.0
 PROFILE ?= quick
-# parallel runs of the study (one per GPU; on a CPU the cores are shared out)
+# parallel runs of the study (GPUs dealt out in turn, several runs per GPU when JOBS exceeds them;
+# the CPU cores are shared out among the jobs)
 JOBS ?= 1
 # the phantom cohort and data directory of the study profile, as mmdm/study/profiles.py defines them
 # (read when a recipe needs them, after `setup` has installed the package)

@@ -52,7 +52,7 @@ def add_study_parser(subparsers) -> argparse.ArgumentParser:
                    help="run only these runs (e.g. mmdm-full bbdm; a seed run: mmdm-full-s1) or analyses "
                    "(uncertainty, frontier, premise, robustness, viewer); the aggregate notebooks still show all records")
     p.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (default: the profile's)")
-    p.add_argument("--jobs", type=int, default=1, help="independent runs in parallel (one per GPU where there are several)")
+    p.add_argument("--jobs", type=int, default=1, help="independent runs in parallel: the GPUs dealt out in turn (more jobs than GPUs share them) and the CPU cores shared out, C // N threads per job")
     p.add_argument("--backend", default="local", choices=["local", "ray"],
                    help="where runs execute: local processes (default) or the tasks of a Ray cluster "
                    "(needs `pip install -e .[cluster]`; data, runs/ and results/ on storage every node sees)")
