@@ -103,3 +103,19 @@ def test_the_makefile_asks_the_cli_for_the_cohort_and_data_dir(capsys):
     make = (ROOT / "Makefile").read_text()
     assert "--show cohort" in make and "--show data-dir" in make
     assert "filter smoke" not in make and "tiny" not in make  # the mapping is not typed again
+
+
+def test_sweeps_that_choose_for_the_set_up_train_mmdm_in_the_set_up():
+    """The sweeps defined after the haze diagnosis compare choices around the CPU profiles' set-up: their
+    MMDM points must resolve to the set-up's MMDM settings (residual fusion, NAWS rate) except what they vary."""
+    from mmdm.study.profiles import SETUP
+    from mmdm.study.sweep import get_sweep, point_config
+
+    want = SETUP.method_overrides()["mmdm"]
+    for name in ("ema", "setup-fidelity"):
+        sweep = get_sweep(name)
+        for p in (p for p in sweep.points if p.method == "mmdm"):
+            kw = point_config(sweep, p).method_kwargs
+            assert kw["fusion_residual"] is want["fusion_residual"] and kw["naws_lr"] == want["naws_lr"], (name, p.name)
+            if "lr1e-4" not in p.name:
+                assert kw["optim"]["lr"] == want["optim"]["lr"], (name, p.name)
