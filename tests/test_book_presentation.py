@@ -193,3 +193,21 @@ def test_book_extension_drops_repeated_inline_scripts():
     context = {"script_files": scripts}
     drop_repeated_scripts(None, "page", "page.html", context, None)
     assert context["script_files"] == [scripts[0], scripts[1], scripts[2], scripts[4]]
+
+
+def test_machine_time_sums_the_recorded_wall_times_per_device(tmp_path):
+    import json
+
+    import pandas as pd
+
+    from mmdm.study.tables import machine_time
+
+    runs = pd.DataFrame({"run": ["a", "b", "c"], "device": ["cpu X", "cpu X", "GPU Y"],
+                         "train_wall_s": [3600.0, 1800.0, None], "eval_wall_s": [1800.0, 1800.0, 360.0]})
+    (tmp_path / "frontier").mkdir()
+    (tmp_path / "frontier" / "summary.json").write_text(json.dumps({"wall_s": 5400.0}))
+    text = machine_time(runs, tmp_path)
+    assert "2 run record(s) on cpu X: 1.5 h of training and 1.0 h of evaluation" in text
+    assert "1 run record(s) on GPU Y: 0.0 h of training and 0.1 h of evaluation (1 wall time(s) not recorded)" in text
+    assert "the analyses frontier 1.5 h" in text
+    assert machine_time(runs.iloc[0:0]) == ""

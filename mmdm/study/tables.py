@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Collection, Mapping
 
 import pandas as pd
@@ -134,6 +136,30 @@ def provenance_table(runs: pd.DataFrame) -> pd.DataFrame:
         if c in out:
             out[c] = ["–" if pd.isna(v) else f"{v / 60:.1f}" for v in out[c]]
     return out.rename(columns=PROVENANCE_COLUMNS)
+
+
+def machine_time(runs: pd.DataFrame, analysis_dir: str | Path | None = None) -> str:
+    """The machine time the records took, summed from what they recorded: training and evaluation of
+    the run records per device, and the analyses (``analysis_dir/<name>/summary.json``'s ``wall_s``).
+    A sentence for the results page; "" without records."""
+    if not len(runs):
+        return ""
+    parts = []
+    for device, g in runs.groupby(runs["device"].fillna("").replace("", "unknown device")):
+        tr, ev = pd.to_numeric(g["train_wall_s"]).sum(), pd.to_numeric(g["eval_wall_s"]).sum()
+        missing = int(g["train_wall_s"].isna().sum() + g["eval_wall_s"].isna().sum())
+        parts.append(f"{len(g)} run record(s) on {device}: {tr / 3600:.1f} h of training and {ev / 3600:.1f} h "
+                     f"of evaluation" + (f" ({missing} wall time(s) not recorded)" if missing else ""))
+    text = "Machine time, summed from the records: " + "; ".join(parts)
+    extra = []
+    if analysis_dir is not None and Path(analysis_dir).is_dir():
+        for f in sorted(Path(analysis_dir).glob("*/summary.json")):
+            wall = json.loads(f.read_text()).get("wall_s")
+            if isinstance(wall, (int, float)):
+                extra.append((f.parent.name, float(wall)))
+    if extra:
+        text += "; the analyses " + ", ".join(f"{n} {w / 3600:.1f} h" for n, w in extra)
+    return text + ". Runs that ran side by side overlap in wall-clock time, so the sum is machine time, not elapsed time."
 
 
 def paired_table(table: str, per_subject: pd.DataFrame, sources: tuple[str, ...] = ("T1w", "T2w", "FLAIR"),
