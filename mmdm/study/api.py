@@ -7,6 +7,7 @@ runs in ``runs/<profile>/<run>``, records in ``results/<profile>/<run>``.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -23,6 +24,7 @@ from mmdm.paths import project_path
 from mmdm.study.profiles import StudyProfile, get_profile
 from mmdm.study.records import export_record, record_complete
 from mmdm.study.runs import REFERENCE_RUN, RunSpec, get_option, run_name
+from mmdm.study.stale import stale_reasons, stored_config
 from mmdm.study.vessel_eval import cohort_segmentation, vessel_metrics
 
 
@@ -119,9 +121,13 @@ def train_study_run(spec: RunSpec, profile: StudyProfile | str, seed: int = 0, d
     profile = get_profile(profile)
     ensure_data(profile, progress=progress)
     run_dir = Path(run_dir) if run_dir else runs_dir(profile) / spec.name
+    cfg = train_config(spec, profile, seed, device)
+    why = stale_reasons(run_dir, cfg)
+    if why:  # made under another config (the profile changed since): its files moved aside, trained anew
+        print(f"{run_dir}: trained under another config ({'; '.join(why)}); starting over", file=sys.stderr)
+        return train(cfg, run_dir, resume=False, progress=progress, profile=profile.name, force_new=True)
     if run_status(run_dir) in ("trained", "evaluating", "finished"):
         return run_dir
-    cfg = train_config(spec, profile, seed, device)
     resume = (run_dir / "config.yaml").is_file()
     return train(cfg, run_dir, resume=resume, progress=progress, profile=profile.name)
 
@@ -145,6 +151,7 @@ def evaluate_study_run(spec: RunSpec, profile: StudyProfile | str, device: str |
         subjects = json.loads((run_dir / "summary.json").read_text())["subjects"]
         table = vessel_metrics(run_dir, project_path(profile.data_dir), seg, subjects)
         write_text(vessel_csv, table.to_csv(index=False))
-    if not record_complete(record_dir):
-        export_record(run_dir, record_dir)
+    run_cfg = stored_config(run_dir)
+    if not record_complete(record_dir) or (run_cfg is not None and stale_reasons(record_dir, run_cfg)):
+        export_record(run_dir, record_dir)  # a record of an older config is replaced (summary.json last)
     return record_dir

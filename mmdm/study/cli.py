@@ -29,7 +29,8 @@ def _cmd_study(args: argparse.Namespace) -> int:
         overrides["sources"] = args.sources
     try:
         run_study(args.profile, only=args.only, device=args.device, jobs=args.jobs, book=not args.no_book,
-                  records_only=args.records_only, backend=args.backend, address=args.address, **overrides)
+                  records_only=args.records_only, backend=args.backend, address=args.address,
+                  keep_stale=args.keep_stale, **overrides)
     except (KeyError, RuntimeError, FileNotFoundError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -65,6 +66,10 @@ def add_study_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--records-only", action="store_true",
                    help="train and evaluate nothing: execute the result notebooks on the records already in "
                    "results/PROFILE and build the book (how the published book is rebuilt)")
+    p.add_argument("--keep-stale", action="store_true",
+                   help="skip every run with a complete record, also one made under another config than the profile "
+                   "now gives it (by default such a run is trained and evaluated again, and its record replaced "
+                   "when the new one is complete; the log names the fields that differ)")
     p.add_argument("--book-only", action="store_true", help="only rebuild the book from the executed notebooks")
     p.add_argument("--show", choices=["cohort", "data-dir"], default=None,
                    help="print the profile's phantom cohort or its data directory and exit (the Makefile reads them)")

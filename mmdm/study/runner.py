@@ -41,6 +41,7 @@ from mmdm.study.frontier import ensure_frontier
 from mmdm.study.premise import ensure_premise
 from mmdm.study.profiles import StudyProfile, get_profile, setup_deviations
 from mmdm.study.records import load_records, record_complete
+from mmdm.study.stale import stale_reasons
 from mmdm.study.robustness import ensure_robustness
 from mmdm.study.runs import RunSpec, option_spec, study_runs
 from mmdm.study.seeds import resolve_seed_runs, seed_specs, split_seed
@@ -257,14 +258,18 @@ def jobs_message(jobs: int, n_gpu: int) -> str:
 
 def run_study(profile: str | StudyProfile = "quick", only: Sequence[str] | None = None, device: str | None = None,
               jobs: int = 1, book: bool = True, log: Callable[[str], None] = print, records_only: bool = False,
-              backend: str = "local", address: str | None = None, **profile_overrides) -> dict:
+              backend: str = "local", address: str | None = None, keep_stale: bool = False,
+              **profile_overrides) -> dict:
     """Run (or resume) the whole study for ``profile``; returns ``{run: "done"|"skipped"}``, or raises
     :class:`StudyIncomplete` (after finishing everything else) when a run, analysis or notebook failed.
 
     ``records_only``: train, evaluate and analyse nothing; the aggregate notebooks and the book
     show the records already under ``results/<profile>`` (missing ones as not yet measured).
     ``backend``: ``"local"`` (processes on this machine, ``jobs`` at a time) or ``"ray"`` (each
-    run a task of the Ray cluster at ``address``; see :mod:`mmdm.study.backends`)."""
+    run a task of the Ray cluster at ``address``; see :mod:`mmdm.study.backends`).
+    A complete record is skipped unless it was made under another config than the profile now
+    gives its run (:func:`mmdm.study.stale.stale_reasons`): such a run is trained and evaluated
+    again and its record replaced, unless ``keep_stale``."""
     if backend not in BACKENDS:
         raise KeyError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
     if backend == "ray":
@@ -313,11 +318,19 @@ def run_study(profile: str | StudyProfile = "quick", only: Sequence[str] | None 
     def stage(items: list[tuple[RunSpec, int]]) -> None:
         todo = []
         for spec, seed in items:
-            if record_complete(api.results_dir(profile) / spec.name):
-                status[spec.name] = "skipped"
-                log(f"[skip] {spec.name}: record complete")
-            else:
+            record = api.results_dir(profile) / spec.name
+            if not record_complete(record):
                 todo.append((spec, seed))
+                continue
+            why = stale_reasons(record, api.train_config(spec, profile, seed, device))
+            if why and not keep_stale:
+                log(f"[stale] {spec.name}: its record was made under another config ({'; '.join(why)}); "
+                    "re-making it (the old record stays until the new one is complete; --keep-stale keeps it)")
+                todo.append((spec, seed))
+            else:
+                status[spec.name] = "skipped"
+                log(f"[skip] {spec.name}: record complete" + (f", kept (--keep-stale) although made under another "
+                                                              f"config: {'; '.join(why)}" if why else ""))
         if not todo:
             return
         if backend == "ray":

@@ -1,0 +1,74 @@
+"""Whether a run record or a run directory was made under the config its profile now gives the run.
+
+A study skips a run whose record is complete. When the profile has changed since (more steps,
+another weight-average rule, a new set-up), the record no longer shows what the profile
+describes, and skipping it would publish the old numbers under the new description.
+:func:`config_differences` compares a stored config (a record's or a run directory's
+``config.yaml``; old records are upgraded by :func:`mmdm.engine.migrate.migrate_record`) with the
+resolved :class:`~mmdm.engine.spec.TrainConfig` the profile gives the run now, field by field.
+Only fields that change what is trained or measured count (:data:`NOT_COMPARED` lists the rest).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mmdm.config import to_dict
+from mmdm.engine.migrate import migrate_record
+from mmdm.engine.spec import TrainConfig, resolve_method_config
+
+#: Fields that say where a run ran or how often it wrote files, not what it trained: the data's
+#: location, the device, loader workers, checkpoint/log/image intervals, cuDNN determinism, and the
+#: method's keyword arguments (compared through ``method_config``, what they resolved to).
+NOT_COMPARED = ("data.root", "device", "num_workers", "checkpoint_every", "keep_last", "log_every", "image_every",
+                "deterministic", "method_kwargs")
+MISSING = "(not recorded)"
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+    if not d and prefix:
+        out[prefix] = {}
+    return out
+
+
+def _ignored(key: str) -> bool:
+    return any(key == n or key.startswith(n + ".") for n in NOT_COMPARED)
+
+
+def config_differences(stored: dict[str, Any], current: TrainConfig | dict[str, Any], limit: int = 6) -> list[str]:
+    """``"field: stored -> current"`` for every compared field that differs (at most ``limit``, then a
+    count of the rest); empty when the stored config is what ``current`` resolves to."""
+    old = _flat(migrate_record(stored))
+    cur = resolve_method_config(current) if isinstance(current, TrainConfig) else current
+    new = _flat(migrate_record(to_dict(cur)))
+    keys = sorted(k for k in set(old) | set(new) if not _ignored(k))
+    changed = [k for k in keys if old.get(k, MISSING) != new.get(k, MISSING)]
+    changed.sort(key=lambda k: k not in old)  # changed values first, then fields the stored config lacks
+    diffs = [f"{k}: {old.get(k, MISSING)} -> {new.get(k, MISSING)}" for k in changed]
+    if len(diffs) > limit:
+        diffs = diffs[:limit] + [f"... and {len(diffs) - limit} more field(s)"]
+    return diffs
+
+
+def stored_config(directory: str | Path) -> dict[str, Any] | None:
+    """The ``config.yaml`` of a record or run directory, or None when it has none."""
+    path = Path(directory) / "config.yaml"
+    return yaml.safe_load(path.read_text()) if path.is_file() else None
+
+
+def stale_reasons(directory: str | Path, current: TrainConfig | dict[str, Any]) -> list[str]:
+    """Why the record or run in ``directory`` is not what ``current`` trains (empty: it is, or there
+    is no stored config to compare)."""
+    stored = stored_config(directory)
+    return [] if stored is None else config_differences(stored, current)
+
+
+__all__ = ["MISSING", "NOT_COMPARED", "config_differences", "stale_reasons", "stored_config"]

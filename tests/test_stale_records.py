@@ -1,0 +1,104 @@
+"""A record or run made under another config than the profile now gives its run is re-made, never
+skipped as finished; fields that only say where or how often a run wrote are not compared."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from mmdm.config import to_dict
+from mmdm.engine.spec import resolve_method_config
+from mmdm.study import api
+from mmdm.study.profiles import get_profile
+from mmdm.study.runs import study_runs
+from mmdm.study.stale import MISSING, config_differences, stale_reasons
+
+
+def _cfg(profile="smoke", run="mmdm-full"):
+    prof = get_profile(profile)
+    spec = next(r for r in study_runs(prof.sources) if r.name == run)
+    return api.train_config(spec, prof, 0, None)
+
+
+def test_a_config_stored_as_resolved_has_no_differences_and_changes_are_named():
+    cfg = _cfg()
+    stored = to_dict(resolve_method_config(cfg))
+    assert config_differences(stored, cfg) == []
+    # where and how often the run wrote files is not what it trained
+    moved = {**stored, "device": "cuda", "num_workers": 8, "checkpoint_every": 1,
+             "data": {**stored["data"], "root": "/elsewhere"}}
+    assert config_differences(moved, cfg) == []
+    older = {**stored, "steps": cfg.steps // 2 + 1}
+    older["method_config"] = {**stored["method_config"], "fusion_residual": not cfg.method_kwargs["fusion_residual"]}
+    del older["ema_mode"]
+    diffs = config_differences(older, cfg)
+    assert diffs[:2] == [f"method_config.fusion_residual: {not cfg.method_kwargs['fusion_residual']} -> "
+                         f"{cfg.method_kwargs['fusion_residual']}", f"steps: {cfg.steps // 2 + 1} -> {cfg.steps}"]
+    assert diffs[2] == f"ema_mode: {MISSING} -> {cfg.ema_mode}"  # fields the stored config lacks come last
+    assert config_differences(older, cfg, limit=1)[-1] == "... and 2 more field(s)"
+
+
+def test_committed_standard_records_are_stale_under_the_current_profile():
+    """The committed standard records predate 4000 steps for every row: a re-make must not skip them."""
+    rec = api.results_dir("standard") / "mmdm-full"
+    if not (rec / "config.yaml").is_file():
+        pytest.skip("no committed standard record")
+    why = stale_reasons(rec, _cfg("standard"))
+    stored_steps = yaml.safe_load((rec / "config.yaml").read_text())["steps"]
+    assert (f"steps: {stored_steps} -> {get_profile('standard').steps}" in why) == (
+        stored_steps != get_profile("standard").steps)
+    assert stale_reasons(rec.parent / "no-such-run", _cfg("standard")) == []
+
+
+def test_the_study_re_makes_stale_records_and_keeps_them_on_request(monkeypatch, tmp_path):
+    import mmdm.study.runner as runner
+
+    monkeypatch.setenv("MMDM_ROOT", str(tmp_path))
+    executed = []
+    monkeypatch.setattr(runner, "execute", lambda name, out, params, log, env=None: executed.append(
+        (name, params.get("method"))))
+    monkeypatch.setattr(api, "ensure_data", lambda profile: tmp_path)
+    monkeypatch.setattr(runner, "build_book", lambda root, log, profile: None)
+    for name in ("select_seed_runs", "select_option_runs"):
+        monkeypatch.setattr(runner, name, lambda profile, only, log: [])
+    # two complete records: one made under the profile's config, one under fewer steps
+    for run, steps in (("pix2pix", None), ("ddpm", 1)):
+        cfg = to_dict(resolve_method_config(_cfg("smoke", run)))
+        if steps is not None:
+            cfg["steps"] = steps
+        rec = api.results_dir("smoke") / run
+        rec.mkdir(parents=True)
+        (rec / "config.yaml").write_text(yaml.safe_dump(cfg))
+        (rec / "summary.json").write_text(json.dumps({}))
+    lines = []
+    runner.run_study("smoke", only=["pix2pix", "ddpm"], book=False, log=lines.append)
+    assert {m for n, m in executed if n == "02_train"} == {"ddpm"}
+    assert any(line.startswith("[stale] ddpm:") and f"steps: 1 -> {get_profile('smoke').steps}" in line
+               for line in lines)
+    assert "[skip] pix2pix: record complete" in lines
+    executed.clear()
+    lines.clear()
+    runner.run_study("smoke", only=["pix2pix", "ddpm"], book=False, log=lines.append, keep_stale=True)
+    assert not [n for n, _ in executed if n == "02_train"]
+    assert any(line.startswith("[skip] ddpm: record complete, kept (--keep-stale)") for line in lines)
+
+
+def test_a_run_trained_under_another_config_starts_over_and_its_record_is_replaced(tiny_cohort, tmp_path,
+                                                                                    monkeypatch, one_thread):
+    monkeypatch.setenv("MMDM_ROOT", str(tmp_path))
+    spec = next(r for r in study_runs() if r.name == "pix2pix")
+    run_dir, rec = tmp_path / "run", tmp_path / "rec"
+    old = get_profile("smoke", dataset=str(tiny_cohort), steps=2)
+    api.train_study_run(spec, old, run_dir=run_dir, progress=False)
+    api.evaluate_study_run(spec, old, run_dir=run_dir, record_dir=rec, progress=False)
+    assert json.loads((rec / "summary.json").read_text())["checkpoint"]["step"] == 2
+    new = get_profile("smoke", dataset=str(tiny_cohort), steps=3)
+    assert stale_reasons(rec, api.train_config(spec, new)) == ["steps: 2 -> 3"]
+    api.train_study_run(spec, new, run_dir=run_dir, progress=False)
+    assert len(list(run_dir.glob("superseded-*/checkpoints"))) == 1  # the old run moved aside, not deleted
+    assert not (run_dir / "vessel_metrics.csv").exists()  # nor its vessel metrics left to be reused
+    api.evaluate_study_run(spec, new, run_dir=run_dir, record_dir=rec, progress=False)
+    assert json.loads((rec / "summary.json").read_text())["checkpoint"]["step"] == 3
+    assert stale_reasons(rec, api.train_config(spec, new)) == []
