@@ -102,3 +102,25 @@ def test_a_run_trained_under_another_config_starts_over_and_its_record_is_replac
     api.evaluate_study_run(spec, new, run_dir=run_dir, record_dir=rec, progress=False)
     assert json.loads((rec / "summary.json").read_text())["checkpoint"]["step"] == 3
     assert stale_reasons(rec, api.train_config(spec, new)) == []
+
+
+def test_an_analysis_measured_before_its_model_was_retrained_is_moved_aside(tmp_path, monkeypatch):
+    from mmdm.study.stale import trained_after
+
+    monkeypatch.setenv("MMDM_ROOT", str(tmp_path))
+    prof = get_profile("smoke")
+    out = api.analysis_dir(prof) / "frontier"
+    out.mkdir(parents=True)
+    (out / "summary.json").write_text(json.dumps({"start": "2026-12-01T10:00:00+00:00"}))
+    run = api.runs_dir(prof) / "mmdm-full"
+    run.mkdir(parents=True)
+    (run / "train_complete.json").write_text(json.dumps({"finished": "2026-12-01T09:59:59+00:00"}))
+    assert trained_after(out, [run]) == [] and not api.retire_if_stale(prof, "frontier", [run], log=lambda s: None)
+    assert (out / "summary.json").is_file()  # measured with the model that is here: kept
+    (run / "train_complete.json").write_text(json.dumps({"finished": "2026-12-01T10:00:01+00:00"}))
+    lines = []
+    assert trained_after(out, [run, tmp_path / "absent"]) == ["mmdm-full"]
+    assert api.retire_if_stale(prof, "frontier", [run], log=lines.append)
+    assert not out.exists() and "[stale] frontier: measured before mmdm-full" in lines[0]
+    moved = list((api.runs_dir(prof) / "superseded-analyses").glob("frontier-*/summary.json"))
+    assert len(moved) == 1  # kept outside results/, not deleted

@@ -24,7 +24,7 @@ from mmdm.paths import project_path
 from mmdm.study.profiles import StudyProfile, get_profile
 from mmdm.study.records import export_record, record_complete
 from mmdm.study.runs import REFERENCE_RUN, RunSpec, get_option, run_name
-from mmdm.study.stale import stale_reasons, stored_config
+from mmdm.study.stale import retire, stale_reasons, stored_config, trained_after
 from mmdm.study.vessel_eval import cohort_segmentation, vessel_metrics
 
 
@@ -41,14 +41,29 @@ def analysis_dir(profile: StudyProfile | str) -> Path:
     return results_dir(profile) / "analysis"
 
 
+def retire_if_stale(profile: StudyProfile, analysis: str, run_dirs, log=print) -> bool:
+    """Move the record of ``analysis`` aside (``runs/<profile>/superseded-analyses/``) when a run it
+    covers was trained after the record was started (:func:`mmdm.study.stale.trained_after`), so it is
+    measured again with the models now here rather than kept as complete. True when it was moved."""
+    out = analysis_dir(profile) / analysis
+    newer = trained_after(out, run_dirs)
+    if not newer:
+        return False
+    dest = retire(out, runs_dir(profile) / "superseded-analyses")
+    log(f"[stale] {analysis}: measured before {', '.join(newer)} was trained again; the old record moved to {dest}, "
+        "measuring again")
+    return True
+
+
 def analysis_target(profile: StudyProfile, analysis: str, log=print) -> tuple[Path, Path | None]:
     """(record folder of ``analysis``, MMDM full's run folder to analyse, or None when the record
     is complete or no trained model is here -- said in ``log``)."""
     out = analysis_dir(profile) / analysis
+    run_dir = runs_dir(profile) / REFERENCE_RUN
+    retire_if_stale(profile, analysis, [run_dir], log)
     if (out / "summary.json").is_file():
         log(f"[skip] {analysis}: record complete ({out})")
         return out, None
-    run_dir = runs_dir(profile) / REFERENCE_RUN
     if not run_paths(run_dir).train_complete.is_file():
         log(f"[skip] {analysis}: {run_dir} holds no trained model (a record alone cannot be sampled); "
             f"run `mmdm study --profile {profile.name}` where the checkpoint is")

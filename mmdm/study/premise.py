@@ -69,7 +69,7 @@ from mmdm.engine.rundir import RecordWriter
 from mmdm.io import write_text
 from mmdm.paths import project_path, repo_root
 from mmdm.stats import MIN_WILCOXON_N, holm, paired_comparison, summarise, verdict
-from mmdm.study.api import analysis_dir, results_dir, runs_dir
+from mmdm.study.api import analysis_dir, results_dir, retire_if_stale, runs_dir
 from mmdm.study.profiles import get_profile
 from mmdm.study.records import VESSELS_LEARNED_RECOVERY, portable
 from mmdm.study.runs import REFERENCE_RUN, baselines, study_runs
@@ -419,6 +419,7 @@ def ensure_premise(profile, device: str | None = None, log: Callable[[str], None
     out = analysis_dir(profile) / "premise"
     runs = {n: runs_dir(profile) / n for n in premise_runs(profile.sources)}
     runs = {n: d for n, d in runs.items() if (d / "predictions").is_dir()}
+    retire_if_stale(profile, "premise", runs.values(), log)
     if (out / "summary.json").is_file():
         new = [n for n in runs if n not in json.loads((out / "summary.json").read_text())["runs"]]
         if not new:

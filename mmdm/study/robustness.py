@@ -62,7 +62,7 @@ from mmdm.engine.rundir import RecordWriter, run_paths
 from mmdm.io import write_text
 from mmdm.metrics import evaluate_volumes
 from mmdm.paths import project_path, repo_root
-from mmdm.study.api import analysis_dir, runs_dir
+from mmdm.study.api import analysis_dir, retire_if_stale, runs_dir
 from mmdm.study.profiles import get_profile
 from mmdm.study.records import portable
 from mmdm.study.runs import REFERENCE_RUN, baselines
@@ -329,6 +329,7 @@ def ensure_robustness(profile, device: str | None = None, log: Callable[[str], N
     out = analysis_dir(profile) / "robustness"
     runs = {n: runs_dir(profile) / n for n in robustness_runs()}
     missing = [n for n, d in runs.items() if not run_paths(d).train_complete.is_file()]
+    retire_if_stale(profile, "robustness", runs.values(), log)
     if (out / "summary.json").is_file():
         new = [n for n in runs if n not in missing and n not in json.loads((out / "summary.json").read_text())["runs"]]
         if not new:

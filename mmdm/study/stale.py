@@ -11,8 +11,11 @@ Only fields that change what is trained or measured count (:data:`NOT_COMPARED` 
 
 from __future__ import annotations
 
+import json
+import shutil
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import yaml
 
@@ -71,4 +74,33 @@ def stale_reasons(directory: str | Path, current: TrainConfig | dict[str, Any]) 
     return [] if stored is None else config_differences(stored, current)
 
 
-__all__ = ["MISSING", "NOT_COMPARED", "config_differences", "stale_reasons", "stored_config"]
+def trained_after(record_dir: str | Path, run_dirs: Iterable[str | Path]) -> list[str]:
+    """The runs among ``run_dirs`` whose training finished (``train_complete.json``'s ``finished``) after
+    the analysis record in ``record_dir`` was started (its ``summary.json``'s ``start``): the record
+    was measured with an older model of each. Empty when the record is not complete or says no start."""
+    path = Path(record_dir) / "summary.json"
+    start = json.loads(path.read_text()).get("start") if path.is_file() else None
+    if not isinstance(start, str):
+        return []
+    start_t = datetime.fromisoformat(start)
+    out = []
+    for d in run_dirs:
+        tc = Path(d) / "train_complete.json"
+        finished = json.loads(tc.read_text()).get("finished") if tc.is_file() else None
+        if isinstance(finished, str) and datetime.fromisoformat(finished) > start_t:
+            out.append(Path(d).name)
+    return out
+
+
+def retire(record_dir: str | Path, archive: str | Path) -> Path:
+    """Move a stale analysis record into ``archive/<name>-<UTC time>/`` (kept, not deleted; outside
+    ``results/`` so it is never committed by mistake) and return where it went."""
+    src = Path(record_dir)
+    dest = Path(archive) / f"{src.name}-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%S.%fZ')}"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(str(src), str(dest))
+    return dest
+
+
+__all__ = ["MISSING", "NOT_COMPARED", "config_differences", "retire", "stale_reasons", "stored_config",
+           "trained_after"]

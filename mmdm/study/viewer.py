@@ -35,7 +35,7 @@ from mmdm.data.volumes import load_volume
 from mmdm.engine.rundir import RecordWriter
 from mmdm.io import atomic_path
 from mmdm.paths import project_path, repo_root
-from mmdm.study.api import analysis_dir, runs_dir
+from mmdm.study.api import analysis_dir, retire_if_stale, runs_dir
 from mmdm.study.profiles import get_profile
 from mmdm.study.records import portable
 from mmdm.study.runs import REFERENCE_RUN, baselines, method_label
@@ -238,6 +238,7 @@ def ensure_viewer(profile, device: str | None = None, log: Callable[[str], None]
     out = analysis_dir(profile) / "viewer"
     runs = {n: runs_dir(profile) / n for n in viewer_runs()}
     runs = {n: d for n, d in runs.items() if (d / "predictions").is_dir()}
+    retire_if_stale(profile, "viewer", runs.values(), log)
     if (out / "summary.json").is_file():
         summary = json.loads((out / "summary.json").read_text())
         new = [n for n in runs if n not in summary["runs"]]
