@@ -37,6 +37,7 @@ from mmdm.engine.spec import resolve
 from mmdm.io import write_text
 from mmdm.paths import project_path
 from mmdm.study.api import ensure_data, make_spec, train_config
+from mmdm.study.footing import convergence
 from mmdm.study.profiles import SETUP, get_profile
 from mmdm.study.records import TRAINING_RECORD_FILES, read_validation_log
 
@@ -535,8 +536,6 @@ def sweep_convergence(curves: pd.DataFrame) -> pd.DataFrame:
     """Per point of a sweep with whole-volume validation: the study's convergence rule
     (:func:`mmdm.study.footing.convergence`) over its last quarter of steps (``point``, ``converged``,
     ``psnr_gain``, ``recovery_gain``, ``from_step``, ``to_step``); empty without whole-volume curves."""
-    from mmdm.study.footing import convergence
-
     if curves.empty or "volume_psnr" not in curves or curves["volume_psnr"].isna().all():
         return pd.DataFrame()
     rows = []
