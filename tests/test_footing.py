@@ -184,3 +184,14 @@ def test_sweep_decisions_in_words_with_convergence():
     assert "Converged at 2000 steps" in text and "a-none: no (+2.00 dB" in text
     assert sweep_decision_markdown("vessel", table, curves.iloc[0:0]) == ""
     assert sweep_convergence(curves.drop(columns="volume_psnr")).empty
+
+
+def test_a_rule_with_a_recovery_target_ranks_overshoot_as_a_miss():
+    from mmdm.study.sweep import FIDELITY_AND_VESSELS, FIDELITY_AND_VESSELS_TO_ONE, get_sweep, rank_points
+
+    table = pd.DataFrame({"point": ["over", "under", "close"], "recovery": [1.30, 0.80, 1.05],
+                          "volume_psnr": [25.0, 25.0, 25.0], "val_loss": [0.1, 0.1, 0.1]})
+    assert list(rank_points(table, FIDELITY_AND_VESSELS)["point"]) == ["over", "close", "under"]
+    assert list(rank_points(table, FIDELITY_AND_VESSELS_TO_ONE)["point"]) == ["close", "under", "over"]
+    assert "distance from 1" in FIDELITY_AND_VESSELS_TO_ONE.text and "higher is better" in FIDELITY_AND_VESSELS.text
+    assert get_sweep("setup-fidelity").rule == FIDELITY_AND_VESSELS_TO_ONE
