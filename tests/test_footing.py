@@ -195,3 +195,14 @@ def test_a_rule_with_a_recovery_target_ranks_overshoot_as_a_miss():
     assert list(rank_points(table, FIDELITY_AND_VESSELS_TO_ONE)["point"]) == ["close", "under", "over"]
     assert "distance from 1" in FIDELITY_AND_VESSELS_TO_ONE.text and "higher is better" in FIDELITY_AND_VESSELS.text
     assert get_sweep("setup-fidelity").rule == FIDELITY_AND_VESSELS_TO_ONE
+
+
+def test_the_ema_decision_is_shown_beside_its_reading_with_the_recovery_to_one():
+    from mmdm.study.sweep import FIDELITY_AND_VESSELS, rank_points, sweep_decision_markdown
+
+    # the average overshoots (1.3) where raw weights land at 1.05: higher-is-better and to-one disagree
+    table = pd.DataFrame({"point": ["a-all", "a-none"], "recovery": [1.3, 1.05], "volume_psnr": [25.0, 25.0],
+                          "val_loss": [0.1, 0.1]})
+    text = sweep_decision_markdown("ema", rank_points(table, FIDELITY_AND_VESSELS), pd.DataFrame())
+    assert "`ema_mode: all` for every method (a: helps" in text
+    assert "distance from 1 instead of its height" in text and "`ema_mode: none` (a: does not help)" in text

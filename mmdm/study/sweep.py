@@ -573,6 +573,13 @@ def sweep_decision_markdown(name: str, table: pd.DataFrame, curves: pd.DataFrame
         lines.append(f"**Decision:** `ema_mode: {d['ema_mode']}` for every method ({helps}; the average is kept "
                      "when it ranks above raw weights for more than half of the runs). The CPU profiles use "
                      f"`ema_mode: {SETUP.ema_mode}`.")
+        if {"recovery", "volume_psnr", "val_loss"} <= set(table.columns):
+            alt = ema_decision(rank_points(table, FIDELITY_AND_VESSELS_TO_ONE))
+            same = "the same decision" if alt["ema_mode"] == d["ema_mode"] else f"`ema_mode: {alt['ema_mode']}`"
+            lines.append("Ranked with the recovery's distance from 1 instead of its height (the rule written "
+                         f"after this sweep's validations showed overshoot): {same} ("
+                         + ", ".join(f"{r}: {'helps' if h else 'does not help'}" for r, h in alt["helps"].items())
+                         + ").")
     elif name == "setup-fidelity":
         d = setup_decision(table)
         change = ", ".join(f"{k} {v}" for k, v in d["changes"].items()) or "no change"
