@@ -143,3 +143,22 @@ def test_figure_labels_name_a_labelled_row_by_its_option():
     labels = short_labels("table1", present={"ddpm-x0-prediction"})
     assert labels["ddpm"] == "DDPM" and labels["ddpm-x0-prediction"] == "DDPM (x0-prediction)"
     assert labels["mmdm-full"] == "MMDM" and "ddpm-x0-prediction" not in short_labels("table1")
+
+
+def test_records_carry_the_distance_of_the_recovery_from_one(tmp_path):
+    import json
+
+    from mmdm.study.records import VESSEL_SCORE_HIGHER_IS_BETTER, load_records
+    from mmdm.study.tables import OPTION_METRICS
+
+    rec = tmp_path / "mmdm-full"
+    rec.mkdir()
+    (rec / "summary.json").write_text(json.dumps({"method": "mmdm"}))
+    pd.DataFrame({"subject": ["a", "b", "c"], "psnr": [20.0, 21.0, 22.0]}).to_csv(rec / "metrics.csv", index=False)
+    pd.DataFrame({"subject": ["a", "b", "c"], "vessel_recovery": [1.3, 0.8, np.nan]}).to_csv(
+        rec / "vessel_metrics.csv", index=False)
+    ps, _ = load_records(tmp_path)
+    err = ps.set_index("subject")["vessel_contrast_error"]
+    assert err["a"] == pytest.approx(0.3) and err["b"] == pytest.approx(0.2) and np.isnan(err["c"])
+    assert VESSEL_SCORE_HIGHER_IS_BETTER["vessel_contrast_error"] is False  # an overshoot is a miss
+    assert OPTION_METRICS.index("vessel_contrast_error") == OPTION_METRICS.index("vessel_recovery") + 1

@@ -49,8 +49,12 @@ METRIC_LABELS_VESSEL = {"cldice": "clDice", "dice": "vessel Dice", "mip_dice": "
 #: The threshold-free vessel score of each test subject (metrics.csv; :mod:`mmdm.vessel_contrast`), both higher is
 #: better. Records written before it existed lack these columns.
 VESSEL_SCORES = VESSEL_SCORE_COLUMNS
-VESSEL_SCORE_LABELS = {"vessel_recovery": "contrast recovery", "vessel_psnr": "vessel PSNR"}
-VESSEL_SCORE_HIGHER_IS_BETTER = {"vessel_recovery": True, "vessel_psnr": True}
+VESSEL_SCORE_LABELS = {"vessel_recovery": "contrast recovery", "vessel_psnr": "vessel PSNR",
+                       "vessel_contrast_error": "|1 − recovery|"}
+#: The contrast recovery is 1 when the vessels stand out from the brain as in the target; above 1 they
+#: overshoot. Its height says how much vessel contrast a model learnt (below 1), its distance from 1
+#: (``vessel_contrast_error``, derived per subject by :func:`load_records`) how right it is.
+VESSEL_SCORE_HIGHER_IS_BETTER = {"vessel_recovery": True, "vessel_psnr": True, "vessel_contrast_error": False}
 #: A run whose validation contrast recovery never reaches this did not learn to draw vessels.
 VESSELS_LEARNED_RECOVERY = 0.2
 
@@ -177,6 +181,7 @@ def load_records(results_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     for c in VESSEL_SCORES:
         if c not in ps:
             ps[c] = float("nan")
+    ps["vessel_contrast_error"] = (1.0 - pd.to_numeric(ps["vessel_recovery"])).abs()
     return ps, pd.DataFrame(runs)
 
 
