@@ -57,6 +57,11 @@ def test_convergence_rule_on_constructed_curves():
     assert r["converged"] is False and r["recovery_gain"] == pytest.approx(0.1)
     psnr_up = flat.assign(psnr=[20, 21, 22, 23, 24, 25, 25.2, 25.4])
     assert footing.convergence(psnr_up)["converged"] is False  # +0.4 dB over the last quarter
+    # above 1 the recovery overshoots: rising further is no improvement, coming back towards 1 is
+    over = flat.assign(recovery=[0.5, 0.9, 1.0, 1.1, 1.2, 1.2, 1.3, 1.4])
+    assert footing.convergence(over)["converged"] is True and footing.convergence(over)["recovery_gain"] < 0
+    back = flat.assign(recovery=[0.5, 0.9, 1.0, 1.1, 1.2, 1.3, 1.2, 1.05])
+    assert footing.convergence(back)["recovery_gain"] == pytest.approx(0.25)  # |1 - 1.3| - |1 - 1.05|
     assert footing.convergence(flat.iloc[:0])["converged"] is None
     assert footing.convergence(flat.assign(psnr=np.nan))["converged"] is None
 

@@ -34,7 +34,8 @@ CONVERGED_RECOVERY = 0.03
 CONVERGENCE_RULE = (f"a row has converged when, over the last quarter of its steps, its validation whole-volume PSNR "
                     f"improves by less than {CONVERGED_PSNR_DB:g} dB and its validation vessel contrast recovery by "
                     f"less than {CONVERGED_RECOVERY:g} (the best value after three quarters of the steps minus the "
-                    "value of the last validation at or before them)")
+                    "value of the last validation at or before them; for the recovery, best is closest to 1, the "
+                    "target's own contrast, so a recovery that overshoots further does not count as improving)")
 
 
 def convergence(curve: pd.DataFrame, psnr_db: float = CONVERGED_PSNR_DB,
@@ -58,7 +59,8 @@ def convergence(curve: pd.DataFrame, psnr_db: float = CONVERGED_PSNR_DB,
     ref = start.iloc[-1]
     out["psnr_gain"] = float(after.psnr.max() - ref.psnr)
     if "recovery" in c and pd.notna(ref.recovery) and after.recovery.notna().any():
-        out["recovery_gain"] = float(after.recovery.max() - ref.recovery)
+        # improvement = how much closer to 1 the best later validation comes (below 1: the plain increase)
+        out["recovery_gain"] = float(abs(1.0 - ref.recovery) - (1.0 - after.recovery).abs().min())
     out.update(from_step=int(ref.step), to_step=last)
     rec_ok = pd.isna(out["recovery_gain"]) or out["recovery_gain"] < recovery
     out["converged"] = bool(out["psnr_gain"] < psnr_db and rec_ok)
