@@ -129,6 +129,19 @@ def test_ema_decision_follows_the_pairs_ranking():
         ema_decision(pd.DataFrame({"point": ["x"]}))
 
 
+def test_setup_ema_mode_is_what_the_recorded_ema_sweep_decided():
+    # the standard profile's weight-average rule follows the recorded sweep's pre-written rule
+    from mmdm.study.profiles import SETUP
+    from mmdm.study.sweep import sweep_summary
+    try:
+        table = sweep_summary("ema")
+    except FileNotFoundError:
+        pytest.skip("sweep 'ema' is not recorded")
+    assert set(table["point"]) == {p.name for p in SWEEPS["ema"].points} and table["complete"].all()
+    assert SETUP.ema_mode == ema_decision(table)["ema_mode"]
+    assert get_profile("standard").train["ema_mode"] == SETUP.ema_mode
+
+
 def test_setup_decision_ranks_mmdm_points_among_themselves():
     rows = [("top1-w20", "mmdm", 0.40, 24.0), ("none", "mmdm", 0.10, 24.3), ("top3-w20", "mmdm", 0.45, 23.2),
             ("slices-top1-w20", "mmdm", 0.50, 22.0), ("pix2pix-none", "pix2pix", 0.05, 30.0),
