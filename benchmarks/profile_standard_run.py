@@ -92,6 +92,7 @@ PARTS: list[tuple[str, str, str]] = [
     ("mmdm.engine.train", "Trainer.save_checkpoint", "train: checkpoints"),
     ("mmdm.engine.infer", "load_subject_volumes", "{phase}: load sources/target"),
     ("mmdm.engine.infer", "synthesize_volume", "{phase}: synthesis (window assembly)"),
+    ("mmdm.engine.volume_validation", "synthesize_volume", "{phase}: synthesis (window assembly)"),
     ("mmdm.engine.volume_validation", "evaluate_volumes", "val volumes: PSNR/SSIM/MIP"),
     ("mmdm.engine.volume_validation", "phantom_vessel_scores", "val volumes: vessel contrast"),
     ("mmdm.engine.volume_validation", "load_ground_truth", "val volumes: load ground truth"),
