@@ -17,6 +17,7 @@ own CPU time in the validation and the evaluation.
 Usage::
 
     python benchmarks/profile_standard_run.py --runs mmdm-full pix2pix --steps 40 --val-every 20 --eval-subjects 2
+    python benchmarks/profile_standard_run.py --base-code /tmp/mmdm-bench-856ee0d     # beside another commit
 
 Results: ``benchmarks/results/cpu/standard-run-profile.json`` and ``.md``.
 """
@@ -369,6 +370,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out")
     p.add_argument("--render", help="only write the markdown of this profile JSON (with --base-json beside it)")
     p.add_argument("--base-json", help="a profile JSON of another commit to show beside this one")
+    p.add_argument("--base-code", help="also profile this checkout (e.g. a worktree of the last landed commit), "
+                   "one process per run alternating with this one, and show it beside")
     args = p.parse_args(argv)
     if args.worker:
         with tempfile.TemporaryDirectory(prefix="mmdm-profile-") as work:
@@ -390,23 +393,34 @@ def main(argv: list[str] | None = None) -> int:
 
     from benchmarks.cpu_env import machine
 
+    def commit_of(code: Path) -> str:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=code, capture_output=True,
+                              text=True).stdout.strip()
+
     code = Path(args.code).resolve() if args.code else ROOT
     res: dict[str, Any] = {"machine": machine(), "threads": args.threads, "runs": [], "code": str(code),
-                           "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=code,
-                                                    capture_output=True, text=True).stdout.strip()}
-    env = {**os.environ, "PYTHONPATH": str(code), "MMDM_ROOT": str(ROOT)}
-    env.update({k: str(args.threads) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")})
-    for run in args.runs:  # one fresh process per run
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", run, "--steps", str(args.steps),
-               "--val-every", str(args.val_every), "--eval-subjects", str(args.eval_subjects),
-               "--threads", str(args.threads)] + (["--cprofile"] if args.cprofile else [])
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-        if proc.returncode:
-            raise RuntimeError(f"worker failed ({run}):\n{proc.stderr[-3000:]}")
-        r = json.loads(proc.stdout.strip().splitlines()[-1])
-        r["full_run_estimate"] = extrapolate(r)
-        res["runs"].append(r)
-        print(f"[{run}] train {r['train_cpu_s']:.0f} CPU s, eval {r['eval_cpu_s']:.0f} CPU s", flush=True)
+                           "commit": commit_of(code)}
+    roots = {"new": code}
+    if args.base_code:
+        roots["base"] = Path(args.base_code).resolve()
+        base = {"machine": res["machine"], "threads": args.threads, "runs": [], "code": str(roots["base"]),
+                "commit": commit_of(roots["base"])}
+    for i, run in enumerate(args.runs):  # one fresh process per run and commit; the commits alternate
+        for which in (list(roots) if i % 2 else list(roots)[::-1]):
+            env = {**os.environ, "PYTHONPATH": str(roots[which]), "MMDM_ROOT": str(ROOT)}
+            env.update({k: str(args.threads) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")})
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", run, "--steps", str(args.steps),
+                   "--val-every", str(args.val_every), "--eval-subjects", str(args.eval_subjects),
+                   "--threads", str(args.threads)] + (["--cprofile"] if args.cprofile and which == "new" else [])
+            proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+            if proc.returncode:
+                raise RuntimeError(f"worker failed ({run}, {roots[which]}):\n{proc.stderr[-3000:]}")
+            r = json.loads(proc.stdout.strip().splitlines()[-1])
+            r["full_run_estimate"] = extrapolate(r)
+            r["load_average"] = [round(v, 2) for v in os.getloadavg()]
+            (res if which == "new" else base)["runs"].append(r)
+            print(f"[{run} {which}] train {r['train_cpu_s']:.0f} CPU s, eval {r['eval_cpu_s']:.0f} CPU s, load "
+                  f"{r['load_average']}", flush=True)
     out = Path(args.out or ROOT / "benchmarks" / "results" / "cpu" / "standard-run-profile.json")
     write_json(out, {**res, "base": base})
     write_text(out.with_suffix(".md"), markdown(res, base))
