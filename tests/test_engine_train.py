@@ -401,6 +401,28 @@ def test_each_group_steps_alone_in_dict_order(tmp_path, dataset):
     assert set(logs) == {"gen/loss", "disc/loss"}
 
 
+def test_multi_tensor_adam_trains_the_weights_of_the_per_parameter_loop_and_keeps_it_on_resume(tmp_path, dataset,
+                                                                                          monkeypatch):
+    cfg = stub_config(dataset, method="test_engine_train:build_two_group_stub", steps=5, checkpoint_every=3)
+    fast = train(cfg, tmp_path / "foreach", progress=False)
+
+    class LoopAdam(torch.optim.Adam):  # Adam's per-parameter Python loop, whatever the caller asks for
+        def __init__(self, *a, **k):
+            super().__init__(*a, **{**k, "foreach": False})
+
+    monkeypatch.setattr(torch.optim, "Adam", LoopAdam)
+    slow = train(cfg, tmp_path / "loop", progress=False)
+    monkeypatch.undo()
+    a, b = params(fast), params(slow)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # a run resumed from a checkpoint written by the loop still takes the multi-tensor update
+    tr = Trainer(cfg, tmp_path / "loop", progress=False)
+    tr.load_state_dict(load_checkpoint(CheckpointManager(tmp_path / "loop" / "checkpoints").latest()))
+    assert all(g["foreach"] for o in tr.optimizers.values() for g in o.param_groups)
+    assert not any(g["foreach"] for g in load_checkpoint(CheckpointManager(tmp_path / "loop" / "checkpoints")
+                                                         .latest())["optimizers"]["gen"]["param_groups"])
+
+
 # ----------------------------------------------------------------------------
 # SIGKILL + resume == uninterrupted (CPU, bit-identical)
 

@@ -91,3 +91,41 @@ def test_channels_last_input_gives_the_same_result():
     ref = block(x)
     torch.testing.assert_close(block.to(memory_format=torch.channels_last)(x.contiguous(
         memory_format=torch.channels_last)), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_sampling_reuses_the_composed_weights_until_a_parameter_changes():
+    """With gradients off the composed weights are kept between calls: the output is bit for bit the
+    one made afresh, and any change of a weight (an optimiser step, loading a state, an EMA swap:
+    all in place) is seen by the next call."""
+    import mmdm.nets.resunet as resunet
+
+    torch.manual_seed(3)
+    net = ResUNet(10, 5, TINY).eval()
+    x, t = torch.randn(2, 10, 16, 24), torch.tensor([5, 700])
+    composed = []
+    real = resunet._compose
+    with torch.no_grad():
+        first = net(x, t)
+        try:
+            resunet._compose = lambda *a: composed.append(1) or real(*a)
+            again = net(x, t)  # everything reused
+            assert composed == []
+            with torch.enable_grad():
+                fresh = net(x, t).detach()  # gradients on: composed afresh at every call
+            assert len(composed) > 0
+            composed.clear()
+        finally:
+            resunet._compose = real
+        assert torch.equal(first, again) and torch.equal(first, fresh)
+        before = net(x, t)
+        pair = net.enc_blocks[0].ffn.gate
+        pair[0].weight.add_(0.1)  # in place, like an optimiser step
+        stepped = net(x, t)
+        other = ResUNet(10, 5, TINY).eval()
+        other.load_state_dict(net.state_dict())
+        assert not torch.equal(stepped, before)
+        assert torch.equal(stepped, other(x, t))
+        new_state = ResUNet(10, 5, TINY).state_dict()
+        net.load_state_dict(new_state)  # copied into the same tensors
+        other.load_state_dict(new_state)
+        assert torch.equal(net(x, t), other(x, t)) and not torch.equal(net(x, t), stepped)

@@ -145,8 +145,12 @@ def test_evaluate_run_writes_vessel_columns_and_their_means(tmp_path, monkeypatc
     monkeypatch.setattr(evaluate_mod, "load_run_method", lambda *a, **k: (_Stub(), cfg, {"step": 7}))
     monkeypatch.setattr(evaluate_mod, "synthesize_subjects", lambda method, data, subs, *a, **k: (
         SubjectSynthesis(s, {}, Volume(raw, AFFINE), {"mean": preds[s].astype(np.float32)}) for s in subs))
+    loads = []
+    real_truth = evaluate_mod.load_ground_truth
+    monkeypatch.setattr(evaluate_mod, "load_ground_truth", lambda root, s: loads.append(s) or real_truth(root, s))
     run = tmp_path / "run"
     summary = evaluate_run(run, subjects=subjects, device="cpu", require_complete=False, progress=False)
+    assert loads == subjects  # each subject's ground truth read once, for the vessel score and the regions
 
     header = (run / "metrics.csv").read_text().splitlines()[0].split(",")
     assert header == ["subject", *METRIC_KEYS, "vessel_recovery", "vessel_psnr"]

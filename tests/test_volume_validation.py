@@ -17,7 +17,7 @@ from mmdm.config import ConfigError
 from mmdm.data.dataset import DataConfig
 from mmdm.data.layout import Layout
 from mmdm.engine.train import train
-from mmdm.engine.volume_validation import ValidationVolumes
+from mmdm.engine.volume_validation import VOLUME_SCORES, ValidationVolumes
 from mmdm.metrics import evaluate_volumes
 from test_vessel_training import Copy, cfg_for
 
@@ -46,6 +46,43 @@ def test_scores_equal_the_tables_metrics_of_the_whole_volume(dataset, stride, on
         assert out[k] == pytest.approx(ref[k], rel=1e-5), k
     assert math.isnan(out["vessel_recovery"])  # no phantom ground truth here
     assert (out["n_subjects"], out["stride"], out["steps"], out["subjects"]) == (1, stride, 2, [s])
+
+
+class NoisyCopy(Copy):
+    """``sample`` echoes a source plus noise from the sampling generator, so the scores depend on the
+    order in which the windows draw from it."""
+
+    @torch.no_grad()
+    def sample(self, sources, steps=None, eta=None, generator=None, progress=False):
+        x = sources[self.echo]
+        return x + 0.2 * torch.randn(x.shape, generator=generator)
+
+
+def test_volumes_read_once_score_as_the_subject_loop_that_reads_them_each_time(tmp_path, one_thread, monkeypatch):
+    import mmdm.engine.infer as infer
+
+    root = tmp_path / "data"
+    subjects = sorted(make_dataset(root, n=6, shape=(16, 16, 12)))
+    (root / "splits.json").write_text(json.dumps({"train": subjects[:3], "val": subjects[3:5], "test": subjects[5:]}))
+    data = DataConfig(root=str(root), sources=("T1w", "T2w"))
+    vv = ValidationVolumes(data, n=2, stride=3, steps=2)
+    assert len(vv.subjects) == 2
+    method = NoisyCopy(echo="T2w")
+    reads = []
+    real = infer.load_subject_volumes
+    monkeypatch.setattr(infer, "load_subject_volumes", lambda *a, **k: reads.append(a[1]) or real(*a, **k))
+    first = vv.score(method, torch.device("cpu"), seed=4, batch_size=2)
+    second = vv.score(method, torch.device("cpu"), seed=4, batch_size=2)
+    assert reads == list(vv.subjects)  # read at the first validation only
+    same = [first[k] == second[k] or (math.isnan(first[k]) and math.isnan(second[k])) for k in VOLUME_SCORES]
+    assert first.keys() == second.keys() and all(same)
+    # the reference: every subject loaded and synthesised by the subject loop, one generator through them
+    gen = torch.Generator().manual_seed(4)
+    rows = [evaluate_volumes(it.result["mean"], it.target.data / float(it.target.data.max()))
+            for it in infer.synthesize_subjects(method, data, vv.subjects, lambda i, s: gen, with_target=True,
+                                                stride=3, steps=2, batch_size=2, progress=False)]
+    for k in ("psnr", "ssim", "mip_psnr", "mip_ssim"):
+        assert first[k] == float(np.mean([r[k] for r in rows])), k
 
 
 def test_trainer_logs_the_whole_volume_scores_with_each_validation(tmp_path, dataset, one_thread):

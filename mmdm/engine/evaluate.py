@@ -45,7 +45,7 @@ VESSEL_SCORE_DEFINITION = (
 
 
 def subject_vessel_scores(pred: np.ndarray, target: np.ndarray, data_root: str | Path,
-                          subject: str) -> dict[str, Any]:
+                          subject: str, truth: dict[str, Any] | None = None) -> dict[str, Any]:
     """``vessel_recovery``, ``vessel_psnr`` and ``mask_source`` of one subject's prediction.
 
     ``pred`` and ``target`` are both scaled by the target's maximum (evaluate_run's
@@ -54,11 +54,12 @@ def subject_vessel_scores(pred: np.ndarray, target: np.ndarray, data_root: str |
     other data the brightest 1 % of ``target`` inside its head mask (``target >``
     :data:`HEAD_THRESHOLD`). A subject that cannot be scored (e.g. a target without vessel
     contrast) gets NaN and a warning saying why, so one bad subject does not stop the evaluation.
+    ``truth``: the subject's phantom ground truth when the caller has already loaded it.
     """
     root = Path(data_root)
     try:
-        if has_ground_truth(root):
-            gt = load_ground_truth(root, subject)
+        if truth is not None or has_ground_truth(root):
+            gt = truth if truth is not None else load_ground_truth(root, subject)
             s = phantom_vessel_scores(pred, target, gt["vessel_fraction"], gt["brain_mask"], data_range=1.0)
         else:
             s = vessel_scores(pred, target, brain_mask=np.asarray(target) > HEAD_THRESHOLD, data_range=1.0)
@@ -69,11 +70,14 @@ def subject_vessel_scores(pred: np.ndarray, target: np.ndarray, data_root: str |
             "mask_source": s["mask_source"]}
 
 
-def subject_brain_mask(data_root: str | Path, subject: str) -> np.ndarray | None:
+def subject_brain_mask(data_root: str | Path, subject: str, truth: dict[str, Any] | None = None) -> np.ndarray | None:
     """The phantom's brain mask of ``subject`` (None without ground truth: the region breakdown then
-    uses the head, target >= :data:`mmdm.regions.BACKGROUND_THRESHOLD`)."""
+    uses the head, target >= :data:`mmdm.regions.BACKGROUND_THRESHOLD`); ``truth`` as in
+    :func:`subject_vessel_scores`."""
     root = Path(data_root)
-    return np.asarray(load_ground_truth(root, subject)["brain_mask"], dtype=bool) if has_ground_truth(root) else None
+    if truth is None and not has_ground_truth(root):
+        return None
+    return np.asarray((truth if truth is not None else load_ground_truth(root, subject))["brain_mask"], dtype=bool)
 
 
 def vessel_summary(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -183,6 +187,7 @@ def _evaluate(p, run_dir, method, cfg, ckpt, subs, split, steps, eta, n_samples,
     gen = torch.Generator(device=dev).manual_seed(seed)  # one stream through all subjects
     descrip = tof_fraction_descrip(1.0)
     rows, regions, slices = [], [], []
+    phantom = has_ground_truth(cfg.data.root)
     for item in synthesize_subjects(method, cfg.data, subs, lambda i, s: gen, with_target=True, steps=steps,
                                     eta=eta, n_samples=n_samples, batch_size=batch_size, progress=progress, amp=amp):
         s, out, target = item.subject, item.result, item.target
@@ -191,9 +196,11 @@ def _evaluate(p, run_dir, method, cfg, ckpt, subs, split, steps, eta, n_samples,
             save_nifti(p.predictions / f"{s}_{cfg.data.target}_std.nii.gz", out["std"], target.affine,
                        descrip=descrip)
         target01 = target.data / float(target.data.max())
+        truth = load_ground_truth(cfg.data.root, s) if phantom else None  # read once for both uses
         rows.append({"subject": s, **evaluate_volumes(out["mean"], target01),
-                     **subject_vessel_scores(out["mean"], target01, cfg.data.root, s)})
-        regions.append({"subject": s, **region_errors(out["mean"], target01, subject_brain_mask(cfg.data.root, s))})
+                     **subject_vessel_scores(out["mean"], target01, cfg.data.root, s, truth)})
+        regions.append({"subject": s, **region_errors(out["mean"], target01,
+                                                      subject_brain_mask(cfg.data.root, s, truth))})
         slices += [{"subject": s, **r} for r in slice_errors(out["mean"], target01)]
     write_metrics_csv(p.metrics, rows)
     write_table_csv(p.regions, regions, ("subject", *REGION_COLUMNS))

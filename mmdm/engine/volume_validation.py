@@ -5,7 +5,7 @@ windows from the middle of each validation subject; Tables 1-3 score whole
 volumes, where the stack's end slices and the air around the head count too.
 Every ``val_every`` steps the trainer therefore also synthesises the first
 ``val_volumes`` validation subjects whole, with the 2.5D sliding window of run
-evaluation (:func:`mmdm.engine.infer.synthesize_subjects`) at a cheaper setting
+evaluation (:func:`mmdm.engine.infer.synthesize_volume`, on volumes read once per run) at a cheaper setting
 that is the same for every validation of a run and recorded with each entry
 (``val_volume_stride``: axial stride of the window; ``val_volume_steps``:
 sampler steps), and scores them as the tables do
@@ -27,7 +27,7 @@ import torch
 from mmdm.data.dataset import DataConfig
 from mmdm.data.layout import Layout
 from mmdm.data.phantom import has_ground_truth, load_ground_truth
-from mmdm.engine.infer import synthesize_subjects
+from mmdm.engine.infer import SubjectSynthesis, subject_sources, synthesize_volume
 from mmdm.methods.base import SynthesisMethod
 from mmdm.metrics import evaluate_volumes
 from mmdm.vessel_contrast import phantom_vessel_scores
@@ -46,6 +46,14 @@ class ValidationVolumes:
         self.subjects: Sequence[str] = Layout(data.root).split("val")[:n]
         self.phantom = has_ground_truth(data.root)
         self._truth: dict[str, dict[str, np.ndarray]] = {}
+        self._volumes: list[SubjectSynthesis] | None = None
+
+    def _loaded(self) -> list[SubjectSynthesis]:
+        """The subjects' source and target volumes, read from disk at the first validation and kept
+        (a few MB per subject): every validation of a run scores the same volumes."""
+        if self._volumes is None:
+            self._volumes = list(subject_sources(self.data, self.subjects, with_target=True))
+        return self._volumes
 
     def _ground_truth(self, subject: str) -> dict[str, np.ndarray]:
         if subject not in self._truth:
@@ -62,10 +70,12 @@ class ValidationVolumes:
             return {}
         gen = torch.Generator(device=device).manual_seed(seed)
         rows = []
-        for item in synthesize_subjects(method, self.data, self.subjects, lambda i, s: gen, with_target=True,
-                                        stride=self.stride, steps=self.steps, batch_size=batch_size,
-                                        progress=False):
-            pred, target = item.result["mean"], item.target.data / float(item.target.data.max())
+        for item in self._loaded():
+            # what synthesize_subjects does for each subject, on the volumes already in memory
+            result = synthesize_volume(method, item.sources, window=self.data.window, stride=self.stride,
+                                       batch_size=batch_size, steps=self.steps, norm=self.data.norm, generator=gen,
+                                       progress=False)
+            pred, target = result["mean"], item.target.data / float(item.target.data.max())
             m = evaluate_volumes(pred, target)
             row = {k: float(m[k]) for k in ("psnr", "ssim", "mip_psnr", "mip_ssim")}
             row["vessel_recovery"] = math.nan

@@ -43,8 +43,9 @@ conv ``C_0 -> out``.
 from __future__ import annotations
 
 import contextlib
+import weakref
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -142,6 +143,49 @@ def _edge_index(n: int) -> Tensor:
     return idx
 
 
+def _compose(pairs: Sequence[nn.Sequential], h: int, w: int) -> tuple[Tensor, Tensor]:
+    """The composed 3x3 weight of :func:`conv_pairs` and its bias on a ``min(h, 3) x min(w, 3)`` image."""
+    with no_autocast(pairs[0][0].weight.device.type):
+        weights, biases = [], []
+        for p in pairs:
+            c1, c3 = p[0], p[1]
+            dt = torch.promote_types(c1.weight.dtype, torch.float32)       # fp32, or fp64 weights as they are
+            w1 = c1.weight.to(dt).flatten(1)                               # (m, i)
+            w3 = c3.weight.to(dt)                                           # (o, m, 3, 3)
+            weights.append(torch.einsum("omuv,mi->oiuv", w3, w1))
+            b1 = c1.bias.to(dt).view(1, -1, 1, 1).expand(1, -1, min(h, 3), min(w, 3))
+            biases.append(F.conv2d(b1, w3, c3.bias.to(dt), padding=1)[0])   # (o, <=3, <=3)
+        return torch.cat(weights), torch.cat(biases)
+
+
+#: Composed weights kept between calls while gradients are off (sampling calls every network tens of
+#: times per window with the same weights), per first pair of a :func:`conv_pairs` call.
+_COMPOSED: weakref.WeakKeyDictionary[nn.Module, tuple[Any, Tensor, Tensor]] = weakref.WeakKeyDictionary()
+
+
+def _weights_stamp(pairs: Sequence[nn.Sequential], h: int, w: int) -> tuple[Any, ...]:
+    """What the composed weights depend on: the pairs, the edge pattern's size, and every weight and
+    bias tensor's storage and version counter (which any in-place change -- an optimiser step,
+    ``load_state_dict``, an EMA swap -- advances)."""
+    tensors = [t for p in pairs for conv in (p[0], p[1]) for t in (conv.weight, conv.bias)]
+    return (tuple(id(p) for p in pairs), min(h, 3), min(w, 3),
+            tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors))
+
+
+def _composed(pairs: Sequence[nn.Sequential], h: int, w: int) -> tuple[Tensor, Tensor]:
+    """:func:`_compose`, reused from the last call of the same pairs while gradients are off and
+    nothing it depends on (:func:`_weights_stamp`) has changed; with gradients on, made afresh (so
+    that they reach the parameters)."""
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return _compose(pairs, h, w)
+    stamp = _weights_stamp(pairs, h, w)
+    hit = _COMPOSED.get(pairs[0])
+    if hit is None or hit[0] != stamp:
+        hit = (stamp, *_compose(pairs, h, w))
+        _COMPOSED[pairs[0]] = hit
+    return hit[1], hit[2]
+
+
 def conv_pairs(pairs: Sequence[nn.Sequential], x: Tensor) -> Tensor:
     """``cat([pair(x) for pair in pairs], dim=1)`` for :func:`_conv_pair` pairs reading the same ``x``.
 
@@ -153,23 +197,14 @@ def conv_pairs(pairs: Sequence[nn.Sequential], x: Tensor) -> Tensor:
     column, so it is computed on a 3x3 image; the inner value is the convolution's bias and the
     border rows and columns get the difference added. The result equals the two convolutions up
     to floating-point rounding; for the GDFN's ``c -> 4c`` pairs it costs ``36 c^2`` instead of
-    ``148 c^2`` multiply-adds per pixel. The composed weight is made (fp32) from the parameters at
-    every call, so gradients reach ``W1, b1, W3, b3`` as through the two convolutions.
+    ``148 c^2`` multiply-adds per pixel. With gradients on, the composed weight is made (fp32) from the
+    parameters at every call, so gradients reach ``W1, b1, W3, b3`` as through the two convolutions;
+    with gradients off it is kept until a parameter changes (:func:`_composed`).
     """
     if not _FUSE[-1]:
         return torch.cat([p(x) for p in pairs], dim=1)
     h, w = x.shape[-2:]
-    with no_autocast(x.device.type):
-        weights, biases = [], []
-        for p in pairs:
-            c1, c3 = p[0], p[1]
-            dt = torch.promote_types(c1.weight.dtype, torch.float32)       # fp32, or fp64 weights as they are
-            w1 = c1.weight.to(dt).flatten(1)                               # (m, i)
-            w3 = c3.weight.to(dt)                                           # (o, m, 3, 3)
-            weights.append(torch.einsum("omuv,mi->oiuv", w3, w1))
-            b1 = c1.bias.to(dt).view(1, -1, 1, 1).expand(1, -1, min(h, 3), min(w, 3))
-            biases.append(F.conv2d(b1, w3, c3.bias.to(dt), padding=1)[0])   # (o, <=3, <=3)
-        weight, edge = torch.cat(weights), torch.cat(biases)
+    weight, edge = _composed(pairs, h, w)
     if h < 3 or w < 3:  # no inner pixels to speak of: the whole bias map
         bias = edge[:, _edge_index(h).to(x.device)][:, :, _edge_index(w).to(x.device)]
         out = F.conv2d(x, weight.to(x.dtype), None, padding=1)
