@@ -75,9 +75,15 @@ def test_the_profiles_and_their_descriptions_follow_the_setup():
     assert std.train == SETUP.train() and std.method_overrides == SETUP.method_overrides()
     assert std.method_overrides["mmdm"] == {"optim": {"lr": SETUP.lr}, "naws_lr": SETUP.naws_lr,
                                             "fusion_residual": SETUP.fusion_residual}
-    assert smoke.train["crops"]["size"] == [SMOKE_CROP, SMOKE_CROP]
     assert SETUP.summary() in std.description and SETUP.crop_words in quick.description
-    assert f"{SMOKE_CROP}x{SMOKE_CROP} crops" in smoke.description
+    if SETUP.crop is None:  # whole slices everywhere, the smoke profile too
+        assert smoke.train["crops"] is None and std.train["crops"] is None and "whole slices" in smoke.description
+    else:
+        assert smoke.train["crops"]["size"] == [SMOKE_CROP, SMOKE_CROP]
+        assert f"{SMOKE_CROP}x{SMOKE_CROP} crops" in smoke.description
+    cropping = TrainingSetup(crop=48)
+    assert cropping.crops(32)["size"] == [32, 32] and cropping.crop_words_at(32) == "32x32 crops"
+    assert TrainingSetup(crop=None).crops(32) is None and TrainingSetup(crop=None).crop_words_at(32) == "whole slices"
 
 
 def test_the_deviations_prose_is_generated_from_the_setup():
@@ -88,8 +94,8 @@ def test_the_deviations_prose_is_generated_from_the_setup():
                   "Learning rate 1e-3 for MMDM", "own learning rate, 2e-2", "published 2e-4"):
         assert words in text, words
     assert "48x48" not in text and "x20" not in text and "3e-4" not in text
-    default = " ".join(setup_deviations())
-    assert "48x48 in-plane crops" in default and "brightest 1 % of each" in default and "weigh x20" in default
+    slices = " ".join(setup_deviations(TrainingSetup(crop=None)))
+    assert "in-plane crops" not in slices and "brightest 1 % of each" in slices and "weigh x20" in slices
 
 
 def test_the_makefile_asks_the_cli_for_the_cohort_and_data_dir(capsys):

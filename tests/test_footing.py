@@ -142,6 +142,21 @@ def test_setup_ema_mode_is_what_the_recorded_ema_sweep_decided():
     assert get_profile("standard").train["ema_mode"] == SETUP.ema_mode
 
 
+def test_setup_follows_what_the_recorded_setup_fidelity_sweep_decided():
+    # the set-up's fields that the sweep's MMDM points vary are those of its winning point
+    from mmdm.study.profiles import SETUP
+    from mmdm.study.sweep import sweep_summary
+    try:
+        table = sweep_summary("setup-fidelity")
+    except FileNotFoundError:
+        pytest.skip("sweep 'setup-fidelity' is not recorded")
+    assert set(table["point"]) == {p.name for p in SWEEPS["setup-fidelity"].points} and table["complete"].all()
+    changes = setup_decision(table)["changes"]
+    assert (SETUP.crop is None) == (changes.get("crops") == "whole slices")
+    assert (SETUP.emphasis_fraction, SETUP.lr) == (changes.get("emphasis_fraction", 0.01), changes.get("lr", 3e-4))
+    assert changes.get("emphasis") != "none" and "mip_noise_scale" not in changes  # neither is in the set-up
+
+
 def test_setup_decision_ranks_mmdm_points_among_themselves():
     rows = [("top1-w20", "mmdm", 0.40, 24.0), ("none", "mmdm", 0.10, 24.3), ("top3-w20", "mmdm", 0.45, 23.2),
             ("slices-top1-w20", "mmdm", 0.50, 22.0), ("pix2pix-none", "pix2pix", 0.05, 30.0),

@@ -38,6 +38,12 @@ def test_a_config_stored_as_resolved_has_no_differences_and_changes_are_named():
                          f"{cfg.method_kwargs['fusion_residual']}", f"steps: {cfg.steps // 2 + 1} -> {cfg.steps}"]
     assert diffs[2] == f"ema_mode: {MISSING} -> {cfg.ema_mode}"  # fields the stored config lacks come last
     assert config_differences(older, cfg, limit=1)[-1] == "... and 2 more field(s)"
+    # a sub-config replaced by None (crops -> whole slices) is one difference, with both sides shown
+    cropped = {**stored, "crops": {"size": [48, 48], "vessel_share": 0.7}}
+    whole = {**stored, "crops": None}
+    assert config_differences(cropped, whole) == ["crops: {'size': [48, 48], 'vessel_share': 0.7} -> None"]
+    assert config_differences(whole, cropped) == ["crops: None -> {'size': [48, 48], 'vessel_share': 0.7}"]
+    assert config_differences({**stored, "crops": {}}, {**stored, "crops": {}}) == []
 
 
 def test_committed_standard_records_are_stale_under_the_current_profile():
@@ -45,7 +51,7 @@ def test_committed_standard_records_are_stale_under_the_current_profile():
     rec = api.results_dir("standard") / "mmdm-full"
     if not (rec / "config.yaml").is_file():
         pytest.skip("no committed standard record")
-    why = stale_reasons(rec, _cfg("standard"))
+    why = stale_reasons(rec, _cfg("standard"), limit=None)
     stored_steps = yaml.safe_load((rec / "config.yaml").read_text())["steps"]
     assert (f"steps: {stored_steps} -> {get_profile('standard').steps}" in why) == (
         stored_steps != get_profile("standard").steps)

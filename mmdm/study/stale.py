@@ -31,32 +31,32 @@ NOT_COMPARED = ("data.root", "device", "num_workers", "checkpoint_every", "keep_
 MISSING = "(not recorded)"
 
 
-def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(d, dict):
-        return {prefix: d}
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
-    if not d and prefix:
-        out[prefix] = {}
-    return out
+def _walk(old: Any, new: Any, prefix: str, out: list[tuple[str, Any, Any]]) -> None:
+    """Append ``(field, old, new)`` for every leaf where the two configs differ; a sub-config that is
+    ``None`` (or absent) on one side is one difference, not one per field of the other side."""
+    if prefix and _ignored(prefix):
+        return
+    if isinstance(old, dict) and isinstance(new, dict) and (old or new):
+        for k in sorted(set(old) | set(new), key=str):
+            _walk(old.get(k, MISSING), new.get(k, MISSING), f"{prefix}.{k}" if prefix else str(k), out)
+    elif old != new:
+        out.append((prefix, old, new))
 
 
 def _ignored(key: str) -> bool:
     return any(key == n or key.startswith(n + ".") for n in NOT_COMPARED)
 
 
-def config_differences(stored: dict[str, Any], current: TrainConfig | dict[str, Any], limit: int = 6) -> list[str]:
+def config_differences(stored: dict[str, Any], current: TrainConfig | dict[str, Any],
+                       limit: int | None = 6) -> list[str]:
     """``"field: stored -> current"`` for every compared field that differs (at most ``limit``, then a
-    count of the rest); empty when the stored config is what ``current`` resolves to."""
-    old = _flat(migrate_record(stored))
+    count of the rest; ``None``: all); empty when the stored config is what ``current`` resolves to."""
     cur = resolve_method_config(current) if isinstance(current, TrainConfig) else current
-    new = _flat(migrate_record(to_dict(cur)))
-    keys = sorted(k for k in set(old) | set(new) if not _ignored(k))
-    changed = [k for k in keys if old.get(k, MISSING) != new.get(k, MISSING)]
-    changed.sort(key=lambda k: k not in old)  # changed values first, then fields the stored config lacks
-    diffs = [f"{k}: {old.get(k, MISSING)} -> {new.get(k, MISSING)}" for k in changed]
-    if len(diffs) > limit:
+    changed: list[tuple[str, Any, Any]] = []
+    _walk(migrate_record(stored), migrate_record(to_dict(cur)), "", changed)
+    changed.sort(key=lambda c: c[1] is MISSING)  # changed values first, then fields the stored config lacks
+    diffs = [f"{k}: {a} -> {b}" for k, a, b in changed]
+    if limit is not None and len(diffs) > limit:
         diffs = diffs[:limit] + [f"... and {len(diffs) - limit} more field(s)"]
     return diffs
 
@@ -67,11 +67,11 @@ def stored_config(directory: str | Path) -> dict[str, Any] | None:
     return yaml.safe_load(path.read_text()) if path.is_file() else None
 
 
-def stale_reasons(directory: str | Path, current: TrainConfig | dict[str, Any]) -> list[str]:
+def stale_reasons(directory: str | Path, current: TrainConfig | dict[str, Any], limit: int | None = 6) -> list[str]:
     """Why the record or run in ``directory`` is not what ``current`` trains (empty: it is, or there
-    is no stored config to compare)."""
+    is no stored config to compare); ``limit`` as :func:`config_differences`."""
     stored = stored_config(directory)
-    return [] if stored is None else config_differences(stored, current)
+    return [] if stored is None else config_differences(stored, current, limit)
 
 
 def trained_after(record_dir: str | Path, run_dirs: Iterable[str | Path]) -> list[str]:
