@@ -3,6 +3,7 @@ judges a haze sweep, and the two options they led to: air-centred crops and the 
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -263,3 +264,19 @@ def test_judge_sweep_reads_the_recorded_volumes_and_writes_its_verdicts(tmp_path
     assert out.loc["fix", "background_bias"] == pytest.approx(0.01)  # the mean over subjects
     saved = pd.read_csv(tmp_path / "t" / "selection.csv")
     assert list(saved["point"]) == ["ref", "fix"] and bool(saved.loc[1, "adopted"])
+
+
+def test_sweep_regions_are_the_per_point_means_of_the_recorded_volumes(tmp_path):
+    from mmdm.study.haze import sweep_regions
+
+    assert sweep_regions("ema", tmp_path) is None  # nothing measured
+    rows = pd.DataFrame({"point": ["b", "b", "a"], "subject": ["s1", "s2", "s1"], "psnr": [20.0, 24.0, 30.0],
+                         "background_bias": [0.01, 0.03, -0.002]})
+    (tmp_path / "ema").mkdir()
+    rows.to_csv(tmp_path / "ema" / "validation_volumes.csv", index=False)
+    assert sweep_regions("ema", tmp_path) is None  # a table without its record of how it was made
+    (tmp_path / "ema" / "validation_volumes.json").write_text(json.dumps({"stride": 5, "sample_steps": 5}))
+    means, meta = sweep_regions("ema", tmp_path)
+    assert list(means["point"]) == ["b", "a"] and meta["stride"] == 5  # the sweep's order, not sorted
+    assert means["psnr"].tolist() == [22.0, 30.0]
+    assert means["background_bias"].tolist() == pytest.approx([0.02, -0.002])

@@ -395,6 +395,18 @@ def point_means(table: pd.DataFrame) -> pd.DataFrame:
     return table.groupby("point", sort=False)[cols].mean().reset_index()
 
 
+def sweep_regions(name: str, results_root: str | Path = "results/sweeps") -> tuple[pd.DataFrame, dict] | None:
+    """Where the error of each point of a recorded sweep lies on its whole validation volumes
+    (:func:`evaluate_sweep`'s ``validation_volumes.csv``, the mean over subjects per point:
+    :func:`point_means`) and how they were measured (``validation_volumes.json``); ``None`` when the
+    sweep has no such measurement."""
+    dst = project_path(results_root) / name
+    csv, meta = dst / "validation_volumes.csv", dst / "validation_volumes.json"
+    if not (csv.is_file() and meta.is_file()):
+        return None
+    return point_means(pd.read_csv(csv)), json.loads(meta.read_text())
+
+
 def select_points(means: pd.DataFrame, references: dict[str, str | None], max_bias: float = 0.02,
                   max_psnr_loss: float = 0.3, max_recovery_loss: float = 0.03) -> pd.DataFrame:
     """Judge every candidate point against its reference point (``references``: point -> the point
@@ -437,4 +449,4 @@ def judge_sweep(name: str, results_root: str | Path = "results/sweeps") -> pd.Da
 __all__ = ["BACKGROUND_LEVEL", "CENTRAL_SHARE", "HAZE_LEVEL", "aggregated_slice_bias", "background_mask",
            "background_stats", "banding", "central_slices", "channel_bias", "evaluate_run_validation",
            "evaluate_sweep", "haze_summary", "judge_sweep", "point_means", "sampler_trace", "select_points",
-           "slice_profile", "x0_bias_by_timestep"]
+           "slice_profile", "sweep_regions", "x0_bias_by_timestep"]

@@ -584,9 +584,9 @@ def sweep_decision_markdown(name: str, table: pd.DataFrame, curves: pd.DataFrame
                          + ").")
     elif name == "setup-fidelity":
         d = setup_decision(table)
-        change = ", ".join(f"{k} {v}" for k, v in d["changes"].items()) or "no change"
+        change = "; ".join(f"`{k}`: {v}" for k, v in d["changes"].items()) or "none"
         helps = {True: "helps", False: "does not help", None: "is not measured"}[d["pix2pix_emphasis_helps"]]
-        lines.append(f"**Decision:** the first MMDM point is `{d['winner']}` ({change} to the set-up; MMDM points "
+        lines.append(f"**Decision:** the first MMDM point is `{d['winner']}` (change to the set-up: {change}; MMDM points "
                      f"in order: {', '.join(d['ranking'])}); the emphasis {helps} Pix2Pix by the same rule. The CPU "
                      f"profiles' set-up: {SETUP.summary()}.")
     conv = sweep_convergence(curves)
