@@ -212,8 +212,10 @@ const t0 = Date.now();
 
 
 # Every slice viewer of the page: wait until its volumes are decoded, then move its slider and switch on the
-# slab MIP, and report each panel that did not change (its canvas's pixels compared before and after).
-_VIEWERS = r"""
+# slab MIP, and report each panel that was not redrawn at the new slab (the slab a canvas shows, its
+# ``data-drawn``) and each viewer where no panel's pixels changed. A panel whose own slices are alike (an
+# untrained model's flat output) may keep its pixels; it must still follow the slider.
+_VIEWERS = r'''
 const done = arguments[arguments.length - 1];
 const viewers = [...document.querySelectorAll('[data-mmdm-viewer]')];
 const t0 = Date.now();
@@ -228,8 +230,12 @@ const t0 = Date.now();
     return;
   }
   const problems = [];
-  const snap = v => [...v.querySelectorAll('canvas.mmdm-viewer-panel')].map(c => c.toDataURL());
+  const snap = v => [...v.querySelectorAll('canvas.mmdm-viewer-panel')].map(c => [c.dataset.drawn, c.toDataURL()]);
   const fire = (el, type) => el.dispatchEvent(new Event(type, {bubbles: true}));
+  const compare = (name, labels, a, b, what) => {
+    b.forEach((s, i) => { if (s[0] === a[i][0]) problems.push(name + ': panel "' + labels[i] + '" did not follow ' + what); });
+    if (b.every((s, i) => s[1] === a[i][1])) problems.push(name + ': no panel changed with ' + what);
+  };
   for (const v of viewers) {
     const name = v.dataset.mmdmViewer, slider = v.querySelector('.mmdm-viewer-slice');
     const labels = [...v.querySelectorAll('figcaption')].map(f => f.textContent);
@@ -238,17 +244,17 @@ const t0 = Date.now();
     slider.value = String(Math.max(0, Math.floor((+slider.max) / 4)));
     fire(slider, 'input');
     const moved = snap(v);
-    moved.forEach((u, i) => { if (u === before[i]) problems.push(name + ': panel "' + labels[i] + '" did not change with the slider'); });
+    compare(name, labels, before, moved, 'the slider');
     const mip = v.querySelector('.mmdm-viewer-mip');
     mip.checked = true;
     fire(mip, 'change');
-    snap(v).forEach((u, i) => { if (u === moved[i]) problems.push(name + ': panel "' + labels[i] + '" did not change with the slab MIP'); });
+    compare(name, labels, moved, snap(v), 'the slab MIP');
     mip.checked = false;
     fire(mip, 'change');
   }
   done({n: viewers.length, problems});
 })();
-"""
+'''
 
 
 def check_viewers(drv) -> tuple[int, list[str]]:

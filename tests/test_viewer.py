@@ -78,9 +78,14 @@ def test_moving_the_slider_changes_every_panel_in_headless_chromium(tmp_path):
         pytest.skip("headless Chromium missing: apt-get install chromium chromium-driver")
     target, preds = _volumes()
     vols = viewer.subject_volumes(target, preds)
-    frozen = dict(vols, C=np.repeat(vols["A"][:1], len(vols["A"]), axis=0))  # every slice the same: must be caught
-    html = "<!doctype html><html><body>" + viewer.viewer_html(vols, "ok") + viewer.viewer_html(frozen, "frozen") \
-        + "</body></html>"
+    # a panel whose slices are all alike (an untrained model's flat output) keeps its pixels but follows the slider
+    flat = dict(vols, C=np.repeat(vols["A"][:1], len(vols["A"]), axis=0))
+    # a viewer whose script skips its last panel, and one where every panel is flat: both must be caught
+    broken = viewer.viewer_html(vols, "broken").replace("vols.forEach((v, i) =>", "vols.slice(0, -1).forEach((v, i) =>")
+    assert broken != viewer.viewer_html(vols, "broken")
+    still = {k: np.repeat(v[:1], len(v), axis=0) for k, v in vols.items()}
+    html = "<!doctype html><html><body>" + viewer.viewer_html(vols, "ok") + viewer.viewer_html(flat, "flat") \
+        + broken + viewer.viewer_html(still, "still") + "</body></html>"
     (tmp_path / "index.html").write_text(html)
     with serve(tmp_path) as url:
         drv = _driver(*found)
@@ -91,9 +96,9 @@ def test_moving_the_slider_changes_every_panel_in_headless_chromium(tmp_path):
             errors = [e for e in drv.get_log("browser") if e.get("level") == "SEVERE" and "favicon" not in e["message"]]
         finally:
             drv.quit()
-    assert n == 2 and not errors
-    assert problems == ['frozen: panel "C" did not change with the slider',
-                        'frozen: panel "C" did not change with the slab MIP']
+    assert n == 4 and not errors
+    assert problems == ['broken: panel "B" did not follow the slider', 'broken: panel "B" did not follow the slab MIP',
+                        'still: no panel changed with the slider', 'still: no panel changed with the slab MIP']
 
 
 def test_the_record_is_cut_from_the_predictions_here_and_again_when_another_run_has_some(tiny_cohort, tmp_path,

@@ -181,6 +181,7 @@ def viewer_html(volumes: Mapping[str, np.ndarray], uid: str, title: str = "", sl
         px[4 * p] = px[4 * p + 1] = px[4 * p + 2] = m; px[4 * p + 3] = 255;
       }}
       ctx.putImageData(img, 0, 0);
+      canvases[i].dataset.drawn = lo + ":" + hi;  // the slab this panel shows (a test reads it)
     }});
   }}
   Promise.all(encoded.map(inflate)).then(vols => {{
