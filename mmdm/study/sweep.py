@@ -256,7 +256,7 @@ SWEEPS: dict[str, Sweep] = {
         rule=VESSEL_ONLY, val_volumes=0,
         description="chooses, on the validation split, DDPM's prediction target for a second, labelled DDPM row "
                     "of Table 1: Ho et al.'s eps (the Table 1 row), x0 (Ho et al. 2020 discuss "
-                    "predicting x0) and v (Salimans & Ho 2022), each in the standard profile's set-up (small, "
+                    "predicting x0) and v (Salimans & Ho 2022), each in the standard profile's set-up of the time (small, "
                     "48x48 crops, brightest 1 % x20, lr 3e-4) with its DDPM budget of 2000 steps",
         steps=2000, val_every=400,
         base_train={"crops": CROPS, "emphasis": TOP20},
@@ -294,8 +294,8 @@ SWEEPS: dict[str, Sweep] = {
         )),
     "haze-fusion": Sweep(
         name="haze-fusion",
-        description="the haze of MMDM in the air and at the ends of the stack: MMDM base (small, the standard "
-                    "profile's vessel set-up: 48x48 crops, 70 % vessel-centred, brightest 1 % x20, lr 3e-4) on the "
+        description="the haze of MMDM in the air and at the ends of the stack: MMDM base (small, the vessel "
+                    "set-up of the time: 48x48 crops, 70 % vessel-centred, brightest 1 % x20, lr 3e-4) on the "
                     "standard cohort's training split, 200 steps (a short budget a shared 2-core machine finishes; "
                     "the standard runs train 2000), seed 0: the fusion as a correction to the mean of the branch "
                     "predictions (fusion_residual, a deviation from the authors' fusion) and 30 % air-centred crops "
@@ -304,7 +304,7 @@ SWEEPS: dict[str, Sweep] = {
         steps=200, val_every=200, rule=HAZE_RULE,
         base_train={"crops": CROPS, "emphasis": TOP20},
         points=(
-            SweepPoint("base", variant="base", method_overrides=LR3, note="reference: the standard set-up"),
+            SweepPoint("base", variant="base", method_overrides=LR3, note="reference: the set-up of the time"),
             SweepPoint("base-fusion-residual", variant="base", method_overrides={**LR3, "fusion_residual": True},
                        reference="base", note="fusion predicts a correction to the branches' mean"),
             SweepPoint("base-air30", variant="base", method_overrides=LR3,
@@ -313,14 +313,14 @@ SWEEPS: dict[str, Sweep] = {
             # added after the base points were judged, under the same rule: does the fix carry to the full model
             # (MIP loss, NAWS with its own learning rate, as in the standard profile)?
             SweepPoint("full", variant="full", method_overrides={**LR3, "naws_lr": 1e-2},
-                       note="reference: MMDM full, the standard set-up"),
+                       note="reference: MMDM full, the set-up of the time"),
             SweepPoint("full-fusion-residual", variant="full",
                        method_overrides=MMDM_SETUP, reference="full",
                        note="MMDM full, fusion predicts a correction to the branches' mean"),
         )),
     "haze-crops": Sweep(
         name="haze-crops",
-        description="the haze of BBDM: BBDM (small, the standard profile's vessel set-up, lr 3e-4) on the "
+        description="the haze of BBDM: BBDM (small, the standard profile's vessel set-up of the time, lr 3e-4) on the "
                     "standard cohort's training split, 200 steps, seed 0, EMA as configured, sampled as the official "
                     "test-time sampler does (no clamp of x0 inside the loop; the clamp of every step, the former "
                     "setting, changes only sampling and is measured on the reference point by "
@@ -338,7 +338,7 @@ SWEEPS: dict[str, Sweep] = {
         name="ema",
         description="decides the weight-average rule of the standard profile (TrainConfig.ema_mode) once for every "
                     "method: MMDM full and three baselines (Pix2Pix, BBDM, ResViT: the GANs without an average of "
-                    "their own, and a diffusion baseline with one) in the standard set-up, each trained with raw "
+                    "their own, and a diffusion baseline with one) in the set-up of the time (48x48 crops), each trained with raw "
                     "weights (ema_mode none) and with the same average (ema_mode all: decay 0.995 from step 100), "
                     "2000 steps, whole-volume validation; the average is kept for every method when it ranks above "
                     "raw weights for more than half of the four (`ema_decision`, written before the sweep ran)",
