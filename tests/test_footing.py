@@ -105,6 +105,7 @@ def test_footing_table_and_not_converged_rows_from_records(tmp_path):
     assert t.loc["BBDM", "weights evaluated"] == "raw" and t.loc["BBDM", "train (min)"] == "10.0"
     md = footing.footing_markdown(tmp_path, get_profile("standard"))
     assert "| Pix2Pix | 4000 | none |" in md and footing.CONVERGENCE_RULE in md
+    assert md.rstrip().endswith("Training windows and vessel emphasis: –, emphasis – (every row).")  # not recorded
 
 
 def test_budget_sentences_follow_the_profile():
@@ -239,3 +240,22 @@ def test_the_ema_decision_is_shown_beside_its_reading_with_the_recovery_to_one()
     text = sweep_decision_markdown("ema", rank_points(table, FIDELITY_AND_VESSELS), pd.DataFrame())
     assert "`ema_mode: all` for every method (a: helps" in text
     assert "distance from 1 instead of its height" in text and "`ema_mode: none` (a: does not help)" in text
+
+
+def test_footing_says_each_rows_training_windows_and_emphasis():
+    from mmdm.config import to_dict
+    from mmdm.engine.spec import resolve_method_config
+    from mmdm.study import api
+
+    assert footing._windows_text({"crops": None}) == "whole slices"
+    assert footing._windows_text({"crops": {"size": [48, 40]}}) == "48x40 crops"
+    assert footing._windows_text({}) == footing._emphasis_text({}) == "–"  # not recorded
+    assert footing._emphasis_text({"emphasis": {"kind": "none"}}) == "none"
+    prof = get_profile("smoke")
+    runs = {r.name: r for r in study_runs(prof.sources)}
+    cfgs = {n: to_dict(resolve_method_config(api.train_config(runs[n], prof, 0, None))) for n in ("pix2pix", "unest")}
+    emph = prof.train["emphasis"]
+    assert footing._emphasis_text(cfgs["pix2pix"]) == f"brightest {100 * emph['fraction']:g} % x{emph['weight']:g}"
+    assert footing._emphasis_text(cfgs["unest"]) == "not applied (no paired pixel term)"  # its objective is unpaired
+    assert footing._windows_text(cfgs["pix2pix"]) == ("whole slices" if prof.train["crops"] is None else
+                                                      f"{prof.train['crops']['size'][0]}x{prof.train['crops']['size'][1]} crops")

@@ -129,7 +129,34 @@ def _record_footing(rec: Path) -> dict[str, Any]:
     return {"steps": tr.get("checkpoint_step"), "EMA rule": tr.get("ema_mode") or "method",
             "weights evaluated": _ema_text(tr.get("ema"), tr.get("ema_evaluated")),
             "lr": _lr_text(tr.get("lr")), "batch": tr.get("batch_size"),
+            "windows": _windows_text(cfg), "emphasis": _emphasis_text(cfg),
             "train (min)": "–" if wall is None else f"{wall / 60:.1f}"}
+
+
+def _windows_text(cfg: dict[str, Any]) -> str:
+    """The training windows a stored config gave its run: in-plane crops or whole slices."""
+    if "crops" not in cfg:
+        return "–"
+    crops = cfg["crops"]
+    if not crops:
+        return "whole slices"
+    size = crops.get("size") or ["?", "?"]
+    return f"{size[0]}x{size[1]} crops"
+
+
+def _emphasis_text(cfg: dict[str, Any]) -> str:
+    """The vessel emphasis of a stored config's per-pixel term, or why it was not applied."""
+    if "emphasis" not in cfg:
+        return "–"
+    e = cfg["emphasis"] or {}
+    kind = e.get("kind", "none")
+    if kind == "none":
+        return "none"
+    if _method_settings(cfg).get("pixel_loss") is False:
+        return "not applied (no paired pixel term)"
+    if kind == "top_fraction":
+        return f"brightest {100 * float(e.get('fraction', 0)):g} % x{float(e.get('weight', 1)):g}"
+    return str(kind)
 
 
 def _method_settings(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -139,15 +166,16 @@ def _method_settings(cfg: dict[str, Any]) -> dict[str, Any]:
         method = build_method_from_config(tc)
         ema = resolve_ema(tc, method)
         return {"lr": {g: float(c.lr) for g, c in method.optim_configs().items()},
-                "ema": None if ema is None else {"decay": ema.decay, "start_step": ema.start_step, "every": ema.every}}
+                "ema": None if ema is None else {"decay": ema.decay, "start_step": ema.start_step, "every": ema.every},
+                "pixel_loss": bool(method.uses_pixel_loss)}
     except Exception:  # noqa: BLE001 - an unreadable config leaves these cells empty rather than the page
-        return {"lr": None, "ema": None}
+        return {"lr": None, "ema": None, "pixel_loss": None}
 
 
 def footing_table(results_dir: str | Path, table: str = "table1",
                   sources: Sequence[str] = ("T1w", "T2w", "FLAIR")) -> pd.DataFrame:
     """One row per row of ``table`` with a record: optimiser steps, the EMA rule and the weights
-    evaluated, learning rate(s), batch size, training wall time and whether it converged
+    evaluated, learning rate(s), batch size, training windows, vessel emphasis, training wall time and whether it converged
     (:func:`convergence`; "no curve" for a record without whole-volume validation curves, "not judged"
     for one whose curve is too short for the rule)."""
     results_dir = Path(results_dir)
@@ -167,7 +195,8 @@ def footing_table(results_dir: str | Path, table: str = "table1",
             conv = ("yes" if v["converged"] else "no") + (f" (+{v['psnr_gain']:.2f} dB, "
                                                           f"+{v['recovery_gain']:.3f} recovery)")
         rows.append({"row": label, **_record_footing(results_dir / run), "converged": conv})
-    cols = ["row", "steps", "EMA rule", "weights evaluated", "lr", "batch", "train (min)", "converged"]
+    cols = ["row", "steps", "EMA rule", "weights evaluated", "lr", "batch", "windows", "emphasis", "train (min)",
+            "converged"]
     return pd.DataFrame(rows, columns=cols).set_index("row")
 
 
@@ -180,9 +209,15 @@ def footing_markdown(results_dir: str | Path, profile: StudyProfile) -> str:
             "written before whole-volume validation.\n\n")
     if t.empty:
         return head + f"No Table 1 record of profile `{profile.name}` yet.\n"
+    # the training windows and the emphasis are mostly shared: one sentence grouping the rows, not two columns
+    setups: dict[str, list[str]] = {}
+    for row, w, e in zip(t.index, t["windows"], t["emphasis"]):
+        setups.setdefault(f"{w}, emphasis {e}", []).append(str(row))
+    said = "; ".join(f"{k} ({', '.join(v)})" if len(setups) > 1 else f"{k} (every row)" for k, v in setups.items())
+    t = t.drop(columns=["windows", "emphasis"])
     lines = ["| row | " + " | ".join(t.columns) + " |", "|" + "---|" * (len(t.columns) + 1)]
     lines += ["| " + " | ".join([str(i), *[str(x) for x in r]]) + " |" for i, r in zip(t.index, t.to_numpy())]
-    return head + "\n".join(lines) + "\n"
+    return head + "\n".join(lines) + f"\n\nTraining windows and vessel emphasis: {said}.\n"
 
 
 def records_note(results_dir: str | Path, profile: StudyProfile) -> str:
