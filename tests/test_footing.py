@@ -191,6 +191,15 @@ def test_records_note_says_where_records_predate_the_profile(tmp_path):
     _record(tmp_path, "pix2pix", [std.steps // 2], [20.0], training={**tr, "checkpoint_step": std.steps // 2})
     note = footing.records_note(tmp_path, std)
     assert f"{std.steps // 2} steps: pix2pix" in note and f"now trains {std.steps}" in note
+    assert "training windows" not in note  # these records do not say theirs
+    # a row trained on other windows than the profile's is named with them
+    other = {"size": [40, 40]} if std.train["crops"] is None else None
+    (tmp_path / "bbdm" / "config.yaml").write_text(yaml.safe_dump({"batch_size": 4, "crops": other}))
+    note = footing.records_note(tmp_path, std)
+    said = "40x40 crops" if other else "whole slices"
+    assert f"training windows were {said}: bbdm (the profile now trains on {footing._windows_text(std.train)})" in note
+    (tmp_path / "bbdm" / "config.yaml").write_text(yaml.safe_dump({"batch_size": 4, "crops": std.train["crops"]}))
+    assert "training windows" not in footing.records_note(tmp_path, std)
     # records that match a profile repeating nothing: no note
     single = dataclasses.replace(std, seeds=(0,), seed_runs=())
     (tmp_path / "pix2pix" / "summary.json").unlink()

@@ -222,7 +222,7 @@ def footing_markdown(results_dir: str | Path, profile: StudyProfile) -> str:
 
 def records_note(results_dir: str | Path, profile: StudyProfile) -> str:
     """One paragraph for the results page: how the records shown differ from what ``profile`` now
-    trains (optimiser steps of each Table 1-3 row; seeds of the runs it repeats), read from the
+    trains (optimiser steps and training windows of each Table 1-3 row; seeds of the runs it repeats), read from the
     records, so that the profile's description never stands for records made under an older one.
     Empty when the records match the profile."""
     results_dir = Path(results_dir)
@@ -241,6 +241,15 @@ def records_note(results_dir: str | Path, profile: StudyProfile) -> str:
                          for k, v in counts)
         parts.append(f"the records' Table 1-3 rows were trained for {said} (the profile now trains "
                      f"{', '.join(str(s) for s in sorted(expected))})")
+    want = _windows_text({"crops": profile.train.get("crops")})
+    windows: dict[str, list[str]] = {}
+    for r in runs:
+        w = _record_footing(results_dir / r.name)["windows"]
+        if w != "–":  # a record that does not say is not counted as differing
+            windows.setdefault(w, []).append(r.name)
+    if set(windows) - {want}:
+        said = "; ".join(f"{k}: {', '.join(v) if len(v) <= 3 else f'{len(v)} rows'}" for k, v in windows.items())
+        parts.append(f"their training windows were {said} (the profile now trains on {want})")
     seeds = [s for s in profile.seeds if s != 0]
     repeated = [r.name for r in runs if r.name in profile.seed_runs]
     if seeds and repeated:
