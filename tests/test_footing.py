@@ -130,15 +130,21 @@ def test_ema_decision_follows_the_pairs_ranking():
         ema_decision(pd.DataFrame({"point": ["x"]}))
 
 
+def _recorded_sweep(name):
+    """The ranked summary of a recorded sweep with every point finished (skip where it is not recorded)."""
+    from mmdm.study.sweep import sweep_summary
+    try:
+        table = sweep_summary(name)
+    except FileNotFoundError:
+        pytest.skip(f"sweep '{name}' is not recorded")
+    assert set(table["point"]) == {p.name for p in SWEEPS[name].points} and table["complete"].all()
+    return table
+
+
 def test_setup_ema_mode_is_what_the_recorded_ema_sweep_decided():
     # the standard profile's weight-average rule follows the recorded sweep's pre-written rule
     from mmdm.study.profiles import SETUP
-    from mmdm.study.sweep import sweep_summary
-    try:
-        table = sweep_summary("ema")
-    except FileNotFoundError:
-        pytest.skip("sweep 'ema' is not recorded")
-    assert set(table["point"]) == {p.name for p in SWEEPS["ema"].points} and table["complete"].all()
+    table = _recorded_sweep("ema")
     assert SETUP.ema_mode == ema_decision(table)["ema_mode"]
     assert get_profile("standard").train["ema_mode"] == SETUP.ema_mode
 
@@ -146,12 +152,7 @@ def test_setup_ema_mode_is_what_the_recorded_ema_sweep_decided():
 def test_setup_follows_what_the_recorded_setup_fidelity_sweep_decided():
     # the set-up's fields that the sweep's MMDM points vary are those of its winning point
     from mmdm.study.profiles import SETUP
-    from mmdm.study.sweep import sweep_summary
-    try:
-        table = sweep_summary("setup-fidelity")
-    except FileNotFoundError:
-        pytest.skip("sweep 'setup-fidelity' is not recorded")
-    assert set(table["point"]) == {p.name for p in SWEEPS["setup-fidelity"].points} and table["complete"].all()
+    table = _recorded_sweep("setup-fidelity")
     changes = setup_decision(table)["changes"]
     assert (SETUP.crop is None) == (changes.get("crops") == "whole slices")
     assert (SETUP.emphasis_fraction, SETUP.lr) == (changes.get("emphasis_fraction", 0.01), changes.get("lr", 3e-4))
@@ -264,7 +265,8 @@ def test_footing_says_each_rows_training_windows_and_emphasis():
     runs = {r.name: r for r in study_runs(prof.sources)}
     cfgs = {n: to_dict(resolve_method_config(api.train_config(runs[n], prof, 0, None))) for n in ("pix2pix", "unest")}
     emph = prof.train["emphasis"]
-    assert footing._emphasis_text(cfgs["pix2pix"]) == f"brightest {100 * emph['fraction']:g} % x{emph['weight']:g}"
-    assert footing._emphasis_text(cfgs["unest"]) == "not applied (no paired pixel term)"  # its objective is unpaired
+    said = {n: footing._emphasis_text(c, footing._method_settings(c)["pixel_loss"]) for n, c in cfgs.items()}
+    assert said["pix2pix"] == f"brightest {100 * emph['fraction']:g} % x{emph['weight']:g}"
+    assert said["unest"] == "not applied (no paired pixel term)"  # its objective is unpaired
     assert footing._windows_text(cfgs["pix2pix"]) == ("whole slices" if prof.train["crops"] is None else
                                                       f"{prof.train['crops']['size'][0]}x{prof.train['crops']['size'][1]} crops")

@@ -122,14 +122,15 @@ def _record_footing(rec: Path) -> dict[str, Any]:
     cfg = yaml.safe_load((rec / "config.yaml").read_text()) if (rec / "config.yaml").is_file() else {}
     tr = summary.get("training")
     ckpt = summary.get("checkpoint") or {}
+    settings = _method_settings(cfg)  # the method built once from the stored config
     if tr is None:  # a record written before the footing was recorded
         tr = {"checkpoint_step": ckpt.get("step"), "batch_size": cfg.get("batch_size"), "ema_evaluated": ckpt.get("ema"),
-              "ema_mode": cfg.get("ema_mode", "method"), **_method_settings(cfg)}
+              "ema_mode": cfg.get("ema_mode", "method"), **settings}
     wall = prov.get("train_wall_s")
     return {"steps": tr.get("checkpoint_step"), "EMA rule": tr.get("ema_mode") or "method",
             "weights evaluated": _ema_text(tr.get("ema"), tr.get("ema_evaluated")),
             "lr": _lr_text(tr.get("lr")), "batch": tr.get("batch_size"),
-            "windows": _windows_text(cfg), "emphasis": _emphasis_text(cfg),
+            "windows": _windows_text(cfg), "emphasis": _emphasis_text(cfg, settings["pixel_loss"]),
             "train (min)": "–" if wall is None else f"{wall / 60:.1f}"}
 
 
@@ -144,15 +145,16 @@ def _windows_text(cfg: dict[str, Any]) -> str:
     return f"{size[0]}x{size[1]} crops"
 
 
-def _emphasis_text(cfg: dict[str, Any]) -> str:
-    """The vessel emphasis of a stored config's per-pixel term, or why it was not applied."""
+def _emphasis_text(cfg: dict[str, Any], pixel_loss: bool | None = None) -> str:
+    """The vessel emphasis of a stored config's per-pixel term, or why it was not applied
+    (``pixel_loss``: whether its method has a paired per-pixel term; None: unknown)."""
     if "emphasis" not in cfg:
         return "–"
     e = cfg["emphasis"] or {}
     kind = e.get("kind", "none")
     if kind == "none":
         return "none"
-    if _method_settings(cfg).get("pixel_loss") is False:
+    if pixel_loss is False:
         return "not applied (no paired pixel term)"
     if kind == "top_fraction":
         return f"brightest {100 * float(e.get('fraction', 0)):g} % x{float(e.get('weight', 1)):g}"
@@ -231,9 +233,10 @@ def records_note(results_dir: str | Path, profile: StudyProfile) -> str:
     if not runs:
         return ""
     parts = []
+    footing = {r.name: _record_footing(results_dir / r.name) for r in runs}
     steps: dict[int | None, list[str]] = {}
     for r in runs:
-        steps.setdefault(_record_footing(results_dir / r.name)["steps"], []).append(r.name)
+        steps.setdefault(footing[r.name]["steps"], []).append(r.name)
     expected = {profile.run_steps(r.method) for r in runs}
     if profile.steps is not None and (len(steps) > 1 or set(steps) != expected):
         counts = sorted(steps.items(), key=lambda kv: (-len(kv[1]), kv[0] or 0))
@@ -244,7 +247,7 @@ def records_note(results_dir: str | Path, profile: StudyProfile) -> str:
     want = _windows_text({"crops": profile.train.get("crops")})
     windows: dict[str, list[str]] = {}
     for r in runs:
-        w = _record_footing(results_dir / r.name)["windows"]
+        w = footing[r.name]["windows"]
         if w != "–":  # a record that does not say is not counted as differing
             windows.setdefault(w, []).append(r.name)
     if set(windows) - {want}:
