@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mmdm.regions import (BACKGROUND_THRESHOLD, PANEL_ESTIMATE, REGION_COLUMNS, central_slices, panel_regions,
-                          region_errors, region_summary, slice_errors)
+from mmdm.regions import (BACKGROUND_THRESHOLD, MAX_SLICE_BANDING, PANEL_ESTIMATE, REGION_COLUMNS, central_slices,
+                          panel_regions, region_errors, region_summary, slice_banding, slice_errors)
 from mmdm.study.figures import draw_error_views, error_view, shared_error_limit, slice_profile_curves
 from mmdm.study.records import REGIONS_MEASURED, figure_panels, load_regions, load_slice_errors
 
@@ -80,6 +80,53 @@ def test_slice_profile_matches_an_independent_per_slice_mse():
     assert rows[-1]["psnr"] < rows[0]["psnr"]  # the noise grows along the stack
 
 
+def textured_head(shape=(16, 14, 12), seed=0) -> np.ndarray:
+    """The head of :func:`head_volume` with a random texture inside (0.3-0.7), air 0."""
+    t = head_volume(shape)
+    tex = np.random.default_rng(seed).uniform(0.3, 0.7, shape)
+    return np.where(t > 0, tex, 0.0)
+
+
+def test_slice_banding_is_one_for_the_target_and_any_rescaling_of_it():
+    t = textured_head()
+    assert slice_banding(t, t) == pytest.approx(1.0)
+    assert slice_banding(0.6 * t, t) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="2D or 3D"):
+        slice_banding(t[:, :, :-1], t)
+    assert math.isnan(slice_banding(np.zeros((6, 6, 6)), np.zeros((6, 6, 6))))  # no head
+
+
+def test_slices_that_disagree_score_above_the_limit_and_in_plane_stripes_below_one():
+    t = textured_head()
+    head = t >= BACKGROUND_THRESHOLD
+    sign_z = (-1.0) ** np.arange(t.shape[2])
+    weak = slice_banding(t + 0.02 * sign_z * head, t)
+    strong = slice_banding(t + 0.1 * sign_z * head, t)
+    assert 1.0 < weak < strong and strong > MAX_SLICE_BANDING
+    sign_x = (-1.0) ** np.arange(t.shape[0])[:, None, None]
+    assert slice_banding(t + 0.1 * sign_x * head, t) < 1.0
+
+
+def test_slice_banding_without_smoothing_matches_explicit_loops():
+    rng = np.random.default_rng(3)
+    t = textured_head((7, 6, 5), seed=1)
+    p = t + rng.normal(0, 0.05, t.shape)
+    head = t >= BACKGROUND_THRESHOLD
+
+    def rough(v, axis):
+        vals = []
+        for idx in np.ndindex(*v.shape):
+            i = idx[axis]
+            if 0 < i < v.shape[axis] - 1 and head[idx]:
+                lo, hi = list(idx), list(idx)
+                lo[axis], hi[axis] = i - 1, i + 1
+                vals.append(abs(v[idx] - (v[tuple(lo)] + v[tuple(hi)]) / 2))
+        return np.mean(vals)
+
+    expected = (rough(p, 2) / rough(t, 2)) / (np.mean([rough(p, 0), rough(p, 1)]) / np.mean([rough(t, 0), rough(t, 1)]))
+    assert slice_banding(p, t, sigma=0.0) == pytest.approx(expected)
+
+
 def test_panel_estimate_equals_the_volume_breakdown_of_a_volume_constant_across_x():
     t2 = head_volume((1, 10, 8))[0]
     t = np.repeat(t2[None], 12, axis=0)
@@ -121,6 +168,30 @@ def test_records_without_a_breakdown_are_estimated_from_their_panels_and_say_so(
     assert reg.at["old", "background_bias"] == pytest.approx(0.2, rel=1e-3)
     sl = load_slice_errors(tmp_path)
     assert len(sl[sl.run == "new"]) == 8 and set(sl[sl.run == "old"].source) == {PANEL_ESTIMATE}
+
+
+def test_clean_image_check_names_the_rows_over_a_limit_and_the_unmeasured_ones(tmp_path):
+    from mmdm.study.tables import clean_image_check
+
+    t = textured_head()
+    head = t >= BACKGROUND_THRESHOLD
+    write_record(tmp_path, "pix2pix", t, 0.9 * t, True)  # clean
+    write_record(tmp_path, "bbdm", t, np.where(head, t, 0.15), True)  # a haze of 0.15
+    write_record(tmp_path, "mmdm-full", t, t + 0.1 * (-1.0) ** np.arange(t.shape[2]) * head, True)  # bands
+    write_record(tmp_path, "mmdm-full-s1", t, 0.9 * t, True)  # its second seed is clean: the mean still bands
+    write_record(tmp_path, "resvit", t, t, False)  # predates the breakdown: an estimate only
+    write_record(tmp_path, "unest", t, 0.9 * t, True)
+    reg = pd.read_csv(tmp_path / "unest" / "regions.csv").drop(columns=["slice_banding"])
+    reg.to_csv(tmp_path / "unest" / "regions.csv", index=False)  # written before the banding column
+    text = clean_image_check("table1", load_regions(tmp_path))
+    over = text.split("Rows over a limit: ")[1].split(". ")[0]
+    assert "BBDM" in over and "background bias = 0.15" in over and "share of background voxels above 0.1 = 1" in over
+    mmdm = [p for p in over.split("; ") if p.startswith("MMDM")][0]
+    assert "slice banding" in mmdm and "background" not in mmdm
+    assert "Within every limit: Pix2Pix." in text
+    unmeasured = text.split("Not measured on whole volumes: ")[1]
+    assert "ResViT" in unmeasured and "UNest (slice banding not measured)" in unmeasured and "RDDM" in unmeasured
+    assert load_regions(tmp_path).set_index("run")["slice_banding"].isna()["unest"]
 
 
 def test_slice_profile_bins_pool_subjects_by_position():

@@ -210,7 +210,8 @@ def _measured_or_estimated(results_dir: str | Path, filename: str, estimate: Cal
                 est = panel_regions({k: z[k] for k in z.files})
             rows.append(pd.DataFrame([{"run": rec.name, "subject": est["subject"], "source": PANEL_ESTIMATE, **r}
                                       for r in estimate(est)]))
-    return pd.concat(rows, ignore_index=True)[cols] if rows else pd.DataFrame(columns=cols)
+    # a column a record predates (e.g. slice_banding) reads as NaN: "not measured" rather than an error
+    return pd.concat(rows, ignore_index=True).reindex(columns=cols) if rows else pd.DataFrame(columns=cols)
 
 
 def load_regions(results_dir: str | Path) -> pd.DataFrame:

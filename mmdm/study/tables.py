@@ -8,10 +8,12 @@ from typing import Collection, Mapping
 
 import pandas as pd
 
-from mmdm.regions import REGION_COLUMNS, REGION_LABELS
+from mmdm.regions import (MAX_BACKGROUND_BIAS, MAX_BRIGHT_SHARE, MAX_SLICE_BANDING, REGION_COLUMNS,
+                          REGION_LABELS)
 from mmdm.stats import compare_to_reference, holm, paired_comparison
-from mmdm.study.records import (METRIC_LABELS, METRIC_LABELS_VESSEL, METRICS, VESSEL_HIGHER_IS_BETTER,
-                                VESSEL_SCORE_HIGHER_IS_BETTER, VESSEL_SCORE_LABELS, paper_results)
+from mmdm.study.records import (METRIC_LABELS, METRIC_LABELS_VESSEL, METRICS, REGIONS_MEASURED,
+                                VESSEL_HIGHER_IS_BETTER, VESSEL_SCORE_HIGHER_IS_BETTER, VESSEL_SCORE_LABELS,
+                                paper_results)
 from mmdm.study.runs import REFERENCE_RUN, get_option, labelled_rows, study_runs
 from mmdm.study.seeds import seed_differences, seed_spread, split_seed
 
@@ -277,12 +279,53 @@ def option_table(per_subject: pd.DataFrame, option: str, metrics: tuple[str, ...
 #: digits of the region breakdown's columns (:data:`mmdm.regions.REGION_COLUMNS`)
 REGION_DECIMALS = {"psnr_brain": 2, "psnr_background": 2, "psnr_central": 2, "psnr_outer": 2,
                    "central_minus_outer_psnr": 2, "outer_error_share": 2, "background_bias": 3,
-                   "background_bright_share": 3}
+                   "background_bright_share": 3, "slice_banding": 2}
 
 
 #: the two halves of the region breakdown as the results page shows them (each fits the text column)
 REGION_GROUPS = {"psnr": ("psnr_brain", "psnr_background", "psnr_central", "psnr_outer", "central_minus_outer_psnr"),
-                 "haze": ("outer_error_share", "background_bias", "background_bright_share")}
+                 "haze": ("outer_error_share", "background_bias", "background_bright_share", "slice_banding")}
+
+
+#: the clean-image limits (:mod:`mmdm.regions`): column -> (largest allowed mean, how the text names it)
+CLEAN_LIMITS = {"background_bias": (MAX_BACKGROUND_BIAS, "background bias"),
+                "background_bright_share": (MAX_BRIGHT_SHARE, "share of background voxels above 0.1"),
+                "slice_banding": (MAX_SLICE_BANDING, "slice banding")}
+
+
+def clean_image_check(table: str, regions: pd.DataFrame, sources: tuple[str, ...] = ("T1w", "T2w", "FLAIR")) -> str:
+    """One paragraph: which rows of ``table`` exceed a clean-image limit (:data:`CLEAN_LIMITS`, the mean over
+    a row's test subjects and seeds; whole-volume measurements only) and by how much, which are not measured."""
+    present = set(regions.run) if len(regions) else set()
+    limits = "; ".join(f"{name} at most {lim:g}" for lim, name in CLEAN_LIMITS.values())
+    over, unmeasured, clean = [], [], []
+    for label, run in table_rows(table, sources, present=present):
+        # the row's run and its seed repeats (run-s1, ...), whole-volume rows only
+        base = regions.run.map(lambda r: split_seed(r)[0]) if len(regions) else regions.run
+        v = regions[(base == run) & (regions.source == REGIONS_MEASURED)] if len(regions) else regions
+        if not len(v):
+            unmeasured.append(label)
+            continue
+        bad, missing = [], []
+        for col, (lim, name) in CLEAN_LIMITS.items():
+            m = v[col].astype(float).mean() if col in v else float("nan")
+            if pd.isna(m):
+                missing.append(name)
+            elif m > lim:
+                bad.append(f"{name} = {m:.3g}")
+        if bad:
+            over.append(f"{label}: {', '.join(bad)}")
+        elif missing:
+            unmeasured.append(f"{label} ({', '.join(missing)} not measured)")
+        else:
+            clean.append(label)
+    text = [f"Limits, on each row's mean over its test subjects and seeds (whole volumes): {limits}."]
+    text.append("Rows over a limit: " + ("; ".join(over) + "." if over else "none."))
+    if clean:
+        text.append(f"Within every limit: {', '.join(clean)}.")
+    if unmeasured:
+        text.append(f"Not measured on whole volumes: {', '.join(unmeasured)}.")
+    return " ".join(text)
 
 
 def region_table(table: str, regions: pd.DataFrame, sources: tuple[str, ...] = ("T1w", "T2w", "FLAIR"),
