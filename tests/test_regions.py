@@ -171,7 +171,7 @@ def test_records_without_a_breakdown_are_estimated_from_their_panels_and_say_so(
 
 
 def test_clean_image_check_names_the_rows_over_a_limit_and_the_unmeasured_ones(tmp_path):
-    from mmdm.study.tables import clean_image_check
+    from mmdm.study.tables import banding_sentence, clean_image_check
 
     t = textured_head()
     head = t >= BACKGROUND_THRESHOLD
@@ -192,6 +192,11 @@ def test_clean_image_check_names_the_rows_over_a_limit_and_the_unmeasured_ones(t
     unmeasured = text.split("Not measured on whole volumes: ")[1]
     assert "ResViT" in unmeasured and "UNest (slice banding not measured)" in unmeasured and "RDDM" in unmeasured
     assert load_regions(tmp_path).set_index("run")["slice_banding"].isna()["unest"]
+    sentence = banding_sentence("table1", load_regions(tmp_path))
+    assert "Pix2Pix 1.00," in sentence
+    expected = np.mean([slice_banding(t + 0.1 * (-1.0) ** np.arange(t.shape[2]) * head, t), 1.0])
+    assert f"MMDM {expected:.2f} (banding)" in sentence  # seeds 0 and 1 averaged
+    assert sentence.split("Not measured on whole volumes: ")[1].rstrip(".").split(", ") == ["DDPM", "ResViT", "UNest", "RDDM"]
 
 
 def test_slice_profile_bins_pool_subjects_by_position():

@@ -328,6 +328,24 @@ def clean_image_check(table: str, regions: pd.DataFrame, sources: tuple[str, ...
     return " ".join(text)
 
 
+def banding_sentence(table: str, regions: pd.DataFrame, sources: tuple[str, ...] = ("T1w", "T2w", "FLAIR")) -> str:
+    """Each row's slice banding (:func:`mmdm.regions.slice_banding`), the mean over its test subjects and seeds
+    (whole volumes), in one sentence for the error views of Fig. 3."""
+    present = set(regions.run) if len(regions) else set()
+    base = regions.run.map(lambda r: split_seed(r)[0]) if len(regions) else regions.run
+    vals, missing = [], []
+    for run, label in short_labels(table, sources, present).items():
+        v = regions[(base == run) & (regions.source == REGIONS_MEASURED)] if len(regions) else regions
+        m = v["slice_banding"].astype(float).mean() if len(v) else float("nan")
+        if pd.isna(m):
+            missing.append(label)
+        else:
+            vals.append(f"{label} {m:.2f}" + (" (banding)" if m > MAX_SLICE_BANDING else ""))
+    text = (f"Slice banding, mean over each row's test subjects and seeds (1 = as the ground truth; above "
+            f"{MAX_SLICE_BANDING:g} counts as banding): " + (", ".join(vals) if vals else "no row measured") + ".")
+    return text + (f" Not measured on whole volumes: {', '.join(missing)}." if missing else "")
+
+
 def region_table(table: str, regions: pd.DataFrame, sources: tuple[str, ...] = ("T1w", "T2w", "FLAIR"),
                  columns: tuple[str, ...] = REGION_COLUMNS, with_source: bool = True) -> pd.DataFrame:
     """The region breakdown (:func:`mmdm.study.records.load_regions`) of every row of ``table``: mean ±
