@@ -438,3 +438,26 @@ def test_an_unknown_only_name_is_refused_before_the_cohort_is_built(monkeypatch,
     monkeypatch.setattr(api, "ensure_data", no_cohort)
     with pytest.raises(KeyError, match="unknown run\\(s\\) \\['bogus'\\]"):
         runner.run_study("smoke", only=["bogus"], log=lambda s: None)
+
+
+def test_the_study_log_keeps_lines_whole_when_jobs_log_at_once():
+    import threading
+    import time
+
+    from mmdm.study.runner import serialized
+
+    out: list[str] = []
+
+    def slow_print(msg: str) -> None:  # as print does: the text, then its newline, in two writes
+        out.append(msg)
+        time.sleep(0.002)
+        out.append("\n")
+
+    log = serialized(slow_print)
+    threads = [threading.Thread(target=lambda k=k: [log(f"job {k} line {i}") for i in range(20)]) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    lines = "".join(out).splitlines()
+    assert len(lines) == 80 and all(line.startswith("job ") and line.count("line") == 1 for line in lines)

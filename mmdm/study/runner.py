@@ -23,6 +23,7 @@ import platform
 import shlex
 import subprocess
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -256,6 +257,18 @@ def jobs_message(jobs: int, n_gpu: int) -> str:
     return f"[jobs] {threads_message(jobs, job_threads(jobs))}"
 
 
+def serialized(log: Callable[[str], None]) -> Callable[[str], None]:
+    """``log`` behind a lock: the jobs of ``--jobs N`` log from threads, and ``print`` writes a line and its
+    newline separately, so two unguarded lines can run together on one line."""
+    lock = threading.Lock()
+
+    def locked(msg: str) -> None:
+        with lock:
+            log(msg)
+
+    return locked
+
+
 def run_study(profile: str | StudyProfile = "quick", only: Sequence[str] | None = None, device: str | None = None,
               jobs: int = 1, book: bool = True, log: Callable[[str], None] = print, records_only: bool = False,
               backend: str = "local", address: str | None = None, keep_stale: bool = False,
@@ -274,6 +287,7 @@ def run_study(profile: str | StudyProfile = "quick", only: Sequence[str] | None 
         raise KeyError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
     if backend == "ray":
         require_ray()  # before any work: say how to install it
+    log = serialized(log)
     profile = get_profile(profile, **profile_overrides)
     first_runs = [] if records_only else select_runs(profile, only)  # an unknown --only name: before any work
     root = repo_root()
