@@ -594,7 +594,8 @@ def sweep_decision_markdown(name: str, table: pd.DataFrame, curves: pd.DataFrame
         judged = conv[conv["converged"].notna()]
         if len(judged):
             said = "; ".join(f"{r.point}: {'yes' if r.converged else 'no'} ({r.psnr_gain:+.2f} dB, "
-                             f"{r.recovery_gain:+.3f} recovery after step {r.from_step})" for r in judged.itertuples())
+                             f"{r.recovery_gain:+.3f} recovery, last quarter against the one from step {r.from_step})"
+                             for r in judged.itertuples())
             lines.append(f"**Converged at {int(judged['to_step'].max())} steps** (the footing's rule): {said}.")
     return "\n\n".join(lines)
 
