@@ -70,19 +70,24 @@ def test_the_study_re_makes_stale_records_and_keeps_them_on_request(monkeypatch,
     for name in ("select_seed_runs", "select_option_runs"):
         monkeypatch.setattr(runner, name, lambda profile, only, log: [])
     # two complete records: one made under the profile's config, one under fewer steps
-    for run, steps in (("pix2pix", None), ("ddpm", 1)):
+    for run, steps in (("pix2pix", None), ("ddpm", 1), ("resvit", None)):
         cfg = to_dict(resolve_method_config(_cfg("smoke", run)))
         if steps is not None:
             cfg["steps"] = steps
+        if run == "resvit":  # evaluated with another window stride: evaluated again, not retrained
+            cfg["data"]["eval_stride"] += 1
         rec = api.results_dir("smoke") / run
         rec.mkdir(parents=True)
         (rec / "config.yaml").write_text(yaml.safe_dump(cfg))
         (rec / "summary.json").write_text(json.dumps({}))
     lines = []
-    runner.run_study("smoke", only=["pix2pix", "ddpm"], book=False, log=lines.append)
-    assert {m for n, m in executed if n == "02_train"} == {"ddpm"}
+    runner.run_study("smoke", only=["pix2pix", "ddpm", "resvit"], book=False, log=lines.append)
+    assert {m for n, m in executed if n == "02_train"} == {"ddpm", "resvit"}
     assert any(line.startswith("[stale] ddpm:") and f"steps: 1 -> {get_profile('smoke').steps}" in line
-               for line in lines)
+               and "re-making it" in line for line in lines)
+    stride = get_profile("smoke").eval_stride
+    assert any(line.startswith("[stale] resvit:") and f"data.eval_stride: {stride + 1} -> {stride}" in line
+               and "evaluating it again with the trained model kept" in line for line in lines)
     assert "[skip] pix2pix: record complete" in lines
     executed.clear()
     lines.clear()
@@ -108,6 +113,42 @@ def test_a_run_trained_under_another_config_starts_over_and_its_record_is_replac
     api.evaluate_study_run(spec, new, run_dir=run_dir, record_dir=rec, progress=False)
     assert json.loads((rec / "summary.json").read_text())["checkpoint"]["step"] == 3
     assert stale_reasons(rec, api.train_config(spec, new)) == []
+
+
+def test_a_run_that_differs_only_in_its_evaluation_stride_keeps_its_model_and_is_evaluated_again(
+        tiny_cohort, tmp_path, monkeypatch, one_thread):
+    from mmdm.study.stale import evaluation_only_differences
+
+    monkeypatch.setenv("MMDM_ROOT", str(tmp_path))
+    spec = next(r for r in study_runs() if r.name == "pix2pix")
+    run_dir, rec = tmp_path / "run", tmp_path / "rec"
+    old = get_profile("smoke", dataset=str(tiny_cohort), steps=2, eval_stride=2)
+    api.train_study_run(spec, old, run_dir=run_dir, progress=False)
+    api.evaluate_study_run(spec, old, run_dir=run_dir, record_dir=rec, progress=False)
+    assert json.loads((rec / "summary.json").read_text())["sampling"]["stride"] == 2
+    ckpts = {p.name: p.stat().st_mtime_ns for p in (run_dir / "checkpoints").iterdir()}
+    trained = (run_dir / "train_complete.json").read_text()
+    new = get_profile("smoke", dataset=str(tiny_cohort), steps=2, eval_stride=1)
+    cfg = api.train_config(spec, new)
+    assert stale_reasons(rec, cfg) == ["data.eval_stride: 2 -> 1"]
+    assert stale_reasons(rec, cfg, training_only=True) == []
+    assert evaluation_only_differences(yaml.safe_load((rec / "config.yaml").read_text()), cfg) == [
+        "data.eval_stride: 2 -> 1"]
+    # a training field among the differences: not an evaluation-only change
+    assert evaluation_only_differences(yaml.safe_load((rec / "config.yaml").read_text()),
+                                       api.train_config(spec, get_profile("smoke", dataset=str(tiny_cohort),
+                                                                          steps=3, eval_stride=1))) == []
+    api.train_study_run(spec, new, run_dir=run_dir, progress=False)
+    assert {p.name: p.stat().st_mtime_ns for p in (run_dir / "checkpoints").iterdir()} == ckpts  # not retrained
+    assert (run_dir / "train_complete.json").read_text() == trained
+    moved = list(run_dir.glob("superseded-eval-*"))
+    assert len(moved) == 1 and (moved[0] / "summary.json").is_file() and (moved[0] / "predictions").is_dir()
+    assert not (run_dir / "summary.json").exists() and stale_reasons(run_dir, cfg) == []
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["steps"] == 2
+    api.evaluate_study_run(spec, new, run_dir=run_dir, record_dir=rec, progress=False)
+    summary = json.loads((rec / "summary.json").read_text())
+    assert summary["sampling"]["stride"] == 1 and summary["checkpoint"]["step"] == 2
+    assert stale_reasons(rec, cfg) == []
 
 
 def test_an_analysis_measured_before_its_model_was_retrained_is_moved_aside(tmp_path, monkeypatch):

@@ -24,7 +24,7 @@ from mmdm.paths import project_path
 from mmdm.study.profiles import StudyProfile, get_profile
 from mmdm.study.records import export_record, record_complete
 from mmdm.study.runs import REFERENCE_RUN, RunSpec, get_option, run_name
-from mmdm.study.stale import retire, stale_reasons, stored_config, trained_after
+from mmdm.study.stale import prepare_re_evaluation, retire, stale_reasons, stored_config, trained_after
 from mmdm.study.vessel_eval import cohort_segmentation, vessel_metrics
 
 
@@ -137,10 +137,14 @@ def train_study_run(spec: RunSpec, profile: StudyProfile | str, seed: int = 0, d
     ensure_data(profile, progress=progress)
     run_dir = Path(run_dir) if run_dir else runs_dir(profile) / spec.name
     cfg = train_config(spec, profile, seed, device)
-    why = stale_reasons(run_dir, cfg)
+    why = stale_reasons(run_dir, cfg, training_only=True)
     if why:  # made under another config (the profile changed since): its files moved aside, trained anew
         print(f"{run_dir}: trained under another config ({'; '.join(why)}); starting over", file=sys.stderr)
         return train(cfg, run_dir, resume=False, progress=progress, profile=profile.name, force_new=True)
+    changed, moved = prepare_re_evaluation(run_dir, cfg)
+    if changed:  # only how it is evaluated changed: the trained model is kept and evaluated again
+        print(f"{run_dir}: evaluated under other settings ({'; '.join(changed)}); the trained model is kept"
+              + (f", its evaluation moved to {moved}" if moved else ""), file=sys.stderr)
     if run_status(run_dir) in ("trained", "evaluating", "finished"):
         return run_dir
     resume = (run_dir / "config.yaml").is_file()

@@ -336,10 +336,14 @@ def run_study(profile: str | StudyProfile = "quick", only: Sequence[str] | None 
             if not record_complete(record):
                 todo.append((spec, seed))
                 continue
-            why = stale_reasons(record, api.train_config(spec, profile, seed, device))
+            cfg = api.train_config(spec, profile, seed, device)
+            why = stale_reasons(record, cfg)
             if why and not keep_stale:
+                redo = ("evaluating it again with the trained model kept" if not stale_reasons(record, cfg,
+                                                                                              training_only=True)
+                        else "re-making it")
                 log(f"[stale] {spec.name}: its record was made under another config ({'; '.join(why)}); "
-                    "re-making it (the old record stays until the new one is complete; --keep-stale keeps it)")
+                    f"{redo} (the old record stays until the new one is complete; --keep-stale keeps it)")
                 todo.append((spec, seed))
             else:
                 status[spec.name] = "skipped"

@@ -12,6 +12,7 @@ Only fields that change what is trained or measured count (:data:`NOT_COMPARED` 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from datetime import datetime, timezone
 from pathlib import Path
@@ -21,7 +22,9 @@ import yaml
 
 from mmdm.config import to_dict
 from mmdm.engine.migrate import migrate_record
+from mmdm.engine.rundir import run_lock, run_paths
 from mmdm.engine.spec import TrainConfig, resolve_method_config
+from mmdm.io import write_text
 
 #: Fields that say where a run ran or how often it wrote files, not what it trained: the data's
 #: location, the device, loader workers, checkpoint/log/image intervals, cuDNN determinism, and the
@@ -29,6 +32,9 @@ from mmdm.engine.spec import TrainConfig, resolve_method_config
 NOT_COMPARED = ("data.root", "device", "num_workers", "checkpoint_every", "keep_last", "log_every", "image_every",
                 "deterministic", "method_kwargs")
 MISSING = "(not recorded)"
+#: Fields that change only how a trained model is evaluated (the test split's sliding-window stride): a run that
+#: differs in these alone keeps its trained model and is evaluated again (:func:`prepare_re_evaluation`).
+EVALUATION_ONLY = ("data.eval_stride",)
 
 
 def _walk(old: Any, new: Any, prefix: str, out: list[tuple[str, Any, Any]]) -> None:
@@ -47,18 +53,36 @@ def _ignored(key: str) -> bool:
     return any(key == n or key.startswith(n + ".") for n in NOT_COMPARED)
 
 
-def config_differences(stored: dict[str, Any], current: TrainConfig | dict[str, Any],
-                       limit: int | None = 6) -> list[str]:
-    """``"field: stored -> current"`` for every compared field that differs (at most ``limit``, then a
-    count of the rest; ``None``: all); empty when the stored config is what ``current`` resolves to."""
+def _differences(stored: dict[str, Any], current: TrainConfig | dict[str, Any]) -> list[tuple[str, Any, Any]]:
     cur = resolve_method_config(current) if isinstance(current, TrainConfig) else current
     changed: list[tuple[str, Any, Any]] = []
     _walk(migrate_record(stored), migrate_record(to_dict(cur)), "", changed)
     changed.sort(key=lambda c: c[1] is MISSING)  # changed values first, then fields the stored config lacks
+    return changed
+
+
+def _evaluation_only(key: str) -> bool:
+    return any(key == n or key.startswith(n + ".") for n in EVALUATION_ONLY)
+
+
+def config_differences(stored: dict[str, Any], current: TrainConfig | dict[str, Any],
+                       limit: int | None = 6, training_only: bool = False) -> list[str]:
+    """``"field: stored -> current"`` for every compared field that differs (at most ``limit``, then a
+    count of the rest; ``None``: all); empty when the stored config is what ``current`` resolves to.
+    ``training_only``: leave out the fields of :data:`EVALUATION_ONLY`."""
+    changed = [c for c in _differences(stored, current) if not (training_only and _evaluation_only(c[0]))]
     diffs = [f"{k}: {a} -> {b}" for k, a, b in changed]
     if limit is not None and len(diffs) > limit:
         diffs = diffs[:limit] + [f"... and {len(diffs) - limit} more field(s)"]
     return diffs
+
+
+def evaluation_only_differences(stored: dict[str, Any], current: TrainConfig | dict[str, Any]) -> list[str]:
+    """The differences when every one is in :data:`EVALUATION_ONLY` (the trained model still holds), else []."""
+    changed = _differences(stored, current)
+    if not changed or not all(_evaluation_only(k) for k, _, _ in changed):
+        return []
+    return [f"{k}: {a} -> {b}" for k, a, b in changed]
 
 
 def stored_config(directory: str | Path) -> dict[str, Any] | None:
@@ -67,11 +91,45 @@ def stored_config(directory: str | Path) -> dict[str, Any] | None:
     return yaml.safe_load(path.read_text()) if path.is_file() else None
 
 
-def stale_reasons(directory: str | Path, current: TrainConfig | dict[str, Any], limit: int | None = 6) -> list[str]:
-    """Why the record or run in ``directory`` is not what ``current`` trains (empty: it is, or there
-    is no stored config to compare); ``limit`` as :func:`config_differences`."""
+def stale_reasons(directory: str | Path, current: TrainConfig | dict[str, Any], limit: int | None = 6,
+                  training_only: bool = False) -> list[str]:
+    """Why the record or run in ``directory`` is not what ``current`` trains and evaluates (empty: it is, or
+    there is no stored config to compare); ``limit`` and ``training_only`` as :func:`config_differences`."""
     stored = stored_config(directory)
-    return [] if stored is None else config_differences(stored, current, limit)
+    return [] if stored is None else config_differences(stored, current, limit, training_only)
+
+
+def prepare_re_evaluation(run_dir: str | Path, current: TrainConfig | dict[str, Any]) -> tuple[list[str], Path | None]:
+    """When a trained run differs from ``current`` only in evaluation settings (:data:`EVALUATION_ONLY`):
+    write those settings into its ``config.yaml`` and move its evaluation's files (predictions, metrics,
+    region files, summary, vessel metrics) into ``RUN/superseded-<UTC time>/``, so that the run is trained
+    and not yet evaluated. Returns the differences and where the files went (``([], None)``: nothing to do).
+    The checkpoints, validation log and training record stay."""
+    stored = stored_config(run_dir)
+    p = run_paths(run_dir)
+    if stored is None or not p.train_complete.is_file():
+        return [], None
+    diffs = evaluation_only_differences(stored, current)
+    if not diffs:
+        return [], None
+    cur = to_dict(resolve_method_config(current) if isinstance(current, TrainConfig) else current)
+    with run_lock(p.root, "re-evaluation"):
+        for key in EVALUATION_ONLY:  # only these fields change; everything else stays as trained
+            *parents, leaf = key.split(".")
+            src, dst = cur, stored
+            for k in parents:
+                src, dst = src.get(k, {}), dst.setdefault(k, {})
+            if leaf in src:
+                dst[leaf] = src[leaf]
+        dest = p.root / f"superseded-eval-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%S.%fZ')}"
+        outputs = [f for f in (p.predictions, p.metrics, p.regions, p.slice_errors, p.summary, p.vessel_metrics)
+                   if f.exists()]
+        if outputs:
+            dest.mkdir()
+            for f in outputs:
+                os.replace(f, dest / f.name)
+        write_text(p.config, yaml.safe_dump(stored, sort_keys=False))  # atomic: temporary file, then rename
+    return diffs, dest if outputs else None
 
 
 def trained_after(record_dir: str | Path, run_dirs: Iterable[str | Path]) -> list[str]:
@@ -102,5 +160,5 @@ def retire(record_dir: str | Path, archive: str | Path) -> Path:
     return dest
 
 
-__all__ = ["MISSING", "NOT_COMPARED", "config_differences", "retire", "stale_reasons", "stored_config",
-           "trained_after"]
+__all__ = ["EVALUATION_ONLY", "MISSING", "NOT_COMPARED", "config_differences", "evaluation_only_differences",
+           "prepare_re_evaluation", "retire", "stale_reasons", "stored_config", "trained_after"]
