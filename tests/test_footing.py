@@ -189,6 +189,21 @@ def test_setup_follows_what_the_recorded_setup_fidelity_sweep_decided():
     assert changes.get("emphasis") != "none" and "mip_noise_scale" not in changes  # neither is in the set-up
 
 
+def test_standard_evaluation_stride_follows_the_recorded_banding_measurement():
+    """Windows every slice when, on validation, MMDM full bands above 1.5 at stride 2 and not at stride 1 (or the
+    PSNR at stride 1 is at most 0.1 dB lower); the rule of book/methods.md, written before the measurement."""
+    from mmdm.paths import project_path
+    from mmdm.regions import MAX_SLICE_BANDING
+
+    path = project_path("benchmarks/results/haze/stride-mmdm-full.json")
+    if not path.is_file():
+        pytest.skip("no recorded stride measurement")
+    m = {k: v["means"] for k, v in json.loads(path.read_text())["strides"].items()}
+    adopt = (m["2"]["slice_banding"] > MAX_SLICE_BANDING >= m["1"]["slice_banding"]
+             and m["1"]["psnr"] >= m["2"]["psnr"] - 0.1)
+    assert get_profile("standard").eval_stride == (1 if adopt else 2)
+
+
 def test_setup_decision_ranks_mmdm_points_among_themselves():
     rows = [("top1-w20", "mmdm", 0.40, 24.0), ("none", "mmdm", 0.10, 24.3), ("top3-w20", "mmdm", 0.45, 23.2),
             ("slices-top1-w20", "mmdm", 0.50, 22.0), ("pix2pix-none", "pix2pix", 0.05, 30.0),
