@@ -197,6 +197,13 @@ def test_clean_image_check_names_the_rows_over_a_limit_and_the_unmeasured_ones(t
     expected = np.mean([slice_banding(t + 0.1 * (-1.0) ** np.arange(t.shape[2]) * head, t), 1.0])
     assert f"MMDM {expected:.2f} (banding)" in sentence  # seeds 0 and 1 averaged
     assert sentence.split("Not measured on whole volumes: ")[1].rstrip(".").split(", ") == ["DDPM", "ResViT", "UNest", "RDDM"]
+    # the region table shows the same means as the check: over the test subjects and seeds of each row
+    from mmdm.study.tables import REGION_GROUPS, region_table
+
+    tab = region_table("table1", load_regions(tmp_path), columns=REGION_GROUPS["haze"])
+    assert tab.loc["MMDM (ours in the paper)", "n"] == "1x2"
+    assert tab.loc["MMDM (ours in the paper)", "slice banding (x target)"].startswith(f"{expected:.2f} ± ")
+    assert tab.loc["Pix2Pix", "n"] == "1" and tab.loc["RDDM", "n"] == "0"
 
 
 def test_slice_profile_bins_pool_subjects_by_position():

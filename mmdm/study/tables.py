@@ -349,14 +349,17 @@ def banding_sentence(table: str, regions: pd.DataFrame, sources: tuple[str, ...]
 def region_table(table: str, regions: pd.DataFrame, sources: tuple[str, ...] = ("T1w", "T2w", "FLAIR"),
                  columns: tuple[str, ...] = REGION_COLUMNS, with_source: bool = True) -> pd.DataFrame:
     """The region breakdown (:func:`mmdm.study.records.load_regions`) of every row of ``table``: mean ±
-    sd over test subjects of each :data:`mmdm.regions.REGION_COLUMNS` column, the number of subjects and
-    what they are computed on (``source``: the whole volumes, or the stored mid-sagittal slice of a
-    record written before the breakdown). Rows without a record show "–"."""
+    sd over its test subjects and seeds (the run and its ``-s<k>`` repeats, as :func:`clean_image_check`)
+    of each :data:`mmdm.regions.REGION_COLUMNS` column, ``n`` (test subjects, "16x3" for 16 subjects of 3 seeds),
+    and what they are computed on (``source``: the whole volumes, or the stored mid-sagittal slice of a record
+    written before the breakdown). Rows without a record show "–"."""
     present = set(regions.run) if len(regions) else set()
+    base = regions.run.map(lambda r: split_seed(r)[0]) if len(regions) else regions.run
     rows = []
     for label, run in table_rows(table, sources, present=present):
-        v = regions[regions.run == run] if len(regions) else regions
-        row = {"row": label, "n": len(v)}
+        v = regions[base == run] if len(regions) else regions
+        subjects, seeds = (v.subject.nunique(), v.run.nunique()) if len(v) else (0, 0)
+        row = {"row": label, "n": f"{subjects}x{seeds}" if seeds > 1 else str(subjects)}
         if with_source:
             row["computed on"] = ", ".join(sorted(set(v.source))) if len(v) else "–"
         for c in columns:
