@@ -40,7 +40,7 @@ EVALUATION_ONLY = ("data.eval_stride",)
 def _walk(old: Any, new: Any, prefix: str, out: list[tuple[str, Any, Any]]) -> None:
     """Append ``(field, old, new)`` for every leaf where the two configs differ; a sub-config that is
     ``None`` (or absent) on one side is one difference, not one per field of the other side."""
-    if prefix and _ignored(prefix):
+    if prefix and _under(prefix, NOT_COMPARED):
         return
     if isinstance(old, dict) and isinstance(new, dict) and (old or new):
         for k in sorted(set(old) | set(new), key=str):
@@ -49,8 +49,9 @@ def _walk(old: Any, new: Any, prefix: str, out: list[tuple[str, Any, Any]]) -> N
         out.append((prefix, old, new))
 
 
-def _ignored(key: str) -> bool:
-    return any(key == n or key.startswith(n + ".") for n in NOT_COMPARED)
+def _under(key: str, names: tuple[str, ...]) -> bool:
+    """Whether a dotted field ``key`` is one of ``names`` or lies inside one of them."""
+    return any(key == n or key.startswith(n + ".") for n in names)
 
 
 def _differences(stored: dict[str, Any], current: TrainConfig | dict[str, Any]) -> list[tuple[str, Any, Any]]:
@@ -61,16 +62,12 @@ def _differences(stored: dict[str, Any], current: TrainConfig | dict[str, Any]) 
     return changed
 
 
-def _evaluation_only(key: str) -> bool:
-    return any(key == n or key.startswith(n + ".") for n in EVALUATION_ONLY)
-
-
 def config_differences(stored: dict[str, Any], current: TrainConfig | dict[str, Any],
                        limit: int | None = 6, training_only: bool = False) -> list[str]:
     """``"field: stored -> current"`` for every compared field that differs (at most ``limit``, then a
     count of the rest; ``None``: all); empty when the stored config is what ``current`` resolves to.
     ``training_only``: leave out the fields of :data:`EVALUATION_ONLY`."""
-    changed = [c for c in _differences(stored, current) if not (training_only and _evaluation_only(c[0]))]
+    changed = [c for c in _differences(stored, current) if not (training_only and _under(c[0], EVALUATION_ONLY))]
     diffs = [f"{k}: {a} -> {b}" for k, a, b in changed]
     if limit is not None and len(diffs) > limit:
         diffs = diffs[:limit] + [f"... and {len(diffs) - limit} more field(s)"]
@@ -80,7 +77,7 @@ def config_differences(stored: dict[str, Any], current: TrainConfig | dict[str, 
 def evaluation_only_differences(stored: dict[str, Any], current: TrainConfig | dict[str, Any]) -> list[str]:
     """The differences when every one is in :data:`EVALUATION_ONLY` (the trained model still holds), else []."""
     changed = _differences(stored, current)
-    if not changed or not all(_evaluation_only(k) for k, _, _ in changed):
+    if not changed or not all(_under(k, EVALUATION_ONLY) for k, _, _ in changed):
         return []
     return [f"{k}: {a} -> {b}" for k, a, b in changed]
 

@@ -287,6 +287,17 @@ REGION_GROUPS = {"psnr": ("psnr_brain", "psnr_background", "psnr_central", "psnr
                  "haze": ("outer_error_share", "background_bias", "background_bright_share", "slice_banding")}
 
 
+def _row_regions(regions: pd.DataFrame, run: str, measured_only: bool = False) -> pd.DataFrame:
+    """The region rows of a table row: its run and the run's seed repeats (``run-s1``, ...); with
+    ``measured_only``, the whole-volume measurements only (no estimates from stored panels)."""
+    if not len(regions):
+        return regions
+    keep = regions.run.map(lambda r: split_seed(r)[0]) == run
+    if measured_only:
+        keep &= regions.source == REGIONS_MEASURED
+    return regions[keep]
+
+
 #: the clean-image limits (:mod:`mmdm.regions`): column -> (largest allowed mean, how the text names it)
 CLEAN_LIMITS = {"background_bias": (MAX_BACKGROUND_BIAS, "background bias"),
                 "background_bright_share": (MAX_BRIGHT_SHARE, "share of background voxels above 0.1"),
@@ -300,9 +311,7 @@ def clean_image_check(table: str, regions: pd.DataFrame, sources: tuple[str, ...
     limits = "; ".join(f"{name} at most {lim:g}" for lim, name in CLEAN_LIMITS.values())
     over, unmeasured, clean = [], [], []
     for label, run in table_rows(table, sources, present=present):
-        # the row's run and its seed repeats (run-s1, ...), whole-volume rows only
-        base = regions.run.map(lambda r: split_seed(r)[0]) if len(regions) else regions.run
-        v = regions[(base == run) & (regions.source == REGIONS_MEASURED)] if len(regions) else regions
+        v = _row_regions(regions, run, measured_only=True)
         if not len(v):
             unmeasured.append(label)
             continue
@@ -332,10 +341,9 @@ def banding_sentence(table: str, regions: pd.DataFrame, sources: tuple[str, ...]
     """Each row's slice banding (:func:`mmdm.regions.slice_banding`), the mean over its test subjects and seeds
     (whole volumes), in one sentence for the error views of Fig. 3."""
     present = set(regions.run) if len(regions) else set()
-    base = regions.run.map(lambda r: split_seed(r)[0]) if len(regions) else regions.run
     vals, missing = [], []
     for run, label in short_labels(table, sources, present).items():
-        v = regions[(base == run) & (regions.source == REGIONS_MEASURED)] if len(regions) else regions
+        v = _row_regions(regions, run, measured_only=True)
         m = v["slice_banding"].astype(float).mean() if len(v) else float("nan")
         if pd.isna(m):
             missing.append(label)
@@ -354,10 +362,9 @@ def region_table(table: str, regions: pd.DataFrame, sources: tuple[str, ...] = (
     and what they are computed on (``source``: the whole volumes, or the stored mid-sagittal slice of a record
     written before the breakdown). Rows without a record show "–"."""
     present = set(regions.run) if len(regions) else set()
-    base = regions.run.map(lambda r: split_seed(r)[0]) if len(regions) else regions.run
     rows = []
     for label, run in table_rows(table, sources, present=present):
-        v = regions[base == run] if len(regions) else regions
+        v = _row_regions(regions, run)
         subjects, seeds = (v.subject.nunique(), v.run.nunique()) if len(v) else (0, 0)
         row = {"row": label, "n": f"{subjects}x{seeds}" if seeds > 1 else str(subjects)}
         if with_source:
