@@ -1,5 +1,6 @@
 """The premise test: visibility classes, per-segment recovery and centreline share, the stated rules."""
 
+import json
 import math
 
 import numpy as np
@@ -157,3 +158,16 @@ def test_the_ground_truth_as_a_prediction_recovers_every_scored_segment_and_the_
     flat = t[t.tof_visible & (t.run == "flat")]
     assert np.allclose(flat.recovery, 0.0) and np.nanmax(flat.centreline.to_numpy()) == 0.0
     assert len(t[t.run == "truth"]) == len(t[t.run == "flat"]) == len(rec["segments"])  # scored once each
+    # "flat" evaluated again (new predictions, a finished evaluation) before an interrupted record resumes:
+    # its rows are scored anew from what is here now, the other run's are kept
+    save_nifti(runs["flat"] / "predictions" / f"{s}_{TARGET_MODALITY}.nii.gz", target, affine)
+    (runs["flat"] / "summary.json").write_text(json.dumps({"evaluation": {"end": "2030-01-01T00:00:00+00:00"}}))
+    (out / "summary.json").unlink()
+    said = []
+    premise.run_premise(tiny_cohort, runs, out, [s], ("T1w", "T2w", "FLAIR"), seg, log=said.append)
+    rec = premise.load_premise(out)
+    t = rec["table"]
+    assert "[premise] scored before from other predictions of flat: scoring them again" in said
+    assert "[premise] truth: 1 subject(s) scored" not in said  # kept as scored
+    assert np.allclose(t[t.tof_visible & (t.run == "flat")].recovery, 1.0) and len(t) == 2 * len(rec["segments"])
+    assert rec["summary"]["predictions"] == {"flat": "2030-01-01T00:00:00+00:00", "truth": None}

@@ -4,7 +4,9 @@ skipped as finished; fields that only say where or how often a run wrote are not
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -171,3 +173,96 @@ def test_an_analysis_measured_before_its_model_was_retrained_is_moved_aside(tmp_
     assert not out.exists() and "[stale] frontier: measured before mmdm-full" in lines[0]
     moved = list((api.runs_dir(prof) / "superseded-analyses").glob("frontier-*/summary.json"))
     assert len(moved) == 1  # kept outside results/, not deleted
+
+
+def _stamped_run(root: Path, name: str, trained: str | None = None, evaluated: str | None = None) -> Path:
+    run = root / name
+    run.mkdir(parents=True, exist_ok=True)
+    if trained:
+        (run / "train_complete.json").write_text(json.dumps({"finished": trained}))
+    if evaluated:
+        (run / "summary.json").write_text(json.dumps({"evaluation": {"start": "x", "end": evaluated}}))
+    return run
+
+
+def test_stamps_name_the_model_and_predictions_and_only_rows_of_what_is_here_now_are_kept(tmp_path):
+    from mmdm.study.stale import changed_inputs, keep_current_rows, model_stamp, predictions_stamp, stamps
+
+    a = _stamped_run(tmp_path, "a", trained="T1", evaluated="E1")
+    b = _stamped_run(tmp_path, "b", trained="T2")
+    absent = tmp_path / "c"
+    assert (model_stamp(a), predictions_stamp(a), model_stamp(absent), predictions_stamp(b)) == ("T1", "E1", None, None)
+    runs = {"a": a, "b": b, "c": absent}
+    assert stamps(runs, "models") == {"a": "T1", "b": "T2", "c": None}
+    # b trained again since; c not trained here (its record is all there is: not counted); d not asked about
+    assert changed_inputs({"a": "T1", "b": "T0", "c": "T9", "d": "T9"}, runs, "models") == ["b"]
+    assert changed_inputs({"a": "E0"}, runs, "predictions") == ["a"]
+    rows = [{"run": "a", "model": "T1", "x": 1}, {"run": "b", "model": "T0", "x": 2},
+            {"run": "b", "model": "T2", "x": 3}, {"run": "a", "x": 4}, {"run": "zz", "model": "T1", "x": 5}]
+    kept, dropped = keep_current_rows(rows, runs, "models", "model")
+    assert [r["x"] for r in kept] == [1, 3] and dropped == ["b", "a", "zz"]  # old model, no stamp, not a run now
+    # a stamp read back from a table as NaN is None: predictions not finished then, and not now either
+    kept, _ = keep_current_rows([{"run": "b", "p": float("nan")}, {"run": "a", "p": float("nan")}],
+                                runs, "predictions", "p")
+    assert [r["run"] for r in kept] == ["b"]
+
+
+def test_an_analysis_made_with_another_model_predictions_or_settings_is_moved_aside(tmp_path, monkeypatch):
+    monkeypatch.setenv("MMDM_ROOT", str(tmp_path))
+    prof = get_profile("smoke")
+    run = _stamped_run(api.runs_dir(prof), "mmdm-full", trained="T1", evaluated="E1")
+    out = api.analysis_dir(prof) / "robustness"
+    settings = {"steps": 2, "stride": 5, "subjects": ("sub-001",), "path": str(tmp_path / "x")}
+
+    def record(**extra):
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "summary.json").write_text(json.dumps({"start": "2030-01-01T00:00:00+00:00", **extra}))
+
+    record(models={"mmdm-full": "T1"}, settings=api.as_recorded(settings))
+    assert not api.retire_if_stale(prof, "robustness", [run], log=print, settings=settings)  # as recorded: kept
+    lines = []
+    assert api.retire_if_stale(prof, "robustness", [run], log=lines.append, settings={**settings, "stride": 1})
+    assert "measured with other settings (stride: 5 -> 1)" in lines[-1] and not out.exists()
+    record(models={"mmdm-full": "T0"}, settings=api.as_recorded(settings))
+    assert api.retire_if_stale(prof, "robustness", [run], log=lines.append, settings=settings)
+    assert "measured before mmdm-full was trained again" in lines[-1]
+    record(predictions={"mmdm-full": "E0"})  # an analysis of the written predictions: evaluated again
+    assert api.retire_if_stale(prof, "robustness", [run], log=lines.append, kind="predictions")
+    assert "was evaluated again" in lines[-1]
+    record(predictions={"mmdm-full": "E1"})
+    assert not api.retire_if_stale(prof, "robustness", [run], log=lines.append, kind="predictions")
+    assert len(list((api.runs_dir(prof) / "superseded-analyses").glob("robustness-*/summary.json"))) == 3
+
+
+def test_an_analysis_is_kept_as_made_and_made_again_when_the_profiles_stride_changes(tiny_cohort, tmp_path,
+                                                                                      monkeypatch, one_thread):
+    from mmdm.study.uncertainty import ensure_uncertainty
+
+    monkeypatch.setenv("MMDM_ROOT", str(tmp_path))
+    prof = get_profile("smoke", dataset=str(tiny_cohort), steps=2)
+    spec = next(r for r in study_runs(prof.sources) if r.name == "mmdm-full")
+    api.train_study_run(spec, prof, run_dir=api.runs_dir(prof) / "mmdm-full", progress=False)
+    said = []
+    out = ensure_uncertainty(prof, log=said.append, progress=False)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["models"] == {"mmdm-full": json.loads(
+        (api.runs_dir(prof) / "mmdm-full" / "train_complete.json").read_text())["finished"]}
+    assert summary["settings"]["stride"] == prof.eval_stride == summary["sampling"]["stride"]
+    assert ensure_uncertainty(prof, log=said.append, progress=False) == out and "record complete" in said[-1]
+    other = get_profile(prof, eval_stride=2)
+    ensure_uncertainty(other, log=said.append, progress=False)
+    assert any(f"stride: {prof.eval_stride} -> 2" in s for s in said)
+    assert json.loads((out / "summary.json").read_text())["sampling"]["stride"] == 2
+    # an interrupted frontier resumes with the rows of the model here now only
+    from mmdm.study.frontier import ensure_frontier
+
+    prof = get_profile(prof, frontier_steps=(2,), frontier_strides=(5,))
+    out = ensure_frontier(prof, log=said.append, progress=False)
+    n = len(pd.read_csv(out / "frontier.csv"))
+    (out / "summary.json").unlink()  # as if interrupted at the end
+    tc = api.runs_dir(prof) / "mmdm-full" / "train_complete.json"
+    tc.write_text(json.dumps({**json.loads(tc.read_text()), "finished": "2030-01-01T00:00:00+00:00"}))  # "trained again"
+    ensure_frontier(prof, log=said.append, progress=False)
+    assert f"[frontier] {n} setting(s) measured with another model of mmdm-full: measuring them again" in said
+    table = pd.read_csv(out / "frontier.csv")
+    assert len(table) == n and set(table.model) == {"2030-01-01T00:00:00+00:00"}

@@ -22,9 +22,10 @@ from mmdm.engine.train import train
 from mmdm.io import write_text
 from mmdm.paths import project_path
 from mmdm.study.profiles import StudyProfile, get_profile
-from mmdm.study.records import export_record, record_complete
+from mmdm.study.records import export_record, portable, record_complete
 from mmdm.study.runs import REFERENCE_RUN, RunSpec, get_option, run_name
-from mmdm.study.stale import prepare_re_evaluation, retire, stale_reasons, stored_config, trained_after
+from mmdm.study.stale import (MISSING, changed_inputs, prepare_re_evaluation, retire, stale_reasons, stored_config,
+                              trained_after)
 from mmdm.study.vessel_eval import cohort_segmentation, vessel_metrics
 
 
@@ -41,26 +42,65 @@ def analysis_dir(profile: StudyProfile | str) -> Path:
     return results_dir(profile) / "analysis"
 
 
-def retire_if_stale(profile: StudyProfile, analysis: str, run_dirs, log=print) -> bool:
-    """Move the record of ``analysis`` aside (``runs/<profile>/superseded-analyses/``) when a run it
-    covers was trained after the record was started (:func:`mmdm.study.stale.trained_after`), so it is
-    measured again with the models now here rather than kept as complete. True when it was moved."""
+def test_subjects(profile: StudyProfile, n: int | None = None) -> list[str] | None:
+    """The first ``n`` (None: all) test subjects of the profile's cohort, or None when the cohort is not here
+    (a checkout with committed records only: they are kept, nothing can be measured again)."""
+    try:
+        return Layout(project_path(profile.data_dir)).split("test")[:n]
+    except DatasetError:
+        return None
+
+
+def as_recorded(settings: dict) -> dict:
+    """``settings`` as a record's ``summary.json`` holds them (repository-relative paths, JSON types), so a
+    record's settings compare equal to the ones that made it."""
+    return json.loads(json.dumps(portable(settings)))
+
+
+def retire_if_stale(profile: StudyProfile, analysis: str, run_dirs, log=print, kind: str = "models",
+                    settings: dict | None = None) -> bool:
+    """Move the record of ``analysis`` aside (``runs/<profile>/superseded-analyses/``) when what it read of a
+    run it covers has changed since: the run's model (``kind="models"``: trained again) or its written
+    predictions (``kind="predictions"``: evaluated again), by the stamps the record holds
+    (:func:`mmdm.study.stale.changed_inputs`; a record from before stamps is compared by time,
+    :func:`mmdm.study.stale.trained_after`), or when the record's ``settings`` (how it sampled: steps,
+    stride, ...) differ from ``settings``, what the profile asks now. True when it was moved, so it is
+    measured again."""
     out = analysis_dir(profile) / analysis
-    newer = trained_after(out, run_dirs)
-    if not newer:
+    path = out / "summary.json"
+    if not path.is_file():
+        return False
+    summary = json.loads(path.read_text())
+    recorded = summary.get(kind)
+    runs = {Path(d).name: Path(d) for d in run_dirs}
+    if isinstance(recorded, dict):
+        newer = changed_inputs(recorded, runs, kind)
+        why = "trained" if kind == "models" else "evaluated"
+    else:
+        newer, why = trained_after(out, runs.values()), "trained"
+    old = summary.get("settings")
+    if newer:
+        reason = f"measured before {', '.join(newer)} was {why} again"
+    elif settings is not None and isinstance(old, dict) and old != as_recorded(settings):
+        now = as_recorded(settings)
+        reason = "measured with other settings (" + "; ".join(
+            f"{k}: {old.get(k, MISSING)} -> {now.get(k, MISSING)}" for k in sorted(set(old) | set(now))
+            if old.get(k, MISSING) != now.get(k, MISSING)) + ")"
+    else:
         return False
     dest = retire(out, runs_dir(profile) / "superseded-analyses")
-    log(f"[stale] {analysis}: measured before {', '.join(newer)} was trained again; the old record moved to {dest}, "
-        "measuring again")
+    log(f"[stale] {analysis}: {reason}; the old record moved to {dest}, measuring again")
     return True
 
 
-def analysis_target(profile: StudyProfile, analysis: str, log=print) -> tuple[Path, Path | None]:
+def analysis_target(profile: StudyProfile, analysis: str, log=print,
+                    settings: dict | None = None) -> tuple[Path, Path | None]:
     """(record folder of ``analysis``, MMDM full's run folder to analyse, or None when the record
-    is complete or no trained model is here -- said in ``log``)."""
+    is complete or no trained model is here -- said in ``log``). A record made with another model of the
+    run or other ``settings`` is moved aside first (:func:`retire_if_stale`)."""
     out = analysis_dir(profile) / analysis
     run_dir = runs_dir(profile) / REFERENCE_RUN
-    retire_if_stale(profile, analysis, [run_dir], log)
+    retire_if_stale(profile, analysis, [run_dir], log, settings=settings)
     if (out / "summary.json").is_file():
         log(f"[skip] {analysis}: record complete ({out})")
         return out, None

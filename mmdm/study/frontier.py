@@ -40,9 +40,10 @@ from mmdm.io import write_text
 from mmdm.methods.base import SynthesisMethod
 from mmdm.metrics import evaluate_volumes
 from mmdm.paths import project_path, repo_root
-from mmdm.study.api import analysis_target, results_dir
+from mmdm.study.api import analysis_target, results_dir, test_subjects
 from mmdm.study.profiles import get_profile
 from mmdm.study.records import portable
+from mmdm.study.stale import model_stamp
 from mmdm.study.vessel_eval import cohort_segmentation, reference_volumes
 from mmdm.vessel_segmentation import evaluate_vessels
 
@@ -121,15 +122,24 @@ def _plain(v: Any) -> Any:
     return v.item() if hasattr(v, "item") else v
 
 
+def frontier_settings(subjects: Sequence[str], steps: Sequence[int], strides: Sequence[int],
+                      modes: Sequence[str], seed: int = 0) -> dict[str, Any]:
+    """What a frontier record was measured with beyond the model (recorded; a record with other settings
+    than the profile's now is measured again)."""
+    return {"subjects": list(subjects), "steps": sorted(int(x) for x in steps),
+            "strides": sorted(int(x) for x in strides), "modes": list(modes), "seed": seed}
+
+
 def run_frontier(run_dir: str | Path, out_dir: str | Path, subjects: Sequence[str], steps: Sequence[int],
                  strides: Sequence[int], modes: Sequence[str] = ("coupled", "independent"), seed: int = 0,
                  device: str = "auto", seg_cache: str | Path | None = None, profile: str | None = None,
-                 progress: bool = True) -> Path:
+                 progress: bool = True, log: Callable[[str], None] = print) -> Path:
     """Synthesise every subject with every setting of the grid; resumable, ``summary.json`` last."""
     record = RecordWriter(out_dir)
     out_dir = record.root
     dev = resolve_device(device)
     method, cfg, ckpt = load_run_method(run_dir, device=dev)
+    settings = frontier_settings(subjects, steps, strides, modes, seed)  # as asked, before modes resolve
     if not method.sampling_modes:
         modes = ("default",)
     settings = grid(steps, strides, modes)
@@ -137,7 +147,11 @@ def run_frontier(run_dir: str | Path, out_dir: str | Path, subjects: Sequence[st
     seg = cohort_segmentation(root, seg_cache or out_dir / "vessel_segmentation.yaml")
     csv = out_dir / "frontier.csv"
     done = pd.read_csv(csv) if csv.is_file() else pd.DataFrame(columns=["subject", *SETTING])
-    rows = done.to_dict("records")
+    model = model_stamp(run_dir)
+    rows = [r for r in done.to_dict("records") if r.get("model") == model]  # measured with this model only
+    if len(rows) < len(done):
+        log(f"[frontier] {len(done) - len(rows)} setting(s) measured with another model of {Path(run_dir).name}: "
+              "measuring them again")
     have = {(r["subject"], r["mode"], int(r["stride"]), int(r["steps"])) for r in rows}
     todo = {s: [g for g in settings if (s, g["mode"], g["stride"], g["steps"]) not in have] for s in subjects}
     record.start_clock()  # the timed part: syntheses, not loading the model or fitting the segmentation
@@ -165,7 +179,7 @@ def run_frontier(run_dir: str | Path, out_dir: str | Path, subjects: Sequence[st
                 wall = time.perf_counter() - tic
                 q = evaluate_volumes(res["mean"], target)
                 v = evaluate_vessels(res["mean"], gt, seg, brain_mask=brain, subject=s)
-                rows.append({"subject": s, **g, "windows": res["windows"], "wall_s": wall,
+                rows.append({"subject": s, **g, "model": model, "windows": res["windows"], "wall_s": wall,
                              **{k: q[k] for k in ("psnr", "mip_psnr", "ssim")}, "cldice": v["cldice"],
                              "dice": v["dice"]})
                 write_text(csv, pd.DataFrame(rows).to_csv(index=False))
@@ -182,6 +196,7 @@ def run_frontier(run_dir: str | Path, out_dir: str | Path, subjects: Sequence[st
         "grid": {"steps": sorted(int(x) for x in steps), "strides": sorted(int(x) for x in strides),
                  "modes": list(modes)},
         "seed": seed, "warmup_s": {m: round(w, 3) for m, w in warmed.items()}, "checkpoint_step": ckpt.get("step"),
+        "models": {Path(run_dir).name: model}, "settings": settings,
         **record.session(dev, git_root=repo_root())}))
     return out_dir
 
@@ -214,7 +229,9 @@ def ensure_frontier(profile, device: str | None = None, log: Callable[[str], Non
     profile = get_profile(profile)
     if not profile.frontier_steps:
         return None
-    out, run_dir = analysis_target(profile, "frontier", log)
+    subjects = test_subjects(profile, profile.frontier_subjects)
+    out, run_dir = analysis_target(profile, "frontier", log, settings=None if subjects is None else frontier_settings(
+        subjects, profile.frontier_steps, profile.frontier_strides, profile.frontier_modes))
     if run_dir is None:
         return out if (out / "summary.json").is_file() else None
     subjects = Layout(project_path(profile.data_dir)).split("test")[: profile.frontier_subjects]
@@ -223,4 +240,4 @@ def ensure_frontier(profile, device: str | None = None, log: Callable[[str], Non
     return run_frontier(run_dir, out, subjects, profile.frontier_steps, profile.frontier_strides,
                         profile.frontier_modes, device=device or profile.device,
                         seg_cache=results_dir(profile) / "vessel_segmentation.yaml", profile=profile.name,
-                        progress=progress)
+                        progress=progress, log=log)

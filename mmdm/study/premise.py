@@ -70,6 +70,7 @@ from mmdm.io import write_text
 from mmdm.paths import project_path, repo_root
 from mmdm.stats import MIN_WILCOXON_N, holm, paired_comparison, summarise, verdict
 from mmdm.study.api import analysis_dir, results_dir, retire_if_stale, runs_dir
+from mmdm.study.stale import keep_current_rows, stamps
 from mmdm.study.profiles import get_profile
 from mmdm.study.records import VESSELS_LEARNED_RECOVERY, portable
 from mmdm.study.runs import REFERENCE_RUN, baselines, study_runs
@@ -226,8 +227,13 @@ def run_premise(data_root: str | Path, runs: Mapping[str, Path], out_dir: str | 
         segs = pd.concat([segment_table(root, s, sources) for s in subjects], ignore_index=True)
         write_text(seg_csv, segs.to_csv(index=False))
     done = pd.read_csv(rec_csv) if rec_csv.is_file() else pd.DataFrame(columns=["run", "subject", "segment", *SCORES])
+    kept, dropped = keep_current_rows(done.to_dict("records"), runs, "predictions", "predictions")
+    if dropped and len(done):
+        log(f"[premise] scored before from other predictions of {', '.join(map(str, dropped))}: scoring them again")
+    done = pd.DataFrame(kept, columns=done.columns) if kept else done.iloc[:0]
     parts = [done] if len(done) else []
     have = set(zip(done["run"], done["subject"]))
+    current = stamps(runs, "predictions")
     record.start_clock()
     refs: dict[str, Any] = {}
     for name, run_dir in runs.items():
@@ -243,17 +249,20 @@ def run_premise(data_root: str | Path, runs: Mapping[str, Path], out_dir: str | 
             ids = segs.loc[segs.subject == s, "segment"].to_numpy()
             df = segment_scores(pred, target, labels, fraction, ids, mask, centerlines, affine, brain)
             df.insert(0, "subject", s)
+            df.insert(0, "predictions", current[name])
             df.insert(0, "run", name)
             parts.append(df)
         if todo:
             write_text(rec_csv, pd.concat(parts, ignore_index=True).to_csv(index=False))
             log(f"[premise] {name}: {len(todo)} subject(s) scored")
-    if not rec_csv.is_file():
-        write_text(rec_csv, pd.DataFrame(columns=["run", "subject", "segment", *SCORES]).to_csv(index=False))
-    scored = sorted(set(pd.read_csv(rec_csv)["run"]))
+    table = pd.concat(parts, ignore_index=True) if parts else \
+        pd.DataFrame(columns=["run", "predictions", "subject", "segment", *SCORES])
+    write_text(rec_csv, table.to_csv(index=False))  # without the rows dropped above, also when nothing was scored
+    scored = sorted(set(table["run"]))
     record.finish(portable({
         "analysis": "premise", "profile": profile, "subjects": list(subjects), "sources": list(sources),
         "runs": scored, "runs_missing": [r for r in runs if r not in scored],
+        "predictions": {r: current[r] for r in scored if r in current},
         "visibility_k": VISIBILITY_K, "shell": SHELL, "background_max_fraction": BACKGROUND_MAX_FRACTION,
         "lumen_fraction": LUMEN_MIN_FRACTION, "radius_bins_mm": list(DEFAULT_RADIUS_BINS_MM),
         "recovered_at": RECOVERED_AT, "segmentation": _seg_summary(seg_cfg),
@@ -419,7 +428,7 @@ def ensure_premise(profile, device: str | None = None, log: Callable[[str], None
     out = analysis_dir(profile) / "premise"
     runs = {n: runs_dir(profile) / n for n in premise_runs(profile.sources)}
     runs = {n: d for n, d in runs.items() if (d / "predictions").is_dir()}
-    retire_if_stale(profile, "premise", runs.values(), log)
+    retire_if_stale(profile, "premise", runs.values(), log, kind="predictions")
     if (out / "summary.json").is_file():
         new = [n for n in runs if n not in json.loads((out / "summary.json").read_text())["runs"]]
         if not new:

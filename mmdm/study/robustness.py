@@ -62,9 +62,10 @@ from mmdm.engine.rundir import RecordWriter, run_paths
 from mmdm.io import write_text
 from mmdm.metrics import evaluate_volumes
 from mmdm.paths import project_path, repo_root
-from mmdm.study.api import analysis_dir, retire_if_stale, runs_dir
+from mmdm.study.api import analysis_dir, retire_if_stale, runs_dir, test_subjects
 from mmdm.study.profiles import get_profile
 from mmdm.study.records import portable
+from mmdm.study.stale import keep_current_rows, stamps
 from mmdm.study.runs import REFERENCE_RUN, baselines
 from mmdm.study.vessel_eval import reference_volumes
 
@@ -211,6 +212,13 @@ def input_hash(sources: dict[str, np.ndarray]) -> str:
     return h.hexdigest()[:16]
 
 
+def robustness_settings(cfg: RobustnessConfig, subjects: Sequence[str], steps: int | None,
+                        stride: int | None) -> dict[str, Any]:
+    """What a robustness record was measured with beyond the models: the artefact grid, the subjects and the
+    sampler (recorded; a record with other settings than the profile's now is measured again)."""
+    return {"robustness": asdict(cfg), "subjects": list(subjects), "steps": steps, "stride": stride}
+
+
 def run_robustness(data_root: str | Path, runs: dict[str, Path], out_dir: str | Path, subjects: Sequence[str],
                    cfg: RobustnessConfig, steps: int | None = None, stride: int | None = None,
                    device: str = "auto", profile: str | None = None, progress: bool = True,
@@ -223,7 +231,10 @@ def run_robustness(data_root: str | Path, runs: dict[str, Path], out_dir: str | 
     dev = resolve_device(device)
     csv = out / "robustness.csv"
     done = pd.read_csv(csv) if csv.is_file() else pd.DataFrame(columns=["run", "subject", "artefact", "severity"])
-    rows = done.to_dict("records")
+    rows, dropped = keep_current_rows(done.to_dict("records"), runs, "models", "model")
+    if dropped and len(done):
+        log(f"[robustness] measured before with another model of {', '.join(map(str, dropped))}: measuring those rows again")
+    models = stamps(runs, "models")
     have = {(r["run"], r["subject"], r["artefact"], int(r["severity"])) for r in rows}
     settings = [("clean", 0)] + [(a, s) for a in cfg.artefacts for s in cfg.severities]
     todo = {n: [(s, a, v) for s in subjects for a, v in settings if (n, s, a, v) not in have] for n in runs}
@@ -261,8 +272,9 @@ def run_robustness(data_root: str | Path, runs: dict[str, Path], out_dir: str | 
                     if caught and s not in unscored:
                         unscored.add(s)
                         log(f"[robustness] {caught[0].message}")
-                    rows.append({"run": name, "subject": s, "artefact": art, "severity": sev,
-                                 "input_hash": input_hash(srcs), **{k: q[k] for k in ("psnr", "ssim", "mip_psnr")},
+                    rows.append({"run": name, "model": models[name], "subject": s, "artefact": art,
+                                 "severity": sev, "input_hash": input_hash(srcs),
+                                 **{k: q[k] for k in ("psnr", "ssim", "mip_psnr")},
                                  "vessel_recovery": v["vessel_recovery"]})
                     write_text(csv, pd.DataFrame(rows).to_csv(index=False))
                     if bar is not None:
@@ -278,7 +290,8 @@ def run_robustness(data_root: str | Path, runs: dict[str, Path], out_dir: str | 
         "runs_missing": list(runs_missing),
         "config": asdict(cfg), "severities": {a: list(SEVERITIES[a]) for a in cfg.artefacts},
         "scale_percentile": SCALE_PERCENTILE, "sampling": {"steps": steps, "stride": stride},
-        "checkpoint_steps": checkpoints,
+        "checkpoint_steps": checkpoints, "models": models,
+        "settings": robustness_settings(cfg, subjects, steps, stride),
         "not_measured": "a missing source: no method of the study defines a synthesis without one of its "
                         "sources (each refuses a missing modality), and neither the paper nor the authors' code "
                         "says how MMDM would drop a branch",
@@ -329,7 +342,11 @@ def ensure_robustness(profile, device: str | None = None, log: Callable[[str], N
     out = analysis_dir(profile) / "robustness"
     runs = {n: runs_dir(profile) / n for n in robustness_runs()}
     missing = [n for n, d in runs.items() if not run_paths(d).train_complete.is_file()]
-    retire_if_stale(profile, "robustness", runs.values(), log)
+    root = project_path(profile.data_dir)
+    cfg = PROFILE_SETTINGS.get(profile.name, RobustnessConfig())
+    subjects = test_subjects(profile, cfg.subjects)
+    retire_if_stale(profile, "robustness", runs.values(), log, settings=None if subjects is None else
+                    robustness_settings(cfg, subjects, profile.eval_sample_steps, profile.eval_stride))
     if (out / "summary.json").is_file():
         new = [n for n in runs if n not in missing and n not in json.loads((out / "summary.json").read_text())["runs"]]
         if not new:
@@ -343,9 +360,7 @@ def ensure_robustness(profile, device: str | None = None, log: Callable[[str], N
     if missing:
         log(f"[robustness] not trained here, left out: {', '.join(missing)}")
     runs = {n: d for n, d in runs.items() if n not in missing}
-    root = project_path(profile.data_dir)
-    cfg = PROFILE_SETTINGS.get(profile.name, RobustnessConfig())
-    subjects = Layout(root).split("test")[: cfg.subjects]
+    subjects = Layout(root).split("test")[: cfg.subjects]  # says what to do when the cohort is missing
     n = len(runs) * len(subjects) * (1 + len(cfg.artefacts) * len(cfg.severities))
     log(f"[analysis] robustness: {n} syntheses ({len(runs)} runs, {len(subjects)} test subject(s))")
     if not has_ground_truth(root):

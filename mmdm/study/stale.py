@@ -16,7 +16,7 @@ import os
 import shutil
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 import yaml
 
@@ -147,6 +147,62 @@ def trained_after(record_dir: str | Path, run_dirs: Iterable[str | Path]) -> lis
     return out
 
 
+def model_stamp(run_dir: str | Path) -> str | None:
+    """Names the trained model in ``run_dir``: when its training finished (``train_complete.json``'s
+    ``finished``); None while it is not trained. A run trained again gets a new stamp."""
+    tc = Path(run_dir) / "train_complete.json"
+    finished = json.loads(tc.read_text()).get("finished") if tc.is_file() else None
+    return finished if isinstance(finished, str) else None
+
+
+def predictions_stamp(run_dir: str | Path) -> str | None:
+    """Names the predictions written in ``run_dir``: when its evaluation finished (``summary.json``'s
+    ``evaluation.end``); None while they are unfinished. A run evaluated again gets a new stamp."""
+    path = Path(run_dir) / "summary.json"
+    end = (json.loads(path.read_text()).get("evaluation") or {}).get("end") if path.is_file() else None
+    return end if isinstance(end, str) else None
+
+
+_ABSENT = object()  # a row written before analyses recorded stamps
+
+#: What an analysis reads of a run: its trained model (it samples) or its written predictions (it scores them).
+STAMPS: dict[str, Callable[[str | Path], str | None]] = {"models": model_stamp, "predictions": predictions_stamp}
+
+
+def stamps(runs: Mapping[str, str | Path], kind: str) -> dict[str, str | None]:
+    """``{run: stamp}`` of ``kind`` (a key of :data:`STAMPS`) for every run, to be recorded by an analysis."""
+    return {name: STAMPS[kind](d) for name, d in runs.items()}
+
+
+def changed_inputs(recorded: Mapping[str, Any], runs: Mapping[str, str | Path], kind: str) -> list[str]:
+    """The runs among ``runs`` that an analysis recorded (``recorded``: its ``{run: stamp}``) whose model or
+    predictions (``kind``) here are not the ones it read. A run with none here (not trained or evaluated in
+    this checkout) is not counted: the record is all there is of it."""
+    now = {n: STAMPS[kind](d) for n, d in runs.items() if n in recorded}
+    return [n for n, stamp in now.items() if stamp is not None and stamp != recorded[n]]
+
+
+def keep_current_rows(rows: list[dict[str, Any]], runs: Mapping[str, str | Path], kind: str,
+                      column: str) -> tuple[list[dict[str, Any]], list[str]]:
+    """The rows of an unfinished analysis that were measured with what ``runs`` hold now (the row's
+    ``column`` equals the run's current stamp), and the runs whose rows were dropped: an analysis that
+    resumes after a run was trained or evaluated again measures that run anew instead of mixing models.
+    An empty stamp (a table's NaN) stands for None: no finished training or evaluation to name, as now
+    or not. Rows of a run not in ``runs`` or without ``column`` (written before stamps) are dropped too."""
+    now = stamps(runs, kind)
+    keep, dropped = [], []
+    for r in rows:
+        name = r.get("run")
+        stamp = r.get(column, _ABSENT)
+        if stamp is not _ABSENT and not isinstance(stamp, str):
+            stamp = None
+        if name in now and stamp is not _ABSENT and stamp == now[name]:
+            keep.append(r)
+        elif name not in dropped:
+            dropped.append(name)
+    return keep, dropped
+
+
 def retire(record_dir: str | Path, archive: str | Path) -> Path:
     """Move a stale analysis record into ``archive/<name>-<UTC time>/`` (kept, not deleted; outside
     ``results/`` so it is never committed by mistake) and return where it went."""
@@ -157,5 +213,6 @@ def retire(record_dir: str | Path, archive: str | Path) -> Path:
     return dest
 
 
-__all__ = ["EVALUATION_ONLY", "MISSING", "NOT_COMPARED", "config_differences", "evaluation_only_differences",
-           "prepare_re_evaluation", "retire", "stale_reasons", "stored_config", "trained_after"]
+__all__ = ["EVALUATION_ONLY", "MISSING", "NOT_COMPARED", "STAMPS", "changed_inputs", "config_differences",
+           "evaluation_only_differences", "keep_current_rows", "model_stamp", "predictions_stamp",
+           "prepare_re_evaluation", "retire", "stale_reasons", "stamps", "stored_config", "trained_after"]

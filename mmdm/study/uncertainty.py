@@ -35,9 +35,10 @@ from mmdm.engine.infer import load_run_method, synthesize_subjects
 from mmdm.engine.rundir import RecordWriter
 from mmdm.io import atomic_path, write_text
 from mmdm.paths import project_path, repo_root
-from mmdm.study.api import analysis_target
+from mmdm.study.api import analysis_target, test_subjects
 from mmdm.study.profiles import get_profile
 from mmdm.study.records import portable
+from mmdm.study.stale import model_stamp
 from mmdm.study.vessel_eval import reference_volumes
 
 N_BINS = 10
@@ -85,10 +86,18 @@ def uncertainty_panels(mean: np.ndarray, std: np.ndarray, target: np.ndarray) ->
     return {k: np.asarray(v, dtype=np.float16) for k, v in out.items()}
 
 
+def uncertainty_settings(subjects: Sequence[str], n_samples: int, steps: int | None, stride: int | None,
+                         seed: int = 0) -> dict[str, Any]:
+    """What an uncertainty record was sampled with beyond the model (recorded; a record with other settings
+    than the profile's now is sampled again)."""
+    return {"subjects": list(subjects), "samples": n_samples, "steps": steps, "stride": stride, "seed": seed}
+
+
 def run_uncertainty(run_dir: str | Path, out_dir: str | Path, subjects: Sequence[str], n_samples: int,
                     steps: int | None = None, stride: int | None = None, seed: int = 0, device: str = "auto",
                     profile: str | None = None, progress: bool = True) -> Path:
     """Sample every subject ``n_samples`` times with the run's model and write the record."""
+    settings = uncertainty_settings(subjects, n_samples, steps, stride, seed)  # as asked, before they resolve
     if n_samples < 2:
         raise ValueError(f"uncertainty needs at least 2 samples per subject, got {n_samples}")
     if not subjects:
@@ -124,7 +133,9 @@ def run_uncertainty(run_dir: str | Path, out_dir: str | Path, subjects: Sequence
     record.finish(portable({
         "analysis": "uncertainty", "run": str(run_dir), "profile": profile, "subjects": list(subjects),
         "sampling": sampling_record(method, steps, None, n_samples=n_samples, stride=stride, seed=seed),
-        "checkpoint_step": ckpt.get("step"), **record.session(dev, git_root=repo_root())}))
+        "checkpoint_step": ckpt.get("step"), "models": {Path(run_dir).name: model_stamp(run_dir)},
+        "settings": settings,
+        **record.session(dev, git_root=repo_root())}))
     return out_dir
 
 
@@ -146,12 +157,15 @@ def ensure_uncertainty(profile, device: str | None = None, log: Callable[[str], 
     profile = get_profile(profile)
     if profile.uncertainty_samples < 2:
         return None
-    out, run_dir = analysis_target(profile, "uncertainty", log)
+    steps = profile.uncertainty_steps or profile.eval_sample_steps
+    subjects = test_subjects(profile, profile.uncertainty_subjects)
+    out, run_dir = analysis_target(profile, "uncertainty", log, settings=None if subjects is None else
+                                   uncertainty_settings(subjects, profile.uncertainty_samples, steps,
+                                                        profile.eval_stride))
     if run_dir is None:
         return out if (out / "summary.json").is_file() else None
     subjects = Layout(project_path(profile.data_dir)).split("test")[: profile.uncertainty_subjects]
     log(f"[analysis] uncertainty: {profile.uncertainty_samples} samples of {len(subjects)} test subjects")
-    steps = profile.uncertainty_steps or profile.eval_sample_steps
     return run_uncertainty(run_dir, out, subjects, profile.uncertainty_samples, steps=steps,
                            stride=profile.eval_stride, device=device or profile.device, profile=profile.name,
                            progress=progress)

@@ -36,6 +36,7 @@ from mmdm.engine.rundir import RecordWriter
 from mmdm.io import atomic_path
 from mmdm.paths import project_path, repo_root
 from mmdm.study.api import analysis_dir, retire_if_stale, runs_dir
+from mmdm.study.stale import stamps
 from mmdm.study.profiles import get_profile
 from mmdm.study.records import portable
 from mmdm.study.runs import REFERENCE_RUN, baselines, method_label
@@ -214,9 +215,7 @@ def make_viewer(data_root: str | Path, runs: Mapping[str, Path], out_dir: str | 
     layout = Layout(data_root)
     record.start_clock()
     sizes = {}
-    for s in subjects:
-        if (out / f"{s}.npz").is_file():
-            continue
+    for s in subjects:  # every subject cut anew: a file left by an interrupted cut may hold older predictions
         target = load_volume(layout.image(s, TARGET_MODALITY)).data
         preds = {run_label(n): load_volume(d / "predictions" / f"{s}_{TARGET_MODALITY}.nii.gz").data
                  for n, d in runs.items() if (d / "predictions" / f"{s}_{TARGET_MODALITY}.nii.gz").is_file()}
@@ -225,6 +224,7 @@ def make_viewer(data_root: str | Path, runs: Mapping[str, Path], out_dir: str | 
         sizes[s] = {n: len(zlib.compress(v.tobytes(), 9)) for n, v in vols.items()}
     record.finish(portable({
         "analysis": "viewer", "profile": profile, "subjects": list(subjects), "runs": list(runs),
+        "predictions": stamps(runs, "predictions"),
         "scale": "0 to the ground truth's maximum (8 bit)", "head_threshold": HEAD_THRESHOLD, "margin": MARGIN,
         "compressed_bytes": sizes, **record.session("cpu", git_root=repo_root())}))
     return out
@@ -239,7 +239,7 @@ def ensure_viewer(profile, device: str | None = None, log: Callable[[str], None]
     out = analysis_dir(profile) / "viewer"
     runs = {n: runs_dir(profile) / n for n in viewer_runs()}
     runs = {n: d for n, d in runs.items() if (d / "predictions").is_dir()}
-    retire_if_stale(profile, "viewer", runs.values(), log)
+    retire_if_stale(profile, "viewer", runs.values(), log, kind="predictions")
     if (out / "summary.json").is_file():
         summary = json.loads((out / "summary.json").read_text())
         new = [n for n in runs if n not in summary["runs"]]
