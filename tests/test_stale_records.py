@@ -153,6 +153,25 @@ def test_a_run_that_differs_only_in_its_evaluation_stride_keeps_its_model_and_is
     assert stale_reasons(rec, cfg) == []
 
 
+def test_an_interrupted_run_whose_evaluation_stride_changed_resumes_its_training(tiny_cohort, tmp_path, monkeypatch,
+                                                                                  one_thread):
+    monkeypatch.setenv("MMDM_ROOT", str(tmp_path))
+    spec = next(r for r in study_runs() if r.name == "pix2pix")
+    run_dir = tmp_path / "run"
+    old = get_profile("smoke", dataset=str(tiny_cohort), steps=4, checkpoint_every=2, eval_stride=2)
+    api.train_study_run(spec, old, run_dir=run_dir, progress=False)
+    (run_dir / "train_complete.json").unlink()  # as if stopped after the checkpoint at step 2
+    (run_dir / "checkpoints" / "step-00000004.pt").unlink()
+    kept = (run_dir / "checkpoints" / "step-00000002.pt").stat().st_mtime_ns
+    new = get_profile(old, eval_stride=1)
+    api.train_study_run(spec, new, run_dir=run_dir, progress=False)
+    assert not list(run_dir.glob("superseded-*"))  # nothing moved: neither the training nor an evaluation
+    assert (run_dir / "checkpoints" / "step-00000002.pt").stat().st_mtime_ns == kept  # resumed, not started over
+    assert json.loads((run_dir / "train_complete.json").read_text())["steps"] == 4
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["data"]["eval_stride"] == 1
+    assert stale_reasons(run_dir, api.train_config(spec, new)) == []
+
+
 def test_an_analysis_measured_before_its_model_was_retrained_is_moved_aside(tmp_path, monkeypatch):
     from mmdm.study.stale import trained_after
 

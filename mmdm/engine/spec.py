@@ -8,6 +8,8 @@ whole-volume synthesis use.
 
 from __future__ import annotations
 
+import copy
+
 import dataclasses
 import importlib
 from dataclasses import dataclass, field
@@ -31,6 +33,11 @@ from mmdm.optim import EMAConfig, OptimConfig
 RUNTIME_KEYS = frozenset({"device", "num_workers", "log_every", "image_every", "image_steps", "checkpoint_every",
                           "keep_last", "val_every", "val_batches", "val_windows", "val_volumes", "val_volume_stride",
                           "val_volume_steps", "deterministic"})
+
+#: Fields that change only how a trained model is evaluated (the test split's sliding-window stride), never
+#: its training: a checkpoint continues whatever they are, and a study re-evaluates a trained run that
+#: differs in these alone (:func:`mmdm.study.stale.prepare_re_evaluation`).
+EVALUATION_ONLY = ("data.eval_stride",)
 
 
 #: How the weight average is decided (``TrainConfig.ema_mode``): ``method`` each method's own default
@@ -292,13 +299,23 @@ def _diff_configs(a: Any, b: Any, prefix: str = "") -> list[str]:
     return [] if a == b else [f"{prefix[:-1]}: stored {a!r} != given {b!r}"]
 
 
-def config_differences(stored: dict[str, Any], cfg: TrainConfig) -> list[str]:
+def config_differences(stored: dict[str, Any], cfg: TrainConfig, training_only: bool = False) -> list[str]:
     """The differences (outside :data:`RUNTIME_KEYS`) between a stored config (as a dict: a
     run's config.yaml or a checkpoint's ``config``) and ``cfg``, one ``key: stored != given`` each.
     Both sides are compared resolved: a stored record without ``method_config`` is migrated
-    (:func:`mmdm.engine.migrate.migrate_record`), ``cfg`` resolved (:func:`resolve_method_config`)."""
+    (:func:`mmdm.engine.migrate.migrate_record`), ``cfg`` resolved (:func:`resolve_method_config`).
+    ``training_only``: leave out the fields of :data:`EVALUATION_ONLY` too."""
     a = {k: v for k, v in migrate_record(stored).items() if k not in RUNTIME_KEYS}
     b = {k: v for k, v in to_dict(resolve_method_config(cfg)).items() if k not in RUNTIME_KEYS}
+    if training_only:
+        a, b = copy.deepcopy(a), copy.deepcopy(b)  # the caller's dicts stay as they are
+        for key in EVALUATION_ONLY:
+            *parents, leaf = key.split(".")
+            for side in (a, b):
+                for k in parents:
+                    side = side.get(k) if isinstance(side, dict) else None
+                if isinstance(side, dict):
+                    side.pop(leaf, None)
     if "amp" in a and a["amp"] != b.get("amp") and _same_precision(str(a["amp"]), str(b.get("amp")), cfg.device):
         a["amp"] = b["amp"]  # e.g. a run stored with "none" continued as "auto" on a CPU where auto is fp32
     if a.get("method_config") is not None and b.get("method_config") is not None:
@@ -349,13 +366,13 @@ def check_checkpoint_config(path: str | Path, state: dict[str, Any], cfg: TrainC
     stored = state.get("config")
     if not isinstance(stored, dict):
         return  # written before checkpoints carried their config
-    diff = config_differences(stored, cfg)
+    diff = config_differences(stored, cfg, training_only=True)  # the evaluation's settings do not bind it
     if diff:
         raise ConfigError(f"checkpoint {path} was written by a run with a different config ({'; '.join(diff[:8])}); "
                           "it cannot be continued under this one. Use another --run-dir, or pass --force-new to "
                           "move the old files aside and start over.")
 
 
-__all__ = ["ALLOW_CODE_HELP", "RUNTIME_KEYS", "TrainConfig", "build_method_from_config", "check_checkpoint_config",
-           "check_run_dir", "config_differences", "is_code_reference", "load_run_config", "method_factory",
+__all__ = ["ALLOW_CODE_HELP", "EVALUATION_ONLY", "RUNTIME_KEYS", "TrainConfig", "build_method_from_config",
+           "check_checkpoint_config", "check_run_dir", "config_differences", "is_code_reference", "load_run_config", "method_factory",
            "method_optim_configs", "resolve", "resolve_method_config"]

@@ -183,7 +183,9 @@ def train_study_run(spec: RunSpec, profile: StudyProfile | str, seed: int = 0, d
         return train(cfg, run_dir, resume=False, progress=progress, profile=profile.name, force_new=True)
     changed, moved = prepare_re_evaluation(run_dir, cfg)
     if changed:  # only how it is evaluated changed: the trained model is kept and evaluated again
-        print(f"{run_dir}: evaluated under other settings ({'; '.join(changed)}); the trained model is kept"
+        kept = "the trained model is kept" if run_paths(run_dir).train_complete.is_file() else \
+            "its training resumes (they do not change it)"
+        print(f"{run_dir}: evaluated under other settings ({'; '.join(changed)}); {kept}"
               + (f", its evaluation moved to {moved}" if moved else ""), file=sys.stderr)
     if run_status(run_dir) in ("trained", "evaluating", "finished"):
         return run_dir

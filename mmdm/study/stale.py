@@ -23,7 +23,7 @@ import yaml
 from mmdm.config import to_dict
 from mmdm.engine.migrate import migrate_record
 from mmdm.engine.rundir import run_lock, run_paths
-from mmdm.engine.spec import TrainConfig, resolve_method_config
+from mmdm.engine.spec import EVALUATION_ONLY, TrainConfig, resolve_method_config
 from mmdm.io import write_text
 
 #: Fields that say where a run ran or how often it wrote files, not what it trained: the data's
@@ -32,9 +32,6 @@ from mmdm.io import write_text
 NOT_COMPARED = ("data.root", "device", "num_workers", "checkpoint_every", "keep_last", "log_every", "image_every",
                 "deterministic", "method_kwargs")
 MISSING = "(not recorded)"
-#: Fields that change only how a trained model is evaluated (the test split's sliding-window stride): a run that
-#: differs in these alone keeps its trained model and is evaluated again (:func:`prepare_re_evaluation`).
-EVALUATION_ONLY = ("data.eval_stride",)
 
 
 def _walk(old: Any, new: Any, prefix: str, out: list[tuple[str, Any, Any]]) -> None:
@@ -97,14 +94,15 @@ def stale_reasons(directory: str | Path, current: TrainConfig | dict[str, Any], 
 
 
 def prepare_re_evaluation(run_dir: str | Path, current: TrainConfig | dict[str, Any]) -> tuple[list[str], Path | None]:
-    """When a trained run differs from ``current`` only in evaluation settings (:data:`EVALUATION_ONLY`):
+    """When a run differs from ``current`` only in evaluation settings (:data:`EVALUATION_ONLY`):
     write those settings into its ``config.yaml`` and move its evaluation's files (predictions, metrics,
-    region files, summary, vessel metrics) into ``RUN/superseded-<UTC time>/``, so that the run is trained
-    and not yet evaluated. Returns the differences and where the files went (``([], None)``: nothing to do).
-    The checkpoints, validation log and training record stay."""
+    region files, summary, vessel metrics), if any, into ``RUN/superseded-eval-<UTC time>/``, so that a
+    trained run is trained and not yet evaluated and an interrupted one resumes its training (which those
+    settings do not touch). Returns the differences and where the files went (``([], None)``: nothing to
+    do; ``(diffs, None)``: no evaluation to move). The checkpoints, validation log and training record stay."""
     stored = stored_config(run_dir)
     p = run_paths(run_dir)
-    if stored is None or not p.train_complete.is_file():
+    if stored is None:
         return [], None
     diffs = evaluation_only_differences(stored, current)
     if not diffs:
