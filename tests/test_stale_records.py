@@ -285,3 +285,13 @@ def test_an_analysis_is_kept_as_made_and_made_again_when_the_profiles_stride_cha
     assert f"[frontier] {n} setting(s) measured with another model of mmdm-full: measuring them again" in said
     table = pd.read_csv(out / "frontier.csv")
     assert len(table) == n and set(table.model) == {"2030-01-01T00:00:00+00:00"}
+    assert json.loads((out / "summary.json").read_text())["settings"]["strides"] == [5]
+    assert ensure_frontier(prof, log=said.append, progress=False) == out and "record complete" in said[-1]
+    ensure_frontier(get_profile(prof, frontier_strides=(4,)), log=said.append, progress=False)
+    assert any("strides: [5] -> [4]" in s for s in said)
+    # the robustness record too: kept as made (its settings recorded as the profile gives them)
+    from mmdm.study.robustness import ensure_robustness
+
+    out = ensure_robustness(prof, log=said.append, progress=False)
+    assert json.loads((out / "summary.json").read_text())["models"]["mmdm-full"] == "2030-01-01T00:00:00+00:00"
+    assert ensure_robustness(prof, log=said.append, progress=False) == out and "record complete" in said[-1]

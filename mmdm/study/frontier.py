@@ -139,7 +139,7 @@ def run_frontier(run_dir: str | Path, out_dir: str | Path, subjects: Sequence[st
     out_dir = record.root
     dev = resolve_device(device)
     method, cfg, ckpt = load_run_method(run_dir, device=dev)
-    settings = frontier_settings(subjects, steps, strides, modes, seed)  # as asked, before modes resolve
+    asked = frontier_settings(subjects, steps, strides, modes, seed)  # recorded as asked, before modes resolve
     if not method.sampling_modes:
         modes = ("default",)
     settings = grid(steps, strides, modes)
@@ -151,7 +151,7 @@ def run_frontier(run_dir: str | Path, out_dir: str | Path, subjects: Sequence[st
     rows = [r for r in done.to_dict("records") if r.get("model") == model]  # measured with this model only
     if len(rows) < len(done):
         log(f"[frontier] {len(done) - len(rows)} setting(s) measured with another model of {Path(run_dir).name}: "
-              "measuring them again")
+            "measuring them again")
     have = {(r["subject"], r["mode"], int(r["stride"]), int(r["steps"])) for r in rows}
     todo = {s: [g for g in settings if (s, g["mode"], g["stride"], g["steps"]) not in have] for s in subjects}
     record.start_clock()  # the timed part: syntheses, not loading the model or fitting the segmentation
@@ -196,7 +196,7 @@ def run_frontier(run_dir: str | Path, out_dir: str | Path, subjects: Sequence[st
         "grid": {"steps": sorted(int(x) for x in steps), "strides": sorted(int(x) for x in strides),
                  "modes": list(modes)},
         "seed": seed, "warmup_s": {m: round(w, 3) for m, w in warmed.items()}, "checkpoint_step": ckpt.get("step"),
-        "models": {Path(run_dir).name: model}, "settings": settings,
+        "models": {Path(run_dir).name: model}, "settings": asked,
         **record.session(dev, git_root=repo_root())}))
     return out_dir
 
