@@ -533,3 +533,54 @@ def test_unreadable_latest_checkpoint_falls_back_with_a_warning_everywhere(train
     assert mmdm_main(argv) == 2
     err = capsys.readouterr().err
     assert "no readable checkpoint" in err and len(err.strip().splitlines()) == 1
+
+
+def test_an_interrupted_evaluation_resumes_after_its_last_subject_and_writes_the_same_record(tmp_path, monkeypatch):
+    """The sampler's generator state is saved with each subject's scores: a resumed evaluation continues the
+    same random stream, so its record equals an uninterrupted one; progress made under other settings is
+    discarded."""
+    import shutil
+
+    import mmdm.engine.evaluate as ev
+
+    make_dataset(tmp_path / "data", n=5, shape=(16, 16, 8))
+    cfg = TrainConfig(method="mmdm", method_kwargs={"variant": "full", "config": "small"},
+                      data=DataConfig(root=str(tmp_path / "data"), sources=("T1w", "T2w", "FLAIR")), steps=1,
+                      epochs=None, batch_size=2, device="cpu", checkpoint_every=1, keep_last=1, image_every=0,
+                      log_every=1)
+    trained = train(cfg, tmp_path / "trained", progress=False)
+    subjects = ["sub-001", "sub-002", "sub-003"]
+    runs = {k: Path(shutil.copytree(trained, tmp_path / k)) for k in ("whole", "cut", "other")}
+    whole = evaluate_run(runs["whole"], steps=3, subjects=subjects, device="cpu", progress=False)
+
+    real, calls = ev.slice_errors, []
+
+    def stop_at_the_second_subject(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("stopped")
+        return real(*a, **k)
+
+    for name in ("cut", "other"):
+        calls.clear()
+        monkeypatch.setattr(ev, "slice_errors", stop_at_the_second_subject)
+        with pytest.raises(KeyboardInterrupt):
+            evaluate_run(runs[name], steps=3, subjects=subjects, device="cpu", progress=False)
+        monkeypatch.setattr(ev, "slice_errors", real)
+        saved = json.loads((runs[name] / "evaluation_progress.json").read_text())
+        assert [r["subject"] for r in saved["rows"]] == ["sub-001"] and not (runs[name] / "summary.json").exists()
+        assert run_status(runs[name]) == "evaluating"  # never looks finished
+
+    resumed = evaluate_run(runs["cut"], steps=3, subjects=subjects, device="cpu", progress=False)
+    assert resumed["evaluation"]["resumed_after_subjects"] == 1 and "resumed_after_subjects" not in whole["evaluation"]
+    assert not (runs["cut"] / "evaluation_progress.json").exists()
+    for f in ("metrics.csv", "regions.csv", "slice_errors.csv"):
+        assert (runs["cut"] / f).read_text() == (runs["whole"] / f).read_text(), f
+    for s in subjects:
+        a, b = (np.asarray(nib.load(str(runs[k] / "predictions" / f"{s}_angio.nii.gz")).dataobj) for k in ("whole", "cut"))
+        np.testing.assert_array_equal(a, b)
+    assert resumed["metrics"] == whole["metrics"]
+    # other sampling settings: the saved progress does not apply, the evaluation starts over
+    other = evaluate_run(runs["other"], steps=2, subjects=subjects, device="cpu", progress=False)
+    assert "resumed_after_subjects" not in other["evaluation"] and other["n_subjects"] == 3
+    assert other["metrics"] != whole["metrics"]

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 import mmdm.engine.evaluate as evaluate_mod
-from mmdm.data.volumes import Volume
+from mmdm.data.volumes import NormConfig, Volume
 from mmdm.engine.evaluate import evaluate_run, subject_vessel_scores, vessel_summary
 from mmdm.engine.infer import SubjectSynthesis
 from mmdm.engine.rundir import read_metrics_csv
@@ -141,7 +141,8 @@ def test_evaluate_run_writes_vessel_columns_and_their_means(tmp_path, monkeypatc
              "sub-003": target + 0.05}
     cfg = SimpleNamespace(method="stub", method_kwargs={}, method_config=None, steps=7, epochs=None, batch_size=4,
                           ema=None, ema_mode="method",
-                          data=SimpleNamespace(root=str(tmp_path / "data"), target="angio", window=5, eval_stride=1))
+                          data=SimpleNamespace(root=str(tmp_path / "data"), target="angio", window=5, eval_stride=1,
+                                               norm=NormConfig()))
     monkeypatch.setattr(evaluate_mod, "load_run_method", lambda *a, **k: (_Stub(), cfg, {"step": 7}))
     monkeypatch.setattr(evaluate_mod, "synthesize_subjects", lambda method, data, subs, *a, **k: (
         SubjectSynthesis(s, {}, Volume(raw, AFFINE), {"mean": preds[s].astype(np.float32)}) for s in subs))

@@ -5,12 +5,16 @@ synthesises every subject of a split, scores each prediction with the six
 metrics of Tables 1-3 (:func:`mmdm.metrics.evaluate_volumes`) and the
 threshold-free vessel score (:func:`subject_vessel_scores`), breaks its error down by
 region and axial slice (:mod:`mmdm.regions`: ``regions.csv``, ``slice_errors.csv``) and
-writes the record through :class:`mmdm.engine.rundir.RecordWriter`.
+writes the record through :class:`mmdm.engine.rundir.RecordWriter`. An interrupted
+evaluation resumes after its last finished subject (``evaluation_progress.json``).
 """
 
 from __future__ import annotations
 
+import json
 import math
+import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
@@ -27,7 +31,7 @@ from mmdm.engine.infer import check_amp, load_run_method, synthesize_subjects
 from mmdm.engine.rundir import (VESSEL_SCORE_COLUMNS, RecordWriter, run_lock, run_paths,
                                 run_provenance, run_status, write_metrics_csv, write_table_csv)
 from mmdm.engine.spec import resolve_ema
-from mmdm.io import check_output_path, save_nifti, tof_fraction_descrip
+from mmdm.io import check_output_path, save_nifti, tof_fraction_descrip, write_json
 from mmdm.methods.base import SynthesisMethod
 from mmdm.metrics import METRIC_KEYS, evaluate_volumes
 from mmdm.regions import REGION_COLUMNS, SLICE_COLUMNS, region_errors, region_summary, slice_errors
@@ -181,14 +185,53 @@ def sampling_record(method: SynthesisMethod, steps: int | None, eta: float | Non
     return {**out, **extra}
 
 
+def _progress_key(cfg, ckpt, subs, split, steps, eta, n_samples, batch_size, dev, seed, amp) -> dict[str, Any]:
+    """Everything that decides an evaluation's predictions: an unfinished evaluation resumes only under the same."""
+    return {"checkpoint": ckpt.get("file"), "step": ckpt.get("step"), "ema": ckpt.get("ema_used"), "split": split,
+            "subjects": list(subs), "steps": steps, "eta": eta, "n_samples": n_samples, "batch_size": batch_size,
+            "device": str(dev), "seed": seed, "amp": amp, "window": cfg.data.window, "stride": cfg.data.eval_stride,
+            "norm": to_dict(cfg.data.norm)}
+
+
+def _plain(obj: Any) -> Any:
+    """``obj`` with numpy scalars as Python numbers, as JSON reads it back."""
+    return json.loads(json.dumps(obj, default=lambda o: o.item() if isinstance(o, np.generic) else str(o)))
+
+
+def _resume_point(path: Path, key: dict[str, Any]) -> dict[str, Any] | None:
+    """The saved progress of an interrupted evaluation made under ``key``; None (and the file removed)
+    when there is none or it was made under another key."""
+    if not path.is_file():
+        return None
+    try:
+        state = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        state = None
+    if not isinstance(state, dict) or state.get("key") != json.loads(json.dumps(key, default=str)):
+        path.unlink()
+        return None
+    return state
+
+
 def _evaluate(p, run_dir, method, cfg, ckpt, subs, split, steps, eta, n_samples, batch_size, dev, seed, progress,
               amp) -> dict[str, Any]:
+    """Synthesise and score ``subs`` in turn. After each subject its scores and the sampling generator's state
+    go to ``evaluation_progress.json``, so an interrupted evaluation resumes after its last finished subject
+    with the generator where it was: the record is the one an uninterrupted evaluation writes."""
     record = RecordWriter(p.root)
     gen = torch.Generator(device=dev).manual_seed(seed)  # one stream through all subjects
     descrip = tof_fraction_descrip(1.0)
-    rows, regions, slices = [], [], []
+    key = _progress_key(cfg, ckpt, subs, split, steps, eta, n_samples, batch_size, dev, seed, amp)
+    state = _resume_point(p.evaluation_progress, key)
+    rows, regions, slices = ([], [], []) if state is None else (state["rows"], state["regions"], state["slices"])
+    wall_before = 0.0 if state is None else float(state["wall_s"])
+    if state is not None:
+        gen.set_state(torch.tensor(state["rng"], dtype=torch.uint8))
+        if progress:
+            print(f"{run_dir}: evaluation resumes after {len(rows)} of {len(subs)} subjects", file=sys.stderr)
     phantom = has_ground_truth(cfg.data.root)
-    for item in synthesize_subjects(method, cfg.data, subs, lambda i, s: gen, with_target=True, steps=steps,
+    todo = subs[len(rows):]
+    for item in synthesize_subjects(method, cfg.data, todo, lambda i, s: gen, with_target=True, steps=steps,
                                     eta=eta, n_samples=n_samples, batch_size=batch_size, progress=progress, amp=amp):
         s, out, target = item.subject, item.result, item.target
         save_nifti(p.predictions / f"{s}_{cfg.data.target}.nii.gz", out["mean"], target.affine, descrip=descrip)
@@ -197,17 +240,21 @@ def _evaluate(p, run_dir, method, cfg, ckpt, subs, split, steps, eta, n_samples,
                        descrip=descrip)
         target01 = target.data / float(target.data.max())
         truth = load_ground_truth(cfg.data.root, s) if phantom else None  # read once for both uses
-        rows.append({"subject": s, **evaluate_volumes(out["mean"], target01),
-                     **subject_vessel_scores(out["mean"], target01, cfg.data.root, s, truth)})
-        regions.append({"subject": s, **region_errors(out["mean"], target01,
-                                                      subject_brain_mask(cfg.data.root, s, truth))})
-        slices += [{"subject": s, **r} for r in slice_errors(out["mean"], target01)]
+        # as plain JSON values, in the record as in the saved progress (a resumed record is the same to the digit)
+        rows.append(_plain({"subject": s, **evaluate_volumes(out["mean"], target01),
+                            **subject_vessel_scores(out["mean"], target01, cfg.data.root, s, truth)}))
+        regions.append(_plain({"subject": s, **region_errors(out["mean"], target01,
+                                                             subject_brain_mask(cfg.data.root, s, truth))}))
+        slices += _plain([{"subject": s, **r} for r in slice_errors(out["mean"], target01)])
+        write_json(p.evaluation_progress, {"key": key, "rows": rows, "regions": regions, "slices": slices,
+                                           "rng": gen.get_state().tolist(),
+                                           "wall_s": wall_before + time.time() - record.t0})
     write_metrics_csv(p.metrics, rows)
     write_table_csv(p.regions, regions, ("subject", *REGION_COLUMNS))
     write_table_csv(p.slice_errors, slices, ("subject", *SLICE_COLUMNS))
     means = {k: float(np.mean([r[k] for r in rows])) for k in METRIC_KEYS}
     stds = {k: float(np.std([r[k] for r in rows], ddof=1)) if len(rows) > 1 else 0.0 for k in METRIC_KEYS}
-    return record.finish({
+    summary = record.finish({
         "run": str(Path(run_dir)), "method": cfg.method, "method_kwargs": cfg.method_kwargs,
         "method_config": cfg.method_config, "objective": method.objective(),
         "split": split, "n_subjects": len(rows), "subjects": [r["subject"] for r in rows],
@@ -216,9 +263,21 @@ def _evaluate(p, run_dir, method, cfg, ckpt, subs, split, steps, eta, n_samples,
         "sampling": sampling_record(method, steps, eta, n_samples=n_samples, seed=seed, window=cfg.data.window,
                                     stride=cfg.data.eval_stride, amp=amp),
         "checkpoint": {"file": ckpt.get("file"), "step": ckpt.get("step"), "ema": ckpt.get("ema_used")},
-        "evaluation": record.session(dev),
+        "evaluation": _session(record, dev, wall_before, len(subs) - len(todo)),
         "provenance": run_provenance(run_dir),
     })
+    p.evaluation_progress.unlink(missing_ok=True)
+    return summary
+
+
+def _session(record: RecordWriter, dev, wall_before: float, resumed_after: int) -> dict[str, Any]:
+    """The evaluation's session fields; a resumed one's ``wall_s`` counts the interrupted sessions' time too
+    (``resumed_after``: how many subjects they had finished)."""
+    out = record.session(dev)
+    if resumed_after:
+        out["wall_s"] = round(out["wall_s"] + wall_before, 3)
+        out["resumed_after_subjects"] = resumed_after
+    return out
 
 
 __all__ = ["check_evaluation_args", "evaluate_run", "sampling_record", "subject_vessel_scores", "vessel_summary",

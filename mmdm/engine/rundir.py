@@ -117,6 +117,11 @@ class RunPaths:
         return self.root / "summary.json"
 
     @property
+    def evaluation_progress(self) -> Path:
+        """An unfinished evaluation's scores so far and its sampling RNG state (deleted when it finishes)."""
+        return self.root / "evaluation_progress.json"
+
+    @property
     def vessel_metrics(self) -> Path:
         """The study's vessel metrics of the evaluated volumes (written after the evaluation)."""
         return self.root / "vessel_metrics.csv"
@@ -128,7 +133,8 @@ class RunPaths:
     def run_files(self) -> list[Path]:
         """Every file and folder training and evaluation write (not the lock, not older superseded runs)."""
         return [self.config, self.provenance, self.checkpoints, self.tb, self.validation, self.train_complete,
-                self.predictions, self.metrics, self.regions, self.slice_errors, self.summary, self.vessel_metrics]
+                self.predictions, self.metrics, self.regions, self.slice_errors, self.evaluation_progress, self.summary,
+                self.vessel_metrics]
 
 
 def run_paths(run_dir: str | Path) -> RunPaths:

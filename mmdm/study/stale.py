@@ -117,8 +117,8 @@ def prepare_re_evaluation(run_dir: str | Path, current: TrainConfig | dict[str, 
             if leaf in src:
                 dst[leaf] = src[leaf]
         dest = p.root / f"superseded-eval-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%S.%fZ')}"
-        outputs = [f for f in (p.predictions, p.metrics, p.regions, p.slice_errors, p.summary, p.vessel_metrics)
-                   if f.exists()]
+        outputs = [f for f in (p.predictions, p.metrics, p.regions, p.slice_errors, p.evaluation_progress, p.summary,
+                               p.vessel_metrics) if f.exists()]
         if outputs:
             dest.mkdir()
             for f in outputs:
