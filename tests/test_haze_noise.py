@@ -1,4 +1,5 @@
-"""benchmarks/haze_noise.py: the start noises it compares, and its recorded verdict against its own rule."""
+"""benchmarks/haze_noise.py (the start noises it compares, its recorded verdict against its own rule) and
+benchmarks/grid_lines.py (lines along the slice axis, a pattern on the patch grid)."""
 
 from __future__ import annotations
 
@@ -14,13 +15,18 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def haze_noise():
-    spec = importlib.util.spec_from_file_location("haze_noise", ROOT / "benchmarks" / "haze_noise.py")
+def _load(name: str):
+    """A benchmark script as a module (benchmarks/ is not a package the tests import from)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
-    sys.modules["haze_noise"] = mod
+    sys.modules[name] = mod
     spec.loader.exec_module(mod)
     return mod
+
+
+@pytest.fixture(scope="module")
+def haze_noise():
+    return _load("haze_noise")
 
 
 class _Process:
@@ -98,3 +104,34 @@ def test_recorded_noise_verdict_follows_its_rule(haze_noise):
     assert rec["verdict"]["volume_noise"] == ("adopted" if adopt else "rejected")
     for k in means:
         assert rec["starts"][k]["means"]["slice_banding"] == pytest.approx(means[k]["slice_banding"])
+
+
+@pytest.fixture(scope="module")
+def grid_lines():
+    return _load("grid_lines")
+
+
+def test_grid_amplitude_sees_a_pattern_that_repeats_with_the_patch_grid(grid_lines):
+    rng = np.random.default_rng(0)
+    head = np.ones((64, 64), dtype=bool)
+    periodic = np.zeros((64, 64))
+    periodic[2::8, 4::8] = 0.1  # one bright offset in every 8x8 patch
+    # the 64 offset means are 0.1 once and 0 otherwise: their std is 0.1 * sqrt(63) / 64
+    assert grid_lines.grid_amplitude(periodic, head, 8) == pytest.approx(0.1 * np.sqrt(63) / 64)
+    scattered = np.zeros((64, 64))
+    idx = rng.choice(64 * 64, size=64, replace=False)
+    scattered.flat[idx] = 0.1  # as many bright pixels, anywhere
+    assert grid_lines.grid_amplitude(scattered, head, 8) < 0.5 * grid_lines.grid_amplitude(periodic, head, 8)
+    # a pattern with another period is not on an 8-grid
+    assert grid_lines.grid_amplitude(periodic, head, 7) < 0.5 * grid_lines.grid_amplitude(periodic, head, 8)
+
+
+def test_line_map_finds_a_pixel_bright_through_the_stack(grid_lines):
+    target = np.full((32, 32, 10), 0.3)
+    vol = target.copy()
+    vol[10, 12, :] += 0.2  # a line along z
+    vol[20, 20, 3] += 0.2  # a dot in one slice: a tenth of the line's strength in the z-mean
+    lines, head = grid_lines.line_map(vol, target)
+    assert head.all()
+    found = np.argwhere(lines > grid_lines.LINE_THRESHOLD)
+    assert found.tolist() == [[10, 12]]
