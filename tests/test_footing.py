@@ -315,3 +315,27 @@ def test_footing_says_each_rows_training_windows_and_emphasis():
     assert said["unest"] == "not applied (no paired pixel term)"  # its objective is unpaired
     assert footing._windows_text(cfgs["pix2pix"]) == ("whole slices" if prof.train["crops"] is None else
                                                       f"{prof.train['crops']['size'][0]}x{prof.train['crops']['size'][1]} crops")
+
+
+def test_convergence_gains_carry_their_standard_error():
+    steps = np.arange(1, 9) * 500  # third quarter: 2500, 3000; last: 3500, 4000
+    curve = pd.DataFrame({"step": steps, "psnr": [20, 21, 22, 23, 24.0, 25.0, 25.5, 26.5],
+                          "recovery": [0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 0.8, 0.8]})
+    v = footing.convergence(curve)
+    # independent: var(ddof=1) of (24, 25) and (25.5, 26.5) is 0.5 each, two values each
+    assert v["psnr_gain"] == pytest.approx(1.5) and v["psnr_gain_se"] == pytest.approx(np.sqrt(0.5 / 2 + 0.5 / 2))
+    # |1 - r|: (0.5, 0.3) and (0.2, 0.2): variances 0.02 and 0
+    assert v["recovery_gain"] == pytest.approx(0.2) and v["recovery_gain_se"] == pytest.approx(np.sqrt(0.01))
+    one = footing.convergence(curve[curve.step.isin([2500, 3500, 4000])])  # one validation in the third quarter
+    assert one["converged"] is not None and np.isnan(one["psnr_gain_se"])
+    assert footing._gain_text(v) == "+1.50 ± 0.71 dB, +0.200 ± 0.100 recovery"
+    assert footing._gain_text(one).startswith("+2.00 dB, ")  # no ± without a standard error
+
+
+def test_the_standard_error_matches_the_scatter_of_the_gain_on_noisy_flat_curves():
+    rng = np.random.default_rng(1)
+    steps = np.arange(1, 21) * 200
+    out = [footing.convergence(pd.DataFrame({"step": steps, "psnr": 28.0 + rng.normal(0, 0.5, len(steps)),
+                                             "recovery": 0.9})) for _ in range(400)]
+    gains, ses = [o["psnr_gain"] for o in out], [o["psnr_gain_se"] for o in out]
+    assert np.mean(ses) == pytest.approx(np.std(gains), rel=0.15)

@@ -16,6 +16,7 @@ import json
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 import pandas as pd
 import yaml
 
@@ -42,6 +43,14 @@ CONVERGENCE_RULE = (f"a row has converged when its validation whole-volume PSNR,
                     "improvement")
 
 
+def _gain_se(before: pd.Series, after: pd.Series) -> float:
+    """Standard error of ``mean(after) - mean(before)`` from the scatter within each (NaN with < 2 values in one)."""
+    a, b = before.dropna(), after.dropna()
+    if len(a) < 2 or len(b) < 2:
+        return float("nan")
+    return float(np.sqrt(a.var(ddof=1) / len(a) + b.var(ddof=1) / len(b)))
+
+
 def convergence(curve: pd.DataFrame, psnr_db: float = CONVERGED_PSNR_DB,
                 recovery: float = CONVERGED_RECOVERY) -> dict[str, Any]:
     """The convergence rule (:data:`CONVERGENCE_RULE`) on one validation curve (columns ``step``, ``psnr``:
@@ -49,11 +58,15 @@ def convergence(curve: pd.DataFrame, psnr_db: float = CONVERGED_PSNR_DB,
 
     With ``L`` the last step, the third quarter holds the validations at steps in ``(L/2, 3L/4]`` and the last
     quarter those in ``(3L/4, L]``. ``psnr_gain`` = mean PSNR of the last quarter minus that of the third;
-    ``recovery_gain`` = mean |1 - recovery| of the third quarter minus that of the last. Returns
-    ``{"converged": True/False/None, "psnr_gain", "recovery_gain", "from_step", "to_step"}`` (``from_step``:
-    the first validation of the third quarter); ``converged`` is None (undecided) when the curve has no
-    whole-volume PSNR or either quarter has no validation."""
-    out: dict[str, Any] = {"converged": None, "psnr_gain": float("nan"), "recovery_gain": float("nan"),
+    ``recovery_gain`` = mean |1 - recovery| of the third quarter minus that of the last. ``psnr_gain_se`` and
+    ``recovery_gain_se``: the standard error of each gain from the scatter of the validations within the two
+    quarters (``sqrt(var_3 / n_3 + var_4 / n_4)``; NaN with fewer than two validations in a quarter), so a
+    reader can tell a gain from the validations' noise. Returns ``{"converged": True/False/None, "psnr_gain",
+    "psnr_gain_se", "recovery_gain", "recovery_gain_se", "from_step", "to_step"}`` (``from_step``: the first
+    validation of the third quarter); ``converged`` is None (undecided) when the curve has no whole-volume
+    PSNR or either quarter has no validation. The verdict is the rule's; the standard errors do not change it."""
+    out: dict[str, Any] = {"converged": None, "psnr_gain": float("nan"), "psnr_gain_se": float("nan"),
+                           "recovery_gain": float("nan"), "recovery_gain_se": float("nan"),
                            "from_step": None, "to_step": None}
     c = curve.dropna(subset=["psnr"]).sort_values("step") if len(curve) and "psnr" in curve else curve.iloc[0:0]
     if not len(c):
@@ -64,8 +77,11 @@ def convergence(curve: pd.DataFrame, psnr_db: float = CONVERGED_PSNR_DB,
     if not len(third) or not len(fourth):
         return out
     out["psnr_gain"] = float(fourth.psnr.mean() - third.psnr.mean())
+    out["psnr_gain_se"] = _gain_se(third.psnr, fourth.psnr)
     if "recovery" in c and third.recovery.notna().any() and fourth.recovery.notna().any():
-        out["recovery_gain"] = float((1.0 - third.recovery).abs().mean() - (1.0 - fourth.recovery).abs().mean())
+        off3, off4 = (1.0 - third.recovery).abs(), (1.0 - fourth.recovery).abs()
+        out["recovery_gain"] = float(off3.mean() - off4.mean())
+        out["recovery_gain_se"] = _gain_se(off3, off4)
     out.update(from_step=int(third.step.iloc[0]), to_step=last)
     rec_ok = pd.isna(out["recovery_gain"]) or out["recovery_gain"] < recovery
     out["converged"] = bool(out["psnr_gain"] < psnr_db and rec_ok)
@@ -196,6 +212,14 @@ def _method_settings(cfg: dict[str, Any]) -> dict[str, Any]:
         return {"lr": None, "ema": None, "pixel_loss": None}
 
 
+def _gain_text(v: dict[str, Any]) -> str:
+    """``+0.54 ± 0.55 dB, -0.022 ± 0.040 recovery`` (a gain and its standard error; no ± where it is NaN)."""
+    def pm(gain: float, se: float, fmt: str) -> str:
+        return f"{gain:{fmt}}" + ("" if pd.isna(se) else f" ± {se:{fmt[1:]}}")
+    return (f"{pm(v['psnr_gain'], v['psnr_gain_se'], '+.2f')} dB, "
+            f"{pm(v['recovery_gain'], v['recovery_gain_se'], '+.3f')} recovery")
+
+
 def footing_table(results_dir: str | Path, table: str = "table1",
                   sources: Sequence[str] = ("T1w", "T2w", "FLAIR")) -> pd.DataFrame:
     """One row per row of ``table`` with a record: optimiser steps, the EMA rule and the weights
@@ -216,8 +240,7 @@ def footing_table(results_dir: str | Path, table: str = "table1",
         elif v["converged"] is None:
             conv = "not judged"
         else:
-            conv = ("yes" if v["converged"] else "no") + (f" ({v['psnr_gain']:+.2f} dB, "
-                                                          f"{v['recovery_gain']:+.3f} recovery)")
+            conv = ("yes" if v["converged"] else "no") + f" ({_gain_text(v)})"
         rows.append({"row": label, **_record_footing(results_dir / run), "converged": conv})
     cols = ["row", "steps", "EMA rule", "weights evaluated", "lr", "batch", "windows", "emphasis", "train (min)",
             "converged"]
@@ -230,7 +253,9 @@ def footing_markdown(results_dir: str | Path, profile: StudyProfile) -> str:
     head = (f"What each row of Table 1 in the `{profile.name}` records was given, read from its record. "
             f"Convergence: {CONVERGENCE_RULE}; a row that fails it is marked *not converged* in Table 1 "
             "({doc}`generated/04_results`); *not judged*: too few validations for the rule; *no curve*: a record "
-            "written before whole-volume validation.\n\n")
+            "written before whole-volume validation. Each gain is shown with its standard error (±, from the "
+            "scatter of the validations within the two quarters): where the error is as large as the limit, "
+            "the verdict says more about the validations' noise than about the training.\n\n")
     if t.empty:
         return head + f"No Table 1 record of profile `{profile.name}` yet.\n"
     # the training windows and the emphasis are mostly shared: one sentence grouping the rows, not two columns
