@@ -3,6 +3,7 @@ skipped as finished; fields that only say where or how often a run wrote are not
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -71,8 +72,10 @@ def test_the_study_re_makes_stale_records_and_keeps_them_on_request(monkeypatch,
     monkeypatch.setattr(runner, "build_book", lambda root, log, profile: None)
     for name in ("select_seed_runs", "select_option_runs"):
         monkeypatch.setattr(runner, name, lambda profile, only, log: [])
-    # two complete records: one made under the profile's config, one under fewer steps
-    for run, steps in (("pix2pix", None), ("ddpm", 1), ("resvit", None)):
+    # complete records: one made under the profile's config, one under more steps (re-made), one under fewer
+    # (its training continues), one evaluated with another stride
+    more = get_profile("smoke").steps + 5
+    for run, steps in (("pix2pix", None), ("ddpm", more), ("unest", 1), ("resvit", None)):
         cfg = to_dict(resolve_method_config(_cfg("smoke", run)))
         if steps is not None:
             cfg["steps"] = steps
@@ -83,10 +86,13 @@ def test_the_study_re_makes_stale_records_and_keeps_them_on_request(monkeypatch,
         (rec / "config.yaml").write_text(yaml.safe_dump(cfg))
         (rec / "summary.json").write_text(json.dumps({}))
     lines = []
-    runner.run_study("smoke", only=["pix2pix", "ddpm", "resvit"], book=False, log=lines.append)
-    assert {m for n, m in executed if n == "02_train"} == {"ddpm", "resvit"}
-    assert any(line.startswith("[stale] ddpm:") and f"steps: 1 -> {get_profile('smoke').steps}" in line
+    runner.run_study("smoke", only=["pix2pix", "ddpm", "unest", "resvit"], book=False, log=lines.append)
+    assert {m for n, m in executed if n == "02_train"} == {"ddpm", "unest", "resvit"}
+    steps = get_profile("smoke").steps
+    assert any(line.startswith("[stale] ddpm:") and f"steps: {more} -> {steps}" in line
                and "re-making it" in line for line in lines)
+    assert any(line.startswith("[stale] unest:") and f"steps: 1 -> {steps}" in line
+               and f"continuing its training to {steps} steps" in line for line in lines)
     stride = get_profile("smoke").eval_stride
     assert any(line.startswith("[stale] resvit:") and f"data.eval_stride: {stride + 1} -> {stride}" in line
                and "evaluating it again with the trained model kept" in line for line in lines)
@@ -103,17 +109,17 @@ def test_a_run_trained_under_another_config_starts_over_and_its_record_is_replac
     monkeypatch.setenv("MMDM_ROOT", str(tmp_path))
     spec = next(r for r in study_runs() if r.name == "pix2pix")
     run_dir, rec = tmp_path / "run", tmp_path / "rec"
-    old = get_profile("smoke", dataset=str(tiny_cohort), steps=2)
+    old = get_profile("smoke", dataset=str(tiny_cohort), steps=3)
     api.train_study_run(spec, old, run_dir=run_dir, progress=False)
     api.evaluate_study_run(spec, old, run_dir=run_dir, record_dir=rec, progress=False)
-    assert json.loads((rec / "summary.json").read_text())["checkpoint"]["step"] == 2
-    new = get_profile("smoke", dataset=str(tiny_cohort), steps=3)
-    assert stale_reasons(rec, api.train_config(spec, new)) == ["steps: 2 -> 3"]
+    assert json.loads((rec / "summary.json").read_text())["checkpoint"]["step"] == 3
+    new = get_profile("smoke", dataset=str(tiny_cohort), steps=2)  # a run already past the new budget
+    assert stale_reasons(rec, api.train_config(spec, new)) == ["steps: 3 -> 2"]
     api.train_study_run(spec, new, run_dir=run_dir, progress=False)
     assert len(list(run_dir.glob("superseded-*/checkpoints"))) == 1  # the old run moved aside, not deleted
     assert not (run_dir / "vessel_metrics.csv").exists()  # nor its vessel metrics left to be reused
     api.evaluate_study_run(spec, new, run_dir=run_dir, record_dir=rec, progress=False)
-    assert json.loads((rec / "summary.json").read_text())["checkpoint"]["step"] == 3
+    assert json.loads((rec / "summary.json").read_text())["checkpoint"]["step"] == 2
     assert stale_reasons(rec, api.train_config(spec, new)) == []
 
 
@@ -295,3 +301,73 @@ def test_an_analysis_is_kept_as_made_and_made_again_when_the_profiles_stride_cha
     out = ensure_robustness(prof, log=said.append, progress=False)
     assert json.loads((out / "summary.json").read_text())["models"]["mmdm-full"] == "2030-01-01T00:00:00+00:00"
     assert ensure_robustness(prof, log=said.append, progress=False) == out and "record complete" in said[-1]
+
+
+def test_extension_differences_are_a_grown_budget_and_evaluation_settings_only():
+    from mmdm.study.stale import extension_differences
+
+    cfg = _cfg()
+    stored = to_dict(resolve_method_config(cfg))
+    longer = to_dict(resolve_method_config(cfg))
+    longer["steps"] = cfg.steps * 2
+    assert extension_differences(stored, longer) == [f"steps: {cfg.steps} -> {cfg.steps * 2}"]
+    longer["data"]["eval_stride"] = stored["data"]["eval_stride"] + 1  # evaluation settings may change with it
+    assert len(extension_differences(stored, longer)) == 2
+    shorter = {**stored, "steps": cfg.steps - 1}
+    assert extension_differences(stored, shorter) == []  # a run past the new total cannot be cut back
+    assert extension_differences(stored, stored) == []
+    other = to_dict(resolve_method_config(cfg))
+    other["steps"], other["seed"] = cfg.steps * 2, cfg.seed + 1
+    assert extension_differences(stored, other) == []  # another seed is another run
+    only_eval = {**stored, "data": {**stored["data"], "eval_stride": stored["data"]["eval_stride"] + 1}}
+    assert extension_differences(stored, only_eval) == []  # not an extension: a re-evaluation
+
+
+def test_a_checkpoint_continues_under_a_grown_budget_and_not_past_a_shrunk_one(tmp_path):
+    from mmdm.config import ConfigError
+    from mmdm.engine.spec import check_checkpoint_config
+
+    cfg = _cfg()
+    stored = to_dict(resolve_method_config(cfg))
+    state = {"config": stored, "step": cfg.steps}
+    check_checkpoint_config("ckpt", state, dataclasses.replace(cfg, steps=cfg.steps * 2))  # continues
+    check_checkpoint_config("ckpt", {**state, "step": cfg.steps - 1},
+                            dataclasses.replace(cfg, steps=cfg.steps - 1))  # at most the new total: continues
+    with pytest.raises(ConfigError, match="steps"):
+        check_checkpoint_config("ckpt", state, dataclasses.replace(cfg, steps=cfg.steps - 1))  # already past it
+    with pytest.raises(ConfigError, match="seed"):
+        check_checkpoint_config("ckpt", state, dataclasses.replace(cfg, steps=cfg.steps * 2, seed=cfg.seed + 1))
+
+
+def test_a_grown_budget_continues_the_trained_run_to_the_weights_of_a_run_trained_that_long(tiny_cohort, tmp_path,
+                                                                                           monkeypatch, one_thread):
+    import torch
+
+    from mmdm.engine.checkpoint import CheckpointManager, load_checkpoint
+
+    monkeypatch.setenv("MMDM_ROOT", str(tmp_path))
+    spec = next(r for r in study_runs() if r.name == "pix2pix")
+    short = get_profile("smoke", dataset=str(tiny_cohort), steps=4, checkpoint_every=2)
+    long = get_profile(short, steps=6)
+    run_dir, ref_dir = tmp_path / "run", tmp_path / "ref"
+    api.train_study_run(spec, short, run_dir=run_dir, progress=False)
+    (run_dir / "summary.json").write_text("{}")  # as if evaluated at 4 steps
+    kept = (run_dir / "checkpoints" / "step-00000004.pt").stat().st_mtime_ns
+    api.train_study_run(spec, long, run_dir=run_dir, progress=False)
+    api.train_study_run(spec, long, run_dir=ref_dir, progress=False)
+    moved = list(run_dir.glob("superseded-extension-*"))
+    assert len(moved) == 1 and {f.name for f in moved[0].iterdir()} == {"train_complete.json", "summary.json"}
+    assert json.loads((moved[0] / "train_complete.json").read_text())["steps"] == 4
+    assert (run_dir / "checkpoints" / "step-00000004.pt").stat().st_mtime_ns == kept  # continued, not redone
+    assert json.loads((run_dir / "train_complete.json").read_text())["steps"] == 6
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["steps"] == 6
+    assert stale_reasons(run_dir, api.train_config(spec, long)) == []
+    a = load_checkpoint(CheckpointManager(run_dir / "checkpoints").latest())["model"]
+    b = load_checkpoint(CheckpointManager(ref_dir / "checkpoints").latest())["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    sessions = json.loads((run_dir / "provenance.json").read_text())["sessions"]
+    assert [s.get("resumed_from_step") for s in sessions][-1] == 4
+    rec = tmp_path / "rec"
+    api.evaluate_study_run(spec, long, run_dir=run_dir, record_dir=rec, progress=False)
+    assert json.loads((rec / "summary.json").read_text())["checkpoint"]["step"] == 6
+    assert stale_reasons(rec, api.train_config(spec, long)) == []

@@ -39,6 +39,20 @@ RUNTIME_KEYS = frozenset({"device", "num_workers", "log_every", "image_every", "
 #: differs in these alone (:func:`mmdm.study.stale.prepare_re_evaluation`).
 EVALUATION_ONLY = ("data.eval_stride",)
 
+#: Fields a run may raise and still continue its checkpoints: the total optimiser steps. Nothing in training
+#: depends on the total (the learning rate is constant, a step's batch is a function of seed and step, and a
+#: resumed run is bit-identical to an uninterrupted one), so a run trained to N steps and continued to M is the
+#: run trained to M; a study whose budget grows continues its trained runs
+#: (:func:`mmdm.study.stale.prepare_extension`). Runs counted in epochs are not extended.
+EXTENDABLE = ("steps",)
+
+
+def continues_to(stored: dict[str, Any], step: int, cfg: "TrainConfig") -> bool:
+    """Whether a run stored with ``stored`` (a config dict) and now at ``step`` may continue under ``cfg``'s
+    total of steps: both count steps, not epochs, and ``cfg`` does not end before ``step``."""
+    return (stored.get("epochs") is None and cfg.epochs is None and stored.get("steps") is not None
+            and cfg.steps is not None and int(step) <= int(cfg.steps))
+
 
 #: How the weight average is decided (``TrainConfig.ema_mode``): ``method`` each method's own default
 #: (its official code's average, or none), ``all`` the same average for every method (``TrainConfig.ema``,
@@ -366,6 +380,8 @@ def check_checkpoint_config(path: str | Path, state: dict[str, Any], cfg: TrainC
     stored = state.get("config")
     if not isinstance(stored, dict):
         return  # written before checkpoints carried their config
+    if continues_to(stored, int(state.get("step", 0)), cfg):
+        stored = {**stored, "steps": cfg.steps}  # a longer (or equal) budget continues it (EXTENDABLE)
     diff = config_differences(stored, cfg, training_only=True)  # the evaluation's settings do not bind it
     if diff:
         raise ConfigError(f"checkpoint {path} was written by a run with a different config ({'; '.join(diff[:8])}); "
@@ -373,6 +389,6 @@ def check_checkpoint_config(path: str | Path, state: dict[str, Any], cfg: TrainC
                           "move the old files aside and start over.")
 
 
-__all__ = ["ALLOW_CODE_HELP", "EVALUATION_ONLY", "RUNTIME_KEYS", "TrainConfig", "build_method_from_config",
+__all__ = ["ALLOW_CODE_HELP", "EVALUATION_ONLY", "EXTENDABLE", "continues_to", "RUNTIME_KEYS", "TrainConfig", "build_method_from_config",
            "check_checkpoint_config", "check_run_dir", "config_differences", "is_code_reference", "load_run_config", "method_factory",
            "method_optim_configs", "resolve", "resolve_method_config"]

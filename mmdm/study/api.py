@@ -24,8 +24,8 @@ from mmdm.paths import project_path
 from mmdm.study.profiles import StudyProfile, get_profile
 from mmdm.study.records import export_record, portable, record_complete
 from mmdm.study.runs import REFERENCE_RUN, RunSpec, get_option, run_name
-from mmdm.study.stale import (MISSING, changed_inputs, prepare_re_evaluation, retire, stale_reasons, stored_config,
-                              trained_after)
+from mmdm.study.stale import (MISSING, changed_inputs, prepare_extension, prepare_re_evaluation, retire, stale_reasons,
+                              stored_config, trained_after)
 from mmdm.study.vessel_eval import cohort_segmentation, vessel_metrics
 
 
@@ -177,6 +177,10 @@ def train_study_run(spec: RunSpec, profile: StudyProfile | str, seed: int = 0, d
     ensure_data(profile, progress=progress)
     run_dir = Path(run_dir) if run_dir else runs_dir(profile) / spec.name
     cfg = train_config(spec, profile, seed, device)
+    grown, moved = prepare_extension(run_dir, cfg)
+    if grown:  # only the budget grew: the training continues from its last checkpoint, then is evaluated anew
+        print(f"{run_dir}: its budget grew ({'; '.join(grown)}); its training continues from its last checkpoint"
+              + (f", its end-of-training record and evaluation moved to {moved}" if moved else ""), file=sys.stderr)
     why = stale_reasons(run_dir, cfg, training_only=True)
     if why:  # made under another config (the profile changed since): its files moved aside, trained anew
         print(f"{run_dir}: trained under another config ({'; '.join(why)}); starting over", file=sys.stderr)

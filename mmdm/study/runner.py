@@ -42,7 +42,7 @@ from mmdm.study.frontier import ensure_frontier
 from mmdm.study.premise import ensure_premise
 from mmdm.study.profiles import StudyProfile, get_profile, setup_deviations
 from mmdm.study.records import load_records, record_complete
-from mmdm.study.stale import config_differences, evaluation_only_differences, stored_config
+from mmdm.study.stale import config_differences, evaluation_only_differences, extension_differences, stored_config
 from mmdm.study.robustness import ensure_robustness
 from mmdm.study.runs import RunSpec, option_spec, study_runs
 from mmdm.study.seeds import resolve_seed_runs, seed_specs, split_seed
@@ -341,6 +341,7 @@ def run_study(profile: str | StudyProfile = "quick", only: Sequence[str] | None 
             why = config_differences(stored, cfg) if stored is not None else []
             if why and not keep_stale:
                 redo = ("evaluating it again with the trained model kept" if evaluation_only_differences(stored, cfg)
+                        else f"continuing its training to {cfg.steps} steps" if extension_differences(stored, cfg)
                         else "re-making it")
                 log(f"[stale] {spec.name}: its record was made under another config ({'; '.join(why)}); "
                     f"{redo} (the old record stays until the new one is complete; --keep-stale keeps it)")
