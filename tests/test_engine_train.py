@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import os
 import random
 import signal
@@ -23,7 +25,7 @@ from mmdm.engine.checkpoint import CheckpointManager, capture_rng, load_checkpoi
 from mmdm.engine.batches import epoch_batches
 from mmdm.engine.panels import window_panel
 from mmdm.engine.rundir import run_status
-from mmdm.engine.spec import TrainConfig
+from mmdm.engine.spec import TrainConfig, load_run_config
 from mmdm.engine.train import Trainer, train
 from mmdm.optim import EMAConfig
 from mmdm.methods.base import OptimConfig, SynthesisMethod
@@ -689,3 +691,25 @@ def test_a_full_disk_during_training_is_one_line_that_says_what_to_do(tmp_path, 
     assert "step-00000002.pt failed (" in err and "unexpected pos" in err and "disk is most likely full" in err
     assert "mmdm train --resume" in err
     assert not list((tmp_path / "run" / "checkpoints").iterdir())  # no partial file under any name
+
+
+def test_resume_with_a_larger_budget_continues_to_the_run_trained_that_long(tmp_path, dataset, capsys):
+    short, run, ref = stub_config(dataset, steps=4), tmp_path / "run", tmp_path / "ref"
+    train(short, run, progress=False)
+    (run / "summary.json").write_text("{}")  # as if evaluated at 4 steps
+    longer = stub_config(dataset, steps=7)
+    with pytest.raises(ConfigError, match="steps"):
+        train(longer, run, resume=False, progress=False)  # without --resume it stays a different run
+    train(longer, run, resume=True, progress=False)
+    assert "continuing its training from 4 to 7 steps" in capsys.readouterr().err
+    train(longer, ref, progress=False)
+    a, b = params(run), params(ref)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    sessions = json.loads((run / "provenance.json").read_text())["sessions"]
+    assert [s.get("resumed_from_step") for s in sessions][-1] == 4  # continued, not trained again
+    moved = list(run.glob("superseded-extension-*"))
+    assert len(moved) == 1 and {f.name for f in moved[0].iterdir()} == {"train_complete.json", "summary.json"}
+    assert json.loads((run / "train_complete.json").read_text())["steps"] == 7
+    assert load_run_config(run / "config.yaml").steps == 7
+    with pytest.raises(ConfigError, match="steps"):
+        train(stub_config(dataset, steps=5), run, resume=True, progress=False)  # past a smaller budget: refused

@@ -139,7 +139,9 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", type=Path, default=None, help="TrainConfig YAML")
     p.add_argument("--run-dir", required=True, type=Path, help="run directory (created if missing)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its latest checkpoint")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --run-dir from its latest checkpoint (with a larger --steps than it "
+                        "was trained to: continue it to the new total)")
     p.add_argument("--force-new", action="store_true",
                    help="start over in --run-dir: move its old run files (config, checkpoints, logs, records) into "
                    "RUN/superseded-<time>/ first")

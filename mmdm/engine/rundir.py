@@ -130,11 +130,15 @@ class RunPaths:
     def lock(self) -> Path:
         return self.root / ".lock"
 
+    def evaluation_files(self) -> list[Path]:
+        """What an evaluation writes: predictions, metrics, region files, its progress, summary, vessel metrics."""
+        return [self.predictions, self.metrics, self.regions, self.slice_errors, self.evaluation_progress,
+                self.summary, self.vessel_metrics]
+
     def run_files(self) -> list[Path]:
         """Every file and folder training and evaluation write (not the lock, not older superseded runs)."""
         return [self.config, self.provenance, self.checkpoints, self.tb, self.validation, self.train_complete,
-                self.predictions, self.metrics, self.regions, self.slice_errors, self.evaluation_progress, self.summary,
-                self.vessel_metrics]
+                *self.evaluation_files()]
 
 
 def run_paths(run_dir: str | Path) -> RunPaths:
@@ -230,14 +234,15 @@ def run_lock(run_dir: str | Path, purpose: str) -> Iterator[dict[str, Any]]:
         os.close(fd)  # releases the lock
 
 
-def supersede(run_dir: str | Path) -> Path | None:
-    """Move a run's files (:meth:`RunPaths.run_files`) into ``RUN/superseded-<UTC time>/`` so
-    that a new run can start there; returns that folder (None when there was nothing to move)."""
+def supersede(run_dir: str | Path, files: list[Path] | None = None, label: str | None = None) -> Path | None:
+    """Move a run's files (``files``; default :meth:`RunPaths.run_files`, so that a new run can start there)
+    into ``RUN/superseded-[<label>-]<UTC time>/``; returns that folder (None when there was nothing to move)."""
     p = run_paths(run_dir)
-    present = [f for f in p.run_files() if f.exists()]
+    present = [f for f in (p.run_files() if files is None else files) if f.exists()]
     if not present:
         return None
-    dest = p.root / f"superseded-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%S.%fZ')}"
+    stamp = datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%S.%fZ')
+    dest = p.root / (f"superseded-{label}-{stamp}" if label else f"superseded-{stamp}")
     dest.mkdir()
     for f in present:
         os.replace(f, dest / f.name)

@@ -16,14 +16,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from mmdm.config import ConfigError, deep_merge, from_dict, load_yaml, to_dict
+from mmdm.config import ConfigError, deep_merge, from_dict, load_yaml, save_yaml, to_dict
 from mmdm.data.crops import CropConfig
 from mmdm.data.dataset import DataConfig
 from mmdm.engine.checkpoint import CheckpointManager
 from mmdm.engine.distributed import resolve_device
 from mmdm.engine.precision import AMP_REQUESTS, resolve_amp
 from mmdm.engine.migrate import migrate_record
-from mmdm.engine.rundir import run_paths
+from mmdm.engine.rundir import run_paths, supersede
 from mmdm.losses.emphasis import EmphasisConfig
 from mmdm.methods import METHODS, SynthesisMethod
 from mmdm.optim import EMAConfig, OptimConfig
@@ -375,6 +375,31 @@ def check_run_dir(run_dir: str | Path, cfg: TrainConfig, resume: bool) -> bool:
     return True
 
 
+def extends(stored: dict[str, Any], cfg: TrainConfig) -> bool:
+    """Whether ``cfg`` is the run stored as ``stored`` (its ``config.yaml`` as a dict) with a larger total of
+    steps and nothing else changed but evaluation settings (:data:`EXTENDABLE`, :data:`EVALUATION_ONLY`)."""
+    steps = stored.get("steps")
+    if steps is None or not continues_to(stored, int(steps), cfg) or int(cfg.steps) <= int(steps):
+        return False
+    return not config_differences({**stored, "steps": cfg.steps}, cfg, training_only=True)
+
+
+def extend_run_dir(run_dir: str | Path, cfg: TrainConfig) -> tuple[int, Path | None] | None:
+    """When ``run_dir`` holds ``cfg``'s run trained to fewer steps (:func:`extends`): move its end-of-training
+    record and its evaluation into ``RUN/superseded-extension-<time>/``, write ``cfg`` as its config, and return
+    ``(old total, that folder or None)``, so that resuming continues it from its last checkpoint to ``cfg.steps``.
+    None (nothing done) for any other run directory. The caller holds the run's lock."""
+    p = run_paths(run_dir)
+    if not p.config.is_file():
+        return None
+    stored = to_dict(load_run_config(p.config))
+    if not extends(stored, cfg):
+        return None
+    moved = supersede(p.root, [p.train_complete, *p.evaluation_files()], "extension")
+    save_yaml(cfg, p.config)
+    return int(stored["steps"]), moved
+
+
 def check_checkpoint_config(path: str | Path, state: dict[str, Any], cfg: TrainConfig) -> None:
     """Refuse to continue a checkpoint written under another config (or seed) than ``cfg``."""
     stored = state.get("config")
@@ -389,6 +414,6 @@ def check_checkpoint_config(path: str | Path, state: dict[str, Any], cfg: TrainC
                           "move the old files aside and start over.")
 
 
-__all__ = ["ALLOW_CODE_HELP", "EVALUATION_ONLY", "EXTENDABLE", "continues_to", "RUNTIME_KEYS", "TrainConfig", "build_method_from_config",
+__all__ = ["ALLOW_CODE_HELP", "EVALUATION_ONLY", "EXTENDABLE", "continues_to", "extend_run_dir", "extends", "RUNTIME_KEYS", "TrainConfig", "build_method_from_config",
            "check_checkpoint_config", "check_run_dir", "config_differences", "is_code_reference", "load_run_config", "method_factory",
            "method_optim_configs", "resolve", "resolve_method_config"]

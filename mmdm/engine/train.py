@@ -69,7 +69,7 @@ from mmdm.engine.precision import PrecisionError, precision_info
 from mmdm.engine.rundir import (RunLockedError, end_session, heartbeat, run_lock, run_paths, start_session, supersede,
                                 truncate_validation_log, utc_now)
 from mmdm.engine.spec import (TrainConfig, build_method_from_config, check_checkpoint_config, check_run_dir,
-                              method_optim_configs, resolve_ema, resolve_method_config)
+                              extend_run_dir, method_optim_configs, resolve_ema, resolve_method_config)
 from mmdm.engine.validation import ValidationVessels
 from mmdm.engine.volume_validation import ValidationVolumes
 from mmdm.io import os_error_message, write_json
@@ -429,6 +429,12 @@ class Trainer:
                     if moved is not None:
                         print(f"{p.root}: the previous run's files were moved to {moved}", file=sys.stderr)
                     resume = False
+                grown = extend_run_dir(p.root, cfg) if resume else None
+                if grown is not None:  # the same run with a larger budget: it continues from its last checkpoint
+                    old, moved = grown
+                    print(f"{p.root}: continuing its training from {old} to {cfg.steps} steps"
+                          + (f" (its end-of-training record and evaluation moved to {moved})" if moved else ""),
+                          file=sys.stderr)
                 exists = check_run_dir(p.root, cfg, resume)
                 if exists and p.train_complete.is_file():
                     print(f"{p.root}: training already complete", file=sys.stderr)

@@ -12,7 +12,6 @@ Only fields that change what is trained or measured count (:data:`NOT_COMPARED` 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from datetime import datetime, timezone
 from pathlib import Path
@@ -22,7 +21,7 @@ import yaml
 
 from mmdm.config import to_dict
 from mmdm.engine.migrate import migrate_record
-from mmdm.engine.rundir import run_lock, run_paths
+from mmdm.engine.rundir import run_lock, run_paths, supersede
 from mmdm.engine.spec import EVALUATION_ONLY, EXTENDABLE, TrainConfig, resolve_method_config
 from mmdm.io import write_text
 
@@ -124,15 +123,9 @@ def _take_over(run_dir: str | Path, current: TrainConfig | dict[str, Any], store
                 src, dst = src.get(k, {}), dst.setdefault(k, {})
             if leaf in src:
                 dst[leaf] = src[leaf]
-        dest = p.root / f"superseded-{label}-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%S.%fZ')}"
-        outputs = [f for f in (p.predictions, p.metrics, p.regions, p.slice_errors, p.evaluation_progress, p.summary,
-                               p.vessel_metrics, *(getattr(p, name) for name in also)) if f.exists()]
-        if outputs:
-            dest.mkdir()
-            for f in outputs:
-                os.replace(f, dest / f.name)
+        dest = supersede(p.root, [*p.evaluation_files(), *(getattr(p, name) for name in also)], label)
         write_text(p.config, yaml.safe_dump(stored, sort_keys=False))  # atomic: temporary file, then rename
-    return dest if outputs else None
+    return dest
 
 
 def prepare_re_evaluation(run_dir: str | Path, current: TrainConfig | dict[str, Any]) -> tuple[list[str], Path | None]:
