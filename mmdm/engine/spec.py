@@ -414,6 +414,7 @@ def check_checkpoint_config(path: str | Path, state: dict[str, Any], cfg: TrainC
                           "move the old files aside and start over.")
 
 
-__all__ = ["ALLOW_CODE_HELP", "EVALUATION_ONLY", "EXTENDABLE", "continues_to", "extend_run_dir", "extends", "RUNTIME_KEYS", "TrainConfig", "build_method_from_config",
-           "check_checkpoint_config", "check_run_dir", "config_differences", "is_code_reference", "load_run_config", "method_factory",
-           "method_optim_configs", "resolve", "resolve_method_config"]
+__all__ = ["ALLOW_CODE_HELP", "EVALUATION_ONLY", "EXTENDABLE", "RUNTIME_KEYS", "build_method_from_config",
+           "check_checkpoint_config", "check_run_dir", "config_differences", "continues_to", "extend_run_dir",
+           "extends", "is_code_reference", "load_run_config", "method_factory", "method_optim_configs", "resolve",
+           "resolve_method_config", "TrainConfig"]
