@@ -134,9 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     for subject in subjects:
         item = next(subject_sources(cfg.data, [subject], root=cfg.data.root, with_target=True))
         X, Y, Z = np.asarray(next(iter(item.sources.values()))).shape
+        noise_volume = torch.randn(X + (-X) % f, Y + (-Y) % f, Z, generator=torch.Generator().manual_seed(0))
         for kind in STARTS:
             t0 = time.time()
-            noise_volume = torch.randn(X + (-X) % f, Y + (-Y) % f, Z, generator=torch.Generator().manual_seed(0))
             starter = StartNoise(method.process, kind, window_starts(Z, K, 1), K, batch, noise_volume)
             method.process.start = starter
             try:

@@ -39,14 +39,12 @@ RUNTIME_KEYS = frozenset({"device", "num_workers", "log_every", "image_every", "
 #: differs in these alone (:func:`mmdm.study.stale.prepare_re_evaluation`).
 EVALUATION_ONLY = ("data.eval_stride",)
 
-#: Fields a run may raise and still continue its checkpoints: the total optimiser steps. Nothing in training
-#: depends on the total (the learning rate is constant, a step's batch is a function of seed and step, and a
-#: resumed run is bit-identical to an uninterrupted one), so a run trained to N steps and continued to M is the
-#: run trained to M; a study whose budget grows continues its trained runs
-#: (:func:`mmdm.study.stale.prepare_extension`). Runs counted in epochs are not extended.
-EXTENDABLE = ("steps",)
 
-
+# A larger total of steps does not bind a run either: nothing in training depends on the total (the learning
+# rate is constant, a step's batch is a function of seed and step, and a resumed run is bit-identical to an
+# uninterrupted one), so a run trained to N steps and continued to M is the run trained to M
+# (:func:`continues_to`, :func:`extend_run_dir`; `mmdm study` resumes such a run). Runs counted in epochs are
+# not extended.
 def continues_to(stored: dict[str, Any], step: int, cfg: "TrainConfig") -> bool:
     """Whether a run stored with ``stored`` (a config dict) and now at ``step`` may continue under ``cfg``'s
     total of steps: both count steps, not epochs, and ``cfg`` does not end before ``step``."""
@@ -377,7 +375,7 @@ def check_run_dir(run_dir: str | Path, cfg: TrainConfig, resume: bool) -> bool:
 
 def extends(stored: dict[str, Any], cfg: TrainConfig) -> bool:
     """Whether ``cfg`` is the run stored as ``stored`` (its ``config.yaml`` as a dict) with a larger total of
-    steps and nothing else changed but evaluation settings (:data:`EXTENDABLE`, :data:`EVALUATION_ONLY`)."""
+    steps and nothing else changed but evaluation settings (:data:`EVALUATION_ONLY`)."""
     steps = stored.get("steps")
     if steps is None or not continues_to(stored, int(steps), cfg) or int(cfg.steps) <= int(steps):
         return False
@@ -406,7 +404,7 @@ def check_checkpoint_config(path: str | Path, state: dict[str, Any], cfg: TrainC
     if not isinstance(stored, dict):
         return  # written before checkpoints carried their config
     if continues_to(stored, int(state.get("step", 0)), cfg):
-        stored = {**stored, "steps": cfg.steps}  # a longer (or equal) budget continues it (EXTENDABLE)
+        stored = {**stored, "steps": cfg.steps}  # a longer (or equal) budget continues it
     diff = config_differences(stored, cfg, training_only=True)  # the evaluation's settings do not bind it
     if diff:
         raise ConfigError(f"checkpoint {path} was written by a run with a different config ({'; '.join(diff[:8])}); "
@@ -414,7 +412,7 @@ def check_checkpoint_config(path: str | Path, state: dict[str, Any], cfg: TrainC
                           "move the old files aside and start over.")
 
 
-__all__ = ["ALLOW_CODE_HELP", "EVALUATION_ONLY", "EXTENDABLE", "RUNTIME_KEYS", "build_method_from_config",
+__all__ = ["ALLOW_CODE_HELP", "EVALUATION_ONLY", "RUNTIME_KEYS", "build_method_from_config",
            "check_checkpoint_config", "check_run_dir", "config_differences", "continues_to", "extend_run_dir",
            "extends", "is_code_reference", "load_run_config", "method_factory", "method_optim_configs", "resolve",
            "resolve_method_config", "TrainConfig"]

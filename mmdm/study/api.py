@@ -17,15 +17,15 @@ from mmdm.data.layout import DatasetError, Layout
 from mmdm.data.phantom import ensure_cohort
 from mmdm.engine.evaluate import evaluate_run
 from mmdm.engine.rundir import is_finished, run_paths, run_status
-from mmdm.engine.spec import TrainConfig, resolve
+from mmdm.engine.spec import TrainConfig, extends, resolve
 from mmdm.engine.train import train
 from mmdm.io import write_text
 from mmdm.paths import project_path
 from mmdm.study.profiles import StudyProfile, get_profile
 from mmdm.study.records import export_record, portable, record_complete
 from mmdm.study.runs import REFERENCE_RUN, RunSpec, get_option, run_name
-from mmdm.study.stale import (MISSING, changed_inputs, prepare_extension, prepare_re_evaluation, retire, stale_reasons,
-                              stored_config, trained_after)
+from mmdm.study.stale import (MISSING, changed_inputs, prepare_re_evaluation, retire, stale_reasons, stored_config,
+                              trained_after)
 from mmdm.study.vessel_eval import cohort_segmentation, vessel_metrics
 
 
@@ -177,10 +177,10 @@ def train_study_run(spec: RunSpec, profile: StudyProfile | str, seed: int = 0, d
     ensure_data(profile, progress=progress)
     run_dir = Path(run_dir) if run_dir else runs_dir(profile) / spec.name
     cfg = train_config(spec, profile, seed, device)
-    grown, moved = prepare_extension(run_dir, cfg)
-    if grown:  # only the budget grew: the training continues from its last checkpoint, then is evaluated anew
-        print(f"{run_dir}: its budget grew ({'; '.join(grown)}); its training continues from its last checkpoint"
-              + (f", its end-of-training record and evaluation moved to {moved}" if moved else ""), file=sys.stderr)
+    stored = stored_config(run_dir)
+    if stored is not None and extends(stored, cfg):
+        # only the budget grew: the engine continues the run from its last checkpoint (spec.extend_run_dir)
+        return train(cfg, run_dir, resume=True, progress=progress, profile=profile.name)
     why = stale_reasons(run_dir, cfg, training_only=True)
     if why:  # made under another config (the profile changed since): its files moved aside, trained anew
         print(f"{run_dir}: trained under another config ({'; '.join(why)}); starting over", file=sys.stderr)

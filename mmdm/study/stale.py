@@ -19,10 +19,10 @@ from typing import Any, Callable, Iterable, Mapping
 
 import yaml
 
-from mmdm.config import to_dict
+from mmdm.config import from_dict, to_dict
 from mmdm.engine.migrate import migrate_record
 from mmdm.engine.rundir import run_lock, run_paths, supersede
-from mmdm.engine.spec import EVALUATION_ONLY, EXTENDABLE, TrainConfig, resolve_method_config
+from mmdm.engine.spec import EVALUATION_ONLY, TrainConfig, extends, resolve_method_config
 from mmdm.io import write_text
 
 #: Fields that say where a run ran or how often it wrote files, not what it trained: the data's
@@ -79,19 +79,12 @@ def evaluation_only_differences(stored: dict[str, Any], current: TrainConfig | d
 
 
 def extension_differences(stored: dict[str, Any], current: TrainConfig | dict[str, Any]) -> list[str]:
-    """The differences when the total steps grew and nothing else changed but evaluation settings (the trained
-    run continues to the new total: :data:`mmdm.engine.spec.EXTENDABLE`), else []. Runs counted in epochs, a
-    budget that shrank and any other difference give []."""
-    changed = _differences(stored, current)
-    keys = [k for k, _, _ in changed]
-    if "steps" not in keys or not all(_under(k, EVALUATION_ONLY + EXTENDABLE) for k in keys):
+    """The differences when ``current`` is the stored run with a larger total of steps (evaluation settings aside:
+    :func:`mmdm.engine.spec.extends`, the test the engine applies when it continues such a run), else []."""
+    cfg = current if isinstance(current, TrainConfig) else from_dict(TrainConfig, current)
+    if not extends(stored, cfg):
         return []
-    old, new = dict((k, (a, b)) for k, a, b in changed)["steps"]
-    cur = current if isinstance(current, dict) else to_dict(current)
-    if not (isinstance(old, int) and isinstance(new, int) and new > old) or stored.get("epochs") is not None \
-            or cur.get("epochs") is not None:
-        return []
-    return [f"{k}: {a} -> {b}" for k, a, b in changed]
+    return [f"{k}: {a} -> {b}" for k, a, b in _differences(stored, current)]
 
 
 def stored_config(directory: str | Path) -> dict[str, Any] | None:
@@ -108,26 +101,6 @@ def stale_reasons(directory: str | Path, current: TrainConfig | dict[str, Any], 
     return [] if stored is None else config_differences(stored, current, limit, training_only)
 
 
-def _take_over(run_dir: str | Path, current: TrainConfig | dict[str, Any], stored: dict[str, Any],
-               keys: tuple[str, ...], also: tuple[str, ...], label: str) -> Path | None:
-    """Write the fields ``keys`` of ``current`` into the run's ``config.yaml`` (everything else stays as
-    trained) and move its evaluation's files and the run files named in ``also`` into
-    ``RUN/superseded-<label>-<UTC time>/``; returns that folder, or None when there was nothing to move."""
-    p = run_paths(run_dir)
-    cur = to_dict(resolve_method_config(current) if isinstance(current, TrainConfig) else current)
-    with run_lock(p.root, label):
-        for key in keys:
-            *parents, leaf = key.split(".")
-            src, dst = cur, stored
-            for k in parents:
-                src, dst = src.get(k, {}), dst.setdefault(k, {})
-            if leaf in src:
-                dst[leaf] = src[leaf]
-        dest = supersede(p.root, [*p.evaluation_files(), *(getattr(p, name) for name in also)], label)
-        write_text(p.config, yaml.safe_dump(stored, sort_keys=False))  # atomic: temporary file, then rename
-    return dest
-
-
 def prepare_re_evaluation(run_dir: str | Path, current: TrainConfig | dict[str, Any]) -> tuple[list[str], Path | None]:
     """When a run differs from ``current`` only in evaluation settings (:data:`EVALUATION_ONLY`):
     write those settings into its ``config.yaml`` and move its evaluation's files (predictions, metrics,
@@ -136,28 +109,24 @@ def prepare_re_evaluation(run_dir: str | Path, current: TrainConfig | dict[str, 
     settings do not touch). Returns the differences and where the files went (``([], None)``: nothing to
     do; ``(diffs, None)``: no evaluation to move). The checkpoints, validation log and training record stay."""
     stored = stored_config(run_dir)
+    p = run_paths(run_dir)
     if stored is None:
         return [], None
     diffs = evaluation_only_differences(stored, current)
     if not diffs:
         return [], None
-    return diffs, _take_over(run_dir, current, stored, EVALUATION_ONLY, (), "eval")
-
-
-def prepare_extension(run_dir: str | Path, current: TrainConfig | dict[str, Any]) -> tuple[list[str], Path | None]:
-    """When ``current`` only raises a run's total steps (and perhaps its evaluation settings:
-    :func:`extension_differences`): write the new total (and those settings) into its ``config.yaml`` and move
-    its end-of-training record (``train_complete.json``) and its evaluation's files into
-    ``RUN/superseded-extension-<UTC time>/``, so that its training continues from its last checkpoint to the
-    new total and is then evaluated anew. Returns the differences and where the files went (``([], None)``:
-    nothing to do). The checkpoints, the validation log and the TensorBoard log stay and continue."""
-    stored = stored_config(run_dir)
-    if stored is None:
-        return [], None
-    diffs = extension_differences(stored, current)
-    if not diffs:
-        return [], None
-    return diffs, _take_over(run_dir, current, stored, EXTENDABLE + EVALUATION_ONLY, ("train_complete",), "extension")
+    cur = to_dict(resolve_method_config(current) if isinstance(current, TrainConfig) else current)
+    with run_lock(p.root, "re-evaluation"):
+        for key in EVALUATION_ONLY:  # only these fields change; everything else stays as trained
+            *parents, leaf = key.split(".")
+            src, dst = cur, stored
+            for k in parents:
+                src, dst = src.get(k, {}), dst.setdefault(k, {})
+            if leaf in src:
+                dst[leaf] = src[leaf]
+        dest = supersede(p.root, p.evaluation_files(), "eval")
+        write_text(p.config, yaml.safe_dump(stored, sort_keys=False))  # atomic: temporary file, then rename
+    return diffs, dest
 
 
 def trained_after(record_dir: str | Path, run_dirs: Iterable[str | Path]) -> list[str]:
@@ -245,5 +214,5 @@ def retire(record_dir: str | Path, archive: str | Path) -> Path:
 
 
 __all__ = ["EVALUATION_ONLY", "MISSING", "NOT_COMPARED", "STAMPS", "changed_inputs", "config_differences",
-           "evaluation_only_differences", "extension_differences", "keep_current_rows", "model_stamp", "predictions_stamp", "prepare_extension",
+           "evaluation_only_differences", "extension_differences", "keep_current_rows", "model_stamp", "predictions_stamp",
            "prepare_re_evaluation", "retire", "stale_reasons", "stamps", "stored_config", "trained_after"]
